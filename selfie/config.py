@@ -1,0 +1,259 @@
+"""Recipe dataclasses: YAML files plus `--key value` overrides, unknown keys are errors.
+
+A recipe is nested (`train.learning_rate`); an override names the dotted path
+(`--train.learning_rate 1e-5`, or `--num_iterations 2` at the top). Values are parsed as YAML
+scalars, so `--generate.temperature 0.5` is a float and `--report_to '[wandb]'` a list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfie.errors import SelfieError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # hub id, local directory, .gguf file or built-in alias
+    dtype: str = "auto"  # auto = bfloat16 on a GPU that has it, float32 otherwise
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "demo"  # prompt pool: hub id, .json/.jsonl/.parquet file, saved dataset dir, or "demo"
+    seed_pairs: str | None = None  # labelled preference set for the seed stage; None = seed slice of `prompts`
+    seed_size: float = 2000  # a count, or a fraction of the pool when < 1
+    iteration_sizes: list[float] = field(default_factory=lambda: [8000, 20000, 30000])
+    shuffle_seed: int = 42
+    split: str = "train"  # split name for hub / saved datasets
+
+
+@dataclass
+class GenerateConfig:
+    num_responses: int = 2
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 300
+    batch_size: int = 8
+
+
+@dataclass
+class JudgeConfig:
+    beta: float = 0.1
+    length_normalize: bool = False
+    allow_truncated_chosen: bool = False
+    token_budget: int = 8192  # tokens per judging batch (prompt + response, padded)
+
+
+@dataclass
+class TrainConfig:
+    beta: float = 0.1
+    learning_rate: float = 5e-6
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.1
+    num_train_epochs: float = 1.0
+    seed_epochs: float | None = None  # None = 3 below 2,000 seed pairs, else 1 (SPA)
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    max_length: int | None = 1024
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+    logging_steps: int = 1
+    adapter_mode: str = "continue"  # continue one adapter across iterations, or "merge" and start fresh
+
+
+@dataclass
+class RefineConfig:
+    alpha: float = 0.1  # label-smoothing strength for low-confidence pairs; 0 = plain DPO
+    quantile: float = 0.1  # K: pairs below this quantile of recent margins are smoothed
+    window_steps: int = 50  # margins of the last W optimizer steps form the window
+    warmup_fraction: float = 0.2  # no smoothing during this fraction of the steps
+    lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # DND, per iteration; then halving
+
+
+@dataclass
+class RecipeConfig:
+    output_dir: str = "runs/spa"
+    run_name: str | None = None
+    num_iterations: int = 3
+    seed: int = 42
+    report_to: list[str] = field(default_factory=lambda: ["wandb"])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    init: dict[str, Any] | None = None  # representation edit of pi_init: {method: alignez | rahf, ...}
+    eval: dict[str, Any] | None = None  # per-iteration evaluation: {judge: ..., prompts: ...}
+
+
+# Keys whose change does not alter a run's results; a resumed run may differ in these.
+HARMLESS_KEYS = frozenset({"report_to", "run_name", "train.logging_steps", "train.save_steps", "generate.batch_size", "judge.token_budget"})
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) a YAML value against a field's type hint."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except SelfieError:
+                continue
+        raise SelfieError(f"recipe key '{key}': expected {tp}, got {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise SelfieError(f"recipe key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise SelfieError(f"recipe key '{key}': expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SelfieError(f"recipe key '{key}': expected a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise SelfieError(f"recipe key '{key}': expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = _hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise SelfieError(f"unknown recipe key '{prefix}{unknown[0]}' (known: {', '.join(sorted(hints))})")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SelfieError(f"override --{dotted}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`['--train.learning_rate', '1e-5', '--num_iterations=2']` -> a nested dict."""
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise SelfieError(f"unexpected argument '{arg}': overrides are --key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise SelfieError(f"override --{key} has no value")
+            value = args[i + 1]
+            i += 1
+        _set_dotted(tree, key.replace("-", "_"), yaml.safe_load(value))
+        i += 1
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("init", "eval"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = None) -> RecipeConfig:
+    """Build a RecipeConfig from a YAML file (or defaults when path is None) and overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SelfieError(f"{path}: recipe file not found")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise SelfieError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise SelfieError(f"{path}: a recipe is a mapping of keys, got {type(values).__name__}")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values = _merge(values, overrides or {})
+    try:
+        return _build(RecipeConfig, values)
+    except SelfieError as e:
+        raise SelfieError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("init", "eval"):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_hash(config: RecipeConfig) -> str:
+    """Hash of everything that changes results (HARMLESS_KEYS left out)."""
+    flat = {k: v for k, v in flatten(to_dict(config)).items() if k not in HARMLESS_KEYS}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differing_keys(a: RecipeConfig, b: RecipeConfig) -> list[str]:
+    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in HARMLESS_KEYS)
+
+
+def dump_recipe(config: RecipeConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

