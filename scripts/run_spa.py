@@ -1,0 +1,8 @@
+"""Entry point for `accelerate launch ... scripts/run_spa.py RECIPE [--key value ...]`."""
+
+import sys
+
+from selfie.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))

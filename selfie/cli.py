@@ -1,0 +1,81 @@
+"""`selfie run | generate | judge | edit | eval | status`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from selfie.errors import SelfieError
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> None:
+    from selfie.config import load_recipe
+    from selfie.loop import run_loop
+
+    table = run_loop(load_recipe(args.recipe, overrides), force=args.force)
+    if table:
+        print(table)
+
+
+def _status(args: argparse.Namespace) -> None:
+    from selfie.status import describe
+
+    print(describe(args.run_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from selfie import generate, judge
+
+    parser = argparse.ArgumentParser(prog="selfie", description="Self-generated preference learning.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run or resume a recipe: RECIPE [--key value ...]")
+    run.add_argument("recipe")
+    run.add_argument("--force", action="store_true", help="continue a run whose config.yaml differs")
+    run.set_defaults(handler=_run, takes_overrides=True)
+
+    gen = sub.add_parser("generate", help="sample K responses per prompt")
+    generate.add_generate_args(gen)
+    gen.set_defaults(handler=generate.run_generate_command)
+
+    jud = sub.add_parser("judge", help="implicit-reward judgments and pairs")
+    judge.add_judge_args(jud)
+    jud.set_defaults(handler=judge.run_judge_command)
+
+    status = sub.add_parser("status", help="where a run directory stands")
+    status.add_argument("run_dir")
+    status.set_defaults(handler=_status)
+
+    for name, module, help_text in (("edit", "selfie.edit", "build a representation-edited model (AlignEZ / RAHF)"),
+                                    ("eval", "selfie.evaluate", "win rates, judge accuracy, per-iteration scores")):
+        try:
+            mod = __import__(module, fromlist=["_"])
+        except ImportError:
+            continue
+        p = sub.add_parser(name, help=help_text)
+        getattr(mod, f"add_{name}_args")(p)
+        p.set_defaults(handler=getattr(mod, f"run_{name}_command"), takes_overrides=name == "edit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if getattr(args, "takes_overrides", False):
+            args.handler(args, extra)
+        else:
+            args.handler(args)
+    except SelfieError as e:
+        print(f"selfie: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The SPA loop (METHOD.md section 1): seed DPO, then generate -> judge -> train (-> eval) per iteration.
+
+Each stage is a function from (config, previous artifacts) to new artifacts in the run directory;
+the manifest records it once its artifacts are complete, so re-running the same command resumes
+after the last completed stage (and inside generation / training from their own resume points).
+Under `accelerate launch` every rank runs this file: generation and judging are sharded across
+ranks and merged on rank 0, training is distributed by the trainer itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+
+from selfie.config import RecipeConfig, to_dict
+from selfie.errors import SelfieError
+from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from selfie.rundir import Manifest, RunLock, check_and_write_config, iteration_dir, open_manifest
+from selfie.tracking import Tracker, write_summary
+
+logger = logging.getLogger(__name__)
+
+
+def plan(config: RecipeConfig) -> list[tuple[int, str]]:
+    """Every (iteration, stage) of the run, in order."""
+    steps = [(0, "init")] if config.init else []
+    steps.append((0, "seed"))
+    per_iteration = ["generate", "judge", "train"] + (["eval"] if config.eval else [])
+    steps += [(t, stage) for t in range(1, config.num_iterations + 1) for stage in per_iteration]
+    return steps
+
+
+class Loop:
+    def __init__(self, config: RecipeConfig, force: bool = False):
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.state = PartialState()
+        self.is_main = self.state.is_main_process
+        self.lock = RunLock(self.run_dir)
+        self._on_main_then_share(lambda: self._open(force))
+        self.manifest = open_manifest(self.run_dir, config, force=True)  # checked on rank 0 above
+        self.run_name = config.run_name or self.run_dir.name
+        self.tracker = Tracker(self.run_dir, self.run_name, config.report_to, to_dict(config), self.is_main)
+        self._data = None
+
+    def _open(self, force: bool) -> None:
+        self.lock.acquire()
+        check_and_write_config(self.run_dir, self.config, force)
+        open_manifest(self.run_dir, self.config, force)
+
+    def _on_main_then_share(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on rank 0 only; every rank gets its result, or raises its error (no rank left waiting)."""
+        box: list[Any] = [None, None]
+        if self.is_main:
+            try:
+                box = [fn(), None]
+            except SelfieError as e:
+                box = [None, str(e)]
+        if self.state.num_processes > 1:
+            broadcast_object_list(box)
+        if box[1] is not None:
+            raise SelfieError(box[1])
+        return box[0]
+
+    # ---- artifacts shared by stages -------------------------------------------------------------
+
+    @property
+    def pi_init(self) -> str:
+        """The model the run starts from: the configured one, or its representation-edited version."""
+        return str(self.run_dir / "init" / "model") if self.config.init else self.config.model.name
+
+    def adapter(self, iteration: int) -> Path:
+        return iteration_dir(self.run_dir, iteration) / "adapter"
+
+    @property
+    def data(self):
+        if self._data is None:
+            from selfie.data import load_prompts, split_prompts
+
+            d = self.config.data
+            self._data = split_prompts(load_prompts(d.prompts, d.split), d.seed_size, d.iteration_sizes, d.shuffle_seed)
+        return self._data
+
+    def metrics_path(self, iteration: int) -> Path:
+        return iteration_dir(self.run_dir, iteration) / "metrics.json"
+
+    def read_metrics(self, iteration: int) -> dict:
+        path = self.metrics_path(iteration)
+        return read_json(path) if path.exists() else {}
+
+    def _finish_stage(self, iteration: int, stage: str, artifacts: list[Path], metrics: dict | None, seconds: float) -> None:
+        if self.is_main:
+            merged = self.read_metrics(iteration)
+            if metrics is not None:
+                merged[stage] = metrics
+            merged.setdefault("times", {})[stage] = round(seconds, 2)
+            atomic_write_json(self.metrics_path(iteration), merged)
+            self.tracker.log({stage: metrics or {}, "time": {stage: seconds}})
+            self.manifest.record(iteration, stage, [str(p.relative_to(self.run_dir)) for p in artifacts])
+        else:
+            self.manifest.stages.append({"iteration": iteration, "stage": stage, "status": "done"})
+        self.state.wait_for_everyone()
+
+    # ---- stages ---------------------------------------------------------------------------------
+
+    def stage_init(self, iteration: int) -> tuple[list[Path], dict]:
+        from selfie.edit import build_edited_model
+
+        target = self.run_dir / "init" / "model"
+        self._on_main_then_share(lambda: build_edited_model(self.config.init, self.config.model.name, target, self.config.seed))
+        return [target], {"method": self.config.init.get("method")}
+
+    def stage_seed(self, iteration: int) -> tuple[list[Path], dict]:
+        from selfie.trainer import train_seed
+
+        pairs_path = iteration_dir(self.run_dir, 0) / "pairs.jsonl"
+        self._on_main_then_share(lambda: pairs_path.exists() or atomic_write_jsonl(pairs_path, self.seed_pairs()))
+        metrics = train_seed(self.pi_init, read_jsonl(pairs_path), iteration_dir(self.run_dir, 0), self.config)
+        return [pairs_path, self.adapter(0)], metrics
+
+    def seed_pairs(self) -> list[dict]:
+        """The labelled seed set: `data.seed_pairs`, else the labels of the pool's seed slice (SPA's split)."""
+        from selfie.data import load_preferences
+
+        d = self.config.data
+        if d.seed_pairs:
+            return load_preferences(d.seed_pairs, d.split)
+        seed_ids = {row["prompt_id"] for row in self.data.seed}
+        pairs = [row for row in load_preferences(d.prompts, d.split) if row["prompt_id"] in seed_ids]
+        if not pairs:
+            raise SelfieError(f"data.prompts '{d.prompts}': no labelled pairs for the seed slice; set data.seed_pairs")
+        return pairs
+
+    def _sharded(self, iteration: int, name: str, work: Callable[[Path, tuple[int, int]], dict]) -> tuple[Path, list[dict]]:
+        """Run `work` on this rank's shard; rank 0 merges the shard files (sorted by prompt_id) into RUN/iter_t/name."""
+        final = iteration_dir(self.run_dir, iteration) / name
+        world, rank = self.state.num_processes, self.state.process_index
+        if world == 1:
+            return final, [work(final, (0, 1))]
+        shard = final.with_name(f"{final.stem}.rank{rank}-of-{world}{final.suffix}")
+        metrics = gather_object([work(shard, (rank, world))])
+        if self.is_main:
+            shards = [final.with_name(f"{final.stem}.rank{r}-of-{world}{final.suffix}") for r in range(world)]
+            rows = sorted((row for path in shards for row in read_jsonl(path)), key=lambda row: row["prompt_id"])
+            atomic_write_jsonl(final, rows)
+            for path in shards:
+                path.unlink()
+        self.state.wait_for_everyone()
+        return final, metrics
+
+    def stage_generate(self, t: int) -> tuple[list[Path], dict]:
+        from selfie.generate import generate_responses
+        from selfie.models import load_policy
+
+        g = self.config.generate
+        if t > len(self.data.iterations):
+            raise SelfieError(f"num_iterations={self.config.num_iterations} but data.iteration_sizes has {len(self.data.iterations)} slices")
+        prompts = self.data.iterations[t - 1]
+        model, tokenizer = load_policy(self.pi_init, self.adapter(t - 1), self.config.model.dtype)
+        model.to(self.state.device)
+        path, shard_metrics = self._sharded(t, "responses.jsonl", lambda out, shard: generate_responses(
+            model, tokenizer, prompts, out, num_responses=g.num_responses, max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature, top_p=g.top_p, seed=self.config.seed + t, batch_size=g.batch_size, shard=shard))
+        return [path], combine_metrics(shard_metrics)
+
+    def stage_judge(self, t: int) -> tuple[list[Path], dict]:
+        from selfie.judge import judge_responses
+        from selfie.models import load_policy
+
+        j = self.config.judge
+        responses = read_jsonl(iteration_dir(self.run_dir, t) / "responses.jsonl")
+        policy, tokenizer = load_policy(self.pi_init, self.adapter(t - 1), self.config.model.dtype)
+        policy.to(self.state.device)
+        pairs_path = iteration_dir(self.run_dir, t) / "pairs.jsonl"
+
+        def work(out: Path, shard: tuple[int, int]) -> dict:
+            pairs_out = pairs_path if shard[1] == 1 else pairs_path.with_name(f"pairs.rank{shard[0]}-of-{shard[1]}.jsonl")
+            return judge_responses(policy, tokenizer, responses, out, pairs_out, beta=j.beta,
+                                   length_normalize=j.length_normalize, allow_truncated_chosen=j.allow_truncated_chosen,
+                                   token_budget=j.token_budget, shard=shard)
+
+        judgments, shard_metrics = self._sharded(t, "judgments.jsonl", work)
+        if self.state.num_processes > 1 and self.is_main:
+            world = self.state.num_processes
+            shards = [pairs_path.with_name(f"pairs.rank{r}-of-{world}.jsonl") for r in range(world)]
+            atomic_write_jsonl(pairs_path, sorted((row for p in shards for row in read_jsonl(p)), key=lambda r: r["prompt_id"]))
+            for p in shards:
+                p.unlink()
+        self.state.wait_for_everyone()
+        metrics = combine_metrics(shard_metrics)
+        pairs = read_jsonl(pairs_path)
+        metrics["pairs"] = len(pairs)
+        metrics["margin_mean"] = sum(p["margin"] for p in pairs) / len(pairs) if pairs else None
+        return [judgments, pairs_path], metrics
+
+    def stage_train(self, t: int) -> tuple[list[Path], dict]:
+        from selfie.trainer import train_iteration
+
+        pairs = read_jsonl(iteration_dir(self.run_dir, t) / "pairs.jsonl")
+        if not pairs:
+            raise SelfieError(f"{iteration_dir(self.run_dir, t) / 'pairs.jsonl'}: no training pairs survived judging")
+        metrics = train_iteration(self.pi_init, self.adapter(t - 1), pairs, iteration_dir(self.run_dir, t), self.config, t)
+        return [self.adapter(t)], metrics
+
+    def stage_eval(self, t: int) -> tuple[list[Path], dict]:
+        from selfie.evaluate import evaluate_iteration
+
+        metrics = self._on_main_then_share(lambda: evaluate_iteration(self.config.eval, self.pi_init, self.adapter(t), self.config))
+        path = iteration_dir(self.run_dir, t) / "eval.json"
+        if self.is_main:
+            atomic_write_json(path, metrics)
+        return [path], metrics
+
+    # ---- driver ---------------------------------------------------------------------------------
+
+    def run(self) -> str:
+        try:
+            current = None
+            for iteration, stage in plan(self.config):
+                if self.manifest.is_done(iteration, stage):
+                    continue
+                if iteration != current:
+                    self.tracker.finish()
+                    self.tracker.start(iteration)
+                    current = iteration
+                logger.info("iteration %d: %s", iteration, stage)
+                start = time.perf_counter()
+                artifacts, metrics = getattr(self, f"stage_{stage}")(iteration)
+                self._finish_stage(iteration, stage, artifacts, metrics, time.perf_counter() - start)
+            self.tracker.finish()
+            return self.summary()
+        finally:
+            self.lock.release()
+
+    def summary(self) -> str:
+        if not self.is_main:
+            return ""
+        per_iteration = {t: self.read_metrics(t) for t in range(self.config.num_iterations + 1)}
+        return write_summary(self.run_dir, per_iteration)
+
+
+def combine_metrics(shards: list[dict]) -> dict:
+    """Merge per-rank stage metrics: counts add up, wall time is the slowest rank's, rates are recomputed."""
+    if len(shards) == 1:
+        return shards[0]
+    merged: dict[str, Any] = {}
+    for shard in shards:
+        for key, value in shard.items():
+            if isinstance(value, dict):
+                merged[key] = combine_metrics([merged.get(key, {}), value]) if key in merged else dict(value)
+            elif key == "seconds":
+                merged[key] = max(merged.get(key, 0.0), value)
+            elif isinstance(value, (int, float)) and not key.endswith(("per_second", "fraction", "mean")):
+                merged[key] = merged.get(key, 0) + value
+    seconds = merged.get("seconds") or 0.0
+    for rate, count in (("tokens_per_second", "new_tokens"), ("pairs_per_second", "pairs")):
+        if count in merged and seconds:
+            merged[rate] = merged[count] / seconds
+    return merged
+
+
+def run_loop(config: RecipeConfig, force: bool = False) -> str:
+    """Run (or resume) the whole recipe; returns the summary table (markdown) on rank 0."""
+    return Loop(config, force).run()

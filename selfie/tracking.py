@@ -1,0 +1,148 @@
+"""wandb (offline unless the user's environment says otherwise), per-iteration runs, and the run summary."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from selfie.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def configure_wandb(run_dir: Path) -> None:
+    """Offline mode unless WANDB_MODE or a wandb login says otherwise; run files go under RUN/wandb."""
+    if "WANDB_MODE" not in os.environ and not _has_wandb_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    (Path(os.environ["WANDB_DIR"]) / "wandb").mkdir(parents=True, exist_ok=True)
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Tracker:
+    """One wandb run per iteration, grouped under the run name; a no-op without wandb or off the main process."""
+
+    def __init__(self, run_dir: Path, run_name: str, report_to: list[str], config: dict, is_main: bool):
+        self.enabled = "wandb" in report_to and is_main
+        self.run_dir, self.run_name, self.config = run_dir, run_name, config
+        if "wandb" in report_to:
+            configure_wandb(run_dir)
+
+    def start(self, iteration: int) -> None:
+        if not self.enabled:
+            return
+        import wandb
+
+        wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "selfie"), group=self.run_name,
+            name=f"{self.run_name}-iter{iteration:03d}", job_type=f"iteration_{iteration}",
+            config={**self.config, "iteration": iteration}, dir=os.environ["WANDB_DIR"], reinit="finish_previous",
+        )
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self.enabled:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.summary.update(flatten_metrics(metrics))
+                wandb.log(flatten_metrics(metrics))
+
+    def finish(self) -> None:
+        if self.enabled:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
+SUMMARY_COLUMNS = [
+    ("iteration", "iter"), ("pairs", "pairs kept"), ("dropped", "dropped (by reason)"), ("margin_mean", "mean margin"),
+    ("smoothed_fraction", "smoothed frac"), ("loss", "loss"), ("times", "time per stage (s)"), ("tokens_per_second", "gen tok/s"),
+]
+
+
+def summary_rows(per_iteration: dict[int, dict]) -> list[dict]:
+    """Pick the table's fields out of each iteration's metrics.json."""
+    rows = []
+    for iteration, m in sorted(per_iteration.items()):
+        judge, train, gen = m.get("judge", {}), m.get("train", {}), m.get("generate", {})
+        rows.append({
+            "iteration": iteration,
+            "pairs": judge.get("pairs", train.get("pairs")),
+            "dropped": judge.get("dropped"),
+            "margin_mean": judge.get("margin_mean"),
+            "smoothed_fraction": train.get("refine/smoothed_fraction"),
+            "loss": train.get("train_loss"),
+            "times": m.get("times", {}),
+            "tokens_per_second": gen.get("tokens_per_second"),
+            "eval": m.get("eval"),
+        })
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    header = "| " + " | ".join(title for _, title in SUMMARY_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in SUMMARY_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("pairs", "pairs kept"), ("margin_mean", "mean judge margin"), ("loss", "train loss"),
+              ("smoothed_fraction", "smoothed fraction")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        points = [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_summary(run_dir: Path, per_iteration: dict[int, dict]) -> str:
+    rows = summary_rows(per_iteration)
+    table = summary_markdown(rows)
+    atomic_write_text(run_dir / "summary.md", f"# Run summary: {run_dir.name}\n\n{table}")
+    plot_summary(rows, run_dir / "summary.png")
+    return table

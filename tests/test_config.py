@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from selfie.config import RecipeConfig, config_hash, differing_keys, dump_recipe, load_recipe, parse_overrides
+from selfie.errors import SelfieError
+
+RECIPES = sorted(Path(__file__).parent.parent.glob("recipes/*/*/*.yaml"))
+
+
+def test_overrides_are_typed_and_nested():
+    tree = parse_overrides(["--train.learning_rate", "1e-5", "--num_iterations=2", "--report_to", "[]"])
+    assert tree == {"train": {"learning_rate": "1e-5"}, "num_iterations": 2, "report_to": []}
+    config = load_recipe(None, ["--train.learning_rate", "1e-5", "--generate.temperature", "0.5"])
+    assert config.train.learning_rate == 1e-5 and config.generate.temperature == 0.5
+
+
+def test_unknown_key_is_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  learning_rat: 0.1\n")
+    with pytest.raises(SelfieError, match=r"r.yaml: unknown recipe key 'train.learning_rat'"):
+        load_recipe(recipe)
+    with pytest.raises(SelfieError, match="unknown recipe key 'bogus'"):
+        load_recipe(None, ["--bogus", "1"])
+
+
+def test_wrong_type_and_missing_file(tmp_path):
+    with pytest.raises(SelfieError, match="'num_iterations': expected int"):
+        load_recipe(None, ["--num_iterations", "two"])
+    with pytest.raises(SelfieError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(SelfieError, match="override --train has no value"):
+        load_recipe(None, ["--train"])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(p.parents[2])) for p in RECIPES])
+def test_shipped_recipes_build_full_configs(path):
+    config = load_recipe(path)
+    assert isinstance(config, RecipeConfig)
+    # the resolved config round-trips through config.yaml unchanged
+    roundtrip = path.parent / "_roundtrip.yaml"
+    try:
+        roundtrip.write_text(dump_recipe(config))
+        assert load_recipe(roundtrip) == config
+    finally:
+        roundtrip.unlink()
+
+
+def test_paper_recipes_carry_the_paper_settings():
+    for name in ("zephyr-7b", "llama-3-8b"):
+        c = load_recipe(Path(__file__).parent.parent / f"recipes/{name}/spa/lora.yaml")
+        assert (c.data.seed_size, c.data.iteration_sizes) == (2000, [8000, 20000, 30000])
+        assert (c.train.beta, c.generate.temperature, c.generate.max_new_tokens, c.generate.num_responses) == (0.1, 0.7, 300, 2)
+        assert c.refine.lambdas == [0.5, 0.25, 0.125] and c.refine.quantile == 0.1 and c.refine.alpha == 0.1
+
+
+def test_hash_ignores_harmless_keys():
+    base = load_recipe(None)
+    assert config_hash(base) == config_hash(load_recipe(None, ["--report_to", "[]", "--train.logging_steps", "5"]))
+    changed = load_recipe(None, ["--train.beta", "0.2"])
+    assert config_hash(base) != config_hash(changed)
+    assert differing_keys(base, changed) == ["train.beta"]
