@@ -1,0 +1,310 @@
+"""Implicit-reward judging and pair selection (METHOD.md section 1, step 2).
+
+r(x, y) = beta * (logp_policy(y|x) - logp_reference(y|x)), logp summed over the response tokens
+(EOS included when the response finished). The reference is the same weights with the adapter
+switched off (`policy.disable_adapter()`), so one copy of the model serves both passes.
+
+Efficiency: a prompt and its K responses go through the model as ONE row, the responses side by
+side after the shared prompt with an attention mask that lets each response see only the prompt
+and itself (and position ids that restart after the prompt), so the prompt is computed once
+instead of K times. Rows are sorted by length and batched by a token budget; the vocabulary
+projection runs only at the positions that predict response tokens, in chunks, and log-probs
+come from logsumexp without materialising a log_softmax over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from selfie.errors import SelfieError
+from selfie.generate import chat_ids, check_prompt_rows, select_shard, stop_token_ids
+from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+PROJECTION_ELEMENTS = 2**23  # logits per lm_head call (32 MiB in float32): the [positions, vocab] tensor stays small
+
+
+def check_response_rows(rows: Sequence[dict], source: str) -> None:
+    """responses.jsonl rows: prompt rows plus equally long `responses` (str) and `finished` (bool) lists."""
+    check_prompt_rows(rows, source)
+    for n, row in enumerate(rows, 1):
+        for key, kind in (("responses", str), ("finished", bool)):
+            if key not in row:
+                raise SelfieError(f"{source}: row {n}: missing key '{key}'")
+            if not isinstance(row[key], list) or not row[key] or not all(isinstance(v, kind) for v in row[key]):
+                raise SelfieError(f"{source}: row {n}: key '{key}' must be a non-empty list of {kind.__name__}")
+        if len(row["responses"]) != len(row["finished"]):
+            raise SelfieError(f"{source}: row {n}: 'responses' and 'finished' have different lengths")
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def response_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[dict], responses: Sequence[str], finished: Sequence[bool], stop_ids: set[int],
+) -> tuple[list[int], list[list[int]]]:
+    """(shared prompt ids, scored ids of each response) exactly as the chat template renders them.
+
+    Like TRL's DPO tokenisation, a response's tokens start where the prompt (with the generation
+    prompt) and prompt + assistant message diverge. They end at the template's end-of-turn token:
+    included when the response finished, left out when it was cut at the length limit; whatever
+    the template adds after it (ChatML's trailing newline) is not part of the response.
+    """
+    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    full = [chat_ids(tokenizer, prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False) for text in responses]
+    prefix = min(common_prefix_length(prompt_ids, ids) for ids in full)
+    if prefix == 0:
+        raise SelfieError("judge: the chat template renders prompt and prompt + response with no common start")
+    scored = []
+    for ids, done in zip(full, finished):
+        tail = ids[prefix:]
+        end = next((i for i, t in enumerate(tail) if t in stop_ids), None)
+        if end is None:  # a template that writes no end-of-turn token: the model stopped on EOS
+            scored.append(tail + [tokenizer.eos_token_id] if done else tail)
+        else:
+            scored.append(tail[:end + 1] if done else tail[:end])
+    return prompt_ids[:prefix], scored
+
+
+@dataclass
+class _Tree:
+    """One prompt and its K responses, laid out as one row: [prompt | response_1 | ... | response_K]."""
+
+    row: int
+    prompt: list[int]
+    responses: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + sum(len(r) for r in self.responses)
+
+
+def _token_budget_batches(trees: list[_Tree], token_budget: int) -> list[list[_Tree]]:
+    """Longest first; a batch holds rows while rows x longest row <= budget (an over-long row goes alone)."""
+    batches: list[list[_Tree]] = []
+    for tree in sorted(trees, key=len, reverse=True):
+        if batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= token_budget:
+            batches[-1].append(tree)
+        else:
+            batches.append([tree])
+    return batches
+
+
+def _pack(batch: list[_Tree], pad_id: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Input ids, position ids and 4-D additive attention mask of the packed rows, plus where each scored token is.
+
+    `source` is the position whose hidden state predicts a response token: the previous position,
+    or the prompt's last position for a response's first token. `sequence` numbers the responses
+    of the batch in order (tree by tree).
+    """
+    width = max(len(t) for t in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    segment = torch.full((len(batch), width), -1, dtype=torch.long)  # 0 = prompt, k = response k, -1 = padding
+    rows, sources, targets, sequence = [], [], [], []
+    n_seq = 0
+    for b, tree in enumerate(batch):
+        p = len(tree.prompt)
+        ids[b, :p] = torch.tensor(tree.prompt)
+        positions[b, :p] = torch.arange(p)
+        segment[b, :p] = 0
+        start = p
+        for k, resp in enumerate(tree.responses, 1):
+            r = len(resp)
+            if r:
+                ids[b, start:start + r] = torch.tensor(resp)
+                positions[b, start:start + r] = torch.arange(p, p + r)
+                segment[b, start:start + r] = k
+                rows += [b] * r
+                sources += [p - 1] + list(range(start, start + r - 1))
+                targets += resp
+                sequence += [n_seq] * r
+            start += r
+            n_seq += 1
+    # Each position attends to earlier positions of the prompt or of its own segment (padding to the
+    # prompt and earlier padding: never an empty row, and no real token comes after padding).
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & ((segment.unsqueeze(2) == segment.unsqueeze(1)) | (segment.unsqueeze(1) == 0))
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": ids.to(device), "position_ids": positions.to(device), "attention_mask": mask.to(device),
+            "rows": as_tensor(rows), "sources": as_tensor(sources), "targets": as_tensor(targets),
+            "sequence": as_tensor(sequence), "num_sequences": n_seq}
+
+
+def _sequence_logps(model: PreTrainedModel, packed: dict) -> torch.Tensor:
+    """Summed log-prob of every response in the packed batch (float64, on CPU)."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                     attention_mask=packed["attention_mask"], use_cache=False).last_hidden_state
+    states = hidden[packed["rows"], packed["sources"]]
+    softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
+    token_logps = []
+    chunk = max(1, PROJECTION_ELEMENTS // head.weight.shape[0])
+    for i in range(0, len(states), chunk):
+        logits = head(states[i:i + chunk]).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        target = packed["targets"][i:i + chunk]
+        picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        # logsumexp in place: no second [chunk, vocab] tensor
+        top = logits.max(-1, keepdim=True).values
+        token_logps.append(picked - top.squeeze(1) - logits.sub_(top).exp_().sum(-1).log())
+    sums = torch.zeros(packed["num_sequences"], dtype=torch.float64, device=states.device)
+    if token_logps:
+        sums.index_add_(0, packed["sequence"], torch.cat(token_logps).double())
+    return sums.cpu()
+
+
+def _base_model(policy: PreTrainedModel) -> PreTrainedModel:
+    return policy.get_base_model() if isinstance(policy, PeftModel) else policy
+
+
+def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], allow_truncated_chosen: bool = False) -> tuple[list[dict], Counter]:
+    """min_max pairs: chosen = highest reward, rejected = lowest reward among responses with another text.
+
+    A response cut at the length limit is never chosen unless `allow_truncated_chosen`, so a finished
+    response can beat a truncated one with a higher reward (a negative margin). Returns the pairs and
+    the number of prompts dropped per reason.
+    """
+    pairs, dropped = [], Counter()
+    for row, judged in zip(responses, judgments):
+        rewards, texts = judged["rewards"], row["responses"]
+        candidates = [i for i, done in enumerate(row["finished"]) if done or allow_truncated_chosen]
+        if len(texts) < 2:
+            dropped["single_response"] += 1
+            continue
+        if not candidates:
+            dropped["all_truncated"] += 1
+            continue
+        chosen = max(candidates, key=lambda i: rewards[i])
+        others = [i for i in range(len(texts)) if texts[i] != texts[chosen]]
+        if not others:
+            dropped["identical"] += 1
+            continue
+        rejected = min(others, key=lambda i: rewards[i])
+        pairs.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"],
+                      "chosen": [{"role": "assistant", "content": texts[chosen]}],
+                      "rejected": [{"role": "assistant", "content": texts[rejected]}],
+                      "margin": rewards[chosen] - rewards[rejected]})
+    return pairs, dropped
+
+
+@torch.inference_mode()
+def judge_responses(
+    policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, responses: list[dict], output: str | Path,
+    pairs_output: str | Path | None, *, beta: float = 0.1, length_normalize: bool = False,
+    allow_truncated_chosen: bool = False, token_budget: int = 8192, shard: tuple[int, int] = (0, 1),
+) -> dict:
+    """Write judgments.jsonl (and pairs.jsonl) for this shard's rows of `responses`; return metrics.
+
+    `policy` is a PeftModel (reference = its base with the adapter disabled) or a plain model (then
+    the reference is the policy itself and every reward is 0). With `length_normalize` the logps
+    written are per-token means, so `rewards = beta * (policy_logps - reference_logps)` still holds.
+    """
+    if token_budget < 1:
+        raise SelfieError(f"judge: token_budget must be >= 1 (got {token_budget})")
+    check_response_rows(responses, "responses")
+    rows = select_shard(responses, shard)
+    stop_ids = stop_token_ids(_base_model(policy), tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trees = [_Tree(i, *response_token_ids(tokenizer, row["prompt"], row["responses"], row["finished"], stop_ids))
+             for i, row in enumerate(rows)]
+    model = _base_model(policy)
+    param = next(model.parameters())
+    policy.eval()
+
+    logps: dict[int, tuple[list[float], list[float]]] = {}
+    tokens = padded = 0  # positions run per pass, without / with padding
+    start = time.perf_counter()
+    with tqdm(total=len(trees), desc="judge", unit="prompt", disable=None) as bar:
+        for batch in _token_budget_batches(trees, token_budget):
+            packed = _pack(batch, pad_id, param.dtype, param.device)
+            policy_logps = _sequence_logps(model, packed)
+            if isinstance(policy, PeftModel):
+                with policy.disable_adapter():
+                    reference_logps = _sequence_logps(model, packed)
+            else:
+                reference_logps = policy_logps
+            n = 0
+            for tree in batch:
+                k = len(tree.responses)
+                logps[tree.row] = (policy_logps[n:n + k].tolist(), reference_logps[n:n + k].tolist())
+                n += k
+            tokens += sum(len(tree) for tree in batch)
+            padded += packed["input_ids"].numel()
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+
+    judgments = []
+    for tree, row in zip(trees, rows):
+        pol, ref = logps[tree.row]
+        counts = [len(r) for r in tree.responses]
+        if length_normalize:
+            pol = [v / max(c, 1) for v, c in zip(pol, counts)]
+            ref = [v / max(c, 1) for v, c in zip(ref, counts)]
+        judgments.append({"prompt_id": row["prompt_id"], "rewards": [beta * (p - r) for p, r in zip(pol, ref)],
+                          "policy_logps": pol, "reference_logps": ref, "num_tokens": counts})
+    pairs, dropped = select_pairs(rows, judgments, allow_truncated_chosen)
+    atomic_write_jsonl(output, judgments)
+    if pairs_output is not None:
+        atomic_write_jsonl(pairs_output, pairs)
+
+    scored = sum(sum(j["num_tokens"]) for j in judgments)
+    metrics = {"prompts": len(rows), "responses": sum(len(j["rewards"]) for j in judgments), "pairs": len(pairs),
+               "dropped": {reason: dropped[reason] for reason in ("all_truncated", "identical", "single_response")},
+               "margin_mean": sum(p["margin"] for p in pairs) / len(pairs) if pairs else None,
+               # pairs whose finished chosen response has a lower reward than the (truncated) rejected one
+               "negative_margin": sum(p["margin"] < 0 for p in pairs),
+               "response_tokens": scored, "tokens": tokens, "padded_tokens": padded, "seconds": round(seconds, 3),
+               "pairs_per_second": len(pairs) / seconds if seconds else None,
+               "tokens_per_second": tokens / seconds if seconds else None}
+    logger.info("judged %d prompts: %d pairs, dropped %s (%.2f pairs/s) -> %s", len(rows), len(pairs), metrics["dropped"],
+                metrics["pairs_per_second"] or 0.0, output)
+    return metrics
+
+
+def add_judge_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the initial model pi_init (also the judge reference)")
+    parser.add_argument("--adapter", required=True, help="PEFT adapter of the policy that generated the responses")
+    parser.add_argument("--responses", required=True, help="responses.jsonl from `selfie generate`")
+    parser.add_argument("--output", required=True, help="judgments.jsonl to write")
+    parser.add_argument("--pairs", default=None, help="pairs.jsonl to write (TRL conversational preference format)")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--length-normalize", action="store_true", help="divide log-probs by the response length")
+    parser.add_argument("--allow-truncated-chosen", action="store_true", help="let a response cut at the length limit be chosen")
+    parser.add_argument("--token-budget", type=int, default=8192, help="padded tokens per batch")
+    parser.add_argument("--metrics", default=None, help="write the metrics as JSON here")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+
+
+def run_judge_command(args: argparse.Namespace) -> None:
+    from selfie.models import load_policy
+
+    responses = read_jsonl(args.responses)
+    check_response_rows(responses, str(args.responses))
+    policy, tokenizer = load_policy(args.model, args.adapter, args.dtype)
+    if torch.cuda.is_available():
+        policy.to("cuda")
+    metrics = judge_responses(policy, tokenizer, responses, args.output, args.pairs, beta=args.beta,
+                              length_normalize=args.length_normalize, allow_truncated_chosen=args.allow_truncated_chosen,
+                              token_budget=args.token_budget)
+    if args.metrics:
+        atomic_write_json(args.metrics, metrics)
