@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
 from selfie.config import RecipeConfig, to_dict
+from selfie.dist import process_state
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
-from selfie.rundir import Manifest, RunLock, check_and_write_config, iteration_dir, open_manifest
+from selfie.rundir import RunLock, check_and_write_config, iteration_dir, open_manifest
 from selfie.tracking import Tracker, write_summary
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Loop:
     def __init__(self, config: RecipeConfig, force: bool = False):
         self.config = config
         self.run_dir = Path(config.output_dir)
-        self.state = PartialState()
+        self.state = process_state()
         self.is_main = self.state.is_main_process
         self.lock = RunLock(self.run_dir)
         self._on_main_then_share(lambda: self._open(force))

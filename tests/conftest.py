@@ -9,7 +9,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import build_tiny_model  # noqa: E402
+import torch  # noqa: E402
+
+from selfie.config import LoraConfig  # noqa: E402
+from selfie.models import attach_lora, load_model, save_adapter  # noqa: E402
+
+from tiny import build_tiny_model, perturb_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +27,14 @@ def tiny_model(tmp_path_factory) -> str:
 def other_tiny_model(tmp_path_factory) -> str:
     """A second tiny model of another shape, for adapter-mismatch checks."""
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny2") / "model", hidden_size=48, seed=1))
+
+
+@pytest.fixture(scope="session")
+def prev_adapter(tiny_model, tmp_path_factory) -> Path:
+    """A non-trivial adapter playing pi_{t-1} (lora_B is not zero, so pi_{t-1} != pi_init)."""
+    torch.manual_seed(0)
+    model = attach_lora(load_model(tiny_model), LoraConfig(r=4, alpha=8, dropout=0.0))
+    perturb_adapter(model, seed=1)
+    path = tmp_path_factory.mktemp("prev") / "adapter"
+    save_adapter(model, path)
+    return path

@@ -55,3 +55,23 @@ def build_tiny_model(path: str | Path, hidden_size: int = 32, num_layers: int = 
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+TOPICS = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", "numbers", "fruit", "a poem", "morning", "why"]
+
+
+def toy_pairs(n: int = 8) -> list[dict]:
+    """A learnable preference: chosen always agrees, rejected always refuses. Extra columns as in pairs.jsonl."""
+    return [{"prompt_id": f"p{i}", "margin": 0.5,
+             "prompt": [{"role": "user", "content": f"say something about {TOPICS[i % len(TOPICS)]} {i}"}],
+             "chosen": [{"role": "assistant", "content": "yes, thank you" + " please" * (i % 3)}],
+             "rejected": [{"role": "assistant", "content": "no bad" + " no" * (i % 4)}]} for i in range(n)]
+
+
+def perturb_adapter(model: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
+    """Move the trainable adapter "default" away from where it started (so policy != reference)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ".default." in name:
+                param.add_(scale * torch.randn(param.shape, generator=gen))

@@ -1,0 +1,468 @@
+"""Noise-aware DPO with self-refinement (METHOD.md section 1, stage t step 3) as a TRL DPOTrainer subclass.
+
+TRL's `_compute_loss` runs the policy pass (with grad) and the reference pass (without) and returns the
+sigmoid loss. This subclass keeps those two passes and adds, per pair i,
+
+    m_i   = beta * [(logp~(y_w) - logp~(y_l)) - (logp_ref(y_w) - logp_ref(y_l))]   (detached; DND, lambda > 0:
+            logp~ from the extrapolated logits (1 + lambda) h_theta - lambda h_ref at the completion positions)
+    tau   = K-quantile of the per-sample margins of the last W optimizer steps, gathered over all ranks
+    eps_i = alpha * [m_i < tau]   (0 during the first warmup_fraction of the steps)
+    loss_i = -(1 - eps_i) logsigmoid(beta z_i) - eps_i logsigmoid(-beta z_i)
+
+The passes' outputs are local to TRL's method, so forward hooks record them: the policy's and reference's
+per-token log-probs, and (only for DND) the backbone's last hidden states, from which the logits are built
+at the completion positions only, in chunks.
+
+References need no model copies: the seed stage trains a fresh adapter (reference = adapters disabled =
+pi_init); iteration t continues the previous adapter, and TRL keeps a frozen copy of it as the adapter
+"ref" (reference = pi_{t-1}); "merge" mode folds the previous adapter into the base weights and starts a
+fresh one. Only the adapter "default" is ever saved as the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from selfie.config import LoraConfig, RecipeConfig, RefineConfig, TrainConfig
+from selfie.dist import on_cpu, uses_deepspeed
+from selfie.errors import SelfieError
+from selfie.io import atomic_write_json, read_json
+from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter
+
+logger = logging.getLogger(__name__)
+
+REFINE_STATE = "refine_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # pairs.jsonl's other columns (prompt_id, margin) are not for training
+LOGIT_CHUNK = 1024  # completion positions per chunk when building [tokens, vocab] logits for DND
+
+
+@dataclass
+class NoiseAwareDPOConfig(DPOConfig):
+    refine_alpha: float = field(default=0.1, metadata={"help": "Label smoothing of pairs below tau; 0 = plain DPO."})
+    refine_quantile: float = field(default=0.1, metadata={"help": "K: tau is this quantile of recent margins."})
+    refine_window_steps: int = field(default=50, metadata={"help": "Margins of the last W optimizer steps form the window."})
+    refine_warmup_fraction: float = field(default=0.2, metadata={"help": "No smoothing during this fraction of the steps."})
+    dnd_lambda: float = field(default=0.0, metadata={"help": "DND extrapolation; 0 = plain implicit-reward margin."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type != ["sigmoid"] or self.loss_weights not in (None, [1.0]) or self.ld_alpha is not None \
+                or self.f_divergence_type != "reverse_kl" or self.use_weighting or self.label_smoothing:
+            raise ValueError("NoiseAwareDPOConfig builds on TRL's plain sigmoid loss; leave loss_type, loss_weights, "
+                             "ld_alpha, f_divergence_type, use_weighting and label_smoothing at their defaults")
+        if self.precompute_ref_log_probs:
+            raise ValueError("precompute_ref_log_probs: the reference pass is needed for DND (and costs no copy with LoRA)")
+        if not 0.0 <= self.refine_alpha <= 0.5:
+            raise ValueError(f"refine_alpha must lie in [0, 0.5], got {self.refine_alpha}")
+        if not 0.0 < self.refine_quantile < 1.0:
+            raise ValueError(f"refine_quantile must lie in (0, 1), got {self.refine_quantile}")
+        if self.refine_window_steps < 1:
+            raise ValueError(f"refine_window_steps must be >= 1, got {self.refine_window_steps}")
+        if not 0.0 <= self.refine_warmup_fraction <= 1.0:
+            raise ValueError(f"refine_warmup_fraction must lie in [0, 1], got {self.refine_warmup_fraction}")
+        if self.dnd_lambda < 0:
+            raise ValueError(f"dnd_lambda must be >= 0, got {self.dnd_lambda}")
+
+
+class RefinementWindow:
+    """Per-sample margins of the last `steps` optimizer steps; the step in progress counts as one of them.
+
+    Every rank adds the same gathered margins in the same order, so every rank holds the same window.
+    Margins are plain floats so the window round-trips exactly through JSON.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.completed: deque[list[float]] = deque(maxlen=steps - 1)
+        self.step: int | None = None  # global_step while the current optimizer step accumulates
+        self.current: list[float] = []
+
+    def add(self, step: int, margins: list[float]) -> None:
+        if step != self.step:
+            if self.step is not None:
+                self.completed.append(self.current)
+            self.step, self.current = step, []
+        self.current.extend(margins)
+
+    def quantile(self, q: float) -> float:
+        values = [m for margins in self.completed for m in margins] + self.current
+        return torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "completed": list(self.completed), "step": self.step, "current": self.current}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__init__(state["steps"])
+        self.completed.extend(state["completed"])
+        self.step, self.current = state["step"], list(state["current"])
+
+
+def extrapolated_logps(policy_hidden: torch.Tensor, ref_hidden: torch.Tensor, lm_head: torch.nn.Module,
+                       input_ids: torch.Tensor, completion_mask: torch.Tensor, lam: float,
+                       softcap: float | None = None) -> torch.Tensor:
+    """Sum over each sequence's completion tokens of log_softmax((1 + lam) h_theta - lam h_ref)[next token].
+
+    `*_hidden` are the backbone's last hidden states [N, T, H]; logits are built only where the next token
+    is a completion token, LOGIT_CHUNK positions at a time, never as a [N, T, V] tensor.
+    """
+    mask = completion_mask[:, 1:].bool()
+    targets = input_ids[:, 1:][mask]
+    rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    policy_hidden, ref_hidden = policy_hidden[:, :-1][mask], ref_hidden[:, :-1][mask]
+    weight, bias = lm_head.weight, lm_head.bias
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden, weight, bias).float()
+        return out if softcap is None else softcap * torch.tanh(out / softcap)
+
+    token_logps = []
+    with torch.no_grad(), maybe_gather_lm_head_ctx(weight, bias):
+        for start in range(0, targets.numel(), LOGIT_CHUNK):
+            part = slice(start, start + LOGIT_CHUNK)
+            mixed = (1 + lam) * logits(policy_hidden[part]) - lam * logits(ref_hidden[part])
+            token_logps.append(mixed.log_softmax(-1).gather(-1, targets[part].unsqueeze(-1)).squeeze(-1))
+    token_logps = torch.cat(token_logps) if token_logps else policy_hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(mask.size(0), device=mask.device).index_add_(0, rows, token_logps)
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output TRL's fused LM head projects (`base_model` of the causal LM)."""
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    return causal_lm.base_model
+
+
+class NoiseAwareDPOTrainer(DPOTrainer):
+    """DPOTrainer whose loss smooths the labels of low-confidence pairs (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, NoiseAwareDPOConfig):
+            raise TypeError("NoiseAwareDPOTrainer needs a NoiseAwareDPOConfig")
+        self.window = RefinementWindow(self.args.refine_window_steps)
+        self.refine_totals = {"samples": 0, "smoothed": 0}  # after warm-up, for the run's summary
+        self._capturing = False
+        self._logps: list[torch.Tensor] = []
+        self._hidden: list[torch.Tensor] = []
+        for model in filter(None, (self.model, self.ref_model)):
+            model = self.accelerator.unwrap_model(model)
+            model.register_forward_hook(self._record_logps)
+            if self.args.dnd_lambda:
+                _backbone(model).register_forward_hook(self._record_hidden)
+
+    # ---- recording TRL's two passes -------------------------------------------------------------
+
+    def _record_logps(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._capturing and getattr(output, "log_probs", None) is not None:
+            self._logps.append(output.log_probs)
+
+    def _record_hidden(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._capturing:
+            self._hidden.append(output.last_hidden_state.detach())
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        self._logps, self._hidden, self._capturing = [], [], True
+        try:
+            result = super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            self._capturing = False
+        loss, outputs = result if return_outputs else (result, None)
+        (policy, reference), hidden = self._logps[:2], self._hidden[:2]
+        self._logps, self._hidden = [], []
+
+        seq_len = inputs["completion_mask"].size(1) - 1
+        chosen_logps, rejected_logps = policy[:, -seq_len:].sum(dim=1).chunk(2)
+        ref_chosen_logps, ref_rejected_logps = reference[:, -seq_len:].sum(dim=1).chunk(2)
+        z = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # as TRL's delta_score
+        margins = self._margins(z, hidden, inputs, ref_chosen_logps - ref_rejected_logps)
+        eps = self._smoothing(margins)
+        if eps.any():
+            # -(1-eps) logsigmoid(x) - eps logsigmoid(-x) = -logsigmoid(x) + eps x: TRL's sigmoid loss plus eps x
+            loss = loss + (eps * self.beta * z).mean()
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- refinement -----------------------------------------------------------------------------
+
+    def _margins(self, z: torch.Tensor, hidden: list[torch.Tensor], inputs: dict, ref_logratio: torch.Tensor) -> torch.Tensor:
+        """Confidence margin per pair, detached: the DPO implicit reward margin, DND-extrapolated when lambda > 0."""
+        lam = self.args.dnd_lambda
+        if not lam:
+            return self.beta * z.detach()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        config = unwrapped.config.get_text_config()
+        logps = extrapolated_logps(hidden[0], hidden[1], unwrapped.get_output_embeddings(), inputs["input_ids"],
+                                   inputs["completion_mask"], lam, getattr(config, "final_logit_softcapping", None))
+        chosen, rejected = logps.chunk(2)
+        return self.beta * ((chosen - rejected) - ref_logratio.detach().float())
+
+    def _smoothing(self, margins: torch.Tensor) -> torch.Tensor:
+        """eps per local pair; logs refine/* metrics. Training updates the window, evaluation only reads it."""
+        mode = "train" if self.model.training else "eval"
+        # Every rank gathers the same margins (rank order), so every rank computes the same tau.
+        gathered = self.accelerator.gather(margins.detach().float())
+        self._metrics[mode]["refine/margin_mean"].append(gathered.mean().item())
+        eps = torch.zeros_like(margins)
+        if mode == "eval":
+            return eps
+        # tau for this micro-batch: the samples of the previous W-1 optimizer steps plus those of the current
+        # step gathered so far, this micro-batch included (identical on every rank, whatever the process count).
+        self.window.add(self.state.global_step, gathered.tolist())
+        tau = self.window.quantile(self.args.refine_quantile)
+        warm = self.state.global_step >= self.args.refine_warmup_fraction * self.state.max_steps
+        if warm and self.args.refine_alpha > 0:
+            below = margins.double() < tau
+            eps = self.args.refine_alpha * below.to(margins.dtype)
+            smoothed = int((gathered.double() < tau).sum().item())
+        else:
+            smoothed = 0
+        if warm:
+            self.refine_totals["samples"] += gathered.numel()
+            self.refine_totals["smoothed"] += smoothed
+        self._metrics[mode]["refine/tau"].append(tau)
+        self._metrics[mode]["refine/smoothed_fraction"].append(smoothed / gathered.numel())
+        return eps
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def refine_state(self) -> dict[str, Any]:
+        return {"window": self.window.state_dict(), "totals": dict(self.refine_totals)}
+
+    def load_refine_state(self, state: dict[str, Any]) -> None:
+        self.window.load_state_dict(state["window"])
+        self.refine_totals = dict(state["totals"])
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            atomic_write_json(checkpoint / REFINE_STATE, self.refine_state())
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """As Trainer.train; `True` resumes from the newest complete checkpoint (or starts afresh if none)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            state_file = Path(resume_from_checkpoint) / REFINE_STATE
+            if not state_file.is_file():
+                raise SelfieError(f"{state_file}: missing; this checkpoint was not written by NoiseAwareDPOTrainer or is incomplete")
+            self.load_refine_state(read_json(state_file))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+
+def last_checkpoint(directory: str | Path) -> str | None:
+    """The newest completely written checkpoint-N in `directory` (a kill can leave the newest one partial)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    steps = [int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+             and (p / REFINE_STATE).is_file()]
+    return str(directory / f"checkpoint-{max(steps)}") if steps else None
+
+
+# ---- configuration --------------------------------------------------------------------------------
+
+
+def dnd_lambda(refine: RefineConfig, iteration: int) -> float:
+    """lambda_t for iteration t >= 1: refine.lambdas[t-1], then halving the last one (0 for the seed stage)."""
+    if iteration < 1 or not refine.lambdas:
+        return 0.0
+    if iteration <= len(refine.lambdas):
+        return refine.lambdas[iteration - 1]
+    return refine.lambdas[-1] / 2 ** (iteration - len(refine.lambdas))
+
+
+def seed_epochs(train: TrainConfig, num_pairs: int) -> float:
+    """SPA: 3 epochs on a seed set below 2,000 pairs, else 1, unless train.seed_epochs says otherwise."""
+    if train.seed_epochs is not None:
+        return train.seed_epochs
+    return 3.0 if num_pairs < 2000 else 1.0
+
+
+def build_dpo_config(train: TrainConfig, refine: RefineConfig, output_dir: str | Path, *, lambda_: float,
+                     refine_on: bool, report_to: list[str], run_name: str | None, seed: int,
+                     epochs: float | None = None, **overrides: Any) -> NoiseAwareDPOConfig:
+    """The recipe's train/refine sections as TRL arguments; `overrides` go straight to NoiseAwareDPOConfig."""
+    cuda = not on_cpu()
+    distributed_cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    values = dict(
+        output_dir=str(output_dir), run_name=run_name, seed=seed, report_to=list(report_to) or "none",
+        beta=train.beta, learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a float below 1 is a ratio
+        num_train_epochs=train.num_train_epochs if epochs is None else epochs,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps, max_length=train.max_length,
+        gradient_checkpointing=train.gradient_checkpointing, logging_steps=train.logging_steps,
+        save_strategy="steps", save_steps=train.save_steps,
+        save_total_limit=2,  # the newest checkpoint may be cut by a kill; the one before it is then complete
+        bf16=cuda and torch.cuda.is_bf16_supported(),  # float32 on CPU: bf16 matmul there is ~400x slower
+        dataloader_pin_memory=cuda,
+        ddp_backend="gloo" if distributed_cpu else None,  # DeepSpeed on CPU needs it named to see all ranks
+        use_cpu=not cuda and not uses_deepspeed(),  # else CPU ranks run unsynchronised (see selfie.dist)
+        refine_alpha=refine.alpha if refine_on else 0.0, refine_quantile=refine.quantile,
+        refine_window_steps=refine.window_steps, refine_warmup_fraction=refine.warmup_fraction,
+        dnd_lambda=lambda_,
+    )
+    values.update(overrides)
+    return NoiseAwareDPOConfig(**values)
+
+
+# ---- stages -------------------------------------------------------------------------------------
+
+
+def _peft_config(lora: LoraConfig) -> PeftLoraConfig:
+    # Handed to TRL unattached (unlike selfie.models.attach_lora): TRL then wraps the model itself and takes
+    # "adapters disabled" as the reference, with no copy of the adapter.
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def _pairs_dataset(pairs: list[dict] | Dataset) -> Dataset:
+    dataset = pairs if isinstance(pairs, Dataset) else Dataset.from_list(list(pairs))
+    if len(dataset) == 0:
+        raise SelfieError("training pairs: the set is empty")
+    missing = [c for c in PAIR_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise SelfieError(f"training pairs: missing column '{missing[0]}' (have {', '.join(dataset.column_names)})")
+    return dataset.select_columns(PAIR_COLUMNS)
+
+
+@contextlib.contextmanager
+def _gathered(params: list[torch.nn.Parameter]):
+    """Full parameters on every rank under ZeRO-3 (no-op otherwise); every rank must enter."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _export_adapter(trainer: NoiseAwareDPOTrainer, directory: Path, base_name: str | None, stack_on: Path | None,
+                    dtype: str) -> None:
+    """Write the trained adapter "default" to `directory` (main process), atomically.
+
+    With `stack_on` (merge mode) the trained adapter sits on pi_init + that adapter merged; the written one is
+    both concatenated (PEFT's "cat": rank r_prev + r, exact), so it applies to pi_init like every other adapter.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = [p for n, p in model.named_parameters() if ".default." in n] + [model.get_input_embeddings().weight]
+    with _gathered(params):
+        if trainer.accelerator.is_main_process:
+            if stack_on is None:
+                save_adapter(model, directory)
+            else:
+                trained = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
+                stacked = PeftModel.from_pretrained(load_model(base_name, dtype), str(stack_on), adapter_name="previous")
+                stacked.add_adapter("trained", model.peft_config["default"])
+                set_peft_model_state_dict(stacked, trained, adapter_name="trained")
+                stacked.add_weighted_adapter(["previous", "trained"], [1.0, 1.0], "default", combination_type="cat")
+                stacked.set_adapter("default")
+                save_adapter(stacked, directory)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _summary(trainer: NoiseAwareDPOTrainer, num_pairs: int, seconds: float, adapter: Path,
+             resumed_from: str | None) -> dict[str, Any]:
+    history = trainer.state.log_history  # restored from the checkpoint on resume, so it covers the whole run
+    logged = [h for h in history if "loss" in h]
+    last = logged[-1] if logged else {}
+    totals = trainer.refine_totals
+    return {
+        "pairs": num_pairs, "steps": trainer.state.global_step, "epochs": trainer.args.num_train_epochs,
+        "train_loss": sum(h["loss"] for h in logged) / len(logged) if logged else None,
+        "lambda": trainer.args.dnd_lambda, "refine_alpha": trainer.args.refine_alpha,
+        "refine/smoothed_fraction": totals["smoothed"] / totals["samples"] if totals["samples"] else 0.0,
+        **{k: last[k] for k in ("refine/tau", "refine/margin_mean", "rewards/accuracies", "rewards/margins") if k in last},
+        "seconds": seconds, "adapter": str(adapter), "resumed_from": resumed_from,
+    }
+
+
+def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, output_dir: str | Path,
+                  config: RecipeConfig, *, iteration: int = 0, prev_adapter: str | Path | None = None,
+                  tokenizer: PreTrainedTokenizerBase | None = None, adapter_mode: str | None = None,
+                  callbacks: list[TrainerCallback] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train one stage's adapter into `<output_dir>/adapter`; checkpoints go to `<output_dir>/checkpoints`.
+
+    iteration 0 (seed): a fresh adapter on `model`, reference = `model`, plain DPO (no refinement).
+    iteration t >= 1: from `prev_adapter`, reference = model + prev_adapter, refinement on, lambda_t.
+    Resumes from the newest complete checkpoint when there is one. `overrides` go to the TRL config.
+    Returns the stage metrics.
+    """
+    output_dir = Path(output_dir)
+    mode = adapter_mode or config.train.adapter_mode
+    if mode not in ("continue", "merge"):
+        raise SelfieError(f"train.adapter_mode: expected 'continue' or 'merge', got '{mode}'")
+    if (iteration == 0) != (prev_adapter is None):
+        raise ValueError("the seed stage (iteration 0) takes no previous adapter; later iterations need one")
+    if tokenizer is None:
+        if not isinstance(model, str):
+            raise ValueError("pass the tokenizer along with a model object")
+        tokenizer = load_tokenizer(model)
+    if isinstance(model, str):
+        base_name, model = model, load_model(model, config.model.dtype)
+    elif mode == "merge" and iteration > 0:
+        raise ValueError("adapter_mode 'merge' needs the base model's name or path (it reloads it to stack the adapters)")
+    else:
+        base_name = None
+    dataset = _pairs_dataset(pairs)
+
+    peft_config, stack_on = None, None
+    if iteration == 0:
+        peft_config = _peft_config(config.lora)
+    elif mode == "continue":
+        model = load_adapter(model, prev_adapter, trainable=True)  # TRL adds the frozen copy "ref" = pi_{t-1}
+    else:
+        model = merge_adapter(load_adapter(model, prev_adapter))  # reference = merged model = pi_{t-1}
+        peft_config, stack_on = _peft_config(config.lora), Path(prev_adapter)
+
+    args = build_dpo_config(
+        config.train, config.refine, output_dir / "checkpoints", lambda_=dnd_lambda(config.refine, iteration),
+        refine_on=iteration > 0, report_to=config.report_to, run_name=f"{config.run_name or output_dir.parent.name}-{output_dir.name}",
+        seed=config.seed, epochs=seed_epochs(config.train, len(dataset)) if iteration == 0 else None, **overrides)
+    trainer = NoiseAwareDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                   peft_config=peft_config, callbacks=callbacks)
+    checkpoint = last_checkpoint(args.output_dir)
+    if checkpoint:
+        logger.info("resuming training from %s", checkpoint)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    adapter = output_dir / "adapter"
+    _export_adapter(trainer, adapter, base_name, stack_on, config.model.dtype)
+    return _summary(trainer, len(dataset), seconds, adapter, checkpoint)
+
+
+def train_seed(model: str | PreTrainedModel, pairs: list[dict] | Dataset, output_dir: str | Path, config: RecipeConfig,
+               *, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any) -> dict[str, Any]:
+    """Stage 0: DPO of a fresh LoRA adapter on the seed pairs, reference pi_init. Returns the stage metrics."""
+    return train_adapter(model, pairs, output_dir, config, iteration=0, tokenizer=tokenizer, **overrides)
+
+
+def train_iteration(model: str | PreTrainedModel, prev_adapter: str | Path, pairs: list[dict] | Dataset,
+                    output_dir: str | Path, config: RecipeConfig, iteration: int, *,
+                    tokenizer: PreTrainedTokenizerBase | None = None, adapter_mode: str | None = None,
+                    **overrides: Any) -> dict[str, Any]:
+    """Stage t >= 1: noise-aware DPO from pi_{t-1} = model + prev_adapter, reference pi_{t-1}. Returns the stage metrics."""
+    if iteration < 1:
+        raise ValueError(f"iteration must be >= 1, got {iteration}")
+    return train_adapter(model, pairs, output_dir, config, iteration=iteration, prev_adapter=prev_adapter,
+                         tokenizer=tokenizer, adapter_mode=adapter_mode, **overrides)
