@@ -45,6 +45,11 @@ class DataConfig:
     shuffle_seed: int = 42
     split: str = "train"  # split name for hub / saved datasets
 
+    def __post_init__(self):
+        if self.seed_pairs and self.seed_judge:
+            raise SelfieError("recipe keys 'data.seed_pairs' and 'data.seed_judge' exclude each other: "
+                              "the seed labels come from a labelled set or from a judge")
+
 
 @dataclass
 class GenerateConfig:

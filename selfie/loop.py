@@ -119,8 +119,11 @@ class Loop:
         from selfie.trainer import train_seed
 
         pairs_path = iteration_dir(self.run_dir, 0) / "pairs.jsonl"
+        labels = self.gold_labels(pairs_path) if self.config.data.seed_judge else None
         self._on_main_then_share(lambda: pairs_path.exists() or atomic_write_jsonl(pairs_path, self.seed_pairs()))
         metrics = train_seed(self.pi_init, read_jsonl(pairs_path), iteration_dir(self.run_dir, 0), self.config)
+        if labels:
+            metrics["labels"] = labels
         return [pairs_path, self.adapter(0)], metrics
 
     def seed_pairs(self) -> list[dict]:
@@ -135,6 +138,28 @@ class Loop:
         if not pairs:
             raise SelfieError(f"data.prompts '{d.prompts}': no labelled pairs for the seed slice; set data.seed_pairs")
         return pairs
+
+    def gold_labels(self, pairs_path: Path) -> dict | None:
+        """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
+        chosen / rejected by the judge's scores. Writes iter_000/pairs.jsonl; returns the labelling metrics."""
+        from selfie.evaluate import label_pairs, load_judge
+
+        if pairs_path.exists():
+            return None  # labelled before an interruption
+        d = self.config.data
+        if not self.data.seed:
+            raise SelfieError("data.seed_judge is set but the seed slice is empty; set data.seed_size")
+        responses, generate_metrics = self._generate(0, self.data.seed, adapter=None, num_responses=2)
+
+        def label() -> dict:
+            pairs, dropped = label_pairs(load_judge(d.seed_judge, self.config.model.dtype), read_jsonl(responses),
+                                         self.config.judge.allow_truncated_chosen)
+            if not pairs:
+                raise SelfieError(f"data.seed_judge '{d.seed_judge}': no seed pair survived labelling (dropped: {dropped})")
+            atomic_write_jsonl(pairs_path, pairs)
+            return {"judge": d.seed_judge, "pairs": len(pairs), "dropped": dropped, "generate": generate_metrics}
+
+        return self._on_main_then_share(label)
 
     def _sharded(self, iteration: int, name: str, work: Callable[[Path, tuple[int, int]], dict]) -> tuple[Path, list[dict]]:
         """Run `work` on this rank's shard; rank 0 merges the shard files (sorted by prompt_id) into RUN/iter_t/name."""
@@ -154,19 +179,23 @@ class Loop:
         return final, metrics
 
     def stage_generate(self, t: int) -> tuple[list[Path], dict]:
+        if t > len(self.data.iterations):
+            raise SelfieError(f"num_iterations={self.config.num_iterations} but data.iteration_sizes has {len(self.data.iterations)} slices")
+        path, metrics = self._generate(t, self.data.iterations[t - 1], self.adapter(t - 1), self.config.generate.num_responses)
+        return [path], metrics
+
+    def _generate(self, t: int, prompts: list[dict], adapter: Path | None, num_responses: int) -> tuple[Path, dict]:
+        """RUN/iter_t/responses.jsonl from pi_init + adapter, sharded over the ranks."""
         from selfie.generate import generate_responses
         from selfie.models import load_policy
 
         g = self.config.generate
-        if t > len(self.data.iterations):
-            raise SelfieError(f"num_iterations={self.config.num_iterations} but data.iteration_sizes has {len(self.data.iterations)} slices")
-        prompts = self.data.iterations[t - 1]
-        model, tokenizer = load_policy(self.pi_init, self.adapter(t - 1), self.config.model.dtype)
+        model, tokenizer = load_policy(self.pi_init, adapter, self.config.model.dtype)
         model.to(self.state.device)
         path, shard_metrics = self._sharded(t, "responses.jsonl", lambda out, shard: generate_responses(
-            model, tokenizer, prompts, out, num_responses=g.num_responses, max_new_tokens=g.max_new_tokens,
+            model, tokenizer, prompts, out, num_responses=num_responses, max_new_tokens=g.max_new_tokens,
             temperature=g.temperature, top_p=g.top_p, seed=self.config.seed + t, batch_size=g.batch_size, shard=shard))
-        return [path], combine_metrics(shard_metrics)
+        return path, combine_metrics(shard_metrics)
 
     def stage_judge(self, t: int) -> tuple[list[Path], dict]:
         from selfie.judge import judge_responses

@@ -111,10 +111,22 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _eval_cell(result: dict | None) -> str:
+    """The eval stage's headline: a win rate with its 95% interval, or a mean score when there is no baseline."""
+    if not result:
+        return "-"
+    if "win_rate" in result:
+        low, high = result["ci95"]
+        return f"win rate {result['win_rate']:.3f} [{low:.3f}, {high:.3f}] vs {result['baseline']} ({result['judge']})"
+    return f"score {_cell(result.get('score_mean'))} ({result['judge']})"
+
+
 def summary_markdown(rows: list[dict]) -> str:
-    header = "| " + " | ".join(title for _, title in SUMMARY_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in SUMMARY_COLUMNS) + " |" for row in rows]
+    columns = SUMMARY_COLUMNS + ([("eval", "eval")] if any(row.get("eval") for row in rows) else [])
+    header = "| " + " | ".join(title for _, title in columns) + " |"
+    lines = [header, "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_eval_cell(row.get(key)) if key == "eval" else _cell(row.get(key)) for key, _ in columns) + " |"
+              for row in rows]
     return "\n".join(lines) + "\n"
 
 

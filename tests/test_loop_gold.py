@@ -1,0 +1,63 @@
+"""SPA with any scorer: the seed labelled by a gold judge, then self-labelled iterations with a per-iteration eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from selfie.io import read_jsonl
+
+ROOT = Path(__file__).parent.parent
+TOPICS = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", "numbers", "fruit", "a poem",
+          "morning", "why", "rain", "a song", "bread", "stars"]
+
+
+def test_gold_labelled_seed_then_self_labelled_iteration_with_eval(tiny_model, tmp_path):
+    (tmp_path / "gold.py").write_text(textwrap.dedent("""
+        def vowels(prompt, response):
+            return sum(ch in "aeiou" for ch in response)
+    """))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"write about {t} please"}) + "\n" for t in TOPICS))
+    recipe = tmp_path / "gold.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "num_iterations": 1, "report_to": [], "model": {"name": tiny_model},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"prompts": str(prompts), "seed_judge": "callable:gold:vowels", "seed_size": 6, "iteration_sizes": [6]},
+        "generate": {"max_new_tokens": 12, "batch_size": 4},
+        "judge": {"allow_truncated_chosen": True},  # a random tiny model rarely stops within 12 tokens
+        "train": {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "seed_epochs": 1, "max_length": 128},
+        "eval": {"judge": "callable:gold:vowels", "prompts": str(prompts), "num_prompts": 4, "max_new_tokens": 12,
+                 "baseline": "init", "n_boot": 200},
+    }))
+    run_dir = tmp_path / "run"
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(tmp_path)}
+    cmd = [sys.executable, "-m", "selfie.cli", "run", str(recipe), "--output_dir", str(run_dir)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    seed = run_dir / "iter_000"
+    responses = {row["prompt_id"]: row for row in read_jsonl(seed / "responses.jsonl")}
+    pairs = read_jsonl(seed / "pairs.jsonl")
+    assert len(responses) == 6 and all(len(row["responses"]) == 2 for row in responses.values())
+    for pair in pairs:  # chosen is the response the gold judge scores higher
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert {chosen, rejected} == set(responses[pair["prompt_id"]]["responses"])
+        assert sum(ch in "aeiou" for ch in chosen) >= sum(ch in "aeiou" for ch in rejected)
+    metrics = json.loads((seed / "metrics.json").read_text())["seed"]
+    assert metrics["labels"]["judge"] == "callable:gold:vowels" and metrics["labels"]["pairs"] == len(pairs) > 0
+    assert metrics["pairs"] == len(pairs)
+
+    held_out = {row["prompt_id"] for row in read_jsonl(run_dir / "iter_001" / "responses.jsonl")}
+    assert not held_out & set(responses)  # the iteration's prompts are not the seed's
+    evaluation = json.loads((run_dir / "iter_001" / "eval.json").read_text())
+    assert evaluation["judge"] == "callable:gold:vowels" and evaluation["n"] == 4
+    assert 0.0 <= evaluation["win_rate"] <= 1.0 and evaluation["ci95"][0] <= evaluation["win_rate"] <= evaluation["ci95"][1]
+    assert json.loads((run_dir / "iter_001" / "metrics.json").read_text())["eval"]["win_rate"] == evaluation["win_rate"]
+    assert "win rate" in (run_dir / "summary.md").read_text()
