@@ -1,0 +1,1 @@
+"""Evaluation internals; the public import is `selfie.evaluate`."""

@@ -1,0 +1,206 @@
+"""Judges: anything that scores (prompt messages, response text) pairs, behind one interface.
+
+Specs (`load_judge`):
+- `reward-model:PATH_OR_HUB_ID`   a transformers sequence-classification model with one output (num_labels=1);
+                                   the text is its own tokenizer's chat template, else "prompt\\n\\nresponse".
+- `callable:module.path:function`  a Python function (prompt_messages, response_text) -> float.
+- `implicit:MODEL@ADAPTER_DIR`     the DPO implicit reward beta * (logp_policy - logp_reference), policy = MODEL with
+                                   the adapter, reference = MODEL without it (one copy of the weights). Append
+                                   `?beta=0.2` to change beta (default 0.1). Without `@ADAPTER_DIR` there is no
+                                   reference and the score is beta * logp_MODEL (the paper's "no reference" judge).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import parse_qsl
+
+import torch
+from tqdm.auto import tqdm
+
+from selfie.errors import SelfieError
+from selfie.io import read_jsonl
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BETA = 0.1
+
+
+class Judge(Protocol):
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]: ...
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_lengths(prompts: list, responses: list) -> None:
+    if len(prompts) != len(responses):
+        raise SelfieError(f"judge: {len(prompts)} prompts but {len(responses)} responses")
+
+
+class RewardModelJudge:
+    """A sequence-classification reward model; scores the pooled logit of the last non-pad token."""
+
+    def __init__(self, name: str, batch_size: int = 8, max_length: int = 2048, dtype: str = "auto"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from selfie.models import resolve_dtype, resolve_model_path
+
+        path = resolve_model_path(name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(dtype))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise SelfieError(f"judge 'reward-model:{name}': cannot load ({str(e).splitlines()[0][:200]})") from None
+        if self.model.config.num_labels != 1:
+            raise SelfieError(f"judge 'reward-model:{name}': needs num_labels=1, the model has {self.model.config.num_labels}")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # batched pooling finds the last token via the pad id
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer.padding_side = "right"  # positions start at 0 for every row
+        self.tokenizer.truncation_side = "left"  # keep the end of the response, where the score is read
+        self.model.to(_device()).eval()
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def _text(self, prompt: list[dict], response: str) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        return "\n\n".join(m["content"] for m in prompt) + "\n\n" + response
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        _check_lengths(prompts, responses)
+        texts = [self._text(p, r) for p, r in zip(prompts, responses)]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
+        scores = [0.0] * len(texts)
+        special = not self.tokenizer.chat_template  # a chat template writes its own special tokens
+        for start in tqdm(range(0, len(order), self.batch_size), desc="reward model", unit="batch", disable=None):
+            idx = order[start:start + self.batch_size]
+            batch = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                                   max_length=self.max_length, add_special_tokens=special).to(self.model.device)
+            logits = self.model(**batch).logits[:, 0].float().cpu().tolist()
+            for i, value in zip(idx, logits):
+                scores[i] = value
+        return scores
+
+
+class CallableJudge:
+    def __init__(self, fn: Callable[[list[dict], str], float], spec: str):
+        self.fn, self.spec = fn, spec
+
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        _check_lengths(prompts, responses)
+        scores = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            value = self.fn(prompt, response)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise SelfieError(f"judge '{self.spec}': returned {value!r} for row {i}, expected a number") from None
+            if not math.isfinite(value):
+                raise SelfieError(f"judge '{self.spec}': returned {value} for row {i}, expected a finite number")
+            scores.append(value)
+        return scores
+
+
+class ImplicitJudge:
+    """beta * (logp(y|x) under MODEL+adapter - logp(y|x) under MODEL alone), log-probs summed over response tokens.
+
+    Scoring goes through selfie.judge.judge_responses, so the tokenisation (EOS included: a response
+    given here counts as finished) and the packing of a prompt's responses are the loop's own.
+    """
+
+    def __init__(self, model_name: str, adapter: str | None, beta: float = DEFAULT_BETA, dtype: str = "auto",
+                 token_budget: int = 8192):
+        from selfie.models import load_policy
+
+        self.model, self.tokenizer = load_policy(model_name, adapter, dtype)
+        self.model.to(_device())
+        self.has_adapter, self.beta, self.token_budget = adapter is not None, beta, token_budget
+
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        from selfie.judge import judge_responses
+
+        _check_lengths(prompts, responses)
+        groups: dict[str, list[int]] = {}  # one row per distinct prompt: its responses share the prompt's forward pass
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(json.dumps(prompt, sort_keys=True), []).append(i)
+        rows = [{"prompt_id": f"{n:08d}", "prompt": prompts[idx[0]], "responses": [responses[i] for i in idx],
+                 "finished": [True] * len(idx)} for n, idx in enumerate(groups.values())]
+        if not rows:
+            return []
+        with tempfile.TemporaryDirectory(prefix="selfie-implicit-") as tmp:
+            out = Path(tmp) / "judgments.jsonl"
+            judge_responses(self.model, self.tokenizer, rows, out, None, beta=self.beta, token_budget=self.token_budget)
+            judged = {j["prompt_id"]: j for j in read_jsonl(out)}
+        scores = [0.0] * len(prompts)
+        for row, idx in zip(rows, groups.values()):
+            j = judged[row["prompt_id"]]
+            values = j["rewards"] if self.has_adapter else [self.beta * v for v in j["policy_logps"]]
+            for i, value in zip(idx, values):
+                scores[i] = value
+        return scores
+
+
+def _load_callable(target: str, spec: str) -> CallableJudge:
+    module_name, _, fn_name = target.rpartition(":")
+    if not module_name or not fn_name:
+        raise SelfieError(f"judge '{spec}': expected callable:module.path:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SelfieError(f"judge '{spec}': cannot import module '{module_name}' ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise SelfieError(f"judge '{spec}': module '{module_name}' has no callable '{fn_name}'")
+    return CallableJudge(fn, spec)
+
+
+def _load_implicit(target: str, spec: str, dtype: str) -> ImplicitJudge:
+    body, _, query = target.partition("?")
+    model_name, _, adapter = body.partition("@")
+    if not model_name:
+        raise SelfieError(f"judge '{spec}': expected implicit:MODEL[@ADAPTER_DIR][?beta=B]")
+    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
+    unknown = sorted(set(options) - {"beta"})
+    if unknown:
+        raise SelfieError(f"judge '{spec}': unknown option '{unknown[0]}' (known: beta)")
+    try:
+        beta = float(options.get("beta", DEFAULT_BETA))
+    except ValueError:
+        raise SelfieError(f"judge '{spec}': beta must be a number, got '{options['beta']}'") from None
+    if not beta > 0:
+        raise SelfieError(f"judge '{spec}': beta must be positive, got {beta}")
+    return ImplicitJudge(model_name, adapter or None, beta, dtype)
+
+
+def load_judge(spec: str, dtype: str = "auto") -> Judge:
+    """Build a judge from its spec string (see the module docstring); a bad spec is an error naming it."""
+    if not isinstance(spec, str):
+        raise SelfieError(f"judge {spec!r}: a judge spec is a string such as 'reward-model:PATH'")
+    kind, sep, target = spec.partition(":")
+    if not sep or not target:
+        raise SelfieError(f"judge '{spec}': expected reward-model:PATH, callable:module:function or implicit:MODEL@ADAPTER")
+    try:
+        if kind == "reward-model":
+            return RewardModelJudge(target, dtype=dtype)
+        if kind == "callable":
+            return _load_callable(target, spec)
+        if kind == "implicit":
+            return _load_implicit(target, spec, dtype)
+    except SelfieError as e:
+        if spec in str(e):
+            raise
+        raise SelfieError(f"judge '{spec}': {e}") from None
+    except OSError as e:  # e.g. a hub id that is neither cached nor reachable
+        raise SelfieError(f"judge '{spec}': cannot load ({str(e).splitlines()[0][:200]})") from None
+    raise SelfieError(f"judge '{spec}': unknown kind '{kind}' (reward-model, callable, implicit)")

@@ -1,0 +1,260 @@
+"""Judges, win rates, judge accuracy, gold labelling and reports on tiny models and synthetic data."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from selfie.config import LoraConfig, dump_recipe, load_recipe
+from selfie.errors import SelfieError
+from selfie.evaluate import (
+    INIT, compare_models, judge_accuracy, label_pairs, load_judge, run_scores, win_rate, write_report,
+)
+from selfie.models import attach_lora, load_model, save_adapter
+from tiny import build_tokenizer
+
+PROMPTS = [[{"role": "user", "content": "write a short poem about the sea"}],
+           [{"role": "user", "content": "list three fruits"}]]
+
+
+@pytest.fixture
+def length_judge(tmp_path, monkeypatch):
+    """A callable judge from a module on sys.path: the score is the response length in characters."""
+    (tmp_path / "my_judges.py").write_text(textwrap.dedent("""
+        def length(prompt, response):
+            assert isinstance(prompt, list) and prompt[0]["role"] == "user"
+            return len(response)
+
+        def broken(prompt, response):
+            return "high"
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return load_judge("callable:my_judges:length")
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny model with non-zero weights, so policy and reference differ."""
+    model = attach_lora(load_model(tiny_model, "float32"), LoraConfig(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    path = tmp_path_factory.mktemp("adapter") / "adapter"
+    save_adapter(model, path)
+    return path
+
+
+def test_callable_judge_scores(length_judge):
+    assert length_judge.score(PROMPTS, ["abc", ""]) == [3.0, 0.0]
+
+
+def test_callable_judge_rejects_a_non_number(length_judge):
+    judge = load_judge("callable:my_judges:broken")
+    with pytest.raises(SelfieError, match="callable:my_judges:broken.*row 0"):
+        judge.score(PROMPTS[:1], ["x"])
+
+
+@pytest.mark.parametrize("spec", [
+    "nonsense", "gpt4:judge", "callable:", "callable:no_such_module_xyz:f", "callable:json:no_such_function",
+    "implicit:", "implicit:MODEL@ADAPTER?gamma=1", "implicit:MODEL?beta=abc", "implicit:MODEL?beta=-1",
+    "reward-model:/no/such/reward/model",
+])
+def test_bad_specs_name_the_spec(spec):
+    with pytest.raises(SelfieError) as err:
+        load_judge(spec)
+    assert spec in str(err.value)
+
+
+def tiny_reward_model(path: Path, chat_template: bool = True, num_labels: int = 1) -> Path:
+    tokenizer = build_tokenizer()
+    if not chat_template:
+        tokenizer.chat_template = None
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_reward_model_judge_matches_unbatched_forward(tmp_path, chat_template):
+    path = tiny_reward_model(tmp_path / "rm", chat_template)
+    judge = load_judge(f"reward-model:{path}", dtype="float32")
+    prompts = PROMPTS + [PROMPTS[0]]
+    responses = ["the sea is blue and the sky", "apple", "hello world, thank you please"]
+    scores = judge.score(prompts, responses)  # one padded batch
+
+    model = LlamaForSequenceClassification.from_pretrained(path).eval()
+    tokenizer = build_tokenizer()
+    for prompt, response, score in zip(prompts, responses, scores):
+        if chat_template:
+            text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+            assert text.startswith("<|im_start|>user\n")
+        else:
+            text = prompt[0]["content"] + "\n\n" + response
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[0, 0].item()
+        assert score == pytest.approx(expected, abs=1e-4)
+    assert len(set(scores)) == 3
+
+
+def test_reward_model_needs_one_label(tmp_path):
+    path = tiny_reward_model(tmp_path / "rm", num_labels=2)
+    with pytest.raises(SelfieError, match="num_labels=1"):
+        load_judge(f"reward-model:{path}")
+
+
+def hand_logp(model: LlamaForCausalLM, tokenizer, prompt: list[dict], response: str) -> float:
+    """Summed log-prob of the response tokens and its <|im_end|> under `model`, by plain full-sequence forward."""
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt_ids, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    targets = ids[0, 1:]
+    token_logps = logps[torch.arange(len(targets)), targets][len(prompt_ids) - 1:]
+    assert len(token_logps) == len(response_ids)
+    return token_logps.sum().item()
+
+
+def test_implicit_judge_equals_hand_computation(tiny_model, adapter):
+    from peft import PeftModel
+
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    responses = ["the sea is blue", "apple, banana, cherry", "good"]
+    scores = load_judge(f"implicit:{tiny_model}@{adapter}", dtype="float32").score(prompts, responses)
+    scores_b2 = load_judge(f"implicit:{tiny_model}@{adapter}?beta=0.2", dtype="float32").score(prompts, responses)
+
+    tokenizer = build_tokenizer()
+    reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    policy = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model), str(adapter)).merge_and_unload().eval()
+    for prompt, response, score, score_b2 in zip(prompts, responses, scores, scores_b2):
+        diff = hand_logp(policy, tokenizer, prompt, response) - hand_logp(reference, tokenizer, prompt, response)
+        assert abs(diff) > 1e-2  # the adapter matters
+        assert score == pytest.approx(0.1 * diff, abs=1e-4)
+        assert score_b2 == pytest.approx(0.2 * diff, abs=2e-4)
+
+
+def test_implicit_judge_without_adapter_is_beta_logp(tiny_model):
+    score = load_judge(f"implicit:{tiny_model}", dtype="float32").score(PROMPTS[:1], ["the sea"])[0]
+    model = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    assert score == pytest.approx(0.1 * hand_logp(model, build_tokenizer(), PROMPTS[0], "the sea"), abs=1e-4)
+
+
+def test_ties_count_half():
+    report = win_rate([2.0, 1.0, 0.0, 5.0], [1.0, 1.0, 3.0, 5.0])
+    assert report | {"ci95": None} == {"win_rate": 0.5, "wins": 1, "ties": 2, "losses": 1, "n": 4, "ci95": None}
+    lo, hi = report["ci95"]
+    assert 0 <= lo <= 0.5 <= hi <= 1
+
+
+def test_win_rate_errors():
+    with pytest.raises(SelfieError, match="3 scores for A but 2"):
+        win_rate([1, 2, 3], [1, 2])
+    with pytest.raises(SelfieError, match="no scored prompts"):
+        win_rate([], [])
+
+
+def test_bootstrap_interval_covers_the_true_rate():
+    """200 experiments of 100 prompts: A wins w.p. 0.5, ties w.p. 0.2 -> true win rate 0.6; ~95% of intervals cover it."""
+    rng = np.random.default_rng(1)
+    covered, widths = 0, []
+    for experiment in range(200):
+        u = rng.random(100)
+        scores_a = np.where(u < 0.5, 1.0, np.where(u < 0.7, 0.0, -1.0))
+        report = win_rate(scores_a.tolist(), [0.0] * 100, n_boot=1000, seed=experiment)
+        lo, hi = report["ci95"]
+        covered += lo <= 0.6 <= hi
+        widths.append(hi - lo)
+    assert 0.9 <= covered / 200 <= 0.99
+    assert 0.12 < np.mean(widths) < 0.22  # ~ 2 * 1.96 * sqrt(var / n), var = 0.5 + 0.05 - 0.36 = 0.19
+
+
+def preference(prompt: list[dict], chosen: str, rejected: str) -> dict:
+    return {"prompt_id": chosen, "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def test_judge_accuracy(length_judge):
+    prefs = [preference(PROMPTS[0], "long answer", "short"), preference(PROMPTS[1], "longer one", "tiny"),
+             preference(PROMPTS[0], "no", "a longer rejected"), preference(PROMPTS[1], "same", "size")]
+    report = judge_accuracy(length_judge, prefs)
+    assert (report["accuracy"], report["n"], report["ties"]) == (0.5, 4, 1)
+    assert report["ci95"][0] <= 0.5 <= report["ci95"][1]
+    with pytest.raises(SelfieError, match="row 0.*'chosen'"):
+        judge_accuracy(length_judge, [{"prompt_id": "x", "prompt": PROMPTS[0], "chosen": "text", "rejected": []}])
+
+
+def test_label_pairs(length_judge):
+    rows = [
+        {"prompt_id": "a", "prompt": PROMPTS[0], "responses": ["mid text", "the longest text", "x"], "finished": [True] * 3},
+        {"prompt_id": "b", "prompt": PROMPTS[1], "responses": ["same", "same"], "finished": [True, True]},
+        {"prompt_id": "c", "prompt": PROMPTS[1], "responses": ["only one"], "finished": [True]},
+        {"prompt_id": "d", "prompt": PROMPTS[0], "responses": ["cut off at the limit", "ok"], "finished": [False, True]},
+        {"prompt_id": "e", "prompt": PROMPTS[0], "responses": ["cut", "also cut"], "finished": [False, False]},
+    ]
+    pairs, dropped = label_pairs(length_judge, rows)
+    assert dropped == {"identical": 1, "single_response": 1, "all_truncated": 1}
+    assert [p["prompt_id"] for p in pairs] == ["a", "d"]
+    a, d = pairs
+    assert a["chosen"] == [{"role": "assistant", "content": "the longest text"}]
+    assert a["rejected"] == [{"role": "assistant", "content": "x"}]
+    assert a["margin"] == 15.0 and a["prompt"] == PROMPTS[0]
+    assert d["chosen"][0]["content"] == "ok" and d["margin"] == 2.0 - 20.0  # a truncated response is never chosen
+    with pytest.raises(SelfieError, match="row 1: missing key 'responses'"):
+        label_pairs(length_judge, [{"prompt_id": "z", "prompt": PROMPTS[0]}])
+
+
+def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
+    prompts = [{"prompt_id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS * 2)]
+    prompts[2]["prompt_id"], prompts[3]["prompt_id"] = "p2", "p3"
+    out = tmp_path / "cmp"
+    report = compare_models(length_judge, tiny_model, str(adapter), tiny_model, None, prompts, output_dir=out,
+                            max_new_tokens=6, seed=3, batch_size=4, dtype="float32")
+    scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [s["prompt_id"] for s in scored] == ["p0", "p1", "p2", "p3"]
+    assert all(s["score_a"] == len(s["response_a"]) and s["score_b"] == len(s["response_b"]) for s in scored)
+    assert report == win_rate([s["score_a"] for s in scored], [s["score_b"] for s in scored], seed=3) | {
+        "a": report["a"], "b": report["b"]}
+    assert report["a"]["adapter"] == str(adapter) and report["b"]["adapter"] is None
+    assert report["a"]["score_mean"] == pytest.approx(np.mean([s["score_a"] for s in scored]))
+
+    write_report(out, {"kind": "winrate", "judge": "callable:my_judges:length", **report})
+    assert json.loads((out / "report.json").read_text())["n"] == 4
+    assert "| win rate of A |" in (out / "report.md").read_text()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_run_scores(tiny_model, adapter, length_judge, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_recipe(load_recipe(None, {"model": {"name": tiny_model}, "output_dir": str(run)})))
+    for t in (0, 1):
+        shutil.copytree(adapter, run / f"iter_{t:03d}" / "adapter")
+    (run / "iter_002").mkdir()  # an unfinished iteration has no adapter yet
+    prompts = [{"prompt_id": "p0", "prompt": PROMPTS[0]}, {"prompt_id": "p1", "prompt": PROMPTS[1]}]
+    scores = run_scores(run, length_judge, prompts, max_new_tokens=5, batch_size=2, dtype="float32")
+    assert list(scores) == [INIT, 0, 1]
+    assert scores[0] == scores[1]  # same adapter, same sampling seed
+    assert all(s["n"] == 2 for s in scores.values())
+    write_report(tmp_path / "rep", {"kind": "run", "judge": "len", "run_dir": str(run),
+                                    "rows": [{"iteration": k, "label": str(k), **v} for k, v in scores.items()]})
+    assert (tmp_path / "rep" / "report.png").is_file()
+    shutil.rmtree(run / "iter_000")
+    shutil.rmtree(run / "iter_001")
+    with pytest.raises(SelfieError, match="no finished adapters"):
+        run_scores(run, length_judge, prompts)
