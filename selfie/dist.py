@@ -11,6 +11,8 @@ import os
 import torch
 from accelerate import PartialState
 
+from selfie.errors import SelfieError
+
 
 def on_cpu() -> bool:
     return not torch.cuda.is_available()
@@ -23,3 +25,10 @@ def uses_deepspeed() -> bool:
 
 def process_state() -> PartialState:
     return PartialState(cpu=on_cpu())
+
+
+def check_topology() -> None:
+    """Refuse an accelerate config that asks for FSDP on a machine where accelerate would silently run DDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and on_cpu():
+        raise SelfieError("the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only (on CPU it falls "
+                          "back to plain data parallelism); here use accelerate_configs/multi_gpu.yaml or deepspeed_zero*.yaml")

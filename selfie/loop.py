@@ -17,7 +17,7 @@ from typing import Any, Callable
 from accelerate.utils import broadcast_object_list, gather_object
 
 from selfie.config import RecipeConfig, to_dict
-from selfie.dist import process_state
+from selfie.dist import check_topology, process_state
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from selfie.rundir import RunLock, check_and_write_config, iteration_dir, open_manifest
@@ -37,6 +37,7 @@ def plan(config: RecipeConfig) -> list[tuple[int, str]]:
 
 class Loop:
     def __init__(self, config: RecipeConfig, force: bool = False):
+        check_topology()
         self.config = config
         self.run_dir = Path(config.output_dir)
         self.state = process_state()

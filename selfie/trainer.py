@@ -41,7 +41,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from selfie.config import LoraConfig, RecipeConfig, RefineConfig, TrainConfig
-from selfie.dist import on_cpu, uses_deepspeed
+from selfie.dist import check_topology, on_cpu, uses_deepspeed
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, read_json
 from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter
@@ -393,6 +393,7 @@ def _summary(trainer: NoiseAwareDPOTrainer, num_pairs: int, seconds: float, adap
         "refine/smoothed_fraction": totals["smoothed"] / totals["samples"] if totals["samples"] else 0.0,
         **{k: last[k] for k in ("refine/tau", "refine/margin_mean", "rewards/accuracies", "rewards/margins") if k in last},
         "seconds": seconds, "adapter": str(adapter), "resumed_from": resumed_from,
+        "distributed": trainer.accelerator.distributed_type.value, "processes": trainer.accelerator.num_processes,
     }
 
 
@@ -407,6 +408,7 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
     Resumes from the newest complete checkpoint when there is one. `overrides` go to the TRL config.
     Returns the stage metrics.
     """
+    check_topology()
     output_dir = Path(output_dir)
     mode = adapter_mode or config.train.adapter_mode
     if mode not in ("continue", "merge"):

@@ -103,3 +103,9 @@ def test_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tiny_mode
     assert metrics["resumed_from"].endswith("checkpoint-4") and metrics["steps"] == 6
     assert metrics["refine/smoothed_fraction"] == json.loads((whole / "metrics.json").read_text())["refine/smoothed_fraction"]
     assert_same_adapter(whole, resumed, atol=0)
+
+
+def test_fsdp_on_cpu_is_refused_rather_than_run_as_ddp(tiny_model, pairs, prev_adapter, tmp_path):
+    result = launch("fsdp.yaml", *iteration_args(tiny_model, pairs, tmp_path / "out", prev_adapter, "--max_steps", "1"), processes=2)
+    assert result.returncode != 0 and "accelerate runs FSDP on GPUs only" in result.stderr
+    assert not (tmp_path / "out").exists()
