@@ -33,7 +33,7 @@ from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 logger = logging.getLogger(__name__)
 
-PROJECTION_ELEMENTS = 2**23  # logits per lm_head call (32 MiB in float32): the [positions, vocab] tensor stays small
+PROJECTION_ELEMENTS = 2**21  # logits per lm_head call (8 MiB in float32): the [positions, vocab] tensor stays small
 
 
 def check_response_rows(rows: Sequence[dict], source: str) -> None:
