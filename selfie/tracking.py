@@ -86,7 +86,7 @@ def summary_rows(per_iteration: dict[int, dict]) -> list[dict]:
     """Pick the table's fields out of each iteration's metrics.json."""
     rows = []
     for iteration, m in sorted(per_iteration.items()):
-        judge, train, gen = m.get("judge", {}), m.get("train", {}), m.get("generate", {})
+        judge, train, gen = m.get("judge", {}), m.get("train") or m.get("seed", {}), m.get("generate", {})
         rows.append({
             "iteration": iteration,
             "pairs": judge.get("pairs", train.get("pairs")),
