@@ -1,0 +1,180 @@
+"""Build a representation-edited pi_init (AlignEZ or RAHF) as a standalone model directory; `selfie edit`;
+AlignEZ's self-generated pairs as seed-DPO data.
+
+Resumable at the coarse level: a complete model already in `output_dir` is returned as is (if it
+was built with the same settings), the model is written to a temporary directory and renamed into
+place, and the self-generated data in `<output_dir>.work/` is reused when its settings match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfie.edit.alignez import alignez_edits
+from selfie.edit.alignez_data import AlignEZData, generate_alignez_data
+from selfie.edit.apply import EDIT_FILE, fold_edits, is_saved_model, save_standalone
+from selfie.edit.config import METHODS, AlignEZConfig, EditConfig, RAHFConfig, as_dict, parse_init
+from selfie.edit.rahf import rahf_model
+from selfie.edit.sampling import sample
+from selfie.edit.workdir import cached_rows
+from selfie.errors import SelfieError
+from selfie.io import read_json, read_yaml_mapping
+
+logger = logging.getLogger(__name__)
+
+
+def work_dir_for(model_dir: str | Path) -> Path:
+    """Where the self-generated data of the edit built into `model_dir` is kept: `<model_dir>.work`."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(model_dir.name + ".work")
+
+
+def _load(model_name: str, dtype: str):
+    from selfie.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    return load_model(model_name, dtype, "cuda" if torch.cuda.is_available() else None).eval(), tokenizer
+
+
+def _prompts(config: EditConfig, seed: int) -> list[dict]:
+    from selfie.data import load_prompts
+
+    rows = load_prompts(config.prompts)
+    if len(rows) < config.num_prompts:
+        raise SelfieError(f"init.num_prompts: {config.num_prompts} requested, but '{config.prompts}' has {len(rows)} prompts")
+    return random.Random(seed).sample(rows, config.num_prompts)
+
+
+def _data_settings(model_name: str, config: EditConfig, seed: int, keys: tuple[str, ...]) -> dict:
+    """What the self-generated data depends on (so that changing e.g. alpha reuses it)."""
+    settings = as_dict(config)
+    return {"model": model_name, "seed": seed, **{k: settings[k] for k in ("prompts", "num_prompts", "max_new_tokens_resp",
+                                                                          "temperature", "batch_size", "dtype", *keys)}}
+
+
+def _alignez_data(load: Callable[[], tuple[Any, Any]], config: AlignEZConfig, model_name: str, work: Path, seed: int
+                  ) -> AlignEZData:
+    """The self-generated AlignEZ data from `work` if made there with these settings, else made by the model `load()` gives."""
+    def make() -> dict[str, list[dict]]:
+        model, tokenizer = load()
+        data = generate_alignez_data(model, tokenizer, _prompts(config, seed), config.keywords,
+                                     max_new_tokens_char=config.max_new_tokens_char, max_new_tokens_resp=config.max_new_tokens_resp,
+                                     temperature=config.temperature, seed=seed, batch_size=config.batch_size)
+        return {"pairs": data.pairs, "plain": data.plain, "characteristics": data.characteristics}
+
+    settings = _data_settings(model_name, config, seed, ("keywords", "max_new_tokens_char"))
+    return AlignEZData(**cached_rows(work, "alignez_data", settings, make))
+
+
+def alignez_seed_pairs(model_name: str, init: dict[str, Any] | None, work_dir: str | Path, seed: int = 42) -> list[dict]:
+    """AlignEZ's self-generated (y+, y-) pairs as seed-DPO data with no human label, in pairs.jsonl format.
+
+    `init` holds AlignEZ settings (an `init:` mapping; `method` may be left out, None means the
+    defaults). Called with the run's own `init`, seed and `work_dir_for(RUN/init/model)`, it returns
+    the pairs the init stage generated instead of sampling again; otherwise it samples them from
+    `model_name` (the whole AlignEZ data set, plain responses included, so that an AlignEZ build
+    with the same settings reuses it in turn). Every margin is 0.0: at the seed stage the policy is
+    pi_init itself, so every implicit reward beta * (logp_policy - logp_reference) is 0.
+    """
+    method, config = parse_init({"method": "alignez", **(init or {})})
+    if method != "alignez":
+        raise SelfieError(f"AlignEZ seed pairs need AlignEZ settings, got init.method '{method}'")
+    return _alignez_data(lambda: _load(model_name, config.dtype), config, model_name, Path(work_dir), seed).pairs
+
+
+def _build_alignez(model, tokenizer, config: AlignEZConfig, model_name: str, work: Path, seed: int) -> dict:
+    start = time.perf_counter()
+    data = _alignez_data(lambda: (model, tokenizer), config, model_name, work, seed)
+    middle = time.perf_counter()
+    edits, info = alignez_edits(model, tokenizer, data, config, seed)
+    fold_edits(model, edits, config.location)
+    return {**info, "seconds": {"data": round(middle - start, 2), "edit": round(time.perf_counter() - middle, 2)}}
+
+
+def _build_rahf(model, tokenizer, config: RAHFConfig, model_name: str, work: Path, seed: int) -> tuple[Any, dict]:
+    def make() -> dict[str, list[dict]]:
+        prompts = _prompts(config, seed)
+        samples = sample(model, tokenizer, [row["prompt"] for row in prompts], max_new_tokens=config.max_new_tokens_resp,
+                         temperature=config.temperature, seed=seed, batch_size=config.batch_size, desc="rahf responses")
+        return {"responses": [{"prompt_id": row["prompt_id"], "prompt": row["prompt"], "responses": [text], "finished": [done]}
+                              for row, (text, done) in zip(prompts, samples)]}
+
+    start = time.perf_counter()
+    rows = cached_rows(work, "rahf_data", _data_settings(model_name, config, seed, ()), make)["responses"]
+    middle = time.perf_counter()
+    model, info = rahf_model(model, tokenizer, [r["prompt"] for r in rows], [r["responses"][0] for r in rows], config, seed)
+    return model, {**info, "seconds": {"data": round(middle - start, 2), "edit": round(time.perf_counter() - middle, 2)}}
+
+
+def build_edited_model(init: dict[str, Any], model_name: str, output_dir: str | Path, seed: int = 42) -> Path:
+    """Build the edited model described by `init` ({method: alignez | rahf, ...}) into `output_dir` and return it.
+
+    The directory is a plain transformers model (safetensors + tokenizer) that needs no selfie code.
+    """
+    output_dir = Path(output_dir)
+    method, config = parse_init(init)
+    provenance = {"method": method, "model": model_name, "seed": seed, "init": as_dict(config)}
+    if is_saved_model(output_dir):
+        _check_provenance(output_dir, provenance)
+        logger.info("%s already holds the edited model; reusing it", output_dir)
+        return output_dir
+    torch.manual_seed(seed)
+    model, tokenizer = _load(model_name, config.dtype)
+    work = work_dir_for(output_dir)
+    if method == "alignez":
+        provenance["result"] = _build_alignez(model, tokenizer, config, model_name, work, seed)
+    else:
+        model, provenance["result"] = _build_rahf(model, tokenizer, config, model_name, work, seed)
+    return save_standalone(model, tokenizer, output_dir, provenance)
+
+
+def _check_provenance(output_dir: Path, provenance: dict) -> None:
+    path = output_dir / EDIT_FILE
+    if not path.is_file():
+        raise SelfieError(f"{output_dir}: holds a model that selfie did not build; choose another output directory")
+    saved = read_json(path)
+    expected = {**provenance["init"], "method": provenance["method"], "model": provenance["model"], "seed": provenance["seed"]}
+    found = {**saved.get("init", {}), "method": saved.get("method"), "model": saved.get("model"), "seed": saved.get("seed")}
+    differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if differing:
+        raise SelfieError(f"{output_dir}: was built with other settings (init.{differing[0]}: {found.get(differing[0])!r} there, "
+                          f"{expected.get(differing[0])!r} now); remove it or choose another output directory")
+
+
+# ---------------------------------------------------------------- command line
+
+def add_edit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the model to edit: hub id, local directory, .gguf file or built-in alias")
+    parser.add_argument("--method", choices=sorted(METHODS), default=None, help="the edit (default: `method` in --config)")
+    parser.add_argument("--output", required=True, help="directory to write the edited standalone model to")
+    parser.add_argument("--config", default=None, help="YAML file: an init mapping, or a recipe whose `init:` is used")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.epilog = "Further settings as --key value, e.g. --num_prompts 16 --alpha 2 (see docs/EDITING.md)."
+
+
+def _init_from_args(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    from selfie.config import parse_overrides
+
+    init: dict[str, Any] = {}
+    if args.config is not None:
+        loaded = read_yaml_mapping(args.config, "edit config")
+        if not isinstance(loaded.get("init", {}), dict):
+            raise SelfieError(f"{args.config}: expected a mapping of init settings (or a recipe with an `init:` mapping)")
+        init = dict(loaded.get("init", loaded))
+    init.update(parse_overrides(overrides))
+    if args.method is not None:
+        init["method"] = args.method
+    return init
+
+
+def run_edit_command(args: argparse.Namespace, overrides: list[str] | None = None) -> None:
+    path = build_edited_model(_init_from_args(args, overrides or []), args.model, Path(args.output), args.seed)
+    print(path)
