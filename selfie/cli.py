@@ -25,7 +25,7 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfie import generate, judge
+    from selfie import edit, evaluate, generate, judge
 
     parser = argparse.ArgumentParser(prog="selfie", description="Self-generated preference learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -48,15 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir")
     status.set_defaults(handler=_status)
 
-    for name, module, help_text in (("edit", "selfie.edit", "build a representation-edited model (AlignEZ / RAHF)"),
-                                    ("eval", "selfie.evaluate", "win rates, judge accuracy, per-iteration scores")):
-        try:
-            mod = __import__(module, fromlist=["_"])
-        except ImportError:
-            continue
-        p = sub.add_parser(name, help=help_text)
-        getattr(mod, f"add_{name}_args")(p)
-        p.set_defaults(handler=getattr(mod, f"run_{name}_command"), takes_overrides=name == "edit")
+    ed = sub.add_parser("edit", help="build a representation-edited model (AlignEZ / RAHF)")
+    edit.add_edit_args(ed)
+    ed.set_defaults(handler=edit.run_edit_command, takes_overrides=True)
+
+    ev = sub.add_parser("eval", help="win rates, judge accuracy, per-iteration scores")
+    evaluate.add_eval_args(ev)
+    ev.set_defaults(handler=evaluate.run_eval_command)
     return parser
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from selfie.errors import SelfieError
+from selfie.io import read_yaml_mapping
 
 
 @dataclass
@@ -38,7 +39,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     prompts: str = "demo"  # prompt pool: hub id, .json/.jsonl/.parquet file, saved dataset dir, or "demo"
-    seed_pairs: str | None = None  # labelled preference set for the seed stage; None = labels of the pool's seed slice
+    seed_pairs: str | None = None  # labelled preference set for the seed stage, or "alignez" (self-generated, no label); None = labels of the pool's seed slice
     seed_judge: str | None = None  # label the seed slice with this judge instead (2 samples per prompt; see evaluate.py)
     seed_size: float = 2000  # a count, or a fraction of the pool when < 1
     iteration_sizes: list[float] = field(default_factory=lambda: [8000, 20000, 30000])
@@ -218,15 +219,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
     """Build a RecipeConfig from a YAML file (or defaults when path is None) and overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SelfieError(f"{path}: recipe file not found")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise SelfieError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise SelfieError(f"{path}: a recipe is a mapping of keys, got {type(values).__name__}")
+        values = read_yaml_mapping(path, "recipe")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     values = _merge(values, overrides or {})

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from selfie.errors import SelfieError
 
 
@@ -116,3 +118,17 @@ class ResumableJsonl:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a recipe, an init section); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelfieError(f"{path}: {what} file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SelfieError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise SelfieError(f"{path}: a {what} is a mapping of keys, got {type(values).__name__}")
+    return values

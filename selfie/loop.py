@@ -132,6 +132,8 @@ class Loop:
         from selfie.data import load_preferences
 
         d = self.config.data
+        if d.seed_pairs == "alignez":
+            return self.alignez_seed_pairs()
         if d.seed_pairs:
             return load_preferences(d.seed_pairs, d.split)
         seed_ids = {row["prompt_id"] for row in self.data.seed}
@@ -139,6 +141,14 @@ class Loop:
         if not pairs:
             raise SelfieError(f"data.prompts '{d.prompts}': no labelled pairs for the seed slice; set data.seed_pairs")
         return pairs
+
+    def alignez_seed_pairs(self) -> list[dict]:
+        """AlignEZ's self-generated helpful / harmful pairs as the seed (no human label); an AlignEZ init's own
+        data is reused."""
+        from selfie.edit import alignez_seed_pairs, work_dir_for
+
+        init = self.config.init if (self.config.init or {}).get("method") == "alignez" else None
+        return alignez_seed_pairs(self.config.model.name, init, work_dir_for(self.run_dir / "init" / "model"), self.config.seed)
 
     def gold_labels(self, pairs_path: Path) -> dict | None:
         """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
