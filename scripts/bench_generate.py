@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import isolated, machine, save_raw, use_quick_docs, write_section
+from benchlib import isolated, machine, parse_args, save_raw, write_section
 
 MODEL = "smollm2-135m"
 TEMPERATURE = 0.7
@@ -87,16 +87,11 @@ def run_transformers(n_prompts: int, responses: int, max_new_tokens: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"tiny sizes {QUICK}, to check the script runs")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--responses", type=int, default=2, help="K responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8, help="selfie: sequences decoded together")
-    args = parser.parse_args()
-    if args.quick:
-        vars(args).update(QUICK)
-        use_quick_docs()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(parser, QUICK)
 
     started = time.perf_counter()
     runs = {f"selfie generate_responses, batch {args.batch_size} sequences, length-sorted":

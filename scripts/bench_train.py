@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import import_floor, isolated, machine, matmul_gflops, random_lora, save_raw, use_quick_docs, write_section
+from benchlib import import_floor, isolated, machine, matmul_gflops, parse_args, random_lora, save_raw, write_section
 
 MODEL = "smollm2-135m"
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "spa" / "demo.yaml"
@@ -139,17 +139,12 @@ def _summarise(result: dict, gflops: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"tiny sizes {QUICK}, to check the script runs")
     parser.add_argument("--pairs", type=int, default=8, help="first pairs of demo-seed, cycled over the steps")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps after the warm-up step")
     parser.add_argument("--max-length", type=int, default=256, help="the demo recipe's")
     parser.add_argument("--workdir", default="/tmp/selfie-bench-train")
-    args = parser.parse_args()
-    if args.quick:
-        vars(args).update(QUICK)
-        use_quick_docs()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(parser, QUICK)
 
     started = time.perf_counter()
     isolated(prepare, args.workdir)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import argparse
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -120,3 +122,14 @@ def write_section(title: str, body: str) -> None:
 def save_raw(name: str, results: dict) -> None:
     (docs_dir() / "bench").mkdir(parents=True, exist_ok=True)
     (docs_dir() / "bench" / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def parse_args(parser: argparse.ArgumentParser, quick: dict) -> argparse.Namespace:
+    """Parse a benchmark's arguments; --quick shrinks them to `quick` and writes to the scratch docs, not docs/."""
+    parser.add_argument("--quick", action="store_true", help=f"tiny sizes {quick}, to check the script runs")
+    args = parser.parse_args()
+    if args.quick:
+        vars(args).update(quick)
+        use_quick_docs()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return args
