@@ -141,14 +141,19 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
     return get_peft_model(model, config)
 
 
-def save_adapter(model: PeftModel, directory: str | Path, base: PreTrainedModel | None = None) -> None:
-    """Save the default adapter (safetensors) with the base fingerprint, atomically."""
+def save_adapter(model: PeftModel, directory: str | Path, base: PreTrainedModel | None = None, *,
+                 state_dict: dict[str, torch.Tensor] | None = None, fingerprint: str | None = None) -> None:
+    """Save the default adapter (safetensors) with the base fingerprint, atomically.
+
+    `state_dict` and `fingerprint` stand in for the model's own when its parameters are sharded (FSDP, ZeRO-3).
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        model.save_pretrained(tmp, selected_adapters=["default"], safe_serialization=True)
-        atomic_write_json(tmp / BASE_FINGERPRINT_FILE, {"fingerprint": base_fingerprint(base or model.get_base_model())})
+        model.save_pretrained(tmp, selected_adapters=["default"], safe_serialization=True, state_dict=state_dict)
+        fingerprint = fingerprint or base_fingerprint(base or model.get_base_model())
+        atomic_write_json(tmp / BASE_FINGERPRINT_FILE, {"fingerprint": fingerprint})
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

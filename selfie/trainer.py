@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
@@ -44,7 +45,7 @@ from selfie.config import LoraConfig, RecipeConfig, RefineConfig, TrainConfig
 from selfie.dist import check_topology, on_cpu, uses_deepspeed
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, read_json
-from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter
+from selfie.models import base_fingerprint, load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def extrapolated_logps(policy_hidden: torch.Tensor, ref_hidden: torch.Tensor, lm
     targets = input_ids[:, 1:][mask]
     rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     policy_hidden, ref_hidden = policy_hidden[:, :-1][mask], ref_hidden[:, :-1][mask]
-    weight, bias = lm_head.weight, lm_head.bias
+    weight, bias = full_tensor(lm_head.weight), full_tensor(lm_head.bias)
 
     def logits(hidden: torch.Tensor) -> torch.Tensor:
         out = F.linear(hidden, weight, bias).float()
@@ -140,6 +141,11 @@ def extrapolated_logps(policy_hidden: torch.Tensor, ref_hidden: torch.Tensor, lm
             token_logps.append(mixed.log_softmax(-1).gather(-1, targets[part].unsqueeze(-1)).squeeze(-1))
     token_logps = torch.cat(token_logps) if token_logps else policy_hidden.new_zeros(0, dtype=torch.float32)
     return torch.zeros(mask.size(0), device=mask.device).index_add_(0, rows, token_logps)
+
+
+def full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole tensor of an FSDP2 shard (a collective: every rank must call it); other tensors as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -356,27 +362,29 @@ def _gathered(params: list[torch.nn.Parameter]):
         yield
 
 
-def _export_adapter(trainer: NoiseAwareDPOTrainer, directory: Path, base_name: str | None, stack_on: Path | None,
-                    dtype: str) -> None:
+def _export_adapter(trainer: NoiseAwareDPOTrainer, directory: Path, fingerprint: str, base_name: str | None,
+                    stack_on: Path | None, dtype: str) -> None:
     """Write the trained adapter "default" to `directory` (main process), atomically.
 
-    With `stack_on` (merge mode) the trained adapter sits on pi_init + that adapter merged; the written one is
-    both concatenated (PEFT's "cat": rank r_prev + r, exact), so it applies to pi_init like every other adapter.
+    Its weights are gathered whole on every rank first (ZeRO-3 and FSDP shard them). With `stack_on` (merge
+    mode) the trained adapter sits on pi_init + that adapter merged; the written one is both concatenated
+    (PEFT's "cat": rank r_prev + r, exact), so it applies to pi_init like every other adapter.
     """
     model = trainer.accelerator.unwrap_model(trainer.model)
-    params = [p for n, p in model.named_parameters() if ".default." in n] + [model.get_input_embeddings().weight]
-    with _gathered(params):
-        if trainer.accelerator.is_main_process:
-            if stack_on is None:
-                save_adapter(model, directory)
-            else:
-                trained = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
-                stacked = PeftModel.from_pretrained(load_model(base_name, dtype), str(stack_on), adapter_name="previous")
-                stacked.add_adapter("trained", model.peft_config["default"])
-                set_peft_model_state_dict(stacked, trained, adapter_name="trained")
-                stacked.add_weighted_adapter(["previous", "trained"], [1.0, 1.0], "default", combination_type="cat")
-                stacked.set_adapter("default")
-                save_adapter(stacked, directory)
+    params = {n: p for n, p in model.named_parameters() if ".default." in n}
+    with _gathered(list(params.values())):
+        state = {n: full_tensor(p).detach().cpu() for n, p in params.items()}
+    if trainer.accelerator.is_main_process:
+        if stack_on is None:
+            save_adapter(model, directory, state_dict=state, fingerprint=fingerprint)
+        else:
+            trained = get_peft_model_state_dict(model, state_dict=state, adapter_name="default")
+            stacked = PeftModel.from_pretrained(load_model(base_name, dtype), str(stack_on), adapter_name="previous")
+            stacked.add_adapter("trained", model.peft_config["default"])
+            set_peft_model_state_dict(stacked, trained, adapter_name="trained")
+            stacked.add_weighted_adapter(["previous", "trained"], [1.0, 1.0], "default", combination_type="cat")
+            stacked.set_adapter("default")
+            save_adapter(stacked, directory)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -440,6 +448,8 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
         config.train, config.refine, output_dir / "checkpoints", lambda_=dnd_lambda(config.refine, iteration),
         refine_on=iteration > 0, report_to=config.report_to, run_name=f"{config.run_name or output_dir.parent.name}-{output_dir.name}",
         seed=config.seed, epochs=seed_epochs(config.train, len(dataset)) if iteration == 0 else None, **overrides)
+    # taken before training shards the weights: the adapter applies to pi_init (merge mode stacks onto it again)
+    fingerprint = base_fingerprint(model.get_base_model() if isinstance(model, PeftModel) else model)
     trainer = NoiseAwareDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                    peft_config=peft_config, callbacks=callbacks)
     checkpoint = last_checkpoint(args.output_dir)
@@ -449,7 +459,7 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     adapter = output_dir / "adapter"
-    _export_adapter(trainer, adapter, base_name, stack_on, config.model.dtype)
+    _export_adapter(trainer, adapter, fingerprint, base_name, stack_on, config.model.dtype)
     return _summary(trainer, len(dataset), seconds, adapter, checkpoint)
 
 
