@@ -178,14 +178,9 @@ class Loop:
         world, rank = self.state.num_processes, self.state.process_index
         if world == 1:
             return final, [work(final, (0, 1))]
-        shard = final.with_name(f"{final.stem}.rank{rank}-of-{world}{final.suffix}")
-        metrics = gather_object([work(shard, (rank, world))])
+        metrics = gather_object([work(shard_path(final, rank, world), (rank, world))])
         if self.is_main:
-            shards = [final.with_name(f"{final.stem}.rank{r}-of-{world}{final.suffix}") for r in range(world)]
-            rows = sorted((row for path in shards for row in read_jsonl(path)), key=lambda row: row["prompt_id"])
-            atomic_write_jsonl(final, rows)
-            for path in shards:
-                path.unlink()
+            merge_shards(final, world)
         self.state.wait_for_everyone()
         return final, metrics
 
@@ -219,18 +214,14 @@ class Loop:
         pairs_path = iteration_dir(self.run_dir, t) / "pairs.jsonl"
 
         def work(out: Path, shard: tuple[int, int]) -> dict:
-            pairs_out = pairs_path if shard[1] == 1 else pairs_path.with_name(f"pairs.rank{shard[0]}-of-{shard[1]}.jsonl")
+            pairs_out = pairs_path if shard[1] == 1 else shard_path(pairs_path, *shard)
             return judge_responses(policy, tokenizer, responses, out, pairs_out, beta=j.beta,
                                    length_normalize=j.length_normalize, allow_truncated_chosen=j.allow_truncated_chosen,
                                    token_budget=j.token_budget, shard=shard)
 
         judgments, shard_metrics = self._sharded(t, "judgments.jsonl", work)
         if self.state.num_processes > 1 and self.is_main:
-            world = self.state.num_processes
-            shards = [pairs_path.with_name(f"pairs.rank{r}-of-{world}.jsonl") for r in range(world)]
-            atomic_write_jsonl(pairs_path, sorted((row for p in shards for row in read_jsonl(p)), key=lambda r: r["prompt_id"]))
-            for p in shards:
-                p.unlink()
+            merge_shards(pairs_path, self.state.num_processes)
         self.state.wait_for_everyone()
         metrics = combine_metrics(shard_metrics)
         pairs = read_jsonl(pairs_path)
@@ -282,6 +273,19 @@ class Loop:
             return ""
         per_iteration = {t: self.read_metrics(t) for t in range(self.config.num_iterations + 1)}
         return write_summary(self.run_dir, per_iteration)
+
+
+def shard_path(final: Path, rank: int, world: int) -> Path:
+    """Where rank `rank` of `world` writes its part of `final`."""
+    return final.with_name(f"{final.stem}.rank{rank}-of-{world}{final.suffix}")
+
+
+def merge_shards(final: Path, world: int) -> None:
+    """Rank 0: the ranks' parts of `final` as one file (rows sorted by prompt_id), the parts removed."""
+    shards = [shard_path(final, rank, world) for rank in range(world)]
+    atomic_write_jsonl(final, sorted((row for path in shards for row in read_jsonl(path)), key=lambda row: row["prompt_id"]))
+    for path in shards:
+        path.unlink()
 
 
 def combine_metrics(shards: list[dict]) -> dict:
