@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--workdir", default="/tmp/selfie-bench-judge")
-    parser.add_argument("--token-budgets", default="8192,1024", help="selfie rows: the default budget and a CPU-sized one")
+    parser.add_argument("--token-budgets", default="8192,512", help="selfie rows: the default budget and the CPU recipes' one")
     parser.add_argument("--trl-batch-size", type=int, default=8, help="pairs per TRL eval batch (2x sequences)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method; the fastest counts")
     args = parser.parse_args()
