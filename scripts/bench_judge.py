@@ -6,8 +6,10 @@
 3. TRL: `DPOTrainer.evaluate` over the same pairs with a separate `ref_model` (precompute off).
 
 The responses are sampled once beforehand (SmolLM2 + a random LoRA adapter, demo prompts) and
-cached in --workdir, one folder per (prompts, max_new_tokens). Peak memory is each child process's maximum RSS (imports included); the
-"floor" row is a child that only imports torch, transformers, TRL and selfie.
+cached in --workdir, one folder per (prompts, max_new_tokens). Peak memory is each child process's
+maximum RSS (imports included); the "floor" row is a child that only imports torch, transformers,
+TRL and selfie, the "one weight copy" line a child that loads what selfie's judge loads and pages
+every weight in without judging.
 
     python scripts/bench_judge.py [--prompts 32] [--max-new-tokens 64] [--workdir /tmp/selfie-bench-judge]
 
