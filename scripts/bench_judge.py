@@ -201,8 +201,8 @@ def main() -> None:
         r.pop("policy_logps")
     faster = max(naive["pairs_per_second"], trl["pairs_per_second"])
     above = lambda r: r["peak_rss_mib"] - floor_mib  # noqa: E731
-    raw = {"machine": machine(), "matmul_gflops": gflops, "floor_rss_mib": floor_mib, "one_copy_rss_mib": one_copy_mib, "args": vars(args),
-           "max_rel_logp_error_vs_float64": error, "results": results, "wall_seconds": time.perf_counter() - started}
+    raw = {"machine": machine(), "matmul_gflops": gflops, "floor_rss_mib": floor_mib, "one_copy_rss_mib": one_copy_mib,
+           "args": vars(args), "max_rel_logp_error_vs_float64": error, "results": results, "wall_seconds": time.perf_counter() - started}
     save_raw("judge", raw)
 
     table = "\n".join(
