@@ -40,7 +40,7 @@ BENCHMARKS = {
 }
 # The demo recipe at smoke-test sizes: one iteration of 2 prompts, 8-token responses, one optimizer step per stage
 QUICK_DEMO = ["--num_iterations", "1", "--data.iteration_sizes", "[2]", "--generate.max_new_tokens", "8",
-              "--judge.allow_truncated_chosen", "true", "--train.seed_epochs", "0.1", "--train.max_length", "64",
+              "--judge.truncated", "keep", "--train.seed_epochs", "0.1", "--train.max_length", "64",
               "--report_to", "[]"]
 
 

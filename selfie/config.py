@@ -45,11 +45,14 @@ class DataConfig:
     iteration_sizes: list[float] = field(default_factory=lambda: [8000, 20000, 30000])
     shuffle_seed: int = 42
     split: str = "train"  # split name for hub / saved datasets
+    replay: float = 0.0  # this fraction of each iteration's training pairs is drawn from the seed pairs (DICE)
 
     def __post_init__(self):
         if self.seed_pairs and self.seed_judge:
             raise SelfieError("recipe keys 'data.seed_pairs' and 'data.seed_judge' exclude each other: "
                               "the seed labels come from a labelled set or from a judge")
+        if not 0.0 <= self.replay < 1.0:
+            raise SelfieError(f"recipe key 'data.replay': expected a fraction in [0, 1), got {self.replay}")
 
 
 @dataclass
@@ -64,9 +67,21 @@ class GenerateConfig:
 @dataclass
 class JudgeConfig:
     beta: float = 0.1
+    labeller: str = "implicit"  # implicit reward, or any judge spec `selfie eval` takes (reward-model:..., callable:...)
+    truncated: str = "drop"  # a response cut at the length limit: drop (never chosen) | penalize | keep
+    truncation_penalty: float = 1.0  # subtracted from a truncated response's reward under `penalize`
+    length_penalty: float | str = 0.0  # alpha: reward - alpha * tokens; "auto" equalises chosen / rejected lengths
     length_normalize: bool = False
-    allow_truncated_chosen: bool = False
     token_budget: int = 8192  # tokens per judging batch (prompt + response, padded)
+
+    def __post_init__(self):
+        self.rules  # noqa: B018 - validates truncated and length_penalty
+
+    @property
+    def rules(self) -> "PairRules":
+        from selfie.pairs import PairRules
+
+        return PairRules(self.truncated, self.truncation_penalty, self.length_penalty)
 
 
 @dataclass
@@ -167,9 +182,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys of earlier versions, with what replaced them.
+RENAMED_KEYS = {"judge.allow_truncated_chosen": "judge.truncated (true was 'keep', false 'drop')"}
+
+
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = _hints(cls)
     unknown = sorted(set(values) - set(hints))
+    for key in unknown:
+        if f"{prefix}{key}" in RENAMED_KEYS:
+            raise SelfieError(f"recipe key '{prefix}{key}' was replaced by {RENAMED_KEYS[prefix + key]}")
     if unknown:
         raise SelfieError(f"unknown recipe key '{prefix}{unknown[0]}' (known: {', '.join(sorted(hints))})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items()}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.errors import SelfieError
 from selfie.io import ResumableJsonl, atomic_write_jsonl, read_jsonl
@@ -32,10 +32,11 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_gener
     return list(encoded["input_ids"])
 
 
-def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def stop_token_ids(model: PreTrainedModel | GenerationConfig | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """The tokenizer's EOS plus any end-of-turn ids in the generation config (e.g. Llama 3's <|eot_id|>)."""
     ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = model if isinstance(model, GenerationConfig) else getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     ids.discard(None)
     return ids

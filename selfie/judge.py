@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfie.errors import SelfieError
 from selfie.generate import chat_ids, check_prompt_rows, select_shard, stop_token_ids
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from selfie.pairs import TRUNCATION_POLICIES, PairRules, select_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -200,43 +200,13 @@ def _base_model(policy: PreTrainedModel) -> PreTrainedModel:
     return policy.get_base_model() if isinstance(policy, PeftModel) else policy
 
 
-def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], allow_truncated_chosen: bool = False) -> tuple[list[dict], Counter]:
-    """min_max pairs: chosen = highest reward, rejected = lowest reward among responses with another text.
-
-    A response cut at the length limit is never chosen unless `allow_truncated_chosen`, so a finished
-    response can beat a truncated one with a higher reward (a negative margin). Returns the pairs and
-    the number of prompts dropped per reason.
-    """
-    pairs, dropped = [], Counter()
-    for row, judged in zip(responses, judgments):
-        rewards, texts = judged["rewards"], row["responses"]
-        candidates = [i for i, done in enumerate(row["finished"]) if done or allow_truncated_chosen]
-        if len(texts) < 2:
-            dropped["single_response"] += 1
-            continue
-        if not candidates:
-            dropped["all_truncated"] += 1
-            continue
-        chosen = max(candidates, key=lambda i: rewards[i])
-        others = [i for i in range(len(texts)) if texts[i] != texts[chosen]]
-        if not others:
-            dropped["identical"] += 1
-            continue
-        rejected = min(others, key=lambda i: rewards[i])
-        pairs.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"],
-                      "chosen": [{"role": "assistant", "content": texts[chosen]}],
-                      "rejected": [{"role": "assistant", "content": texts[rejected]}],
-                      "margin": rewards[chosen] - rewards[rejected]})
-    return pairs, dropped
-
-
 @torch.inference_mode()
 def judge_responses(
     policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, responses: list[dict], output: str | Path,
     pairs_output: str | Path | None, *, beta: float = 0.1, length_normalize: bool = False,
-    allow_truncated_chosen: bool = False, token_budget: int = 8192, shard: tuple[int, int] = (0, 1),
+    rules: PairRules = PairRules(), token_budget: int = 8192, shard: tuple[int, int] = (0, 1),
 ) -> dict:
-    """Write judgments.jsonl (and pairs.jsonl) for this shard's rows of `responses`; return metrics.
+    """Write judgments.jsonl (and pairs.jsonl, made by `rules`) for this shard's rows of `responses`; return metrics.
 
     `policy` is a PeftModel (reference = its base with the adapter disabled) or a plain model (then
     the reference is the policy itself and every reward is 0). With `length_normalize` the logps
@@ -285,22 +255,15 @@ def judge_responses(
             ref = [v / max(c, 1) for v, c in zip(ref, counts)]
         judgments.append({"prompt_id": row["prompt_id"], "rewards": [beta * (p - r) for p, r in zip(pol, ref)],
                           "policy_logps": pol, "reference_logps": ref, "num_tokens": counts})
-    pairs, dropped = select_pairs(rows, judgments, allow_truncated_chosen)
     atomic_write_jsonl(output, judgments)
+    metrics = {"prompts": len(rows), "responses": sum(len(j["rewards"]) for j in judgments),
+               "response_tokens": sum(sum(j["num_tokens"]) for j in judgments), "tokens": tokens, "padded_tokens": padded,
+               "seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None}
     if pairs_output is not None:
+        pairs, label_metrics = select_pairs(rows, judgments, rules)
         atomic_write_jsonl(pairs_output, pairs)
-
-    scored = sum(sum(j["num_tokens"]) for j in judgments)
-    metrics = {"prompts": len(rows), "responses": sum(len(j["rewards"]) for j in judgments), "pairs": len(pairs),
-               "dropped": {reason: dropped[reason] for reason in ("all_truncated", "identical", "single_response")},
-               "margin_mean": sum(p["margin"] for p in pairs) / len(pairs) if pairs else None,
-               # pairs whose finished chosen response has a lower reward than the (truncated) rejected one
-               "negative_margin": sum(p["margin"] < 0 for p in pairs),
-               "response_tokens": scored, "tokens": tokens, "padded_tokens": padded, "seconds": round(seconds, 3),
-               "pairs_per_second": len(pairs) / seconds if seconds else None,
-               "tokens_per_second": tokens / seconds if seconds else None}
-    logger.info("judged %d prompts: %d pairs, dropped %s (%.2f pairs/s) -> %s", len(rows), len(pairs), metrics["dropped"],
-                metrics["pairs_per_second"] or 0.0, output)
+        metrics.update(label_metrics, pairs_per_second=len(pairs) / seconds if seconds else None)
+    logger.info("judged %d prompts in %.1f s -> %s", len(rows), seconds, output)
     return metrics
 
 
@@ -312,7 +275,11 @@ def add_judge_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", default=None, help="pairs.jsonl to write (TRL conversational preference format)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--length-normalize", action="store_true", help="divide log-probs by the response length")
-    parser.add_argument("--allow-truncated-chosen", action="store_true", help="let a response cut at the length limit be chosen")
+    parser.add_argument("--truncated", choices=TRUNCATION_POLICIES, default="drop",
+                        help="a response cut at the length limit: never chosen (drop), scored minus --truncation-penalty "
+                             "(penalize), or like any other (keep)")
+    parser.add_argument("--truncation-penalty", type=float, default=1.0)
+    parser.add_argument("--length-penalty", default="0", help="alpha per response token subtracted from the reward, or 'auto'")
     parser.add_argument("--token-budget", type=int, default=8192, help="padded tokens per batch")
     parser.add_argument("--metrics", default=None, help="write the metrics as JSON here")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -321,13 +288,23 @@ def add_judge_args(parser: argparse.ArgumentParser) -> None:
 def run_judge_command(args: argparse.Namespace) -> None:
     from selfie.models import load_policy
 
+    rules = rules_from_args(args)  # bad values fail before the model loads
     responses = read_jsonl(args.responses)
     check_response_rows(responses, str(args.responses))
     policy, tokenizer = load_policy(args.model, args.adapter, args.dtype)
     if torch.cuda.is_available():
         policy.to("cuda")
     metrics = judge_responses(policy, tokenizer, responses, args.output, args.pairs, beta=args.beta,
-                              length_normalize=args.length_normalize, allow_truncated_chosen=args.allow_truncated_chosen,
+                              length_normalize=args.length_normalize, rules=rules,
                               token_budget=args.token_budget)
     if args.metrics:
         atomic_write_json(args.metrics, metrics)
+
+
+def rules_from_args(args: argparse.Namespace) -> PairRules:
+    alpha = args.length_penalty
+    try:
+        alpha = alpha if alpha == "auto" else float(alpha)
+    except ValueError:
+        raise SelfieError(f"--length-penalty: expected a number or 'auto', got '{alpha}'") from None
+    return PairRules(args.truncated, args.truncation_penalty, alpha)

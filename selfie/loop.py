@@ -152,8 +152,10 @@ class Loop:
 
     def gold_labels(self, pairs_path: Path) -> dict | None:
         """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
-        chosen / rejected by the judge's scores. Writes iter_000/pairs.jsonl; returns the labelling metrics."""
-        from selfie.evaluate import label_pairs, load_judge
+        chosen / rejected by the judge's scores under the truncation policy (no length penalty: these are the
+        gold labels). Writes iter_000/pairs.jsonl; returns the labelling metrics."""
+        from selfie.evaluate import load_judge, score_responses
+        from selfie.pairs import PairRules, select_pairs
 
         if pairs_path.exists():
             return None  # labelled before an interruption
@@ -163,12 +165,14 @@ class Loop:
         responses, generate_metrics = self._generate(0, self.data.seed, adapter=None, num_responses=2)
 
         def label() -> dict:
-            pairs, dropped = label_pairs(load_judge(d.seed_judge, self.config.model.dtype), read_jsonl(responses),
-                                         self.config.judge.allow_truncated_chosen)
+            rows = read_jsonl(responses)
+            judgments = score_responses(load_judge(d.seed_judge, self.config.model.dtype), rows, *self.tokenizer_and_stops())
+            j = self.config.judge
+            pairs, metrics = select_pairs(rows, judgments, PairRules(j.truncated, j.truncation_penalty))
             if not pairs:
-                raise SelfieError(f"data.seed_judge '{d.seed_judge}': no seed pair survived labelling (dropped: {dropped})")
+                raise SelfieError(f"data.seed_judge '{d.seed_judge}': no seed pair survived labelling (dropped: {metrics['dropped']})")
             atomic_write_jsonl(pairs_path, pairs)
-            return {"judge": d.seed_judge, "pairs": len(pairs), "dropped": dropped, "generate": generate_metrics}
+            return {"judge": d.seed_judge, **metrics, "generate": generate_metrics}
 
         return self._on_main_then_share(label)
 
@@ -204,38 +208,78 @@ class Loop:
         return path, combine_metrics(shard_metrics)
 
     def stage_judge(self, t: int) -> tuple[list[Path], dict]:
+        """Score the responses (implicit reward, or `judge.labeller`), then make pairs by the judge rules on rank 0."""
+        j = self.config.judge
+        responses = read_jsonl(iteration_dir(self.run_dir, t) / "responses.jsonl")
+        if j.labeller == "implicit":
+            judgments, metrics = self._judge_implicit(t, responses)
+        else:
+            judgments, metrics = self._judge_with(j.labeller, t, responses)
+        pairs_path = iteration_dir(self.run_dir, t) / "pairs.jsonl"
+        labels = self._on_main_then_share(lambda: self._write_pairs(responses, read_jsonl(judgments), pairs_path))
+        return [judgments, pairs_path], {**metrics, **labels, "labeller": j.labeller}
+
+    def _judge_implicit(self, t: int, responses: list[dict]) -> tuple[Path, dict]:
         from selfie.judge import judge_responses
         from selfie.models import load_policy
 
         j = self.config.judge
-        responses = read_jsonl(iteration_dir(self.run_dir, t) / "responses.jsonl")
         policy, tokenizer = load_policy(self.pi_init, self.adapter(t - 1), self.config.model.dtype)
         policy.to(self.state.device)
-        pairs_path = iteration_dir(self.run_dir, t) / "pairs.jsonl"
+        path, shard_metrics = self._sharded(t, "judgments.jsonl", lambda out, shard: judge_responses(
+            policy, tokenizer, responses, out, None, beta=j.beta, length_normalize=j.length_normalize,
+            token_budget=j.token_budget, shard=shard))
+        return path, combine_metrics(shard_metrics)
 
-        def work(out: Path, shard: tuple[int, int]) -> dict:
-            pairs_out = pairs_path if shard[1] == 1 else shard_path(pairs_path, *shard)
-            return judge_responses(policy, tokenizer, responses, out, pairs_out, beta=j.beta,
-                                   length_normalize=j.length_normalize, allow_truncated_chosen=j.allow_truncated_chosen,
-                                   token_budget=j.token_budget, shard=shard)
+    def _judge_with(self, spec: str, t: int, responses: list[dict]) -> tuple[Path, dict]:
+        """judgments.jsonl scored by a judge spec (reward model, Python callable, ...) on rank 0."""
+        from selfie.evaluate import load_judge, score_responses
 
-        judgments, shard_metrics = self._sharded(t, "judgments.jsonl", work)
-        if self.state.num_processes > 1 and self.is_main:
-            merge_shards(pairs_path, self.state.num_processes)
-        self.state.wait_for_everyone()
-        metrics = combine_metrics(shard_metrics)
-        pairs = read_jsonl(pairs_path)
-        metrics["pairs"] = len(pairs)
-        metrics["margin_mean"] = sum(p["margin"] for p in pairs) / len(pairs) if pairs else None
-        return [judgments, pairs_path], metrics
+        path = iteration_dir(self.run_dir, t) / "judgments.jsonl"
+
+        def score() -> dict:
+            start = time.perf_counter()
+            tokenizer, stop_ids = self.tokenizer_and_stops()
+            atomic_write_jsonl(path, score_responses(load_judge(spec, self.config.model.dtype), responses, tokenizer, stop_ids))
+            return {"prompts": len(responses), "seconds": round(time.perf_counter() - start, 3)}
+
+        return path, self._on_main_then_share(score)
+
+    def tokenizer_and_stops(self):
+        from selfie.generate import stop_token_ids
+        from selfie.models import load_generation_config, load_tokenizer
+
+        tokenizer = load_tokenizer(self.pi_init)
+        return tokenizer, stop_token_ids(load_generation_config(self.pi_init), tokenizer)
+
+    def _write_pairs(self, responses: list[dict], judgments: list[dict], pairs_path: Path) -> dict:
+        """pairs.jsonl from judged responses (rows matched by prompt_id); returns the label metrics."""
+        from selfie.pairs import select_pairs
+
+        by_id = {row["prompt_id"]: row for row in responses}
+        pairs, metrics = select_pairs([by_id[j["prompt_id"]] for j in judgments], judgments, self.config.judge.rules)
+        eval_judge = (self.config.eval or {}).get("judge")
+        if eval_judge:  # how often the self-labels agree with the judge the run is evaluated by
+            from selfie.evaluate import load_judge, pair_agreement
+
+            metrics["eval_judge_agreement"] = pair_agreement(load_judge(eval_judge, self.config.model.dtype), pairs)
+        atomic_write_jsonl(pairs_path, pairs)
+        return metrics
 
     def stage_train(self, t: int) -> tuple[list[Path], dict]:
         from selfie.trainer import train_iteration
 
+        from selfie.pairs import with_replay
+
         pairs = read_jsonl(iteration_dir(self.run_dir, t) / "pairs.jsonl")
         if not pairs:
             raise SelfieError(f"{iteration_dir(self.run_dir, t) / 'pairs.jsonl'}: no training pairs survived judging")
+        replay = self.config.data.replay
+        if replay:
+            seed_pairs = read_jsonl(iteration_dir(self.run_dir, 0) / "pairs.jsonl")
+            pairs = with_replay(pairs, seed_pairs, replay, self.config.seed + t)
         metrics = train_iteration(self.pi_init, self.adapter(t - 1), pairs, iteration_dir(self.run_dir, t), self.config, t)
+        metrics["replayed"] = sum(bool(p.get("replay")) for p in pairs)
         return [self.adapter(t)], metrics
 
     def stage_eval(self, t: int) -> tuple[list[Path], dict]:

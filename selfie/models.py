@@ -20,7 +20,7 @@ import torch
 from filelock import FileLock
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.config import LoraConfig
 from selfie.errors import SelfieError
@@ -110,6 +110,14 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise SelfieError(f"model '{name}': its tokenizer has no chat template")
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def load_generation_config(name: str) -> GenerationConfig | None:
+    """The model's generation config (its stop tokens) without loading its weights; None when it has none."""
+    try:
+        return GenerationConfig.from_pretrained(resolve_model_path(name))
+    except OSError:
+        return None
 
 
 def load_model(name: str, dtype: str = "auto", device: str | torch.device | None = None) -> PreTrainedModel:

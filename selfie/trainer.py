@@ -44,13 +44,14 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from selfie.config import LoraConfig, RecipeConfig, RefineConfig, TrainConfig
 from selfie.dist import check_topology, on_cpu, uses_deepspeed
 from selfie.errors import SelfieError
+from selfie.generate import stop_token_ids
 from selfie.io import atomic_write_json, read_json
 from selfie.models import base_fingerprint, load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter
 
 logger = logging.getLogger(__name__)
 
 REFINE_STATE = "refine_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
-PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # pairs.jsonl's other columns (prompt_id, margin) are not for training
+PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what a pair needs; `*_finished` (default true) say how to render it
 LOGIT_CHUNK = 1024  # completion positions per chunk when building [tokens, vocab] logits for DND
 
 
@@ -244,6 +245,16 @@ class NoiseAwareDPOTrainer(DPOTrainer):
         self._metrics[mode]["refine/smoothed_fraction"].append(smoothed / gathered.numel())
         return eps
 
+    # ---- data -----------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Pairs selfie tokenised itself (see `_pairs_dataset`) skip TRL's chat rendering; others go through it."""
+        if "prompt_ids" not in dataset.column_names:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if args.max_length is not None and args.truncation_mode == "keep_start":  # as TRL: a prompt filling max_length
+            dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)  # leaves nothing to learn
+        return dataset
+
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def refine_state(self) -> dict[str, Any]:
@@ -338,14 +349,28 @@ def _peft_config(lora: LoraConfig) -> PeftLoraConfig:
                           target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
 
 
-def _pairs_dataset(pairs: list[dict] | Dataset) -> Dataset:
-    dataset = pairs if isinstance(pairs, Dataset) else Dataset.from_list(list(pairs))
-    if len(dataset) == 0:
+def _pairs_dataset(pairs: list[dict] | Dataset, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> Dataset:
+    """prompt_ids / chosen_ids / rejected_ids of each pair, tokenised exactly as the judge scores them.
+
+    TRL would render every completion as a finished assistant turn (end-of-turn token and what the template
+    writes after it); a response cut at the length limit (`chosen_finished` / `rejected_finished` false) is
+    trained as it was judged and generated, without an end-of-turn token.
+    """
+    from selfie.judge import response_token_ids
+
+    rows = list(pairs)
+    if not rows:
         raise SelfieError("training pairs: the set is empty")
-    missing = [c for c in PAIR_COLUMNS if c not in dataset.column_names]
-    if missing:
-        raise SelfieError(f"training pairs: missing column '{missing[0]}' (have {', '.join(dataset.column_names)})")
-    return dataset.select_columns(PAIR_COLUMNS)
+    tokenised = []
+    for n, row in enumerate(rows, 1):
+        missing = [c for c in PAIR_COLUMNS if c not in row]
+        if missing:
+            raise SelfieError(f"training pairs: row {n}: missing column '{missing[0]}' (have {', '.join(row)})")
+        texts = [row[side][-1]["content"] for side in ("chosen", "rejected")]
+        finished = [row.get("chosen_finished", True), row.get("rejected_finished", True)]
+        prompt_ids, (chosen_ids, rejected_ids) = response_token_ids(tokenizer, row["prompt"], texts, finished, stop_ids)
+        tokenised.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+    return Dataset.from_list(tokenised)
 
 
 @contextlib.contextmanager
@@ -433,7 +458,8 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
         raise ValueError("adapter_mode 'merge' needs the base model's name or path (it reloads it to stack the adapters)")
     else:
         base_name = None
-    dataset = _pairs_dataset(pairs)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    dataset = _pairs_dataset(pairs, tokenizer, stop_token_ids(base, tokenizer))
 
     peft_config, stack_on = None, None
     if iteration == 0:

@@ -13,10 +13,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from selfie.config import LoraConfig, dump_recipe, load_recipe
 from selfie.errors import SelfieError
+from selfie.evaluation.stats import length_controlled
 from selfie.evaluate import (
-    INIT, compare_models, judge_accuracy, label_pairs, load_judge, run_scores, win_rate, write_report,
+    INIT, compare_models, judge_accuracy, load_judge, pair_agreement, run_scores, score_responses, win_rate, write_report,
 )
-from selfie.models import attach_lora, load_model, save_adapter
+from selfie.models import attach_lora, load_model, load_tokenizer, save_adapter
+from selfie.pairs import select_pairs
 from tiny import build_tokenizer
 
 PROMPTS = [[{"role": "user", "content": "write a short poem about the sea"}],
@@ -196,7 +198,7 @@ def test_judge_accuracy(length_judge):
         judge_accuracy(length_judge, [{"prompt_id": "x", "prompt": PROMPTS[0], "chosen": "text", "rejected": []}])
 
 
-def test_label_pairs(length_judge):
+def test_scores_from_a_judge_make_pairs_by_the_loops_rules(length_judge, tiny_model):
     rows = [
         {"prompt_id": "a", "prompt": PROMPTS[0], "responses": ["mid text", "the longest text", "x"], "finished": [True] * 3},
         {"prompt_id": "b", "prompt": PROMPTS[1], "responses": ["same", "same"], "finished": [True, True]},
@@ -204,16 +206,24 @@ def test_label_pairs(length_judge):
         {"prompt_id": "d", "prompt": PROMPTS[0], "responses": ["cut off at the limit", "ok"], "finished": [False, True]},
         {"prompt_id": "e", "prompt": PROMPTS[0], "responses": ["cut", "also cut"], "finished": [False, False]},
     ]
-    pairs, dropped = label_pairs(length_judge, rows)
-    assert dropped == {"identical": 1, "single_response": 1, "all_truncated": 1}
+    tokenizer = load_tokenizer(tiny_model)
+    stop_ids = {tokenizer.eos_token_id}
+    judgments = score_responses(length_judge, rows, tokenizer, stop_ids)
+    assert judgments[0]["rewards"] == [8, 16, 1]
+    # token counts as the judge and trainer see them: the end-of-turn token only after a finished response
+    assert judgments[3]["num_tokens"][1] == len(tokenizer("ok", add_special_tokens=False)["input_ids"]) + 1
+    assert judgments[3]["num_tokens"][0] == len(tokenizer("cut off at the limit", add_special_tokens=False)["input_ids"])
+    pairs, metrics = select_pairs(rows, judgments)
+    assert metrics["dropped"] == {"identical": 1, "single_response": 1, "all_truncated": 1}
     assert [p["prompt_id"] for p in pairs] == ["a", "d"]
     a, d = pairs
     assert a["chosen"] == [{"role": "assistant", "content": "the longest text"}]
     assert a["rejected"] == [{"role": "assistant", "content": "x"}]
     assert a["margin"] == 15.0 and a["prompt"] == PROMPTS[0]
     assert d["chosen"][0]["content"] == "ok" and d["margin"] == 2.0 - 20.0  # a truncated response is never chosen
+    assert pair_agreement(length_judge, pairs) == 0.5
     with pytest.raises(SelfieError, match="row 1: missing key 'responses'"):
-        label_pairs(length_judge, [{"prompt_id": "z", "prompt": PROMPTS[0]}])
+        score_responses(length_judge, [{"prompt_id": "z", "prompt": PROMPTS[0]}], tokenizer, stop_ids)
 
 
 def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
@@ -225,8 +235,11 @@ def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
     scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert [s["prompt_id"] for s in scored] == ["p0", "p1", "p2", "p3"]
     assert all(s["score_a"] == len(s["response_a"]) and s["score_b"] == len(s["response_b"]) for s in scored)
-    assert report == win_rate([s["score_a"] for s in scored], [s["score_b"] for s in scored], seed=3) | {
+    a_scores, b_scores = [s["score_a"] for s in scored], [s["score_b"] for s in scored]
+    lengths = [[len(s[f"response_{x}"]) for s in scored] for x in "ab"]
+    assert report == win_rate(a_scores, b_scores, seed=3) | length_controlled(a_scores, b_scores, *lengths, seed=3) | {
         "a": report["a"], "b": report["b"]}
+    assert report["a"]["length_mean"] == np.mean(lengths[0])
     assert report["a"]["adapter"] == str(adapter) and report["b"]["adapter"] is None
     assert report["a"]["score_mean"] == pytest.approx(np.mean([s["score_a"] for s in scored]))
 
@@ -258,3 +271,21 @@ def test_run_scores(tiny_model, adapter, length_judge, tmp_path):
     shutil.rmtree(run / "iter_001")
     with pytest.raises(SelfieError, match="no finished adapters"):
         run_scores(run, length_judge, prompts)
+
+
+def test_length_controlled_win_rate_equals_a_hand_computation():
+    # A is 50 characters longer on half the prompts (wins 6 of 10 there) and shorter on the other half (wins 2 of 10).
+    # Two length values make the logistic fit saturated: logit p(+) = b0 + b1 x, logit p(-) = b0 - b1 x, so the win
+    # rate at equal length is sigmoid((logit 0.6 + logit 0.2) / 2), whatever x = tanh(50 / std) is.
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    expected = 1 / (1 + np.exp(-(logit(0.6) + logit(0.2)) / 2))
+    scores_a = [1.0] * 6 + [0.0] * 4 + [1.0] * 2 + [0.0] * 8
+    scores_b = [0.5] * 20
+    lengths_a = [150] * 10 + [100] * 10
+    lengths_b = [100] * 10 + [150] * 10
+    report = length_controlled(scores_a, scores_b, lengths_a, lengths_b, n_boot=200)
+    assert report["lc_win_rate"] == pytest.approx(expected, abs=1e-9)
+    assert win_rate(scores_a, scores_b)["win_rate"] == 0.4 and expected == pytest.approx(0.3798, abs=1e-4)
+    assert report["lc_ci95"][0] <= report["lc_win_rate"] <= report["lc_ci95"][1]
+    # no length difference: the plain win rate
+    assert length_controlled(scores_a, scores_b, [10] * 20, [10] * 20, n_boot=10)["lc_win_rate"] == 0.4

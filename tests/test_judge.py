@@ -130,32 +130,6 @@ def test_length_normalisation_divides_by_tokens(policy, tmp_path):
             assert m["rewards"][k] == pytest.approx(0.1 * (m["policy_logps"][k] - m["reference_logps"][k]))
 
 
-def row(pid, texts, finished):
-    return {"prompt_id": pid, "prompt": [{"role": "user", "content": "q"}], "responses": texts, "finished": finished}
-
-
-def test_pair_rules_and_drop_counts():
-    rows = [row("top-truncated", ["x", "y", "z"], [False, True, True]),
-            row("all-truncated", ["x", "y"], [False, False]),
-            row("identical", ["same", "same"], [True, True]),
-            row("dup-of-chosen", ["a", "a", "b"], [True, True, True]),
-            row("single", ["only"], [True])]
-    rewards = {"top-truncated": [5.0, 1.0, -2.0], "all-truncated": [1.0, 0.0], "identical": [0.3, 0.3],
-               "dup-of-chosen": [2.0, 2.0, 1.0], "single": [0.0]}
-    judgments = [{"prompt_id": r["prompt_id"], "rewards": rewards[r["prompt_id"]]} for r in rows]
-    pairs, dropped = jud.select_pairs(rows, judgments)
-    assert dropped == {"all_truncated": 1, "identical": 1, "single_response": 1}
-    first, dup = pairs
-    assert (first["chosen"][0]["content"], first["rejected"][0]["content"], first["margin"]) == ("y", "z", 3.0)
-    assert (dup["chosen"][0]["content"], dup["rejected"][0]["content"]) == ("a", "b")
-    assert list(first) == ["prompt_id", "prompt", "chosen", "rejected", "margin"]
-    assert first["chosen"] == [{"role": "assistant", "content": "y"}]
-
-    pairs, dropped = jud.select_pairs(rows, judgments, allow_truncated_chosen=True)
-    assert pairs[0]["chosen"][0]["content"] == "x" and pairs[1]["chosen"][0]["content"] == "x"
-    assert dropped == {"identical": 1, "single_response": 1}
-
-
 def test_metrics_and_shards(policy, tmp_path):
     full, pairs, metrics = judge(policy, tmp_path / "full")
     assert metrics["pairs"] == len(pairs) == 3

@@ -40,7 +40,7 @@ def write_recipe(directory: Path, model: str, prompts: Path, seed: Path) -> Path
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"prompts": str(prompts), "seed_pairs": str(seed), "seed_size": 0, "iteration_sizes": [6, 6]},
         "generate": {"max_new_tokens": 12, "batch_size": 2},
-        "judge": {"allow_truncated_chosen": True},  # a random tiny model rarely stops within 12 tokens
+        "judge": {"truncated": "keep"},  # a random tiny model rarely stops within 12 tokens
         "train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                   "seed_epochs": 1, "save_steps": 1, "max_length": 128},
     }
@@ -106,7 +106,8 @@ def test_full_run_writes_the_run_directory_contract(reference_run):
         judgments = read_jsonl(it / "judgments.jsonl")
         assert all(set(r) == {"prompt_id", "rewards", "policy_logps", "reference_logps", "num_tokens"} for r in judgments)
         for pair in read_jsonl(it / "pairs.jsonl"):
-            assert set(pair) == {"prompt_id", "prompt", "chosen", "rejected", "margin"}
+            assert set(pair) == {"prompt_id", "prompt", "chosen", "rejected", "margin", "chosen_finished",
+                                 "rejected_finished", "chosen_tokens", "rejected_tokens"}
             assert pair["chosen"][0]["role"] == "assistant" and pair["margin"] >= 0
         assert (it / "adapter" / "adapter_config.json").is_file()
         metrics = json.loads((it / "metrics.json").read_text())

@@ -31,7 +31,7 @@ def test_gold_labelled_seed_then_self_labelled_iteration_with_eval(tiny_model, t
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"prompts": str(prompts), "seed_judge": "callable:gold:vowels", "seed_size": 6, "iteration_sizes": [6]},
         "generate": {"max_new_tokens": 12, "batch_size": 4},
-        "judge": {"allow_truncated_chosen": True},  # a random tiny model rarely stops within 12 tokens
+        "judge": {"truncated": "keep"},  # a random tiny model rarely stops within 12 tokens
         "train": {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "seed_epochs": 1, "max_length": 128},
         "eval": {"judge": "callable:gold:vowels", "prompts": str(prompts), "num_prompts": 4, "max_new_tokens": 12,
                  "baseline": "init", "n_boot": 200},

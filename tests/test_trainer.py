@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import DPOTrainer
@@ -15,6 +16,8 @@ from trl.trainer.utils import use_adapter
 
 from selfie.config import RecipeConfig, RefineConfig, TrainConfig, load_recipe
 from selfie.errors import SelfieError
+from selfie.io import read_jsonl
+from selfie.pairs import PairRules
 from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter
 from selfie.trainer import (
     REFINE_STATE, NoiseAwareDPOConfig, NoiseAwareDPOTrainer, RefinementWindow, _pairs_dataset, build_dpo_config,
@@ -38,7 +41,7 @@ def make_trainer(tiny_model, prev_adapter, tmp_path, cls=NoiseAwareDPOTrainer, *
     refine = RefineConfig(alpha=alpha, quantile=quantile, window_steps=window, warmup_fraction=0.2)
     args = build_dpo_config(TrainConfig(per_device_train_batch_size=n), refine, tmp_path, lambda_=lam, refine_on=True,
                             report_to=[], run_name=None, seed=0, max_steps=10)
-    trainer = cls(model=model, args=args, train_dataset=_pairs_dataset(toy_pairs(n)),
+    trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(toy_pairs(n)).select_columns(["prompt", "chosen", "rejected"]),
                   processing_class=load_tokenizer(tiny_model))
     perturb_adapter(trainer.model, seed=2)
     trainer.model.train()
@@ -222,6 +225,37 @@ def test_last_checkpoint_skips_incomplete_ones(tmp_path):
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}" / REFINE_STATE).write_text("{}")
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")  # checkpoint-10 was cut by a kill
+
+
+def test_trainer_trains_a_truncated_response_exactly_as_the_judge_scored_it(tiny_model, prev_adapter, tmp_path):
+    """Token for token: the judge's policy log-prob of each response equals the one on the trainer's batch."""
+    from selfie.generate import stop_token_ids
+    from selfie.judge import judge_responses
+
+    model = load_adapter(load_model(tiny_model, "float32"), prev_adapter).eval()
+    tokenizer = load_tokenizer(tiny_model)
+    prompt = [{"role": "user", "content": "list three fruits please"}]
+    responses = [{"prompt_id": "x", "prompt": prompt, "responses": ["apple, banana, cherry", "the quick brown fox"],
+                  "finished": [False, True]}]
+    judge_responses(model, tokenizer, responses, tmp_path / "j.jsonl", tmp_path / "p.jsonl", rules=PairRules("keep"))
+    (judged,), pairs = read_jsonl(tmp_path / "j.jsonl"), read_jsonl(tmp_path / "p.jsonl")
+    stop_ids = stop_token_ids(model.get_base_model(), tokenizer)
+    dataset = _pairs_dataset(pairs, tokenizer, stop_ids)
+    chosen_is_first = pairs[0]["chosen"][0]["content"] == "apple, banana, cherry"
+    truncated_ids = dataset[0]["chosen_ids" if chosen_is_first else "rejected_ids"]
+    finished_ids = dataset[0]["rejected_ids" if chosen_is_first else "chosen_ids"]
+    assert truncated_ids[-1] not in stop_ids and finished_ids[-1] in stop_ids  # no end-of-turn after a cut response
+
+    args = build_dpo_config(TrainConfig(), RefineConfig(), tmp_path / "ckpt", lambda_=0.0, refine_on=False,
+                            report_to=[], run_name=None, seed=0, max_steps=1)
+    trainer = NoiseAwareDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    chosen, rejected = sequence_logps(logits, batch).tolist()
+    by_text = dict(zip(responses[0]["responses"], judged["policy_logps"]))
+    assert chosen == pytest.approx(by_text[pairs[0]["chosen"][0]["content"]], abs=1e-4)
+    assert rejected == pytest.approx(by_text[pairs[0]["rejected"][0]["content"]], abs=1e-4)
 
 
 def test_bad_pairs_are_refused(tiny_model, tmp_path):

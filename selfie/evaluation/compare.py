@@ -16,7 +16,7 @@ import torch
 
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge, load_judge
-from selfie.evaluation.stats import bootstrap_ci, win_rate
+from selfie.evaluation.stats import bootstrap_ci, length_controlled, win_rate
 from selfie.io import atomic_write_jsonl, read_jsonl
 
 if TYPE_CHECKING:
@@ -78,9 +78,10 @@ def score_unique(judge: Judge, prompts: list[list[dict]], responses: list[str]) 
     return [lookup[k] for k in keys]
 
 
-def _summary(scores: list[float], n_boot: int, seed: int) -> dict:
+def _summary(scores: list[float], texts: list[str], n_boot: int, seed: int) -> dict:
     values = np.asarray(scores, dtype=float)
-    return {"score_mean": float(values.mean()), "ci95": bootstrap_ci(values, n_boot, seed), "n": len(values)}
+    return {"score_mean": float(values.mean()), "ci95": bootstrap_ci(values, n_boot, seed), "n": len(values),
+            "length_mean": float(np.mean([len(t) for t in texts]))}
 
 
 def compare_models(judge: Judge, model_a: str, adapter_a: str | None, model_b: str, adapter_b: str | None,
@@ -106,8 +107,9 @@ def compare_models(judge: Judge, model_a: str, adapter_a: str | None, model_b: s
                 {"prompt_id": row["prompt_id"], "response_a": ta, "response_b": tb, "score_a": sa, "score_b": sb}
                 for row, ta, tb, sa, sb in zip(prompts, texts_a, texts_b, scores_a, scores_b)))
     report = win_rate(scores_a, scores_b, n_boot=n_boot, seed=seed)
-    report["a"] = {"model": model_a, "adapter": adapter_a and str(adapter_a), **_summary(scores_a, n_boot, seed)}
-    report["b"] = {"model": model_b, "adapter": adapter_b and str(adapter_b), **_summary(scores_b, n_boot, seed)}
+    report.update(length_controlled(scores_a, scores_b, [len(t) for t in texts_a], [len(t) for t in texts_b], n_boot, seed))
+    report["a"] = {"model": model_a, "adapter": adapter_a and str(adapter_a), **_summary(scores_a, texts_a, n_boot, seed)}
+    report["b"] = {"model": model_b, "adapter": adapter_b and str(adapter_b), **_summary(scores_b, texts_b, n_boot, seed)}
     return report
 
 
@@ -142,7 +144,7 @@ def run_scores(run_dir: str | Path, judge: Judge, prompts: list[dict], *, output
         out = Path(output_dir) if output_dir is not None else Path(tmp)
         for iteration, adapter in models.items():
             texts = generate_one(base, adapter, prompts, out / f"responses_{iteration_label(iteration)}.jsonl", dtype=dtype, **sampling)
-            results[iteration] = _summary(score_unique(judge, messages, texts), n_boot, seed)
+            results[iteration] = _summary(score_unique(judge, messages, texts), texts, n_boot, seed)
             logger.info("%s: mean score %.4f", iteration_label(iteration), results[iteration]["score_mean"])
     return results
 
@@ -184,11 +186,13 @@ def evaluate_iteration(eval_cfg: dict, pi_init: str, adapter: Path, config: Reci
     out = adapter.parent / "eval"
     if cfg["baseline"] == "none":
         texts = generate_one(pi_init, adapter, prompts, out / "responses_a.jsonl", **sampling)
-        summary = _summary(score_unique(judge, [row["prompt"] for row in prompts], texts), cfg["n_boot"], config.seed)
-        metrics = {"score_mean": summary["score_mean"], "score_ci95": summary["ci95"], "n": summary["n"]}
+        summary = _summary(score_unique(judge, [row["prompt"] for row in prompts], texts), texts, cfg["n_boot"], config.seed)
+        metrics = {"score_mean": summary["score_mean"], "score_ci95": summary["ci95"], "n": summary["n"],
+                   "length_mean": summary["length_mean"]}
     else:
         report = compare_models(judge, pi_init, str(adapter), pi_init, _baseline_adapter(cfg["baseline"], adapter),
                                 prompts, output_dir=out, n_boot=cfg["n_boot"], **sampling)
         metrics = {"score_mean": report["a"]["score_mean"], "baseline_score_mean": report["b"]["score_mean"],
-                   **{k: report[k] for k in ("win_rate", "ci95", "wins", "ties", "losses", "n")}}
+                   "length_mean": report["a"]["length_mean"], "baseline_length_mean": report["b"]["length_mean"],
+                   **{k: report[k] for k in ("win_rate", "ci95", "lc_win_rate", "lc_ci95", "wins", "ties", "losses", "n")}}
     return {"judge": cfg["judge"], "baseline": cfg["baseline"], **metrics, "seconds": round(time.perf_counter() - start, 2)}

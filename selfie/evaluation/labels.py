@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge
 from selfie.evaluation.stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +41,29 @@ def judge_accuracy(judge: Judge, preferences: list[dict], n_boot: int = 2000, se
             "margin_mean": float((c - r).mean()), "ci95": bootstrap_ci(correct, n_boot, seed)}
 
 
-def label_pairs(judge: Judge, responses_rows: list[dict], allow_truncated_chosen: bool = False) -> tuple[list[dict], dict]:
-    """Gold labelling: pairs.jsonl rows from responses.jsonl rows, chosen = best-scored, rejected = worst-scored.
-
-    Pair selection is the loop's own (selfie.judge.select_pairs): a response cut at the token limit is
-    not chosen unless allowed, rejected is the lowest-scored response whose text differs from the
-    chosen one. Returns (pairs, number of prompts dropped per reason).
-    """
-    from selfie.judge import check_response_rows, select_pairs
+def score_responses(judge: Judge, responses_rows: list[dict], tokenizer: PreTrainedTokenizerBase,
+                    stop_ids: set[int]) -> list[dict]:
+    """judgments.jsonl rows from a judge's scores: `rewards` are its scores, `num_tokens` the responses' lengths
+    as the loop scores and trains them (so a length penalty means the same whatever the labeller)."""
+    from selfie.judge import check_response_rows, response_token_ids
 
     check_response_rows(responses_rows, "responses")
     flat_prompts = [row["prompt"] for row in responses_rows for _ in row["responses"]]
     flat_scores = judge.score(flat_prompts, [r for row in responses_rows for r in row["responses"]])
     judgments, offset = [], 0
     for row in responses_rows:
-        judgments.append({"rewards": flat_scores[offset: offset + len(row["responses"])]})
-        offset += len(row["responses"])
-    pairs, dropped = select_pairs(responses_rows, judgments, allow_truncated_chosen)
-    logger.info("labelled %d pairs from %d rows (dropped: %s)", len(pairs), len(responses_rows), dict(dropped) or "none")
-    return pairs, dict(dropped)
+        k = len(row["responses"])
+        _, ids = response_token_ids(tokenizer, row["prompt"], row["responses"], row["finished"], stop_ids)
+        judgments.append({"prompt_id": row["prompt_id"], "rewards": flat_scores[offset:offset + k],
+                          "num_tokens": [len(i) for i in ids]})
+        offset += k
+    return judgments
+
+
+def pair_agreement(judge: Judge, pairs: list[dict]) -> float | None:
+    """Share of pairs whose chosen response `judge` scores strictly above the rejected one (None: no pairs)."""
+    if not pairs:
+        return None
+    prompts = [p["prompt"] for p in pairs]
+    scores = judge.score(prompts + prompts, [p[side][-1]["content"] for side in ("chosen", "rejected") for p in pairs])
+    return sum(c > r for c, r in zip(scores[:len(pairs)], scores[len(pairs):])) / len(pairs)

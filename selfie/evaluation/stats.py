@@ -34,3 +34,42 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], n_boot: int =
         "win_rate": float(o.mean()), "wins": int((o == 1).sum()), "ties": int((o == 0.5).sum()),
         "losses": int((o == 0).sum()), "n": len(o), "ci95": bootstrap_ci(o, n_boot, seed),
     }
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, iterations: int = 100) -> np.ndarray:
+    """Maximum-likelihood (b0, b1) of P(y = 1) = sigmoid(b0 + b1 x) for targets in [0, 1] (Newton's method)."""
+    design = np.stack([np.ones_like(x), x], axis=1)
+    coef = np.zeros(2)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(design @ coef)))
+        hessian = design.T @ (design * (p * (1 - p))[:, None]) + 1e-12 * np.eye(2)
+        step = np.linalg.lstsq(hessian, design.T @ (y - p), rcond=None)[0]
+        coef = np.clip(coef + step, -30.0, 30.0)  # a perfectly separated set would run off to infinity
+        if np.abs(step).max() < 1e-10:
+            break
+    return coef
+
+
+def length_controlled_win_rate(outcome: np.ndarray, length_diff: np.ndarray) -> float:
+    """The win rate at equal length, as AlpacaEval 2.0's length control does it.
+
+    The preference (1 win, 0.5 tie, 0 loss) is regressed on the length difference, normalised as
+    tanh(diff / std(diff)); the fitted probability at zero difference is sigmoid(b0).
+    """
+    scale = length_diff.std()
+    x = np.tanh(length_diff / scale) if scale > 0 else np.zeros_like(length_diff, dtype=float)
+    if not x.any():  # no length difference to control for
+        return float(outcome.mean())
+    return float(1.0 / (1.0 + np.exp(-_logistic_fit(x, outcome)[0])))
+
+
+def length_controlled(scores_a: Sequence[float], scores_b: Sequence[float], lengths_a: Sequence[int],
+                      lengths_b: Sequence[int], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Length-controlled win rate of A over B with a 95% bootstrap interval over items."""
+    o = outcomes(scores_a, scores_b)
+    diff = np.asarray(lengths_a, dtype=float) - np.asarray(lengths_b, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(o), size=(n_boot, len(o)))
+    boots = [length_controlled_win_rate(o[d], diff[d]) for d in draws]
+    return {"lc_win_rate": length_controlled_win_rate(o, diff),
+            "lc_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}

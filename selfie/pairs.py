@@ -1,0 +1,156 @@
+"""From scored responses to training pairs: truncation policy, length penalty, min-max selection, replay.
+
+Every labeller (the implicit reward, a reward model, a Python function) gives one score per response;
+pairs are then made the same way whatever the labeller:
+
+    shaped_i = score_i - alpha * |y_i| - [policy = penalize] * truncation_penalty * [y_i truncated]
+    chosen   = argmax shaped over the candidates (policy drop: finished responses only; else all)
+    rejected = argmin shaped over the responses whose text differs from the chosen one
+
+|y| is the response's token count as scored. alpha is `length_penalty`, or with `auto` the value that
+makes chosen and rejected equally long on average over the whole iteration (DICE's length-regularised
+reward). Pairs keep `margin` = raw score(chosen) - raw score(rejected) and whether each side finished,
+so the trainer can render a truncated response exactly as it was judged (no end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from selfie.errors import SelfieError
+
+TRUNCATION_POLICIES = ("drop", "penalize", "keep")
+DROP_REASONS = ("all_truncated", "identical", "single_response")
+AUTO_ITERATIONS = 60  # bisection steps for `auto`: alpha to ~1e-18 of its bracket
+
+
+@dataclass(frozen=True)
+class PairRules:
+    truncated: str = "drop"  # drop | penalize | keep
+    truncation_penalty: float = 1.0  # subtracted from a truncated response's score under `penalize`
+    length_penalty: float | str = 0.0  # alpha per token, or "auto"
+
+    def __post_init__(self):
+        if self.truncated not in TRUNCATION_POLICIES:
+            raise SelfieError(f"judge.truncated: expected one of {', '.join(TRUNCATION_POLICIES)}, got '{self.truncated}'")
+        if isinstance(self.length_penalty, str) and self.length_penalty != "auto":
+            raise SelfieError(f"judge.length_penalty: expected a number or 'auto', got '{self.length_penalty}'")
+
+
+def _pick(scores: Sequence[float], lengths: Sequence[int], finished: Sequence[bool], texts: Sequence[str],
+          rules: PairRules, alpha: float) -> tuple[int, int] | str:
+    """(chosen, rejected) indices of one prompt's responses, or the reason it gives no pair."""
+    if len(texts) < 2:
+        return "single_response"
+    penalty = rules.truncation_penalty if rules.truncated == "penalize" else 0.0
+    shaped = [s - alpha * n - (0.0 if done else penalty) for s, n, done in zip(scores, lengths, finished)]
+    candidates = [i for i, done in enumerate(finished) if done or rules.truncated != "drop"]
+    if not candidates:
+        return "all_truncated"
+    chosen = max(candidates, key=lambda i: shaped[i])
+    others = [i for i in range(len(texts)) if texts[i] != texts[chosen]]
+    if not others:
+        return "identical"
+    return chosen, min(others, key=lambda i: shaped[i])
+
+
+def _length_gap(picks: list[tuple[int, int] | str], lengths: list[Sequence[int]]) -> float:
+    """Mean |chosen| - mean |rejected| over the prompts that give a pair."""
+    gaps = [lengths[n][p[0]] - lengths[n][p[1]] for n, p in enumerate(picks) if not isinstance(p, str)]
+    return sum(gaps) / len(gaps) if gaps else 0.0
+
+
+def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules) -> float:
+    """The alpha at which chosen and rejected are, on average, equally long (as near as the data allows).
+
+    The length gap can only fall as alpha grows (a larger alpha never picks a longer chosen or a shorter
+    rejected), so bisection between a bracket where the gap is >= 0 and one where it is <= 0 finds the
+    crossing; of its two sides the one with the smaller |gap| wins (ties: the smaller |alpha|).
+    """
+    lengths = [j["num_tokens"] for j in judgments]
+
+    def gap(alpha: float) -> float:
+        return _length_gap([_pick(j["rewards"], j["num_tokens"], r["finished"], r["responses"], rules, alpha)
+                            for r, j in zip(responses, judgments)], lengths)
+
+    if gap(0.0) == 0:
+        return 0.0
+    sign = 1.0 if gap(0.0) > 0 else -1.0  # chosen longer: penalise length; shorter: reward it
+    spread = max((abs(s) for j in judgments for s in j["rewards"]), default=0.0) + rules.truncation_penalty
+    far = sign * max(spread, 1e-6)
+    for _ in range(64):  # widen until the gap changes sign (or no alpha can move it further)
+        if sign * gap(far) <= 0:
+            break
+        far *= 2
+    near = 0.0
+    for _ in range(AUTO_ITERATIONS):
+        mid = (near + far) / 2
+        if sign * gap(mid) > 0:
+            near = mid
+        else:
+            far = mid
+    return min((near, far), key=lambda a: (abs(gap(a)), abs(a)))
+
+
+def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules = PairRules()
+                 ) -> tuple[list[dict], dict]:
+    """Pairs of one iteration and their label diagnostics.
+
+    `responses` are responses.jsonl rows, `judgments` rows with `rewards` and `num_tokens` in the same order.
+    Returns (pairs, metrics): metrics hold the alpha used, drop counts and the label diagnostics.
+    """
+    if len(responses) != len(judgments):
+        raise SelfieError(f"pairs: {len(responses)} response rows but {len(judgments)} judgments")
+    alpha = auto_length_penalty(responses, judgments, rules) if rules.length_penalty == "auto" else float(rules.length_penalty)
+    pairs, dropped, by_truncation = [], Counter(), 0
+    for row, judged in zip(responses, judgments):
+        scores, lengths, texts, finished = judged["rewards"], judged["num_tokens"], row["responses"], row["finished"]
+        pick = _pick(scores, lengths, finished, texts, rules, alpha)
+        if isinstance(pick, str):
+            dropped[pick] += 1
+            continue
+        chosen, rejected = pick
+        by_truncation += pick != _pick(scores, lengths, finished, texts, PairRules("keep"), alpha)
+        pairs.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"],
+                      "chosen": [{"role": "assistant", "content": texts[chosen]}],
+                      "rejected": [{"role": "assistant", "content": texts[rejected]}],
+                      "margin": scores[chosen] - scores[rejected],
+                      "chosen_finished": finished[chosen], "rejected_finished": finished[rejected],
+                      "chosen_tokens": lengths[chosen], "rejected_tokens": lengths[rejected]})
+    return pairs, {"pairs": len(pairs), "dropped": {reason: dropped[reason] for reason in DROP_REASONS},
+                   "length_penalty": alpha, **label_diagnostics(pairs, by_truncation)}
+
+
+def label_diagnostics(pairs: Sequence[dict], decided_by_truncation: int) -> dict:
+    """What decided the labels: lengths of chosen vs rejected, the truncation rule, negative raw margins."""
+    n = len(pairs)
+    mean = lambda key: sum(p[key] for p in pairs) / n if n else None  # noqa: E731
+    return {"margin_mean": mean("margin"), "negative_margin": sum(p["margin"] < 0 for p in pairs),
+            "chosen_tokens_mean": mean("chosen_tokens"), "rejected_tokens_mean": mean("rejected_tokens"),
+            "chosen_truncated": sum(not p["chosen_finished"] for p in pairs),
+            "rejected_truncated": sum(not p["rejected_finished"] for p in pairs),
+            "decided_by_truncation": decided_by_truncation / n if n else None}
+
+
+def with_replay(pairs: list[dict], seed_pairs: Sequence[dict], fraction: float, seed: int) -> list[dict]:
+    """The iteration's pairs plus seed pairs making up `fraction` of the result (DICE's experience replay).
+
+    round(fraction / (1 - fraction) * len(pairs)) seed pairs are drawn without replacement (the seed set is
+    reshuffled and drawn again when more are needed), deterministically under `seed`.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise SelfieError(f"data.replay: expected a fraction in [0, 1), got {fraction}")
+    count = round(fraction / (1.0 - fraction) * len(pairs))
+    if not count:
+        return list(pairs)
+    if not seed_pairs:
+        raise SelfieError("data.replay: the seed stage has no pairs to replay")
+    rng, drawn = random.Random(seed), []
+    while len(drawn) < count:
+        order = list(seed_pairs)
+        rng.shuffle(order)
+        drawn += order[: count - len(drawn)]
+    return list(pairs) + [{**row, "replay": True} for row in drawn]
