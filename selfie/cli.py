@@ -1,4 +1,4 @@
-"""`selfie run | generate | judge | edit | eval | status`."""
+"""`selfie run | generate | judge | edit | eval | export | status`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfie import edit, evaluate, generate, judge
+    from selfie import edit, evaluate, export, generate, judge
 
     parser = argparse.ArgumentParser(prog="selfie", description="Self-generated preference learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="win rates, judge accuracy, per-iteration scores")
     evaluate.add_eval_args(ev)
     ev.set_defaults(handler=evaluate.run_eval_command)
+
+    exp = sub.add_parser("export", help="an iteration's policy as a standalone model or a PEFT adapter, with a model card")
+    export.add_export_args(exp)
+    exp.set_defaults(handler=export.run_export_command)
     return parser
 
 

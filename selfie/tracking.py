@@ -111,7 +111,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _eval_cell(result: dict | None) -> str:
+def eval_headline(result: dict | None) -> str:
     """The eval stage's headline: a win rate with its 95% interval, or a mean score when there is no baseline."""
     if not result:
         return "-"
@@ -125,7 +125,7 @@ def summary_markdown(rows: list[dict]) -> str:
     columns = SUMMARY_COLUMNS + ([("eval", "eval")] if any(row.get("eval") for row in rows) else [])
     header = "| " + " | ".join(title for _, title in columns) + " |"
     lines = [header, "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_eval_cell(row.get(key)) if key == "eval" else _cell(row.get(key)) for key, _ in columns) + " |"
+    lines += ["| " + " | ".join(eval_headline(row.get(key)) if key == "eval" else _cell(row.get(key)) for key, _ in columns) + " |"
               for row in rows]
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,225 @@
+"""`selfie export RUN`: one iteration's policy as a standalone model or a PEFT adapter, with a model card.
+
+The policy of iteration t is pi_init (the configured model, or RUN/init/model when the run had an
+`init:` edit) plus RUN/iter_t/adapter; every adapter of a run applies to pi_init (see trainer.py).
+`merge` folds the adapter into pi_init's weights: the result loads with plain `AutoModelForCausalLM`.
+`adapter` writes the PEFT adapter with `base_model_name_or_path` set to a base that exists: the hub id
+when pi_init is a plain hub model, else pi_init itself exported to DIR/base (named by absolute path).
+The export is built in a temporary directory beside DIR and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from selfie.config import RecipeConfig, config_hash
+from selfie.errors import SelfieError
+from selfie.io import read_json
+from selfie.rundir import Manifest, iteration_dir, load_run_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def completed_iterations(run_dir: Path, config: RecipeConfig) -> list[int]:
+    """Iterations whose adapter is final: the seed stage done for 0, the train stage for t >= 1."""
+    manifest = Manifest.load(run_dir / "manifest.json", config_hash(config))
+    return [t for t in range(config.num_iterations + 1) if manifest.is_done(t, "train" if t else "seed")]
+
+
+def pick_iteration(run_dir: Path, config: RecipeConfig, iteration: int | None) -> int:
+    """`iteration` if it is complete, else an error; None means the last completed one."""
+    done = completed_iterations(run_dir, config)
+    if iteration is None:
+        if not done:
+            raise SelfieError(f"{run_dir}: no completed iteration to export (the seed stage is not in manifest.json yet)")
+        return done[-1]
+    if iteration not in done:
+        stage = "train" if iteration else "seed"
+        raise SelfieError(f"{run_dir}: iteration {iteration} is not complete (no '{stage}' stage done in manifest.json); "
+                          f"completed: {', '.join(map(str, done)) or 'none'}")
+    return iteration
+
+
+def hub_base(config: RecipeConfig) -> str | None:
+    """The hub id that pi_init is, or None when it is an edit, a local directory, a .gguf file or a built-in alias."""
+    from selfie.models import BUILTIN_MODELS
+
+    name = config.model.name
+    if config.init or name in BUILTIN_MODELS or is_local(name):
+        return None
+    return name
+
+
+def is_local(name: str) -> bool:
+    """A path rather than a hub id (the rule of `resolve_model_path`)."""
+    path = Path(name)
+    return path.expanduser().exists() or path.suffix == ".gguf" or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def check_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise SelfieError(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise SelfieError(f"{output}: directory is not empty; choose another --output or pass --force to replace it")
+
+
+@contextlib.contextmanager
+def staged(output: Path) -> Iterator[Path]:
+    """A temporary directory beside `output`, renamed to it when the block succeeds and removed when it fails."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield tmp
+        _share(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _share(directory: Path) -> None:
+    """The modes a plain mkdir / open would give: mkdtemp and mkstemp (used by some writers) make them private."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _own_dtype(path: str) -> torch.dtype:
+    """The dtype a model directory or hub id records in its config (float32 when it records none)."""
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(path).dtype
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+
+
+def save_model(model: PreTrainedModel, source: str, directory: Path, dtype: torch.dtype) -> None:
+    """Weights (safetensors, in `dtype`), generation config and `source`'s own tokenizer, into `directory`."""
+    from transformers import AutoTokenizer
+
+    model.to(dtype).save_pretrained(directory, safe_serialization=True)  # writes generation_config.json too
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+
+
+def write_merged(base: str, adapter: Path, directory: Path, dtype: torch.dtype | None) -> None:
+    """pi_init + adapter merged (in float32, then cast to `dtype`, default pi_init's own) as a standalone model."""
+    from selfie.models import load_adapter, load_model, merge_adapter, resolve_model_path
+
+    path = resolve_model_path(base)
+    merged = merge_adapter(load_adapter(load_model(base, "float32"), adapter))
+    save_model(merged, path, directory, dtype or _own_dtype(path))
+
+
+def write_adapter(config: RecipeConfig, base: str, adapter: Path, directory: Path, final: Path,
+                  dtype: torch.dtype | None) -> str:
+    """The PEFT adapter, pointed at the hub id or at pi_init exported to `final`/base; returns that reference."""
+    from selfie.models import load_model, resolve_model_path
+
+    reference = hub_base(config)
+    if reference is None:
+        path = resolve_model_path(base)
+        save_model(load_model(base, "float32"), path, directory / "base", dtype or _own_dtype(path))
+        reference = str(final.resolve() / "base")
+    shutil.copyfile(adapter / "adapter_model.safetensors", directory / "adapter_model.safetensors")
+    adapter_config = read_json(adapter / "adapter_config.json")
+    adapter_config["base_model_name_or_path"] = reference
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")  # the whole directory is staged
+    return reference
+
+
+def require_hub_login() -> None:
+    """Fail before any work when a push cannot happen: offline mode, or no token."""
+    import huggingface_hub
+
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise SelfieError("--push-to-hub: HF_HUB_OFFLINE is set; unset it to push, or export without --push-to-hub")
+    if huggingface_hub.get_token() is None:
+        raise SelfieError("--push-to-hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+
+
+def push(directory: Path, repo_id: str, private: bool, message: str) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=message, repo_type="model")
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise SelfieError(f"--push-to-hub {repo_id}: {str(e).splitlines()[0]} (the export in {directory} is complete)") from None
+    return str(url)
+
+
+def export_run(run_dir: str | Path, output: str | Path, *, iteration: int | None = None, adapter_only: bool = False,
+               dtype: str | None = None, force: bool = False, push_to_hub: str | None = None,
+               private: bool = False) -> Path:
+    """Export iteration `iteration` (default: the last completed) of a run into `output`; optionally push it."""
+    from selfie.evaluation.compare import run_models
+    from selfie.model_card import build_card
+
+    run_dir, output = Path(run_dir), Path(output)
+    if push_to_hub:
+        require_hub_login()
+    config = load_run_config(run_dir)
+    t = pick_iteration(run_dir, config, iteration)
+    adapter = iteration_dir(run_dir, t) / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise SelfieError(f"{adapter}: recorded done in manifest.json but holds no adapter_config.json")
+    check_output(output, force)
+    base = run_models(run_dir)[1]  # pi_init: the configured model, or the edited one
+    target = DTYPES[dtype] if dtype else None
+    with staged(output) as tmp:
+        if adapter_only:
+            reference = write_adapter(config, base, adapter, tmp, output, target)
+        else:
+            write_merged(base, adapter, tmp, target)
+            reference = None
+        card = build_card(run_dir, config, t, adapter_reference=reference, output=output, repo_id=push_to_hub)
+        card.save(tmp / "README.md")
+    logger.info("exported iteration %d of %s to %s", t, run_dir, output)
+    if push_to_hub:
+        logger.info("pushed to %s", push(output, push_to_hub, private, f"selfie export of {run_dir.name}, iteration {t}"))
+    return output
+
+
+# ---------------------------------------------------------------- command line
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("--iteration", type=int, default=None, help="which iteration (default: the last completed one)")
+    parser.add_argument("--output", required=True, help="directory to write the export to (must be empty or absent)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--merge", dest="adapter_only", action="store_false",
+                      help="a standalone model: base, edit and adapter merged (the default)")
+    mode.add_argument("--adapter-only", dest="adapter_only", action="store_true",
+                      help="the PEFT adapter, plus the base in DIR/base when it is not a hub model")
+    parser.set_defaults(adapter_only=False)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the base model's own)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the export to this hub repository")
+    parser.add_argument("--private", action="store_true", help="create the hub repository as private")
+
+
+def run_export_command(args: argparse.Namespace) -> None:
+    if args.private and not args.push_to_hub:
+        raise SelfieError("--private applies only with --push-to-hub")
+    print(export_run(args.run_dir, args.output, iteration=args.iteration, adapter_only=args.adapter_only, dtype=args.dtype,
+                     force=args.force, push_to_hub=args.push_to_hub, private=args.private))
