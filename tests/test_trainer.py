@@ -1,4 +1,4 @@
-"""NoiseAwareDPOTrainer on the tiny model: the loss against METHOD.md by hand, against stock TRL, learning, stages."""
+"""NoiseAwareDPOTrainer on the tiny model: the loss against docs/METHOD.md (section 1.7) by hand, against stock TRL, learning, stages."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_loss_matches_the_method_formula_by_hand(tiny_model, prev_adapter, tmp_p
     model = trainer.model
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    # METHOD.md section 1, step 3, with full logits
+    # docs/METHOD.md section 1.7, with full logits
     policy_logits = model(**inputs).logits
     with torch.no_grad(), use_adapter(model, "ref"):
         ref_logits = model(**inputs).logits

@@ -1,4 +1,4 @@
-"""AlignEZ: from self-generated pairs to per-layer edits (METHOD.md 2.3-2.6).
+"""AlignEZ: from self-generated pairs to per-layer edits (docs/METHOD.md sections 2.2-2.5).
 
 Which directions are u+ and u-? Taking both from the (y+, y-) pairs makes them parallel (u- = -u+)
 and the edit degenerates: (I + a u u^T)(I - u u^T) = I - u u^T, the boost is wiped out. So each is

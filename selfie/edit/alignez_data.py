@@ -1,4 +1,4 @@
-"""AlignEZ's self-generated preference data (METHOD.md 2.1-2.2), plus one plain response per prompt.
+"""AlignEZ's self-generated preference data (docs/METHOD.md section 2.1), plus one plain response per prompt.
 
 For each query q and keyword pair (pos, neg) the model first describes each persona's answer
 ("characteristics", ~50 tokens), then answers q as that persona (~200 tokens): (y+, y-) is a

@@ -1,4 +1,4 @@
-"""Apply an AlignEZ edit (METHOD.md 2.5): inference hooks, or folded into the weights.
+"""Apply an AlignEZ edit (docs/METHOD.md section 2.5): inference hooks, or folded into the weights.
 
 At each chosen layer, with orthonormal rows U- (harmful) and U+ (helpful):
     h <- h - U-^T U- h            (neutralise harmful)

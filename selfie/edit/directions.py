@@ -1,4 +1,4 @@
-"""Direction finders: which unit vectors separate positive from negative hidden states (METHOD.md 2.4, 2.6).
+"""Direction finders: which unit vectors separate positive from negative hidden states (docs/METHOD.md sections 2.3, 2.4).
 
 A finder maps paired states `pos`, `neg` ([N, H], row i of each from the same prompt) to
 orthonormal rows [k, H] whose sign is fixed so that positives project higher than negatives on

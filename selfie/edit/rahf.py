@@ -1,4 +1,4 @@
-"""RAHF (METHOD.md 3): train a LoRA adapter that moves the layer states toward the "good" side.
+"""RAHF (docs/METHOD.md section 3): train a LoRA adapter that moves the layer states toward the "good" side.
 
 For each (prompt x, response y): d_l = h_l(x + good instruction, y) - h_l(x + bad instruction, y)
 at the response tokens of target layer l (decoder-layer outputs), and the target on the plain
