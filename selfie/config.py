@@ -14,12 +14,38 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import yaml
 
 from selfie.errors import SelfieError
 from selfie.io import read_yaml_mapping
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+POSITIVE = ((lambda v: v > 0), "> 0")
+FRACTION = ((lambda v: 0 <= v < 1), "a fraction in [0, 1)")
+
+
+class Ranged:
+    """A recipe section whose values must lie in range: RANGES maps a field to (test, what it must be).
+
+    Checked when the recipe loads, so a bad value stops the run before anything is written or computed.
+    """
+
+    SECTION: ClassVar[str] = ""
+    RANGES: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+    def __post_init__(self):
+        for name, (ok, expected) in self.RANGES.items():
+            value = getattr(self, name)
+            values = value if isinstance(value, list) else [value]
+            if value is not None and not all(ok(v) for v in values):
+                raise SelfieError(f"recipe key '{self.SECTION}{name}': expected {'each ' if isinstance(value, list) else ''}"
+                                  f"{expected}, got {value!r}")
 
 
 @dataclass
@@ -29,7 +55,10 @@ class ModelConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Ranged):
+    SECTION = "lora."
+    RANGES = {"r": _at_least(1), "alpha": POSITIVE, "dropout": FRACTION}
+
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -37,7 +66,10 @@ class LoraConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Ranged):
+    SECTION = "data."
+    RANGES = {"seed_size": _at_least(0), "iteration_sizes": POSITIVE, "replay": FRACTION}
+
     prompts: str = "demo"  # prompt pool: hub id, .json/.jsonl/.parquet file, saved dataset dir, or "demo"
     seed_pairs: str | None = None  # labelled preference set for the seed stage, or "alignez" (self-generated, no label); None = labels of the pool's seed slice
     seed_judge: str | None = None  # label the seed slice with this judge instead (2 samples per prompt; see evaluate.py)
@@ -48,15 +80,19 @@ class DataConfig:
     replay: float = 0.0  # this fraction of each iteration's training pairs is drawn from the seed pairs (DICE)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.seed_pairs and self.seed_judge:
             raise SelfieError("recipe keys 'data.seed_pairs' and 'data.seed_judge' exclude each other: "
                               "the seed labels come from a labelled set or from a judge")
-        if not 0.0 <= self.replay < 1.0:
-            raise SelfieError(f"recipe key 'data.replay': expected a fraction in [0, 1), got {self.replay}")
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Ranged):
+    SECTION = "generate."
+    RANGES = {"num_responses": (lambda v: v >= 2, ">= 2 (a pair needs two responses)"), "temperature": _at_least(0),
+              "top_p": ((lambda v: 0 < v <= 1), "a value in (0, 1]"), "max_new_tokens": _at_least(1),
+              "batch_size": _at_least(1)}
+
     num_responses: int = 2
     temperature: float = 0.7
     top_p: float = 1.0
@@ -65,17 +101,23 @@ class GenerateConfig:
 
 
 @dataclass
-class JudgeConfig:
+class JudgeConfig(Ranged):
+    SECTION = "judge."
+    RANGES = {"beta": POSITIVE, "truncation_penalty": _at_least(0), "token_budget": _at_least(1)}
+
     beta: float = 0.1
     labeller: str = "implicit"  # implicit reward, or any judge spec `selfie eval` takes (reward-model:..., callable:...)
-    truncated: str = "drop"  # a response cut at the length limit: drop (never chosen) | penalize | keep
+    # Defaults chosen by scripts/bench_quality.py (docs/BENCHMARKS.md "Quality"): of the rules measured,
+    # penalize + auto gave SPA's best held-out score over seed-only DPO; drop + 0 (the old rule) its worst.
+    truncated: str = "penalize"  # a response cut at the length limit: drop (never chosen) | penalize | keep
     truncation_penalty: float = 1.0  # subtracted from a truncated response's reward under `penalize`
-    length_penalty: float | str = 0.0  # alpha: reward - alpha * tokens; "auto" equalises chosen / rejected lengths
+    length_penalty: float | str = "auto"  # alpha: reward - alpha * tokens; "auto" equalises chosen / rejected lengths
     length_normalize: bool = False
     token_budget: int = 8192  # tokens per judging batch (prompt + response, padded)
 
     def __post_init__(self):
-        self.rules  # noqa: B018 - validates truncated and length_penalty
+        super().__post_init__()
+        self.rules  # noqa: B018 - building the rules validates truncated and length_penalty
 
     @property
     def rules(self) -> "PairRules":
@@ -85,7 +127,14 @@ class JudgeConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Ranged):
+    SECTION = "train."
+    RANGES = {"beta": POSITIVE, "learning_rate": POSITIVE, "warmup_ratio": FRACTION, "num_train_epochs": POSITIVE,
+              "seed_epochs": POSITIVE, "per_device_train_batch_size": _at_least(1),
+              "gradient_accumulation_steps": _at_least(1), "max_length": _at_least(1), "save_steps": _at_least(1),
+              "logging_steps": _at_least(1),
+              "adapter_mode": ((lambda v: v in ("continue", "merge")), "'continue' or 'merge'")}
+
     beta: float = 0.1
     learning_rate: float = 5e-6
     lr_scheduler_type: str = "cosine"
@@ -102,7 +151,12 @@ class TrainConfig:
 
 
 @dataclass
-class RefineConfig:
+class RefineConfig(Ranged):
+    SECTION = "refine."
+    RANGES = {"alpha": ((lambda v: 0 <= v <= 0.5), "a value in [0, 0.5]"),
+              "quantile": ((lambda v: 0 < v < 1), "a value in (0, 1)"), "window_steps": _at_least(1),
+              "warmup_fraction": ((lambda v: 0 <= v <= 1), "a value in [0, 1]"), "lambdas": _at_least(0)}
+
     alpha: float = 0.1  # label-smoothing strength for low-confidence pairs; 0 = plain DPO
     quantile: float = 0.1  # K: pairs below this quantile of recent margins are smoothed
     window_steps: int = 50  # margins of the last W optimizer steps form the window
@@ -127,13 +181,21 @@ class RecipeConfig:
     init: dict[str, Any] | None = None  # representation edit of pi_init: {method: alignez | rahf, ...}
     eval: dict[str, Any] | None = None  # per-iteration evaluation: {judge: ..., prompts: ...}
 
+    def __post_init__(self):
+        slices = len(self.data.iteration_sizes)
+        if not 0 <= self.num_iterations <= slices:
+            raise SelfieError(f"recipe key 'num_iterations': expected 0..{slices} (data.iteration_sizes has {slices} "
+                              f"slices), got {self.num_iterations}")
+
 
 # Keys whose change does not alter a run's results; a resumed run may differ in these.
 HARMLESS_KEYS = frozenset({"report_to", "run_name", "train.logging_steps", "train.save_steps", "generate.batch_size", "judge.token_budget"})
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The recipe keys of a section: its dataclass fields (class constants left out)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Sample K responses per prompt from the current policy (METHOD.md section 1, step 1).
+"""Sample K responses per prompt from the current policy (docs/METHOD.md section 1.3).
 
 A small sampling loop instead of `model.generate`: every (prompt, k) row draws its tokens from its
 own `torch.Generator`, seeded from (run seed, prompt_id, k), so a prompt's responses do not depend

@@ -1,4 +1,4 @@
-"""Implicit-reward judging and pair selection (METHOD.md section 1, step 2).
+"""Implicit-reward judging and pair selection (docs/METHOD.md sections 1.4 and 1.5).
 
 r(x, y) = beta * (logp_policy(y|x) - logp_reference(y|x)), logp summed over the response tokens
 (EOS included when the response finished). The reference is the same weights with the adapter
@@ -268,19 +268,23 @@ def judge_responses(
 
 
 def add_judge_args(parser: argparse.ArgumentParser) -> None:
+    from selfie.config import JudgeConfig
+
+    defaults = JudgeConfig()  # the recipe's defaults, so `selfie judge` labels as `selfie run` does
     parser.add_argument("--model", required=True, help="the initial model pi_init (also the judge reference)")
     parser.add_argument("--adapter", required=True, help="PEFT adapter of the policy that generated the responses")
     parser.add_argument("--responses", required=True, help="responses.jsonl from `selfie generate`")
     parser.add_argument("--output", required=True, help="judgments.jsonl to write")
     parser.add_argument("--pairs", default=None, help="pairs.jsonl to write (TRL conversational preference format)")
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=defaults.beta)
     parser.add_argument("--length-normalize", action="store_true", help="divide log-probs by the response length")
-    parser.add_argument("--truncated", choices=TRUNCATION_POLICIES, default="drop",
+    parser.add_argument("--truncated", choices=TRUNCATION_POLICIES, default=defaults.truncated,
                         help="a response cut at the length limit: never chosen (drop), scored minus --truncation-penalty "
                              "(penalize), or like any other (keep)")
-    parser.add_argument("--truncation-penalty", type=float, default=1.0)
-    parser.add_argument("--length-penalty", default="0", help="alpha per response token subtracted from the reward, or 'auto'")
-    parser.add_argument("--token-budget", type=int, default=8192, help="padded tokens per batch")
+    parser.add_argument("--truncation-penalty", type=float, default=defaults.truncation_penalty)
+    parser.add_argument("--length-penalty", default=str(defaults.length_penalty),
+                        help="alpha per response token subtracted from the reward, or 'auto'")
+    parser.add_argument("--token-budget", type=int, default=defaults.token_budget, help="padded tokens per batch")
     parser.add_argument("--metrics", default=None, help="write the metrics as JSON here")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
 

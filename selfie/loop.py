@@ -1,4 +1,4 @@
-"""The SPA loop (METHOD.md section 1): seed DPO, then generate -> judge -> train (-> eval) per iteration.
+"""The SPA loop (docs/METHOD.md section 1): seed DPO, then generate -> judge -> train (-> eval) per iteration.
 
 Each stage is a function from (config, previous artifacts) to new artifacts in the run directory;
 the manifest records it once its artifacts are complete, so re-running the same command resumes
@@ -189,8 +189,6 @@ class Loop:
         return final, metrics
 
     def stage_generate(self, t: int) -> tuple[list[Path], dict]:
-        if t > len(self.data.iterations):
-            raise SelfieError(f"num_iterations={self.config.num_iterations} but data.iteration_sizes has {len(self.data.iterations)} slices")
         path, metrics = self._generate(t, self.data.iterations[t - 1], self.adapter(t - 1), self.config.generate.num_responses)
         return [path], metrics
 

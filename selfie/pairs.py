@@ -67,8 +67,10 @@ def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], ru
     """The alpha at which chosen and rejected are, on average, equally long (as near as the data allows).
 
     The length gap can only fall as alpha grows (a larger alpha never picks a longer chosen or a shorter
-    rejected), so bisection between a bracket where the gap is >= 0 and one where it is <= 0 finds the
-    crossing; of its two sides the one with the smaller |gap| wins (ties: the smaller |alpha|).
+    rejected), so bisection finds where it reaches zero; of the two sides of that step the one with the
+    smaller |gap| wins (ties: the smaller |alpha|). When no alpha closes the gap (under `drop` a finished
+    chosen may always be the shorter one), the answer is the smallest |alpha| that narrows it the most,
+    not an unbounded one that would rank by length alone.
     """
     lengths = [j["num_tokens"] for j in judgments]
 
@@ -79,20 +81,18 @@ def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], ru
     if gap(0.0) == 0:
         return 0.0
     sign = 1.0 if gap(0.0) > 0 else -1.0  # chosen longer: penalise length; shorter: reward it
-    spread = max((abs(s) for j in judgments for s in j["rewards"]), default=0.0) + rules.truncation_penalty
-    far = sign * max(spread, 1e-6)
-    for _ in range(64):  # widen until the gap changes sign (or no alpha can move it further)
-        if sign * gap(far) <= 0:
-            break
+    spread = 2 * max((abs(s) for j in judgments for s in j["rewards"]), default=0.0) + rules.truncation_penalty + 1e-6
+    floor = max(0.0, sign * gap(sign * spread * 1e9))  # the gap left when length alone decides
+    near, far = 0.0, sign * spread
+    while sign * gap(far) > floor:
         far *= 2
-    near = 0.0
     for _ in range(AUTO_ITERATIONS):
         mid = (near + far) / 2
-        if sign * gap(mid) > 0:
+        if sign * gap(mid) > floor:
             near = mid
         else:
             far = mid
-    return min((near, far), key=lambda a: (abs(gap(a)), abs(a)))
+    return far if floor else min((near, far), key=lambda a: (abs(gap(a)), abs(a)))
 
 
 def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules = PairRules()

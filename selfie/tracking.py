@@ -78,6 +78,8 @@ class Tracker:
 
 SUMMARY_COLUMNS = [
     ("iteration", "iter"), ("pairs", "pairs kept"), ("dropped", "dropped (by reason)"), ("margin_mean", "mean margin"),
+    ("lengths", "chosen vs rejected tokens"), ("decided_by_truncation", "decided by truncation"),
+    ("negative_margin", "negative margins"), ("agreement", "agree with eval judge"),
     ("smoothed_fraction", "smoothed frac"), ("loss", "loss"), ("times", "time per stage (s)"), ("tokens_per_second", "gen tok/s"),
 ]
 
@@ -92,6 +94,13 @@ def summary_rows(per_iteration: dict[int, dict]) -> list[dict]:
             "pairs": judge.get("pairs", train.get("pairs")),
             "dropped": judge.get("dropped"),
             "margin_mean": judge.get("margin_mean"),
+            "chosen_tokens": judge.get("chosen_tokens_mean"),
+            "rejected_tokens": judge.get("rejected_tokens_mean"),
+            "lengths": (f"{judge['chosen_tokens_mean']:.0f} vs {judge['rejected_tokens_mean']:.0f}"
+                        if judge.get("chosen_tokens_mean") is not None else None),
+            "decided_by_truncation": judge.get("decided_by_truncation"),
+            "negative_margin": judge.get("negative_margin"),
+            "agreement": judge.get("eval_judge_agreement"),
             "smoothed_fraction": train.get("refine/smoothed_fraction"),
             "loss": train.get("train_loss"),
             "times": m.get("times", {}),
@@ -136,15 +145,27 @@ def plot_summary(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("pairs", "pairs kept"), ("margin_mean", "mean judge margin"), ("loss", "train loss"),
-              ("smoothed_fraction", "smoothed fraction")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (key, title) in zip(axes, panels):
-        points = [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if points:
-            ax.plot(*zip(*points), marker="o")
+    from matplotlib.ticker import MaxNLocator
+
+    eval_score = [{**r, "eval_score": (r.get("eval") or {}).get("score_mean")} for r in rows]
+    panels = [  # (title, [(key, label)]): one line per key
+        ("pairs kept", [("pairs", None)]), ("mean judge margin", [("margin_mean", None)]),
+        ("mean tokens", [("chosen_tokens", "chosen"), ("rejected_tokens", "rejected")]),
+        ("label diagnostics", [("decided_by_truncation", "decided by truncation"), ("agreement", "agree with eval judge")]),
+        ("train loss", [("loss", None)]), ("smoothed fraction", [("smoothed_fraction", None)]),
+        ("eval score", [("eval_score", None)]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
+    for ax, (title, lines) in zip(axes, panels):
+        for key, label in lines:
+            points = [(r["iteration"], r[key]) for r in eval_score if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label)
+        if any(label for _, label in lines) and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.set_title(title)
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)

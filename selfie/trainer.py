@@ -1,4 +1,4 @@
-"""Noise-aware DPO with self-refinement (METHOD.md section 1, stage t step 3) as a TRL DPOTrainer subclass.
+"""Noise-aware DPO with self-refinement (docs/METHOD.md section 1.7) as a TRL DPOTrainer subclass.
 
 TRL's `_compute_loss` runs the policy pass (with grad) and the reference pass (without) and returns the
 sigmoid loss. This subclass keeps those two passes and adds, per pair i,

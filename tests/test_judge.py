@@ -243,8 +243,9 @@ def test_smollm2_generate_then_judge(tmp_path):
         assert j["rewards"] == pytest.approx([0.1 * (p - q) for p, q in zip(j["policy_logps"], j["reference_logps"])])
     assert any(r != 0 for j in judgments for r in j["rewards"])
     for p in pairs:
-        assert set(p) == {"prompt_id", "prompt", "chosen", "rejected", "margin"}
+        assert set(p) == {"prompt_id", "prompt", "chosen", "rejected", "margin", "chosen_finished", "rejected_finished",
+                          "chosen_tokens", "rejected_tokens"}
         assert p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant"
         source = next(r for r in responses if r["prompt_id"] == p["prompt_id"])
-        assert source["finished"][source["responses"].index(p["chosen"][0]["content"])]
+        assert source["finished"][source["responses"].index(p["chosen"][0]["content"])] == p["chosen_finished"]
         assert p["chosen"][0]["content"] != p["rejected"][0]["content"]

@@ -40,7 +40,7 @@ def write_recipe(directory: Path, model: str, prompts: Path, seed: Path) -> Path
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"prompts": str(prompts), "seed_pairs": str(seed), "seed_size": 0, "iteration_sizes": [6, 6]},
         "generate": {"max_new_tokens": 12, "batch_size": 2},
-        "judge": {"truncated": "keep"},  # a random tiny model rarely stops within 12 tokens
+        "judge": {"truncated": "keep", "length_penalty": 0.0},  # a random tiny model rarely stops within 12 tokens
         "train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                   "seed_epochs": 1, "save_steps": 1, "max_length": 128},
     }

@@ -61,3 +61,46 @@ def test_gold_labelled_seed_then_self_labelled_iteration_with_eval(tiny_model, t
     assert 0.0 <= evaluation["win_rate"] <= 1.0 and evaluation["ci95"][0] <= evaluation["win_rate"] <= evaluation["ci95"][1]
     assert json.loads((run_dir / "iter_001" / "metrics.json").read_text())["eval"]["win_rate"] == evaluation["win_rate"]
     assert "win rate" in (run_dir / "summary.md").read_text()
+    judge_metrics = json.loads((run_dir / "iter_001" / "metrics.json").read_text())["judge"]
+    pairs = read_jsonl(run_dir / "iter_001" / "pairs.jsonl")
+    vowels = lambda text: sum(ch in "aeiou" for ch in text)  # noqa: E731
+    agree = sum(vowels(p["chosen"][0]["content"]) > vowels(p["rejected"][0]["content"]) for p in pairs) / len(pairs)
+    assert judge_metrics["eval_judge_agreement"] == agree  # self-labels against the eval judge, on the same pairs
+
+
+def test_iterations_labelled_by_a_judge_with_length_control_and_replay(tiny_model, tmp_path):
+    (tmp_path / "gold.py").write_text("def vowels(prompt, response):\n    return sum(ch in 'aeiou' for ch in response)\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"write about {t} please"}) + "\n" for t in TOPICS))
+    recipe = tmp_path / "labeller.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "num_iterations": 1, "report_to": [], "model": {"name": tiny_model},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"prompts": str(prompts), "seed_judge": "callable:gold:vowels", "seed_size": 6, "iteration_sizes": [8],
+                 "replay": 0.5},
+        "generate": {"max_new_tokens": 12, "batch_size": 4},
+        "judge": {"labeller": "callable:gold:vowels", "truncated": "penalize", "truncation_penalty": 0.5,
+                  "length_penalty": "auto"},
+        "train": {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "seed_epochs": 1, "max_length": 128},
+    }))
+    run_dir = tmp_path / "run"
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(tmp_path)}
+    cmd = [sys.executable, "-m", "selfie.cli", "run", str(recipe), "--output_dir", str(run_dir)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    it = run_dir / "iter_001"
+    responses = {row["prompt_id"]: row for row in read_jsonl(it / "responses.jsonl")}
+    judgments = read_jsonl(it / "judgments.jsonl")
+    for judged in judgments:  # the labeller's scores, not implicit rewards
+        assert judged["rewards"] == [sum(ch in "aeiou" for ch in r) for r in responses[judged["prompt_id"]]["responses"]]
+    metrics = json.loads((it / "metrics.json").read_text())
+    alpha, pairs = metrics["judge"]["length_penalty"], read_jsonl(it / "pairs.jsonl")
+    assert metrics["judge"]["labeller"] == "callable:gold:vowels" and isinstance(alpha, float)
+    by_id = {j["prompt_id"]: j for j in judgments}
+    for pair in pairs:  # chosen has the highest shaped score: vowels - alpha * tokens - 0.5 if cut off
+        row, judged = responses[pair["prompt_id"]], by_id[pair["prompt_id"]]
+        shaped = [s - alpha * n - 0.5 * (not done) for s, n, done in zip(judged["rewards"], judged["num_tokens"], row["finished"])]
+        assert shaped[row["responses"].index(pair["chosen"][0]["content"])] == max(shaped)
+    assert metrics["train"]["replayed"] == len(pairs) == metrics["train"]["pairs"] / 2  # half the training set replayed
+    assert "decided by truncation" in (run_dir / "summary.md").read_text()

@@ -89,6 +89,17 @@ def test_auto_length_penalty_can_reward_length_when_chosen_are_shorter():
     assert abs(metrics["chosen_tokens_mean"] - metrics["rejected_tokens_mean"]) < 1.0
 
 
+def test_auto_length_penalty_stays_finite_when_no_alpha_closes_the_gap():
+    # Under drop the finished (shorter) response is always chosen: the gap cannot reach zero.
+    rows = [row(f"p{i}", ["short done", "long cut"], [True, False]) for i in range(5)]
+    rows.append(row("free", ["a", "b"], [True, True]))
+    judgments = [judged([0.1, 0.5], [5, 20]) for _ in range(5)] + [judged([0.3, 0.1], [4, 30])]
+    pairs, metrics = select_pairs(rows, judgments, PairRules("drop", length_penalty="auto"))
+    alpha = metrics["length_penalty"]
+    # the free prompt flips to its longer response once -alpha * 26 > 0.2: the smallest such |alpha|, finite
+    assert alpha == pytest.approx(-0.2 / 26, rel=1e-3) and texts(pairs[-1]) == ("b", "a")
+
+
 def test_bad_rules_are_refused():
     with pytest.raises(SelfieError, match="judge.truncated"):
         PairRules("sometimes")
