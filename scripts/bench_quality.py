@@ -26,7 +26,6 @@ times. About 17 minutes for the shared arms plus 10-13 per configuration on 2 co
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time

@@ -14,12 +14,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import yaml
 
 from selfie.errors import SelfieError
 from selfie.io import read_yaml_mapping
+
+if TYPE_CHECKING:
+    from selfie.pairs import PairRules
 
 
 def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
@@ -120,7 +123,7 @@ class JudgeConfig(Ranged):
         self.rules  # noqa: B018 - building the rules validates truncated and length_penalty
 
     @property
-    def rules(self) -> "PairRules":
+    def rules(self) -> PairRules:
         from selfie.pairs import PairRules
 
         return PairRules(self.truncated, self.truncation_penalty, self.length_penalty)

@@ -11,13 +11,10 @@ The export is built in a temporary directory beside DIR and renamed into place.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +22,7 @@ import torch
 
 from selfie.config import RecipeConfig, config_hash
 from selfie.errors import SelfieError
-from selfie.io import read_json
+from selfie.io import atomic_directory, read_json
 from selfie.rundir import Manifest, iteration_dir, load_run_config
 
 if TYPE_CHECKING:
@@ -77,30 +74,6 @@ def check_output(output: Path, force: bool) -> None:
         raise SelfieError(f"{output}: exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise SelfieError(f"{output}: directory is not empty; choose another --output or pass --force to replace it")
-
-
-@contextlib.contextmanager
-def staged(output: Path) -> Iterator[Path]:
-    """A temporary directory beside `output`, renamed to it when the block succeeds and removed when it fails."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        yield tmp
-        _share(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _share(directory: Path) -> None:
-    """The modes a plain mkdir / open would give: mkdtemp and mkstemp (used by some writers) make them private."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in [directory, *directory.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _own_dtype(path: str) -> torch.dtype:
@@ -186,7 +159,7 @@ def export_run(run_dir: str | Path, output: str | Path, *, iteration: int | None
     check_output(output, force)
     base = run_models(run_dir)[1]  # pi_init: the configured model, or the edited one
     target = DTYPES[dtype] if dtype else None
-    with staged(output) as tmp:
+    with atomic_directory(output) as tmp:
         if adapter_only:
             reference = write_adapter(config, base, adapter, tmp, output, target)
         else:

@@ -7,8 +7,10 @@ and rename it when the stage completes; a torn last line from a killed process i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +34,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(output: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory beside `output` to fill; renamed to `output` (replacing it) when the block succeeds,
+    removed when it fails, so `output` is only ever absent, the old one, or complete."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield tmp
+        _default_modes(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _default_modes(directory: Path) -> None:
+    """The modes a plain mkdir / open would give: mkdtemp and mkstemp (used by some writers) make them private."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

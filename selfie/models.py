@@ -12,8 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from selfie.config import LoraConfig
 from selfie.errors import SelfieError
-from selfie.io import atomic_write_json, read_json
+from selfie.io import atomic_directory, atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +70,9 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return target
 
 
@@ -155,19 +148,10 @@ def save_adapter(model: PeftModel, directory: str | Path, base: PreTrainedModel 
 
     `state_dict` and `fingerprint` stand in for the model's own when its parameters are sharded (FSDP, ZeRO-3).
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp, selected_adapters=["default"], safe_serialization=True, state_dict=state_dict)
         fingerprint = fingerprint or base_fingerprint(base or model.get_base_model())
         atomic_write_json(tmp / BASE_FINGERPRINT_FILE, {"fingerprint": fingerprint})
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def check_adapter(model: PreTrainedModel, adapter: str | Path) -> None:

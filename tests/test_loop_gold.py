@@ -18,29 +18,41 @@ TOPICS = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", 
           "morning", "why", "rain", "a song", "bread", "stars"]
 
 
-def test_gold_labelled_seed_then_self_labelled_iteration_with_eval(tiny_model, tmp_path):
+def run_with_gold_judge(tiny_model: str, tmp_path: Path, *, iteration_size: int, **sections: dict) -> Path:
+    """`selfie run` of a one-iteration tiny recipe whose seed is labelled by the callable judge gold:vowels."""
     (tmp_path / "gold.py").write_text(textwrap.dedent("""
         def vowels(prompt, response):
             return sum(ch in "aeiou" for ch in response)
     """))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"write about {t} please"}) + "\n" for t in TOPICS))
-    recipe = tmp_path / "gold.yaml"
-    recipe.write_text(yaml.safe_dump({
+    values = {
         "num_iterations": 1, "report_to": [], "model": {"name": tiny_model},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"prompts": str(prompts), "seed_judge": "callable:gold:vowels", "seed_size": 6, "iteration_sizes": [6]},
+        "data": {"prompts": str(prompts), "seed_judge": "callable:gold:vowels", "seed_size": 6,
+                 "iteration_sizes": [iteration_size]},
         "generate": {"max_new_tokens": 12, "batch_size": 4},
-        "judge": {"truncated": "keep"},  # a random tiny model rarely stops within 12 tokens
         "train": {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "seed_epochs": 1, "max_length": 128},
-        "eval": {"judge": "callable:gold:vowels", "prompts": str(prompts), "num_prompts": 4, "max_new_tokens": 12,
-                 "baseline": "init", "n_boot": 200},
-    }))
+    }
+    for key, value in sections.items():
+        values[key] = {**values.get(key, {}), **value}
+    recipe = tmp_path / "gold.yaml"
+    recipe.write_text(yaml.safe_dump(values))
     run_dir = tmp_path / "run"
     env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(tmp_path)}
     cmd = [sys.executable, "-m", "selfie.cli", "run", str(recipe), "--output_dir", str(run_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def test_gold_labelled_seed_then_self_labelled_iteration_with_eval(tiny_model, tmp_path):
+    prompts = str(tmp_path / "prompts.jsonl")
+    run_dir = run_with_gold_judge(
+        tiny_model, tmp_path, iteration_size=6,
+        judge={"truncated": "keep"},  # a random tiny model rarely stops within 12 tokens
+        eval={"judge": "callable:gold:vowels", "prompts": prompts, "num_prompts": 4, "max_new_tokens": 12,
+              "baseline": "init", "n_boot": 200})
 
     seed = run_dir / "iter_000"
     responses = {row["prompt_id"]: row for row in read_jsonl(seed / "responses.jsonl")}
@@ -69,25 +81,10 @@ def test_gold_labelled_seed_then_self_labelled_iteration_with_eval(tiny_model, t
 
 
 def test_iterations_labelled_by_a_judge_with_length_control_and_replay(tiny_model, tmp_path):
-    (tmp_path / "gold.py").write_text("def vowels(prompt, response):\n    return sum(ch in 'aeiou' for ch in response)\n")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"write about {t} please"}) + "\n" for t in TOPICS))
-    recipe = tmp_path / "labeller.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "num_iterations": 1, "report_to": [], "model": {"name": tiny_model},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"prompts": str(prompts), "seed_judge": "callable:gold:vowels", "seed_size": 6, "iteration_sizes": [8],
-                 "replay": 0.5},
-        "generate": {"max_new_tokens": 12, "batch_size": 4},
-        "judge": {"labeller": "callable:gold:vowels", "truncated": "penalize", "truncation_penalty": 0.5,
-                  "length_penalty": "auto"},
-        "train": {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "seed_epochs": 1, "max_length": 128},
-    }))
-    run_dir = tmp_path / "run"
-    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(tmp_path)}
-    cmd = [sys.executable, "-m", "selfie.cli", "run", str(recipe), "--output_dir", str(run_dir)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = run_with_gold_judge(
+        tiny_model, tmp_path, iteration_size=8, data={"replay": 0.5},
+        judge={"labeller": "callable:gold:vowels", "truncated": "penalize", "truncation_penalty": 0.5,
+               "length_penalty": "auto"})
 
     it = run_dir / "iter_001"
     responses = {row["prompt_id"]: row for row in read_jsonl(it / "responses.jsonl")}
