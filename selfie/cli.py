@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except SelfieError as e:
         print(f"selfie: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full disk, a path under a file: the path and the reason (-v: traceback)
+        if args.verbose:
+            raise
+        print(f"selfie: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -54,3 +54,16 @@ def test_lock_refuses_a_second_holder_and_recovers_from_a_killed_one(tmp_path):
     lock.acquire()  # the stale lock file is still there; the kernel released the dead holder's flock
     assert (tmp_path / ".lock").read_text() == str(os.getpid())
     lock.release()
+
+
+def test_an_output_directory_under_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    from selfie.cli import main
+
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "recipe.yaml").write_text("num_iterations: 0\n")
+    code = main(["run", str(tmp_path / "recipe.yaml"), "--output_dir", str(tmp_path / "a-file" / "run"), "--report_to", "[]", "--num_iterations", "0",
+                 "--data.iteration_sizes", "[]", "--data.seed_pairs", "demo-seed", "--data.seed_size", "0",
+                 "--model.name", "/nonexistent-model-never-loaded"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("selfie: error: ") and "a-file" in err and "Not a directory" in err
