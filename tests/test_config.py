@@ -60,3 +60,22 @@ def test_hash_ignores_harmless_keys():
     changed = load_recipe(None, ["--train.beta", "0.2"])
     assert config_hash(base) != config_hash(changed)
     assert differing_keys(base, changed) == ["train.beta"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--lora.r", "0"], "'lora.r': expected >= 1, got 0"),
+    (["--train.per_device_train_batch_size", "0"], "'train.per_device_train_batch_size': expected >= 1"),
+    (["--train.learning_rate", "-1"], "'train.learning_rate': expected > 0, got -1.0"),
+    (["--generate.temperature", "-1"], "'generate.temperature': expected >= 0"),
+    (["--generate.top_p", "0"], "'generate.top_p': expected a value in \\(0, 1\\]"),
+    (["--generate.max_new_tokens", "0"], "'generate.max_new_tokens': expected >= 1"),
+    (["--generate.num_responses", "1"], "'generate.num_responses': expected >= 2"),
+    (["--data.iteration_sizes", "[10, -5]"], "'data.iteration_sizes': expected each > 0"),
+    (["--num_iterations", "4"], "'num_iterations': expected 0..3"),
+    (["--refine.alpha", "0.9"], "'refine.alpha': expected a value in \\[0, 0.5\\]"),
+    (["--judge.truncated", "sometimes"], "judge.truncated: expected one of drop, penalize, keep"),
+    (["--judge.allow_truncated_chosen", "true"], "'judge.allow_truncated_chosen' was replaced by judge.truncated"),
+])
+def test_out_of_range_values_are_refused_at_load_naming_the_key(override, message):
+    with pytest.raises(SelfieError, match=message):
+        load_recipe(None, override)
