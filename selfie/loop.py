@@ -9,6 +9,7 @@ ranks and merged on rank 0, training is distributed by the trainer itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -155,7 +156,7 @@ class Loop:
         chosen / rejected by the judge's scores under the truncation policy (no length penalty: these are the
         gold labels). Writes iter_000/pairs.jsonl; returns the labelling metrics."""
         from selfie.evaluate import load_judge, score_responses
-        from selfie.pairs import PairRules, select_pairs
+        from selfie.pairs import select_pairs
 
         if pairs_path.exists():
             return None  # labelled before an interruption
@@ -167,8 +168,7 @@ class Loop:
         def label() -> dict:
             rows = read_jsonl(responses)
             judgments = score_responses(load_judge(d.seed_judge, self.config.model.dtype), rows, *self.tokenizer_and_stops())
-            j = self.config.judge
-            pairs, metrics = select_pairs(rows, judgments, PairRules(j.truncated, j.truncation_penalty))
+            pairs, metrics = select_pairs(rows, judgments, dataclasses.replace(self.config.judge.rules, length_penalty=0.0))
             if not pairs:
                 raise SelfieError(f"data.seed_judge '{d.seed_judge}': no seed pair survived labelling (dropped: {metrics['dropped']})")
             atomic_write_jsonl(pairs_path, pairs)

@@ -458,8 +458,7 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
         raise ValueError("adapter_mode 'merge' needs the base model's name or path (it reloads it to stack the adapters)")
     else:
         base_name = None
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    dataset = _pairs_dataset(pairs, tokenizer, stop_token_ids(base, tokenizer))
+    dataset = _pairs_dataset(pairs, tokenizer, stop_token_ids(model, tokenizer))  # a PeftModel shows its base's config
 
     peft_config, stack_on = None, None
     if iteration == 0:

@@ -24,6 +24,15 @@ def _assistant_text(row: dict, key: str, i: int) -> str:
     return messages[-1]["content"]
 
 
+def _chosen_rejected_scores(judge: Judge, pairs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The judge's scores of each pair's chosen and rejected response, in one call."""
+    prompts = [row["prompt"] for row in pairs]
+    chosen = [_assistant_text(row, "chosen", i) for i, row in enumerate(pairs)]
+    rejected = [_assistant_text(row, "rejected", i) for i, row in enumerate(pairs)]
+    scores = np.asarray(judge.score(prompts + prompts, chosen + rejected), dtype=float)
+    return scores[: len(pairs)], scores[len(pairs):]
+
+
 def judge_accuracy(judge: Judge, preferences: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
     """Fraction of pairs whose chosen response the judge scores strictly above the rejected one.
 
@@ -31,11 +40,7 @@ def judge_accuracy(judge: Judge, preferences: list[dict], n_boot: int = 2000, se
     """
     if not preferences:
         raise SelfieError("judge accuracy: the preference set is empty")
-    prompts = [row["prompt"] for row in preferences]
-    chosen = [_assistant_text(row, "chosen", i) for i, row in enumerate(preferences)]
-    rejected = [_assistant_text(row, "rejected", i) for i, row in enumerate(preferences)]
-    scores = np.asarray(judge.score(prompts + prompts, chosen + rejected), dtype=float)
-    c, r = scores[: len(prompts)], scores[len(prompts):]
+    c, r = _chosen_rejected_scores(judge, preferences)
     correct = (c > r).astype(float)
     return {"accuracy": float(correct.mean()), "n": len(correct), "ties": int((c == r).sum()),
             "margin_mean": float((c - r).mean()), "ci95": bootstrap_ci(correct, n_boot, seed)}
@@ -64,6 +69,5 @@ def pair_agreement(judge: Judge, pairs: list[dict]) -> float | None:
     """Share of pairs whose chosen response `judge` scores strictly above the rejected one (None: no pairs)."""
     if not pairs:
         return None
-    prompts = [p["prompt"] for p in pairs]
-    scores = judge.score(prompts + prompts, [p[side][-1]["content"] for side in ("chosen", "rejected") for p in pairs])
-    return sum(c > r for c, r in zip(scores[:len(pairs)], scores[len(pairs):])) / len(pairs)
+    c, r = _chosen_rejected_scores(judge, pairs)
+    return float((c > r).mean())
