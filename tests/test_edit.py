@@ -13,12 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from selfie.cli import main as cli_main
 from selfie.data import load_preferences, load_prompts
 from selfie.edit import alignez_seed_pairs, build_edited_model, work_dir_for
-from selfie.edit.alignez import orthogonalize
+from selfie.edit.alignez import ALPHA_GRID, layer_directions, orthogonalize, residual_agreement
 from selfie.edit.alignez_data import characteristics_prompt, response_prompt
 from selfie.edit.apply import Edit, EditHooks, fold_edits
 from selfie.edit.config import RAHFConfig, parse_init
-from selfie.edit.directions import FINDERS, choose_layers, get_finder, pair_accuracy, register, score_layers
+from selfie.edit.directions import FINDERS, get_finder, held_out_split, pair_accuracy, rank_layers, register, score_layers
 from selfie.edit.hidden import collect_states, encode
+from selfie.edit.preference import pair_margins
 from selfie.edit.rahf import default_target_layers, rahf_model, rahf_targets
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_jsonl, read_jsonl
@@ -118,9 +119,49 @@ def test_layer_scores_pick_the_separating_layers():
     scores = score_layers(pos, neg, get_finder("svd"), held_out=0.25, seed=0)
     assert scores[1] == scores[3] == 1.0
     assert max(scores[0], scores[2], scores[4]) < 1.0
-    assert choose_layers(scores, 2) == [1, 3]
-    assert choose_layers(scores, 50) == [0, 1, 2, 3, 4]  # capped at the number of layers
+    assert rank_layers(scores)[:2] == [1, 3]
+    assert sorted(rank_layers(scores)) == [0, 1, 2, 3, 4]
     assert pair_accuracy(get_finder("svd")(pos[:, 1], neg[:, 1]), pos[:, 1], neg[:, 1]) == 1.0
+
+
+def persona_states(shared: float, n: int = 48, hidden: int = 16, seed: int = 0):
+    """Plain answers h0 and persona answers h+ = h0 + shared * s + d/2, h- = h0 + shared * s - d/2 (+ noise):
+    both personas move away from the plain answer along s; only d separates helpful from harmful."""
+    g = torch.Generator().manual_seed(seed)
+    s, d = unit(torch.randn(2, hidden, generator=g))
+    d = unit(d - (d @ s) * s)
+    plain = torch.randn(n, hidden, generator=g)
+    strength = 1 + torch.rand(n, 1, generator=g)
+    pos = plain + shared * strength * s + strength * d / 2 + 0.05 * torch.randn(n, hidden, generator=g)
+    neg = plain + shared * strength * s - strength * d / 2 + 0.05 * torch.randn(n, hidden, generator=g)
+    return pos, neg, plain, d
+
+
+def test_near_parallel_directions_boost_the_separating_direction_not_the_residual():
+    pos, neg, plain, d = persona_states(shared=20.0)  # what both personas add dwarfs what tells them apart
+    finder = get_finder("mean_diff")
+    plus, minus, cosine, rule = layer_directions(pos, neg, plain, finder, parallel_cosine=0.9)
+    assert cosine > 0.99 and rule == "separating"
+    assert torch.equal(plus, finder(pos, neg))  # the y+ vs y- direction, not the orthogonalised remainder of u+
+    assert minus.shape[0] == 0  # nothing removed: u- is the shared persona direction, not a harmful one
+    assert float(plus[0] @ d) > 0.95  # pointing to y+
+
+
+def test_residual_agreement_tells_a_direction_from_noise():
+    pos, neg, plain, _ = persona_states(shared=1.0)
+    finder = get_finder("mean_diff")
+    assert residual_agreement(pos, neg, plain, finder, seed=0) > 0.95
+    g = torch.Generator().manual_seed(1)
+    noise = [torch.randn(48, 16, generator=g) for _ in range(3)]
+    assert residual_agreement(*noise, finder, seed=0) < 0.8
+
+
+def test_distinct_directions_keep_the_residual_rule():
+    pos, neg, plain, d = persona_states(shared=0.0)  # u+ = d, u- = -d ... made distinct below
+    neg = plain + (neg - plain).roll(1, dims=1)  # the harmful persona moves along another direction
+    plus, minus, cosine, rule = layer_directions(pos, neg, plain, get_finder("svd"), parallel_cosine=0.9)
+    assert abs(cosine) < 0.9 and rule == "residual"
+    assert minus.shape[0] == 1 and abs(float(plus[0] @ minus[0])) < 1e-5  # u+ orthogonalised against u-
 
 
 # ---------------------------------------------------------------- the edit
@@ -251,8 +292,9 @@ def test_rahf_loss_falls_and_states_move_toward_targets(tiny_model):
     base = load_model(tiny_model, "float32").eval()
     items, targets = rahf_targets(base, tokenizer, prompts, responses, [1], config.alpha)
     merged, info = rahf_model(load_model(tiny_model, "float32").eval(), tokenizer, prompts, responses, config, seed=0)
-    assert info["target_layers"] == [1]
-    assert info["loss_last"] < 0.5 * info["loss_first"]
+    assert info["target_layers"] == [1] and (info["examples"], info["held_out_examples"]) == (3, 1)
+    assert info["loss_curve"][-1] < 0.5 * info["loss_curve"][0]
+    assert info["held_out_loss"]["after"] < info["held_out_loss"]["before"]  # moved on a response it was not trained on
 
     def distance(model) -> float:
         states = collect_states(model, items, tokenizer.pad_token_id, layers=[1], mode="tokens")
@@ -297,6 +339,30 @@ def test_build_alignez_end_to_end(tiny_model, tmp_path, caplog):
     build_edited_model({**init, "alpha": 3.0}, tiny_model, tmp_path / "other", seed=0)
     assert (tmp_path / "other.work" / "pairs.jsonl").stat().st_mtime_ns == data_stamp
     assert "reusing alignez_data" in caplog.text
+
+
+def test_alignez_chooses_layers_and_alpha_on_held_out_pairs_and_the_saved_model_is_the_chosen_one(tiny_model, tmp_path):
+    out = tmp_path / "auto"
+    init = {"method": "alignez", **TINY_INIT, "num_prompts": 8, "max_new_tokens_char": 6}  # n_layers, alpha: auto
+    build_edited_model(init, tiny_model, out, seed=0)
+    result = json.loads((out / "selfie_edit.json").read_text())["result"]
+    assert (result["fit_pairs"], result["held_out_pairs"]) == (6, 2)
+    assert {c["alpha"] for c in result["candidates"]} == set(ALPHA_GRID)
+    best = max(result["candidates"], key=lambda c: c["held_out_margin"])
+    margin = result["held_out_margin"]
+    if best["held_out_margin"] > margin["unedited"]:
+        assert (result["layers"], result["alpha"], margin["edited"]) == (best["layers"], best["alpha"], best["held_out_margin"])
+    else:
+        assert result["layers"] == [] and margin["edited"] == margin["unedited"]
+
+    pairs = read_jsonl(out.with_name("auto.work") / "pairs.jsonl")
+    _, held = held_out_split(len(pairs), 0.25, seed=0)
+    held_pairs = [pairs[i] for i in held.tolist()]
+    tokenizer = load_tokenizer(tiny_model)
+    saved = float(pair_margins(load_model(str(out), "float32").eval(), tokenizer, held_pairs).mean())
+    unedited = float(pair_margins(load_model(tiny_model, "float32").eval(), tokenizer, held_pairs).mean())
+    assert saved == pytest.approx(margin["edited"], abs=1e-3)  # the folded model is the candidate that was chosen
+    assert unedited == pytest.approx(margin["unedited"], abs=1e-3)
 
 
 def test_build_rahf_end_to_end(tiny_model, tmp_path):
@@ -355,7 +421,8 @@ def test_cli_edit(tiny_model, tmp_path, capsys):
     argv = ["edit", "--model", tiny_model, "--output", str(out), "--config", str(config), "--seed", "1",
             "--max_new_tokens_resp", "5", "--dtype", "float32"]
     assert cli_main(argv) == 0
-    assert capsys.readouterr().out.strip() == str(out)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == str(out) and printed[0].startswith("RAHF:")
     assert json.loads((out / "selfie_edit.json").read_text())["init"]["num_prompts"] == 3
     assert cli_main(["edit", "--model", tiny_model, "--method", "alignez", "--output", str(tmp_path / "y"), "--bogus", "1"]) == 2
     assert "init.bogus" in capsys.readouterr().err

@@ -175,6 +175,25 @@ def _init_from_args(args: argparse.Namespace, overrides: list[str]) -> dict[str,
     return init
 
 
+def describe(provenance: dict) -> list[str]:
+    """What the edit chose and measured, in a few lines (from its selfie_edit.json)."""
+    r = provenance["result"]
+    if provenance["method"] == "rahf":
+        loss = r["held_out_loss"]
+        return [f"RAHF: layers {r['target_layers']}, {r['examples']} training / {r['held_out_examples']} held-out responses",
+                f"held-out representation loss {loss['before']} -> {loss['after']}",
+                f"training loss by tenths of the steps: {r['loss_curve']}"]
+    margin = r["held_out_margin"]
+    lines = [f"AlignEZ: {r['fit_pairs']} pairs fit the directions, {r['held_out_pairs']} held-out pairs choose the edit",
+             f"held-out margin logp(y+) - logp(y-): {margin['unedited']} unedited -> {margin['edited']} edited (nats)"]
+    if not r["layers"]:
+        return lines + ["no candidate beat the unedited model on the held-out pairs: the model is left as it was"]
+    cosines = {layer: r["cosine_plus_minus"][layer] for layer in r["layers"]}
+    return lines + [f"layers {r['layers']}, alpha {r['alpha']}; cos(u+, u-) {cosines} (near-parallel above "
+                    f"{r['parallel_cosine']}: boost the y+ vs y- direction instead); rule {r['rule']}"]
+
+
 def run_edit_command(args: argparse.Namespace, overrides: list[str] | None = None) -> None:
     path = build_edited_model(_init_from_args(args, overrides or []), args.model, Path(args.output), args.seed)
+    print("\n".join(describe(read_json(path / EDIT_FILE))))
     print(path)

@@ -20,8 +20,13 @@ class EditConfig:
     temperature: float = 0.7
     batch_size: int = 8  # sequences per generate / forward batch
     dtype: str = "auto"
+    # share of the self-generated data the edit is not fitted on: AlignEZ ranks layers and chooses n_layers and
+    # alpha on it, RAHF measures its representation loss on it
+    held_out: float = 0.25
 
     def __post_init__(self) -> None:
+        if not 0 < self.held_out < 1:
+            raise SelfieError(f"init.held_out: expected a fraction in (0, 1), got {self.held_out}")
         if self.num_prompts < 2:
             raise SelfieError(f"init.num_prompts: need at least 2, got {self.num_prompts}")
         for key in ("max_new_tokens_resp", "batch_size"):
@@ -44,9 +49,9 @@ class AlignEZConfig(EditConfig):
     finder_options: dict[str, Any] = field(default_factory=dict)  # e.g. {variance: 0.9} for top-k SVD
     location: str = "mlp"  # mlp: MLP output (foldable into down_proj); layer: decoder-layer output (hooks only)
     layers: str | list[int] = "auto"
-    n_layers: int = 5
-    alpha: float = 1.0
-    held_out: float = 0.25  # share of pairs that score the layers
+    n_layers: int | str = "auto"  # auto: 1, 3 or 5 of the best layers, whichever does best on the held-out pairs
+    alpha: float | str = "auto"  # auto: 0.5, 1, 2 or 4, likewise
+    parallel_cosine: float = 0.9  # |cos(u+, u-)| above this: boost the direction separating y+ from y- instead
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,8 +64,14 @@ class AlignEZConfig(EditConfig):
         if self.location != "mlp":
             raise SelfieError(f"init.location '{self.location}': pi_init is a folded standalone model, and only the MLP "
                               "output ('mlp') folds exactly into the weights (see docs/EDITING.md)")
-        if not 0 < self.held_out < 1:
-            raise SelfieError(f"init.held_out: expected a fraction in (0, 1), got {self.held_out}")
+        if not 0 < self.parallel_cosine <= 1:
+            raise SelfieError(f"init.parallel_cosine: expected a cosine in (0, 1], got {self.parallel_cosine}")
+        for key in ("n_layers", "alpha"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value != "auto":
+                raise SelfieError(f"init.{key}: expected 'auto' or a number, got '{value}'")
+        if self.n_layers != "auto" and self.n_layers < 1:
+            raise SelfieError(f"init.n_layers: must be >= 1, got {self.n_layers}")
 
 
 @dataclass

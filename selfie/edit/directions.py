@@ -3,7 +3,7 @@
 A finder maps paired states `pos`, `neg` ([N, H], row i of each from the same prompt) to
 orthonormal rows [k, H] whose sign is fixed so that positives project higher than negatives on
 average. Finders live in `FINDERS`; `@register("name")` adds one. Each layer is scored by how often
-its top direction ranks h+ above h- on held-out pairs, and the best layers are chosen.
+its top direction ranks h+ above h- on held-out pairs (`rank_layers` orders them).
 """
 
 from __future__ import annotations
@@ -136,7 +136,6 @@ def score_layers(pos: torch.Tensor, neg: torch.Tensor, finder: Callable[[torch.T
             for layer in range(pos.shape[1])]
 
 
-def choose_layers(scores: Sequence[float], n: int) -> list[int]:
-    """The `n` best-scoring layers (capped at the number of layers; ties go to the earlier layer), ascending."""
-    ranked = sorted(range(len(scores)), key=lambda layer: (-scores[layer], layer))
-    return sorted(ranked[:max(1, min(n, len(scores)))])
+def rank_layers(scores: Sequence[float]) -> list[int]:
+    """Layer indices from the best score to the worst (ties go to the earlier layer)."""
+    return sorted(range(len(scores)), key=lambda layer: (-scores[layer], layer))

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfie.config import LoraConfig
 from selfie.edit.alignez_data import with_user_text
 from selfie.edit.config import RAHFConfig
+from selfie.edit.directions import held_out_split
 from selfie.edit.hidden import Encoded, collect_states, decoder_layers, encode, pad_batch, run_to_layers
 from selfie.errors import SelfieError
 from selfie.models import attach_lora, merge_adapter
@@ -105,12 +106,33 @@ def train_rahf(model: PeftModel, items: Sequence[Encoded], targets: Sequence[tor
     return losses
 
 
+@torch.no_grad()
+def representation_loss(model: torch.nn.Module, items: Sequence[Encoded], targets: Sequence[torch.Tensor], layers: Sequence[int],
+                        pad_id: int, batch_size: int) -> float:
+    """`rahf_loss` over a whole set, batch by batch, weighted by response tokens (the same mean as one big batch)."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        chunk, chunk_targets = items[start:start + batch_size], targets[start:start + batch_size]
+        n = sum(t.shape[1] for t in chunk_targets)
+        total += float(rahf_loss(model, chunk, chunk_targets, layers, pad_id)) * n
+        tokens += n
+    return total / tokens
+
+
+def loss_curve(losses: Sequence[float], points: int = 10) -> list[float]:
+    """The training loss averaged over `points` equal stretches of the steps (one batch's loss is too noisy to read)."""
+    bounds = [round(i * len(losses) / points) for i in range(points + 1)]
+    return [round(sum(losses[a:b]) / (b - a), 4) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 def rahf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]],
                responses: Sequence[str], config: RAHFConfig, seed: int = 0) -> tuple[PreTrainedModel, dict]:
-    """Train the RAHF adapter on (prompt, response) pairs and return the merged model and training facts."""
+    """Train the RAHF adapter on the fit share of the (prompt, response) pairs; return the merged model and what was
+    measured: the representation loss on the held-out share (`init.held_out`) before and after, and the loss curve."""
     keep = [i for i, y in enumerate(responses) if y]  # an empty response has no positions to align
-    if not keep:
-        raise SelfieError("RAHF: every self-generated response is empty; raise init.max_new_tokens_resp or init.num_prompts")
+    if len(keep) < 2:
+        raise SelfieError("RAHF: fewer than 2 self-generated responses are non-empty; raise init.max_new_tokens_resp or "
+                          "init.num_prompts")
     num_layers = len(decoder_layers(model))
     layers = default_target_layers(num_layers) if config.target_layers == "auto" else sorted(config.target_layers)
     if not all(0 <= layer < num_layers for layer in layers):
@@ -125,9 +147,19 @@ def rahf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, promp
     with peft_model.disable_adapter():
         items, targets = rahf_targets(peft_model, tokenizer, [prompts[i] for i in keep], [responses[i] for i in keep],
                                       layers, config.alpha, config.batch_size)
-    losses = train_rahf(peft_model, items, targets, layers, tokenizer.pad_token_id, steps=config.steps,
+    fit, held = (idx.tolist() for idx in held_out_split(len(items), config.held_out, seed))
+    held_items, held_targets = [items[i] for i in held], [targets[i] for i in held]
+    pad_id = tokenizer.pad_token_id
+
+    def held_out_loss() -> float:
+        return round(representation_loss(peft_model, held_items, held_targets, layers, pad_id, config.batch_size), 4)
+
+    before = held_out_loss()
+    losses = train_rahf(peft_model, [items[i] for i in fit], [targets[i] for i in fit], layers, pad_id, steps=config.steps,
                         learning_rate=config.learning_rate, batch_size=config.train_batch_size, seed=seed)
-    info = {"target_layers": layers, "examples": len(items), "response_tokens": sum(t.shape[1] for t in targets),
-            "loss_first": losses[0], "loss_last": losses[-1], "loss_min": min(losses)}
-    logger.info("RAHF: %d steps on %d examples, loss %.4f -> %.4f", len(losses), len(items), losses[0], losses[-1])
+    after = held_out_loss()
+    info = {"target_layers": layers, "examples": len(fit), "held_out_examples": len(held),
+            "response_tokens": sum(targets[i].shape[1] for i in fit),
+            "held_out_loss": {"before": before, "after": after}, "loss_curve": loss_curve(losses)}
+    logger.info("RAHF: %d steps on %d examples; held-out representation loss %.4f -> %.4f", len(losses), len(fit), before, after)
     return merge_adapter(peft_model), info

@@ -1,0 +1,42 @@
+"""The model's own preference between two answers: summed response log-probs and their margin.
+
+AlignEZ chooses its layers and alpha by this margin on held-out self-generated pairs (the edit
+that makes the model prefer the helpful answer over the harmful one most, on pairs the directions
+were not fitted on); scripts/bench_edit.py reports it before and after each edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from selfie.edit.hidden import encode, pad_batch
+
+
+@torch.no_grad()
+def response_logps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]],
+                   responses: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+    """Summed log-prob of each response's tokens (as generated, no end-of-turn token) after its prompt, float64."""
+    items = [encode(tokenizer, p, y) for p, y in zip(prompts, responses)]
+    device = next(model.parameters()).device
+    out = torch.zeros(len(items), dtype=torch.float64)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = pad_batch(chunk, tokenizer.pad_token_id, "right", device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        rows, cols = batch.response_index(chunk)
+        token_logps = logits[rows, cols - 1].float().log_softmax(-1).gather(1, batch.input_ids[rows, cols][:, None])[:, 0]
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, token_logps.double())
+        out[start:start + len(chunk)] = sums.cpu()
+    return out
+
+
+def pair_margins(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict],
+                 batch_size: int = 8) -> torch.Tensor:
+    """logp(chosen | prompt) - logp(rejected | prompt) of each pairs.jsonl row, in nats."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = response_logps(model, tokenizer, prompts, [p["chosen"][0]["content"] for p in pairs], batch_size)
+    rejected = response_logps(model, tokenizer, prompts, [p["rejected"][0]["content"] for p in pairs], batch_size)
+    return chosen - rejected
