@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import random
-import re
 import sys
 import tempfile
 import time
@@ -28,41 +27,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine  # noqa: E402
+from benchlib import machine, save_raw, write_marked  # noqa: E402
 
 from selfie.data import load_prompts  # noqa: E402
 from selfie.edit import build_edited_model  # noqa: E402
 from selfie.edit.alignez_data import generate_alignez_data  # noqa: E402
-from selfie.edit.hidden import encode, pad_batch  # noqa: E402
-from selfie.io import atomic_write_jsonl, atomic_write_text  # noqa: E402
+from selfie.edit.preference import pair_margins  # noqa: E402
+from selfie.io import atomic_write_jsonl  # noqa: E402
 from selfie.models import load_model, load_tokenizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "EDITING.md"
-BEGIN, END = "<!-- bench_edit:begin -->", "<!-- bench_edit:end -->"
-
-
-@torch.no_grad()
-def response_logps(model, tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int = 8) -> torch.Tensor:
-    """Summed log-prob of each response's tokens (as generated, no end-of-turn token) after its prompt."""
-    items = [encode(tokenizer, p, y) for p, y in zip(prompts, responses)]
-    out = torch.zeros(len(items), dtype=torch.float64)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = pad_batch(chunk, tokenizer.pad_token_id, "right")
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
-        rows, cols = batch.response_index(chunk)
-        token_logps = logits[rows, cols - 1].float().log_softmax(-1).gather(1, batch.input_ids[rows, cols][:, None])[:, 0]
-        out[start:start + len(chunk)] = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, token_logps.double())
-    return out
 
 
 def preference(model_dir: str, pairs: list[dict]) -> dict:
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir, "float32").eval()
-    prompts = [p["prompt"] for p in pairs]
-    chosen = response_logps(model, tokenizer, prompts, [p["chosen"][0]["content"] for p in pairs])
-    rejected = response_logps(model, tokenizer, prompts, [p["rejected"][0]["content"] for p in pairs])
-    margin = chosen - rejected
+    margin = pair_margins(load_model(model_dir, "float32").eval(), load_tokenizer(model_dir), pairs)
     return {"accuracy": float((margin > 0).double().mean()), "mean_margin": float(margin.mean()),
             "margins": [round(m, 3) for m in margin.tolist()]}
 
@@ -75,11 +52,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sizes = ({"fit": 4, "held_out": 4, "char": 8, "resp": 16, "steps": 3} if args.quick else
-             {"fit": 24, "held_out": 24, "char": 40, "resp": 80, "steps": 40})
+             {"fit": 24, "held_out": 24, "char": 40, "resp": 80, "steps": None})
     common = {"num_prompts": sizes["fit"], "max_new_tokens_resp": sizes["resp"], "batch_size": 8, "dtype": "float32"}
     inits = {
         "alignez": {"method": "alignez", **common, "max_new_tokens_char": sizes["char"]},
-        "rahf": {"method": "rahf", **common, "steps": sizes["steps"]},
+        "rahf": {"method": "rahf", **common, **({"steps": sizes["steps"]} if sizes["steps"] else {})},
     }
 
     rows = load_prompts("demo")
@@ -104,10 +81,9 @@ def main() -> None:
             seconds = time.perf_counter() - start
             built = json.loads((out / "selfie_edit.json").read_text())["result"]
             results[method] = {**preference(str(out), held.pairs), "build_seconds": round(seconds, 1), "build": built}
-    (ROOT / "docs" / "bench").mkdir(parents=True, exist_ok=True)
     if not args.quick:
-        atomic_write_text(ROOT / "docs" / "bench" / "edit.json", json.dumps(results, indent=2) + "\n")
-        write_doc(results)
+        save_raw("edit", results)
+        write_marked("EDITING.md", "bench_edit", report(results))
     print(report(results))
 
 
@@ -117,7 +93,7 @@ def report(r: dict) -> str:
         f"Machine: {r['machine']}, {r['threads']} torch threads, float32. Model: {r['model']['name']} "
         f"({r['model']['layers']} layers, hidden {r['model']['hidden']}).",
         f"Sizes: {s['fit']} prompts to build each edit, {s['held_out']} held-out prompts -> {r['held_out_pairs']} held-out "
-        f"self-generated pairs; characteristics {s['char']} tokens, responses {s['resp']} tokens; RAHF {s['steps']} steps "
+        f"self-generated pairs; characteristics {s['char']} tokens, responses {s['resp']} tokens; RAHF {s['steps'] or 'default'} steps "
         "of 4 examples. Demo prompts, seeded shuffle, the two sets disjoint.",
         "",
         "| model | held-out accuracy of logp(y+) > logp(y-) | mean margin (nats) | build time (s): data + edit, total |",
@@ -130,19 +106,13 @@ def report(r: dict) -> str:
         lines.append(f"| {method} | {m['accuracy']:.3f} | {m['mean_margin']:.2f} | {sec['data']} + {sec['edit']}, "
                      f"{m['build_seconds']} |")
     a, h = r["alignez"]["build"], r["rahf"]["build"]
-    lines += ["", f"AlignEZ: {a['pairs']} self-generated pairs, layers {a['layers']} (MLP output) chosen by held-out pair "
-              f"accuracy {[a['layer_scores'][i] for i in a['layers']]}; cosine(u+, u-) before orthogonalising "
-              f"{a['cosine_plus_minus']}. RAHF: target layers {h['target_layers']}, loss {h['loss_first']:.3f} -> "
-              f"{h['loss_last']:.3f} over {s['steps']} steps. Held-out data generation took {r['held_out_data_seconds']} s "
-              "(not part of either edit)."]
+    lines += ["", f"AlignEZ: {a['pairs']} self-generated pairs, layers {a['layers']} (MLP output), alpha {a['alpha']}, "
+              f"rule per layer {a['rule']}, cosine(u+, u-) there {[a['cosine_plus_minus'][i] for i in a['layers']]}; its own "
+              f"held-out margin {a['held_out_margin']['unedited']} -> {a['held_out_margin']['edited']}. RAHF: target layers "
+              f"{h['target_layers']}, held-out representation loss {h['held_out_loss']['before']} -> "
+              f"{h['held_out_loss']['after']}, training loss by tenths {h['loss_curve']}. Held-out data generation took "
+              f"{r['held_out_data_seconds']} s (not part of either edit)."]
     return "\n".join(lines)
-
-
-def write_doc(results: dict) -> None:
-    text = DOC.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{report(results)}\n{END}"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    atomic_write_text(DOC, pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,19 @@ Arms, all from the built-in SmolLM2-135M-Instruct with selfie's loop (`run_loop`
                    of the label rules (judge.truncated x judge.length_penalty)
 - gold-iterative:  the same loop, iterations labelled by the scorer itself (judge.labeller): labelling's upper bound
 - all-gold DPO:    DPO on gold labels for every training prompt (seed + both iteration slices)
+- editing (docs/EDITING.md): the AlignEZ-edited model as shipped, the RAHF-edited model as shipped, AlignEZ init +
+                   seed-only DPO, AlignEZ init + SPA 1 / 2 (label rules penalize:auto, the recipe default), each
+                   paired against its unedited counterpart; the edits are built from prompts outside the held-out set
 Each arm answers every held-out prompt once (same per-prompt sampling seeds), the scorer scores the answer;
 differences to seed-only DPO are paired (same prompts, same seeds) with 95% bootstrap intervals.
 The seed stage is run once and shared: every iterated arm continues a copy of it.
 
     python scripts/bench_quality.py [--configs drop:0 penalize:auto ...] [--quick]
 
-Results: docs/BENCHMARKS.md section "Quality" and docs/bench/quality.json (`make bench-quality` installs the
+Results: docs/BENCHMARKS.md sections "Quality" and "Editing", docs/EDITING.md (between its bench_quality markers)
+and docs/bench/quality.json (`make bench-quality` installs the
 scorer's package and runs it). Run alone: other load on the 2 cores leaves the scores as they are but not the
-times. About 17 minutes for the shared arms plus 10-13 per configuration on 2 cores.
+times. About 17 minutes for the shared arms plus 10-13 per configuration and about 35 for the editing arms on 2 cores.
 """
 
 from __future__ import annotations
@@ -34,21 +38,26 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import docs_dir, machine, parse_args, save_raw, write_section  # noqa: E402
+from benchlib import docs_dir, machine, parse_args, save_raw, write_marked, write_section  # noqa: E402
 
 from selfie.config import load_recipe  # noqa: E402
 from selfie.data import load_prompts, split_prompts  # noqa: E402
+from selfie.edit import build_edited_model  # noqa: E402
+from selfie.edit.apply import EDIT_FILE  # noqa: E402
 from selfie.evaluation.compare import generate_one, score_unique  # noqa: E402
 from selfie.evaluation.judges import load_judge  # noqa: E402
 from selfie.evaluation.labels import pair_agreement  # noqa: E402
 from selfie.evaluation.stats import bootstrap_ci  # noqa: E402
-from selfie.io import atomic_write_json, read_json, read_jsonl  # noqa: E402
+from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl  # noqa: E402
 from selfie.loop import run_loop  # noqa: E402
 
 GOLD = "callable:quality_scorer:relevance"
 SIZES = {"seed": 24, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96}
-QUICK = {"seed": 6, "iterations": [8, 8], "held_out": 8, "max_new_tokens": 24, "configs": ["drop:0"]}
+QUICK = {"seed": 6, "iterations": [8, 8], "held_out": 8, "max_new_tokens": 24, "configs": ["penalize:auto"], "edit_prompts": 8,
+         "rahf_steps": 4}
 CONFIGS = ["drop:0", "drop:auto", "penalize:auto", "keep:auto"]
+EDITED_CONFIG = "penalize:auto"  # the recipe default: AlignEZ init + SPA is compared with SPA under these label rules
+EDIT_PROMPTS = 48  # self-generated data for each edit: prompts drawn outside the held-out set
 
 
 def recipe(args: argparse.Namespace, work: Path, name: str, **sections) -> dict:
@@ -65,8 +74,14 @@ def recipe(args: argparse.Namespace, work: Path, name: str, **sections) -> dict:
         "refine": {"lambdas": [0.5, 0.25]},
     }
     for key, value in sections.items():
-        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
     return values
+
+
+def label_rules(config: str) -> dict:
+    """`judge.truncated:judge.length_penalty` as the recipe's judge section."""
+    policy, alpha = config.split(":")
+    return {"truncated": policy, "length_penalty": alpha if alpha == "auto" else float(alpha)}
 
 
 def run(values: dict, copy_seed_from: Path | None = None) -> tuple[Path, float]:
@@ -85,13 +100,14 @@ def run(values: dict, copy_seed_from: Path | None = None) -> tuple[Path, float]:
     return run_dir, seconds
 
 
-def evaluate(work: Path, name: str, adapter: Path | None, prompts: list[dict], args: argparse.Namespace, judge) -> dict:
+def evaluate(work: Path, name: str, adapter: Path | None, prompts: list[dict], args: argparse.Namespace, judge,
+             model: str = "smollm2-135m") -> dict:
     """One answer per held-out prompt (fixed seeds), scored by the gold judge; cached in work/eval/NAME.json."""
     cache = work / "eval" / f"{name}.json"
     if cache.exists():
         return read_json(cache)
     start = time.perf_counter()
-    texts = generate_one("smollm2-135m", adapter, prompts, work / "eval" / f"{name}.jsonl", dtype="float32",
+    texts = generate_one(model, adapter, prompts, work / "eval" / f"{name}.jsonl", dtype="float32",
                          max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=1.0, seed=1234, batch_size=16)
     scores = score_unique(judge, [row["prompt"] for row in prompts], texts)
     result = {"scores": scores, "lengths": [len(t) for t in texts], "seconds": time.perf_counter() - start}
@@ -132,6 +148,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=CONFIGS, help="judge.truncated:judge.length_penalty pairs")
     parser.add_argument("--work", default="/tmp/selfie-bench-quality", help="run directories and cached answers")
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--edit-prompts", type=int, default=EDIT_PROMPTS, help="prompts each edit generates its data from")
+    parser.add_argument("--rahf-steps", type=int, default=None, help="RAHF optimizer steps (default: init.steps' default)")
     parser.set_defaults(**SIZES)
     args = parse_args(parser, QUICK)
     work = Path(args.work) / ("quick" if args.quick else "full")
@@ -152,14 +170,14 @@ def main() -> None:
     for t in (1, 2):
         arms[f"gold-iterative {t}"] = evaluate(work, f"gold-iterative-{t}", gold_iter / f"iter_{t:03d}" / "adapter", held_out, args, judge)
 
-    configs = {}
-    for config in args.configs:
-        policy, alpha = config.split(":")
-        alpha = alpha if alpha == "auto" else float(alpha)
-        name = f"spa-{policy}-{alpha}"
-        spa, seconds = run(recipe(args, work, name, num_iterations=2, judge={"truncated": policy, "length_penalty": alpha}), seed_run)
+    configs, spa_arms = {}, {}
+    for config in dict.fromkeys([*args.configs, EDITED_CONFIG]):  # the editing arms' counterpart is always run
+        rules = label_rules(config)
+        name = f"spa-{rules['truncated']}-{rules['length_penalty']}"
+        spa, seconds = run(recipe(args, work, name, num_iterations=2, judge=rules), seed_run)
         results = {f"SPA {t}": evaluate(work, f"{name}-{t}", spa / f"iter_{t:03d}" / "adapter", held_out, args, judge)
                    for t in (1, 2)}
+        spa_arms[config] = results
         seconds += sum(r["seconds"] for r in results.values())
         configs[config] = {"labels": label_report(spa, judge), "seconds": seconds,
                            **{arm: summarise(r, arms["seed-only DPO"], arms["shipped"], args.n_boot) for arm, r in results.items()}}
@@ -168,13 +186,56 @@ def main() -> None:
     gap = shared["all-gold DPO"]["score_mean"] - shared["seed-only DPO"]["score_mean"]
     for result in configs.values():  # no gap to close when all-gold DPO does not beat seed-only DPO
         result["gap_closed"] = result["SPA 2"]["vs_seed_only"]["diff"] / gap if gap > 0 else None
+    counterparts = {"shipped": arms["shipped"], "seed-only DPO": arms["seed-only DPO"],
+                    **{f"{arm} ({EDITED_CONFIG})": r for arm, r in spa_arms[EDITED_CONFIG].items()}}
     results = {"machine": machine(), "sizes": {k: getattr(args, k) for k in SIZES}, "held_out_prompts": len(held_out),
                "scorer": GOLD, "arms": shared, "configs": configs,
-               "shared_seconds": sum(times.values()) + sum(r["seconds"] for r in arms.values())}
+               "shared_seconds": sum(times.values()) + sum(r["seconds"] for r in arms.values()),
+               "editing": edit_arms(args, work, held_out, judge, counterparts)}
     save_raw("quality", results)
     write_section("Quality", report(results))
-    print(report(results))
+    write_section("Editing", edit_report(results))
+    write_marked("EDITING.md", "bench_quality", edit_report(results))
+    print(report(results), edit_report(results), sep="\n\n")
     print(f"written to {docs_dir()}")
+
+
+def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge, counterparts: dict[str, dict]) -> dict:
+    """AlignEZ and RAHF arms, each paired with its unedited counterpart, with what each edit chose and measured.
+
+    Both edits draw their self-generated data from demo prompts outside the held-out set. AlignEZ is built by the
+    init stage of a run that then trains the seed (gold labels of the edited model's own samples, as for seed-only
+    DPO) and continues with SPA; RAHF is built on its own.
+    """
+    pool = work / "edit_prompts.jsonl"
+    held_ids = {row["prompt_id"] for row in held_out}
+    atomic_write_jsonl(pool, [row for row in load_prompts("demo") if row["prompt_id"] not in held_ids])
+    common = {"prompts": str(pool), "num_prompts": args.edit_prompts, "max_new_tokens_resp": args.max_new_tokens,
+              "batch_size": 16, "dtype": "float32"}
+    alignez = {"method": "alignez", **common, "max_new_tokens_char": 40}
+    seed_run, seed_seconds = run(recipe(args, work, "alignez-seed", init=alignez))
+    spa_run, spa_seconds = run(recipe(args, work, "alignez-spa", init=alignez, num_iterations=2,
+                                      judge=label_rules(EDITED_CONFIG)), seed_run)
+    rahf = {"method": "rahf", **common, **({"steps": args.rahf_steps} if args.rahf_steps else {})}
+    rahf_model = build_edited_model(rahf, "smollm2-135m", work / "rahf" / "model", seed=42)
+    edited = str(seed_run / "init" / "model")
+    arms = {  # name: (evaluation, counterpart)
+        "AlignEZ-edited, shipped": (evaluate(work, "alignez-shipped", None, held_out, args, judge, edited), "shipped"),
+        "RAHF-edited, shipped": (evaluate(work, "rahf-shipped", None, held_out, args, judge, str(rahf_model)), "shipped"),
+        "AlignEZ init + seed-only DPO": (evaluate(work, "alignez-seed-only", seed_run / "iter_000" / "adapter", held_out, args,
+                                                  judge, edited), "seed-only DPO"),
+        **{f"AlignEZ init + SPA {t}": (evaluate(work, f"alignez-spa-{t}", spa_run / f"iter_{t:03d}" / "adapter", held_out, args,
+                                                judge, edited), f"SPA {t} ({EDITED_CONFIG})") for t in (1, 2)},
+    }
+    rows = {}
+    for name, (arm, counterpart) in arms.items():
+        scores = np.asarray(arm["scores"])
+        rows[name] = {"score_mean": float(scores.mean()), "ci95": bootstrap_ci(scores, args.n_boot, 0),
+                      "length_mean": float(np.mean(arm["lengths"])), "counterpart": counterpart,
+                      "vs_counterpart": paired(arm, counterparts[counterpart], args.n_boot)}
+    return {"arms": rows, "edit_prompts": args.edit_prompts, "alignez": read_json(seed_run / "init" / "model" / EDIT_FILE),
+            "rahf": read_json(rahf_model / EDIT_FILE),
+            "minutes": {"alignez init + seed": seed_seconds / 60, "alignez SPA 2 iterations": spa_seconds / 60}}
 
 
 def _ci(ci: list[float], digits: int = 4) -> str:
@@ -224,6 +285,42 @@ def report(results: dict) -> str:
     for config, r in results["configs"].items():
         lines.append(f"| {config} | " + " | ".join(" / ".join(cell(x) for x in r["labels"]) for cell in LABEL_CELLS)
                      + f" | {_pct(r['gap_closed'])} | {r['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def _verdict(ci: list[float]) -> str:
+    return "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "within noise"
+
+
+def edit_report(results: dict) -> str:
+    e = results["editing"]
+    a, r = e["alignez"]["result"], e["rahf"]["result"]
+    margin, loss = a["held_out_margin"], r["held_out_loss"]
+    chosen = (f"layers {a['layers']}, alpha {a['alpha']} ({', '.join(f'{k}: {v}' for k, v in a['rule'].items())})"
+              if a["layers"] else "no edit (no candidate beat the unedited model)")
+    near = [i for i, c in enumerate(a["cosine_plus_minus"]) if abs(c) > a["parallel_cosine"]]
+    lines = [
+        f"`scripts/bench_quality.py`, the same run, held-out prompts, scorer and sampling seeds as the Quality section. Each "
+        f"edit generates its own data from {e['edit_prompts']} demo prompts outside the held-out set ({results['sizes']['max_new_tokens']} "
+        "new tokens per answer, AlignEZ characteristics 40); every other setting is the `init:` default. Each arm is "
+        "paired with its unedited counterpart (same prompts, same seeds); 95% bootstrap intervals.", "",
+        "| arm | mean score | 95% CI | mean length (chars) | counterpart | difference | 95% CI | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, x in e["arms"].items():
+        v = x["vs_counterpart"]
+        lines.append(f"| {name} | {x['score_mean']:.4f} | [{x['ci95'][0]:.4f}, {x['ci95'][1]:.4f}] | {x['length_mean']:.0f} | "
+                     f"{x['counterpart']} | {v['diff']:+.4f} | {_ci(v['ci95'])} | {_verdict(v['ci95'])} |")
+    lines += [
+        "",
+        f"- AlignEZ chose {chosen} from {len(a['candidates'])} candidates on {a['held_out_pairs']} held-out self-generated "
+        f"pairs ({a['fit_pairs']} fitted the directions): held-out margin logp(y+) - logp(y-) {margin['unedited']} nats unedited, "
+        f"{margin['edited']} edited. Layers with |cos(u+, u-)| above {a['parallel_cosine']}: {near or 'none'}; "
+        f"split-half agreement of the orthogonalised u+ there: {[a['residual_agreement'][i] for i in near] or '-'}, "
+        f"elsewhere median {float(np.median([x for i, x in enumerate(a['residual_agreement']) if i not in near] or [0])):.2f}.",
+        f"- RAHF: {r['examples']} training and {r['held_out_examples']} held-out responses, target layers {r['target_layers']}; "
+        f"held-out representation loss {loss['before']} -> {loss['after']}; training loss by tenths of the steps {r['loss_curve']}.",
+    ]
     return "\n".join(lines)
 
 

@@ -112,11 +112,24 @@ def write_section(title: str, body: str) -> None:
     text = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n\nEvery figure is measured by a script in scripts/; each ratio is against a baseline measured in the same run.\n"
     section = f"## {title}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    benchmarks.parent.mkdir(parents=True, exist_ok=True)
-    tmp = benchmarks.with_suffix(".tmp")
+    _write(benchmarks, pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section)
+
+
+def write_marked(doc: str, name: str, body: str) -> None:
+    """Replace (or append) the block between `<!-- name:begin -->` and `<!-- name:end -->` of docs/`doc`."""
+    path = docs_dir() / doc
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    _write(path, pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n")
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
-    os.replace(tmp, benchmarks)
+    os.replace(tmp, path)
 
 
 def save_raw(name: str, results: dict) -> None:
