@@ -297,7 +297,7 @@ def edit_report(results: dict) -> str:
     a, r = e["alignez"]["result"], e["rahf"]["result"]
     margin, loss = a["held_out_margin"], r["held_out_loss"]
     chosen = (f"layers {a['layers']}, alpha {a['alpha']} ({', '.join(f'{k}: {v}' for k, v in a['rule'].items())})"
-              if a["layers"] else "no edit (no candidate beat the unedited model)")
+              if a["layers"] else "no edit (no candidate within the KL budget beat the unedited model)")
     near = [i for i, c in enumerate(a["cosine_plus_minus"]) if abs(c) > a["parallel_cosine"]]
     lines = [
         f"`scripts/bench_quality.py`, the same run, held-out prompts, scorer and sampling seeds as the Quality section. Each "
@@ -315,7 +315,8 @@ def edit_report(results: dict) -> str:
         "",
         f"- AlignEZ chose {chosen} from {len(a['candidates'])} candidates on {a['held_out_pairs']} held-out self-generated "
         f"pairs ({a['fit_pairs']} fitted the directions): held-out margin logp(y+) - logp(y-) {margin['unedited']} nats unedited, "
-        f"{margin['edited']} edited. Layers with |cos(u+, u-)| above {a['parallel_cosine']}: {near or 'none'}; "
+        f"{margin['edited']} edited, KL estimate {a['kl']} nats/token (budget {a['max_kl']}; the candidates' "
+        f"{sorted(c['kl'] for c in a['candidates'])}). Layers with |cos(u+, u-)| above {a['parallel_cosine']}: {near or 'none'}; "
         f"split-half agreement of the orthogonalised u+ there: {[a['residual_agreement'][i] for i in near] or '-'}, "
         f"elsewhere median {float(np.median([x for i, x in enumerate(a['residual_agreement']) if i not in near] or [0])):.2f}.",
         f"- RAHF: {r['examples']} training and {r['held_out_examples']} held-out responses, target layers {r['target_layers']}; "

@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from selfie.cli import main as cli_main
 from selfie.data import load_preferences, load_prompts
 from selfie.edit import alignez_seed_pairs, build_edited_model, work_dir_for
-from selfie.edit.alignez import ALPHA_GRID, layer_directions, orthogonalize, residual_agreement
+from selfie.edit.alignez import ALPHA_GRID, layer_directions, orthogonalize
 from selfie.edit.alignez_data import characteristics_prompt, response_prompt
 from selfie.edit.apply import Edit, EditHooks, fold_edits
 from selfie.edit.config import RAHFConfig, parse_init
 from selfie.edit.directions import FINDERS, get_finder, held_out_split, pair_accuracy, rank_layers, register, score_layers
 from selfie.edit.hidden import collect_states, encode
-from selfie.edit.preference import pair_margins
+from selfie.edit.preference import pair_margins, per_token_logp
 from selfie.edit.rahf import default_target_layers, rahf_model, rahf_targets
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_jsonl, read_jsonl
@@ -140,28 +140,33 @@ def persona_states(shared: float, n: int = 48, hidden: int = 16, seed: int = 0):
 def test_near_parallel_directions_boost_the_separating_direction_not_the_residual():
     pos, neg, plain, d = persona_states(shared=20.0)  # what both personas add dwarfs what tells them apart
     finder = get_finder("mean_diff")
-    plus, minus, cosine, rule = layer_directions(pos, neg, plain, finder, parallel_cosine=0.9)
-    assert cosine > 0.99 and rule == "separating"
-    assert torch.equal(plus, finder(pos, neg))  # the y+ vs y- direction, not the orthogonalised remainder of u+
-    assert minus.shape[0] == 0  # nothing removed: u- is the shared persona direction, not a harmful one
-    assert float(plus[0] @ d) > 0.95  # pointing to y+
+    found = layer_directions(pos, neg, plain, finder, parallel_cosine=0.9)
+    assert found.cosine > 0.99 and found.rule == "separating"
+    assert torch.equal(found.plus, finder(pos, neg))  # the y+ vs y- direction, not the orthogonalised remainder of u+
+    assert found.minus.shape[0] == 0  # nothing removed: u- is the shared persona direction, not a harmful one
+    assert float(found.plus[0] @ d) > 0.95  # pointing to y+
 
 
-def test_residual_agreement_tells_a_direction_from_noise():
-    pos, neg, plain, _ = persona_states(shared=1.0)
-    finder = get_finder("mean_diff")
-    assert residual_agreement(pos, neg, plain, finder, seed=0) > 0.95
-    g = torch.Generator().manual_seed(1)
-    noise = [torch.randn(48, 16, generator=g) for _ in range(3)]
-    assert residual_agreement(*noise, finder, seed=0) < 0.8
+def test_a_remainder_the_pairs_do_not_agree_on_is_not_amplified():
+    """Each pair's personas add the same random content to the plain answer (its top direction differs from half to
+    half: u+ and u- are noise, not parallel); y+ and y- differ along d."""
+    g = torch.Generator().manual_seed(2)
+    plain, content = torch.randn(48, 16, generator=g), 3 * torch.randn(48, 16, generator=g)
+    d = unit(torch.randn(16, generator=g))
+    pos, neg = plain + content + d, plain + content - d
+    found = layer_directions(pos, neg, plain, get_finder("svd", {"max_cosine": 1.0}), parallel_cosine=0.9)
+    assert abs(found.cosine) < 0.9  # not near-parallel: the agreement decides
+    assert found.agreement["residual"] < 0.5 < found.agreement["separating"]
+    assert found.rule == "separating" and float(found.plus[0] @ d) > 0.95
 
 
 def test_distinct_directions_keep_the_residual_rule():
-    pos, neg, plain, d = persona_states(shared=0.0)  # u+ = d, u- = -d ... made distinct below
+    pos, neg, plain, d = persona_states(shared=1.0)
     neg = plain + (neg - plain).roll(1, dims=1)  # the harmful persona moves along another direction
-    plus, minus, cosine, rule = layer_directions(pos, neg, plain, get_finder("svd"), parallel_cosine=0.9)
-    assert abs(cosine) < 0.9 and rule == "residual"
-    assert minus.shape[0] == 1 and abs(float(plus[0] @ minus[0])) < 1e-5  # u+ orthogonalised against u-
+    found = layer_directions(pos, neg, plain, get_finder("svd"), parallel_cosine=0.9)
+    assert abs(found.cosine) < 0.9 and found.rule == "residual"
+    assert found.agreement["residual"] > 0.95
+    assert found.minus.shape[0] == 1 and abs(float(found.plus[0] @ found.minus[0])) < 1e-5  # u+ orthogonalised against u-
 
 
 # ---------------------------------------------------------------- the edit
@@ -348,21 +353,29 @@ def test_alignez_chooses_layers_and_alpha_on_held_out_pairs_and_the_saved_model_
     result = json.loads((out / "selfie_edit.json").read_text())["result"]
     assert (result["fit_pairs"], result["held_out_pairs"]) == (6, 2)
     assert {c["alpha"] for c in result["candidates"]} == set(ALPHA_GRID)
-    best = max(result["candidates"], key=lambda c: c["held_out_margin"])
+    allowed = [c for c in result["candidates"] if c["kl"] <= result["max_kl"]]
+    best = max(allowed, key=lambda c: c["held_out_margin"], default=None)
     margin = result["held_out_margin"]
-    if best["held_out_margin"] > margin["unedited"]:
-        assert (result["layers"], result["alpha"], margin["edited"]) == (best["layers"], best["alpha"], best["held_out_margin"])
+    if best and best["held_out_margin"] > margin["unedited"]:
+        assert (result["layers"], result["alpha"], margin["edited"], result["kl"]) == (
+            best["layers"], best["alpha"], best["held_out_margin"], best["kl"])
     else:
         assert result["layers"] == [] and margin["edited"] == margin["unedited"]
 
     pairs = read_jsonl(out.with_name("auto.work") / "pairs.jsonl")
     _, held = held_out_split(len(pairs), 0.25, seed=0)
     held_pairs = [pairs[i] for i in held.tolist()]
+    plain = {row["prompt_id"]: row for row in read_jsonl(out.with_name("auto.work") / "plain.jsonl")}
+    own = [plain[p["prompt_id"]] for p in held_pairs]
     tokenizer = load_tokenizer(tiny_model)
-    saved = float(pair_margins(load_model(str(out), "float32").eval(), tokenizer, held_pairs).mean())
-    unedited = float(pair_margins(load_model(tiny_model, "float32").eval(), tokenizer, held_pairs).mean())
-    assert saved == pytest.approx(margin["edited"], abs=1e-3)  # the folded model is the candidate that was chosen
-    assert unedited == pytest.approx(margin["unedited"], abs=1e-3)
+    saved, base = load_model(str(out), "float32").eval(), load_model(tiny_model, "float32").eval()
+    assert float(pair_margins(saved, tokenizer, held_pairs).mean()) == pytest.approx(margin["edited"], abs=1e-3)
+    assert float(pair_margins(base, tokenizer, held_pairs).mean()) == pytest.approx(margin["unedited"], abs=1e-3)
+
+    def own_logp(model) -> float:
+        return per_token_logp(model, tokenizer, [row["prompt"] for row in own], [row["responses"][0] for row in own])
+
+    assert own_logp(base) - own_logp(saved) == pytest.approx(result["kl"], abs=1e-3)  # the folded model's drift, as recorded
 
 
 def test_build_rahf_end_to_end(tiny_model, tmp_path):

@@ -11,19 +11,25 @@ would add a response-vs-no-response component to both). Orthogonality makes the 
 
 At some layers the two still come out nearly parallel (|cos(u+, u-)| > init.parallel_cosine): both
 then mostly measure what any persona adds to the plain answer, and what is left of u+ after
-orthogonalising is a sliver that two halves of the pairs do not agree on (noise). Such a layer
-boosts the direction that separates the helpful answers from the harmful ones, finder(H+, H-),
-and removes nothing.
+orthogonalising is a sliver that two halves of the pairs do not agree on (noise). Such a layer,
+and any layer whose remainder two halves of the pairs agree on poorly (|cos| < 0.5, and less than
+on the direction that separates the helpful answers from the harmful ones, finder(H+, H-)),
+boosts that direction instead and removes nothing.
 
 Directions are fitted on the pairs' fit split only; the held-out split (init.held_out) chooses:
 layers are ranked by how often their (y+, y-) direction ranks h+ above h-, and how many of them to
 edit and alpha (`auto`) by the edited model's mean log-prob margin logp(y+|x) - logp(y-|x) on the
-held-out pairs. When no candidate beats the unedited model there, nothing is edited.
+held-out pairs, among the candidates that keep the model near itself: the drop in mean per-token
+log-prob of its own plain answers (an estimate of the per-token KL from the unedited model) at most
+init.max_kl. A margin can always be bought by a large edit that makes every answer less likely; the
+budget rules that out. When no allowed candidate beats the unedited model, nothing is edited.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -33,13 +39,16 @@ from selfie.edit.apply import Edit, EditHooks
 from selfie.edit.config import AlignEZConfig
 from selfie.edit.directions import Finder, get_finder, held_out_split, rank_layers, score_layers
 from selfie.edit.hidden import collect_states, encode
-from selfie.edit.preference import pair_margins
+from selfie.edit.preference import pair_margins, per_token_logp
 from selfie.errors import SelfieError
 
 logger = logging.getLogger(__name__)
 
 N_LAYERS_GRID = (1, 3, 5)  # init.n_layers: auto tries the best 1, 3 and 5 layers
 ALPHA_GRID = (0.5, 1.0, 2.0, 4.0)  # init.alpha: auto tries these
+# Halves of the pairs whose remainders are > 60 degrees apart: each estimate is far off, the remainder is noise
+# (two random directions in H dimensions have |cos| ~ 1/sqrt(H): 0.04 for H = 576).
+MIN_AGREEMENT = 0.5
 
 
 def orthogonalize(rows: torch.Tensor, against: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
@@ -75,22 +84,39 @@ def pair_states(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data
     return states[:n], states[n:2 * n], plain
 
 
-def layer_directions(pos: torch.Tensor, neg: torch.Tensor, plain: torch.Tensor, finder: Finder, parallel_cosine: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, float, str]:
-    """(U+, U-, cos(u+, u-) before orthogonalising, the rule used) at one layer; the states are [N, H]."""
+class LayerDirections(NamedTuple):
+    plus: torch.Tensor  # [k+, H], the rows the edit scales by 1 + alpha
+    minus: torch.Tensor  # [k-, H], the rows it removes
+    cosine: float  # cos(u+, u-) before orthogonalising
+    rule: str  # "residual": u+ orthogonalised against u-; "separating": the y+ vs y- direction, nothing removed
+    agreement: dict[str, float]  # split-half agreement of each rule's direction
+
+
+def split_half_agreement(fit: Callable[[torch.Tensor], torch.Tensor], n: int, seed: int) -> float:
+    """|cos| between the top directions `fit(indices)` gives on two disjoint halves of n pairs: near 1 a direction
+    the data agree on, near 0 noise (in H dimensions two random unit vectors have |cos| ~ 1/sqrt(H))."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    first, second = fit(perm[:n // 2]), fit(perm[n // 2:])
+    return abs(float(first[0] @ second[0])) if len(first) and len(second) else 0.0
+
+
+def layer_directions(pos: torch.Tensor, neg: torch.Tensor, plain: torch.Tensor, finder: Finder, parallel_cosine: float,
+                     seed: int = 0) -> LayerDirections:
+    """The edit's directions at one layer (the states are [N, H]).
+
+    The residual rule unless u+ and u- are nearly parallel, or two halves of the pairs agree on the remainder
+    less than MIN_AGREEMENT and less than on the y+ vs y- direction: scaling a remainder the data do not
+    agree on edits noise.
+    """
     minus, plus = finder(neg, plain), finder(pos, plain)
     cosine = float(plus[0] @ minus[0])
-    if abs(cosine) > parallel_cosine:
-        return finder(pos, neg), minus[:0], cosine, "separating"
-    return orthogonalize(plus, minus), minus, cosine, "residual"
-
-
-def residual_agreement(pos: torch.Tensor, neg: torch.Tensor, plain: torch.Tensor, finder: Finder, seed: int) -> float:
-    """|cos| between the orthogonalised u+ fitted on two disjoint halves of the pairs: near 1 a direction, near 0 noise."""
-    perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(seed))
-    halves = perm[:len(pos) // 2], perm[len(pos) // 2:]
-    residuals = [orthogonalize(finder(pos[h], plain[h]), finder(neg[h], plain[h])) for h in halves]
-    return abs(float(residuals[0][0] @ residuals[1][0])) if all(len(r) for r in residuals) else 0.0
+    agreement = {
+        "residual": split_half_agreement(lambda h: orthogonalize(finder(pos[h], plain[h]), finder(neg[h], plain[h])), len(pos), seed),
+        "separating": split_half_agreement(lambda h: finder(pos[h], neg[h]), len(pos), seed),
+    }
+    if abs(cosine) > parallel_cosine or agreement["residual"] < min(MIN_AGREEMENT, agreement["separating"]):
+        return LayerDirections(finder(pos, neg), minus[:0], cosine, "separating", agreement)
+    return LayerDirections(orthogonalize(plus, minus), minus, cosine, "residual", agreement)
 
 
 def candidates(config: AlignEZConfig, ranked: list[int]) -> list[tuple[list[int], float]]:
@@ -104,11 +130,15 @@ def candidates(config: AlignEZConfig, ranked: list[int]) -> list[tuple[list[int]
     return [(list(layers), alpha) for layers in layer_sets for alpha in alphas]
 
 
-def held_out_margin(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict], edits: list[Edit],
-                    batch_size: int) -> float:
-    """Mean logp(y+|x) - logp(y-|x) over `pairs` with `edits` hooked in (equal to the folded model's)."""
+def held_out_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict], plain: list[dict],
+                    edits: list[Edit], batch_size: int) -> tuple[float, float]:
+    """With `edits` hooked in (equal to the folded model): the mean margin logp(y+|x) - logp(y-|x) over `pairs`, and the
+    mean log-prob per token of the model's own plain answers `plain`."""
     with EditHooks(model, edits, "mlp"):
-        return float(pair_margins(model, tokenizer, pairs, batch_size).mean())
+        margin = float(pair_margins(model, tokenizer, pairs, batch_size).mean())
+        own = per_token_logp(model, tokenizer, [row["prompt"] for row in plain], [row["responses"][0] for row in plain],
+                             batch_size)
+    return margin, own
 
 
 def alignez_edits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: AlignEZData, config: AlignEZConfig,
@@ -122,32 +152,33 @@ def alignez_edits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, da
     finder = get_finder(config.finder, config.finder_options)
     fit, held = held_out_split(len(pos), config.held_out, seed)
     scores = score_layers(pos, neg, finder, config.held_out, seed)  # the same split: fitted on `fit`, scored on `held`
-    per_layer = [layer_directions(pos[fit, layer], neg[fit, layer], plain[fit, layer], finder, config.parallel_cosine)
-                 for layer in range(num_layers)]
-    agreement = [residual_agreement(pos[fit, layer], neg[fit, layer], plain[fit, layer], finder, seed)
+    per_layer = [layer_directions(pos[fit, layer], neg[fit, layer], plain[fit, layer], finder, config.parallel_cosine, seed)
                  for layer in range(num_layers)]
 
     def edits_for(layers: list[int], alpha: float) -> list[Edit]:
-        return [Edit(layer, per_layer[layer][0], per_layer[layer][1], alpha) for layer in layers]
+        return [Edit(layer, per_layer[layer].plus, per_layer[layer].minus, alpha) for layer in layers]
 
     held_pairs = [data.pairs[i] for i in held.tolist()]
-    unedited = held_out_margin(model, tokenizer, held_pairs, [], config.batch_size)
-    ranked = rank_layers(scores)
-    tried = [{"layers": layers, "alpha": alpha,
-              "held_out_margin": round(held_out_margin(model, tokenizer, held_pairs, edits_for(layers, alpha), config.batch_size), 4)}
-             for layers, alpha in candidates(config, ranked)]
-    best = max(tried, key=lambda c: c["held_out_margin"])
-    chosen = best if best["held_out_margin"] > unedited or len(tried) == 1 else None
+    plain_rows = {row["prompt_id"]: row for row in data.plain}
+    held_plain = [plain_rows[p["prompt_id"]] for p in held_pairs]
+    unedited, own = held_out_scores(model, tokenizer, held_pairs, held_plain, [], config.batch_size)
+    tried = []
+    for layers, alpha in candidates(config, rank_layers(scores)):
+        margin, edited_own = held_out_scores(model, tokenizer, held_pairs, held_plain, edits_for(layers, alpha), config.batch_size)
+        tried.append({"layers": layers, "alpha": alpha, "held_out_margin": round(margin, 4), "kl": round(own - edited_own, 4)})
+    allowed = [c for c in tried if c["kl"] <= config.max_kl] if len(tried) > 1 else tried
+    best = max(allowed, key=lambda c: c["held_out_margin"], default=None)
+    chosen = best if best and (best["held_out_margin"] > unedited or len(tried) == 1) else None
     if chosen is None:
-        logger.warning("AlignEZ: no edit raised the held-out margin above the unedited model's (%.3f nats); nothing is edited",
-                       unedited)
+        logger.warning("AlignEZ: no edit within init.max_kl raised the held-out margin above the unedited model's (%.3f nats); "
+                       "nothing is edited", unedited)
     layers = chosen["layers"] if chosen else []
     info = {"pairs": len(data.pairs), "fit_pairs": len(fit), "held_out_pairs": len(held),
             "layer_scores": [round(s, 4) for s in scores], "layers": layers, "alpha": chosen["alpha"] if chosen else None,
-            "parallel_cosine": config.parallel_cosine,
-            "cosine_plus_minus": [round(d[2], 4) for d in per_layer],  # every layer, before orthogonalising
-            "residual_agreement": [round(a, 4) for a in agreement],
-            "rule": {layer: per_layer[layer][3] for layer in layers},
+            "parallel_cosine": config.parallel_cosine, "max_kl": config.max_kl, "kl": chosen["kl"] if chosen else 0.0,
+            "cosine_plus_minus": [round(d.cosine, 4) for d in per_layer],  # every layer, before orthogonalising
+            "agreement": {rule: [round(d.agreement[rule], 4) for d in per_layer] for rule in ("residual", "separating")},
+            "rule": {layer: per_layer[layer].rule for layer in layers},
             "held_out_margin": {"unedited": round(unedited, 4), "edited": chosen["held_out_margin"] if chosen else round(unedited, 4)},
             "candidates": tried}
     logger.info("AlignEZ: layers %s, alpha %s; held-out margin %.3f -> %.3f nats", layers, info["alpha"], unedited,

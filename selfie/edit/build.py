@@ -185,9 +185,11 @@ def describe(provenance: dict) -> list[str]:
                 f"training loss by tenths of the steps: {r['loss_curve']}"]
     margin = r["held_out_margin"]
     lines = [f"AlignEZ: {r['fit_pairs']} pairs fit the directions, {r['held_out_pairs']} held-out pairs choose the edit",
-             f"held-out margin logp(y+) - logp(y-): {margin['unedited']} unedited -> {margin['edited']} edited (nats)"]
+             f"held-out margin logp(y+) - logp(y-): {margin['unedited']} unedited -> {margin['edited']} edited (nats); "
+             f"KL estimate {r['kl']} nats/token (budget {r['max_kl']})"]
     if not r["layers"]:
-        return lines + ["no candidate beat the unedited model on the held-out pairs: the model is left as it was"]
+        return lines + ["no candidate within the KL budget beat the unedited model on the held-out pairs: the model is left "
+                        "as it was"]
     cosines = {layer: r["cosine_plus_minus"][layer] for layer in r["layers"]}
     return lines + [f"layers {r['layers']}, alpha {r['alpha']}; cos(u+, u-) {cosines} (near-parallel above "
                     f"{r['parallel_cosine']}: boost the y+ vs y- direction instead); rule {r['rule']}"]

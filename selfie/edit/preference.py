@@ -1,8 +1,10 @@
-"""The model's own preference between two answers: summed response log-probs and their margin.
+"""The model's own preference between two answers (summed response log-probs and their margin), and how far an
+edit moved the model away from its own answers.
 
-AlignEZ chooses its layers and alpha by this margin on held-out self-generated pairs (the edit
-that makes the model prefer the helpful answer over the harmful one most, on pairs the directions
-were not fitted on); scripts/bench_edit.py reports it before and after each edit.
+AlignEZ chooses its layers and alpha by the margin on held-out self-generated pairs (the edit that makes
+the model prefer the helpful answer over the harmful one most, on pairs the directions were not fitted
+on) among the edits whose drift from the model's own plain answers stays within a budget;
+scripts/bench_edit.py reports the margin before and after each edit.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from selfie.edit.hidden import encode, pad_batch
 
 @torch.no_grad()
 def response_logps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]],
-                   responses: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-    """Summed log-prob of each response's tokens (as generated, no end-of-turn token) after its prompt, float64."""
+                   responses: Sequence[str], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each response's tokens (as generated, no end-of-turn token) after its prompt, float64,
+    and each response's token count."""
     items = [encode(tokenizer, p, y) for p, y in zip(prompts, responses)]
     device = next(model.parameters()).device
     out = torch.zeros(len(items), dtype=torch.float64)
@@ -30,13 +33,24 @@ def response_logps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
         token_logps = logits[rows, cols - 1].float().log_softmax(-1).gather(1, batch.input_ids[rows, cols][:, None])[:, 0]
         sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, token_logps.double())
         out[start:start + len(chunk)] = sums.cpu()
-    return out
+    return out, torch.tensor([len(item.ids) - item.prompt_len for item in items])
 
 
 def pair_margins(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict],
                  batch_size: int = 8) -> torch.Tensor:
     """logp(chosen | prompt) - logp(rejected | prompt) of each pairs.jsonl row, in nats."""
     prompts = [p["prompt"] for p in pairs]
-    chosen = response_logps(model, tokenizer, prompts, [p["chosen"][0]["content"] for p in pairs], batch_size)
-    rejected = response_logps(model, tokenizer, prompts, [p["rejected"][0]["content"] for p in pairs], batch_size)
+    chosen, _ = response_logps(model, tokenizer, prompts, [p["chosen"][0]["content"] for p in pairs], batch_size)
+    rejected, _ = response_logps(model, tokenizer, prompts, [p["rejected"][0]["content"] for p in pairs], batch_size)
     return chosen - rejected
+
+
+def per_token_logp(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]],
+                   responses: Sequence[str], batch_size: int = 8) -> float:
+    """Mean log-prob per response token over all the responses.
+
+    For responses the unedited model sampled, its value there minus the edited model's estimates the
+    per-token KL divergence of the edited model from the unedited one.
+    """
+    sums, counts = response_logps(model, tokenizer, prompts, responses, batch_size)
+    return float(sums.sum() / counts.sum().clamp_min(1))
