@@ -75,7 +75,7 @@ class DataConfig(Ranged):
 
     prompts: str = "demo"  # prompt pool: hub id, .json/.jsonl/.parquet file, saved dataset dir, or "demo"
     seed_pairs: str | None = None  # labelled preference set for the seed stage, or "alignez" (self-generated, no label); None = labels of the pool's seed slice
-    seed_judge: str | None = None  # label the seed slice with this judge instead (2 samples per prompt; see evaluate.py)
+    seed_judge: str | None = None  # label the seed slice with this judge instead (2 samples per prompt; see selfie/evaluation/judges.py)
     seed_size: float = 2000  # a count, or a fraction of the pool when < 1
     iteration_sizes: list[float] = field(default_factory=lambda: [8000, 20000, 30000])
     shuffle_seed: int = 42

@@ -13,66 +13,23 @@ import argparse
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from selfie.data import check_prompt_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import ResumableJsonl, atomic_write_jsonl, read_jsonl
+from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
 logger = logging.getLogger(__name__)
-
-
-def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    """Token ids of a conversation rendered by the chat template (the way TRL's DPO tokenizes it)."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
-    return list(encoded["input_ids"])
-
-
-def stop_token_ids(model: PreTrainedModel | GenerationConfig | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The tokenizer's EOS plus any end-of-turn ids in the generation config (e.g. Llama 3's <|eot_id|>)."""
-    ids = {tokenizer.eos_token_id}
-    config = model if isinstance(model, GenerationConfig) else getattr(model, "generation_config", None)
-    configured = getattr(config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    ids.discard(None)
-    return ids
 
 
 def row_seed(seed: int, prompt_id: str, k: int) -> int:
     digest = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{k}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def select_shard(rows: Sequence[dict], shard: tuple[int, int]) -> list[dict]:
-    """Rows i (in prompt_id order) with i % world == rank."""
-    rank, world = shard
-    if not 0 <= rank < world:
-        raise ValueError(f"shard {shard}: need 0 <= rank < world")
-    return [row for i, row in enumerate(sorted(rows, key=lambda r: r["prompt_id"])) if i % world == rank]
-
-
-def check_prompt_rows(rows: Sequence[dict], source: str) -> None:
-    """Each row needs a unique string prompt_id and a non-empty list of {role, content} messages."""
-    seen: set[str] = set()
-    for n, row in enumerate(rows, 1):
-        where = f"{source}: row {n}"
-        for key in ("prompt_id", "prompt"):
-            if key not in row:
-                raise SelfieError(f"{where}: missing key '{key}'")
-        if not isinstance(row["prompt_id"], str):
-            raise SelfieError(f"{where}: key 'prompt_id' must be a string")
-        if row["prompt_id"] in seen:
-            raise SelfieError(f"{where}: duplicate prompt_id '{row['prompt_id']}'")
-        seen.add(row["prompt_id"])
-        prompt = row["prompt"]
-        if not isinstance(prompt, list) or not prompt or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
-        ):
-            raise SelfieError(f"{where}: key 'prompt' must be a non-empty list of {{role, content}} messages")
 
 
 def _draw(logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_p: float) -> torch.Tensor:
@@ -176,7 +133,7 @@ def generate_responses(
     encoded = sorted(((chat_ids(tokenizer, row["prompt"], True), row) for row in todo), key=lambda e: (len(e[0]), e[1]["prompt_id"]))
     per_batch = max(1, batch_size // num_responses)
     device = next(model.parameters()).device
-    stop_ids, pad_id = stop_token_ids(model, tokenizer), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids, pad_id = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
     model.eval()
     new_tokens, start = 0, time.perf_counter()
     try:

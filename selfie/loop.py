@@ -155,7 +155,8 @@ class Loop:
         """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
         chosen / rejected by the judge's scores under the truncation policy (no length penalty: these are the
         gold labels). Writes iter_000/pairs.jsonl; returns the labelling metrics."""
-        from selfie.evaluate import load_judge, score_responses
+        from selfie.evaluation.judges import load_judge
+        from selfie.evaluation.labels import score_responses
         from selfie.pairs import select_pairs
 
         if pairs_path.exists():
@@ -218,7 +219,7 @@ class Loop:
         return [judgments, pairs_path], {**metrics, **labels, "labeller": j.labeller}
 
     def _judge_implicit(self, t: int, responses: list[dict]) -> tuple[Path, dict]:
-        from selfie.judge import judge_responses
+        from selfie.implicit_reward import judge_responses
         from selfie.models import load_policy
 
         j = self.config.judge
@@ -231,7 +232,8 @@ class Loop:
 
     def _judge_with(self, spec: str, t: int, responses: list[dict]) -> tuple[Path, dict]:
         """judgments.jsonl scored by a judge spec (reward model, Python callable, ...) on rank 0."""
-        from selfie.evaluate import load_judge, score_responses
+        from selfie.evaluation.judges import load_judge
+        from selfie.evaluation.labels import score_responses
 
         path = iteration_dir(self.run_dir, t) / "judgments.jsonl"
 
@@ -244,8 +246,8 @@ class Loop:
         return path, self._on_main_then_share(score)
 
     def tokenizer_and_stops(self):
-        from selfie.generate import stop_token_ids
         from selfie.models import load_generation_config, load_tokenizer
+        from selfie.tokens import stop_token_ids
 
         tokenizer = load_tokenizer(self.pi_init)
         return tokenizer, stop_token_ids(load_generation_config(self.pi_init), tokenizer)
@@ -258,7 +260,8 @@ class Loop:
         pairs, metrics = select_pairs([by_id[j["prompt_id"]] for j in judgments], judgments, self.config.judge.rules)
         eval_judge = (self.config.eval or {}).get("judge")
         if eval_judge:  # how often the self-labels agree with the judge the run is evaluated by
-            from selfie.evaluate import load_judge, pair_agreement
+            from selfie.evaluation.judges import load_judge
+            from selfie.evaluation.labels import pair_agreement
 
             metrics["eval_judge_agreement"] = pair_agreement(load_judge(eval_judge, self.config.model.dtype), pairs)
         atomic_write_jsonl(pairs_path, pairs)
@@ -281,7 +284,7 @@ class Loop:
         return [self.adapter(t)], metrics
 
     def stage_eval(self, t: int) -> tuple[list[Path], dict]:
-        from selfie.evaluate import evaluate_iteration
+        from selfie.evaluation.compare import evaluate_iteration
 
         metrics = self._on_main_then_share(lambda: evaluate_iteration(self.config.eval, self.pi_init, self.adapter(t), self.config))
         path = iteration_dir(self.run_dir, t) / "eval.json"

@@ -134,6 +134,11 @@ def base_fingerprint(model: PreTrainedModel) -> str:
     return h.hexdigest()[:16]
 
 
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a PEFT wrapper (its LoRA layers still in place, switched by the wrapper), or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
     config = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),

@@ -13,10 +13,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from selfie.config import LoraConfig, dump_recipe, load_recipe
 from selfie.errors import SelfieError
-from selfie.evaluation.stats import length_controlled
-from selfie.evaluate import (
-    INIT, compare_models, judge_accuracy, load_judge, pair_agreement, run_scores, score_responses, win_rate, write_report,
-)
+from selfie.evaluation.compare import INIT, compare_models, run_scores
+from selfie.evaluation.judges import load_judge
+from selfie.evaluation.labels import judge_accuracy, pair_agreement, score_responses
+from selfie.evaluation.report import write_report
+from selfie.evaluation.stats import length_controlled, win_rate
 from selfie.models import attach_lora, load_model, load_tokenizer, save_adapter
 from selfie.pairs import select_pairs
 from tiny import build_tokenizer

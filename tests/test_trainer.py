@@ -229,8 +229,8 @@ def test_last_checkpoint_skips_incomplete_ones(tmp_path):
 
 def test_trainer_trains_a_truncated_response_exactly_as_the_judge_scored_it(tiny_model, prev_adapter, tmp_path):
     """Token for token: the judge's policy log-prob of each response equals the one on the trainer's batch."""
-    from selfie.generate import stop_token_ids
-    from selfie.judge import judge_responses
+    from selfie.implicit_reward import judge_responses
+    from selfie.tokens import stop_token_ids
 
     model = load_adapter(load_model(tiny_model, "float32"), prev_adapter).eval()
     tokenizer = load_tokenizer(tiny_model)

@@ -24,6 +24,7 @@ from selfie.edit.config import AlignEZConfig
 from selfie.edit.directions import choose_layers, get_finder, score_layers
 from selfie.edit.hidden import collect_states, encode
 from selfie.errors import SelfieError
+from selfie.tokens import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def pair_states(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data
     items = [encode(tokenizer, p["prompt"], p["chosen"][0]["content"]) for p in data.pairs]
     items += [encode(tokenizer, p["prompt"], p["rejected"][0]["content"]) for p in data.pairs]
     items += [encode(tokenizer, row["prompt"], row["responses"][0]) for row in data.plain]
-    states = collect_states(model, items, tokenizer.pad_token_id, location=config.location, mode="last",
+    states = collect_states(model, items, pad_token_id(tokenizer), location=config.location, mode="last",
                             batch_size=config.batch_size, desc="alignez states")
     n = len(data.pairs)
     plain_row = {row["prompt_id"]: i for i, row in enumerate(data.plain)}

@@ -24,6 +24,7 @@ from selfie.edit.config import RAHFConfig
 from selfie.edit.hidden import Encoded, collect_states, decoder_layers, encode, pad_batch, run_to_layers
 from selfie.errors import SelfieError
 from selfie.models import attach_lora, merge_adapter
+from selfie.tokens import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def rahf_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     plain = [encode(tokenizer, p, y) for p, y in zip(prompts, responses)]
     good = [encode(tokenizer, instructed(p, GOOD_INSTRUCTION), y) for p, y in zip(prompts, responses)]
     bad = [encode(tokenizer, instructed(p, BAD_INSTRUCTION), y) for p, y in zip(prompts, responses)]
-    states = collect_states(model, plain + good + bad, tokenizer.pad_token_id, layers=layers, location="layer",
+    states = collect_states(model, plain + good + bad, pad_token_id(tokenizer), layers=layers, location="layer",
                             mode="tokens", batch_size=batch_size, desc="rahf targets")
     n = len(plain)
     targets = [h + alpha * (g - b) for h, g, b in zip(states[:n], states[n:2 * n], states[2 * n:])]
@@ -125,7 +126,7 @@ def rahf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, promp
     with peft_model.disable_adapter():
         items, targets = rahf_targets(peft_model, tokenizer, [prompts[i] for i in keep], [responses[i] for i in keep],
                                       layers, config.alpha, config.batch_size)
-    losses = train_rahf(peft_model, items, targets, layers, tokenizer.pad_token_id, steps=config.steps,
+    losses = train_rahf(peft_model, items, targets, layers, pad_token_id(tokenizer), steps=config.steps,
                         learning_rate=config.learning_rate, batch_size=config.train_batch_size, seed=seed)
     info = {"target_layers": layers, "examples": len(items), "response_tokens": sum(t.shape[1] for t in targets),
             "loss_first": losses[0], "loss_last": losses[-1], "loss_min": min(losses)}
