@@ -10,6 +10,7 @@ it stopped; the final responses.jsonl is sorted by prompt_id and written atomica
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import time
@@ -19,9 +20,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from selfie.config import GenerateConfig, RecipeConfig, add_options, from_args
 from selfie.data import check_prompt_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import ResumableJsonl, atomic_write_jsonl, read_jsonl
+from selfie.models import add_policy_args, load_policy
 from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -109,8 +112,9 @@ def sample_batch(
 
 def generate_responses(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict], output: str | Path, *,
-    num_responses: int = 2, max_new_tokens: int = 300, temperature: float = 0.7, top_p: float = 1.0, seed: int = 42,
-    batch_size: int = 8, shard: tuple[int, int] = (0, 1),
+    num_responses: int = GenerateConfig.num_responses, max_new_tokens: int = GenerateConfig.max_new_tokens,
+    temperature: float = GenerateConfig.temperature, top_p: float = GenerateConfig.top_p, seed: int = RecipeConfig.seed,
+    batch_size: int = GenerateConfig.batch_size, shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Write responses.jsonl rows {prompt_id, prompt, responses, finished} for this shard's prompts; return metrics.
 
@@ -169,27 +173,23 @@ def generate_responses(
 
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub id, local directory, .gguf file or built-in alias")
-    parser.add_argument("--adapter", default=None, help="PEFT adapter directory to sample from (default: the bare model)")
-    parser.add_argument("--prompts", required=True, help=".jsonl/.json/.parquet file, saved dataset dir, hub id or 'demo'")
-    parser.add_argument("--output", required=True, help="responses.jsonl to write")
-    parser.add_argument("--num-responses", type=int, default=2, help="responses per prompt (K)")
-    parser.add_argument("--max-new-tokens", type=int, default=300)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    add_policy_args(parser, model="hub id, local directory, .gguf file or built-in alias",
+                    adapter="PEFT adapter directory to sample from (default: the bare model)", adapter_required=False,
+                    reads=("--prompts", ".jsonl/.json/.parquet file, saved dataset dir, hub id or 'demo'"),
+                    writes="responses.jsonl to write")
+    # the recipe's generate: section, seed and model.dtype, with their defaults
+    add_options(parser, GenerateConfig, [f.name for f in dataclasses.fields(GenerateConfig)],
+                {"num_responses": "responses per prompt (K)", "temperature": "0 = greedy", "batch_size": "sequences decoded together"})
+    add_options(parser, RecipeConfig, ["seed"])
 
 
 def run_generate_command(args: argparse.Namespace) -> None:
     from selfie.data import load_prompts
-    from selfie.models import load_policy
 
+    g = from_args(GenerateConfig, args)  # the cross-key checks of the recipe's section
     prompts = load_prompts(args.prompts)
     model, tokenizer = load_policy(args.model, args.adapter, args.dtype)
     if torch.cuda.is_available():
         model.to("cuda")
-    generate_responses(model, tokenizer, prompts, args.output, num_responses=args.num_responses,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed, batch_size=args.batch_size)
+    generate_responses(model, tokenizer, prompts, args.output, num_responses=g.num_responses, max_new_tokens=g.max_new_tokens,
+                       temperature=g.temperature, top_p=g.top_p, seed=args.seed, batch_size=g.batch_size)

@@ -25,10 +25,11 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from selfie.config import JudgeConfig, TrainConfig, add_options, from_args
 from selfie.data import check_response_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from selfie.models import unwrap_peft
+from selfie.models import add_policy_args, load_policy, unwrap_peft
 from selfie.pairs import TRUNCATION_POLICIES, PairRules, select_pairs
 from selfie.projection import logit_softcap, output_layer, token_logps
 from selfie.tokens import pad_token_id, response_token_ids, stop_token_ids
@@ -116,8 +117,8 @@ def _sequence_logps(model: PreTrainedModel, packed: dict) -> torch.Tensor:
 @torch.inference_mode()
 def judge_responses(
     policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, responses: list[dict], output: str | Path,
-    pairs_output: str | Path | None, *, beta: float = 0.1, length_normalize: bool = False,
-    rules: PairRules = PairRules(), token_budget: int = 8192, shard: tuple[int, int] = (0, 1),
+    pairs_output: str | Path | None, *, beta: float = TrainConfig.beta, length_normalize: bool = JudgeConfig.length_normalize,
+    rules: PairRules = PairRules(), token_budget: int = JudgeConfig.token_budget, shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Write judgments.jsonl (and pairs.jsonl, made by `rules`) for this shard's rows of `responses`; return metrics.
 
@@ -180,47 +181,29 @@ def judge_responses(
 
 
 def add_judge_args(parser: argparse.ArgumentParser) -> None:
-    from selfie.config import JudgeConfig
-
-    defaults = JudgeConfig()  # the recipe's defaults, so `selfie judge` labels as `selfie run` does
-    parser.add_argument("--model", required=True, help="the initial model pi_init (also the judge reference)")
-    parser.add_argument("--adapter", required=True, help="PEFT adapter of the policy that generated the responses")
-    parser.add_argument("--responses", required=True, help="responses.jsonl from `selfie generate`")
-    parser.add_argument("--output", required=True, help="judgments.jsonl to write")
+    add_policy_args(parser, model="the initial model pi_init (also the judge reference)",
+                    adapter="PEFT adapter of the policy that generated the responses", adapter_required=True,
+                    reads=("--responses", "responses.jsonl from `selfie generate`"), writes="judgments.jsonl to write")
     parser.add_argument("--pairs", default=None, help="pairs.jsonl to write (TRL conversational preference format)")
-    parser.add_argument("--beta", type=float, default=defaults.beta)
-    parser.add_argument("--length-normalize", action="store_true", help="divide log-probs by the response length")
-    parser.add_argument("--truncated", choices=TRUNCATION_POLICIES, default=defaults.truncated,
-                        help="a response cut at the length limit: never chosen (drop), scored minus --truncation-penalty "
-                             "(penalize), or like any other (keep)")
-    parser.add_argument("--truncation-penalty", type=float, default=defaults.truncation_penalty)
-    parser.add_argument("--length-penalty", default=str(defaults.length_penalty),
-                        help="alpha per response token subtracted from the reward, or 'auto'")
-    parser.add_argument("--token-budget", type=int, default=defaults.token_budget, help="padded tokens per batch")
+    # the recipe's own keys and defaults, so `selfie judge` labels as `selfie run` does
+    add_options(parser, TrainConfig, ["beta"], {"beta": "the implicit reward's beta (the recipe's train.beta)"})
+    add_options(parser, JudgeConfig, ["length_normalize", "truncated", "truncation_penalty", "length_penalty", "token_budget"], {
+        "length_normalize": "divide log-probs by the response length",
+        "truncated": f"a response cut at the length limit: never chosen (drop), scored minus --truncation-penalty "
+                     f"(penalize), or like any other (keep); one of {', '.join(TRUNCATION_POLICIES)}",
+        "length_penalty": "alpha per response token subtracted from the reward, or 'auto'",
+        "token_budget": "padded tokens per batch"})
     parser.add_argument("--metrics", default=None, help="write the metrics as JSON here")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
 
 
 def run_judge_command(args: argparse.Namespace) -> None:
-    from selfie.models import load_policy
-
-    rules = rules_from_args(args)  # bad values fail before the model loads
+    judge = from_args(JudgeConfig, args)  # bad rules fail before the model loads
     responses = read_jsonl(args.responses)
     check_response_rows(responses, str(args.responses))
     policy, tokenizer = load_policy(args.model, args.adapter, args.dtype)
     if torch.cuda.is_available():
         policy.to("cuda")
     metrics = judge_responses(policy, tokenizer, responses, args.output, args.pairs, beta=args.beta,
-                              length_normalize=args.length_normalize, rules=rules,
-                              token_budget=args.token_budget)
+                              length_normalize=judge.length_normalize, rules=judge.rules, token_budget=judge.token_budget)
     if args.metrics:
         atomic_write_json(args.metrics, metrics)
-
-
-def rules_from_args(args: argparse.Namespace) -> PairRules:
-    alpha = args.length_penalty
-    try:
-        alpha = alpha if alpha == "auto" else float(alpha)
-    except ValueError:
-        raise SelfieError(f"--length-penalty: expected a number or 'auto', got '{alpha}'") from None
-    return PairRules(args.truncated, args.truncation_penalty, alpha)

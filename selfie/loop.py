@@ -115,7 +115,7 @@ class Loop:
 
         target = self.run_dir / "init" / "model"
         self._on_main_then_share(lambda: build_edited_model(self.config.init, self.config.model.name, target, self.config.seed))
-        return [target], {"method": self.config.init.get("method")}
+        return [target], {"method": self.config.init.method}
 
     def stage_seed(self, iteration: int) -> tuple[list[Path], dict]:
         from selfie.trainer import train_seed
@@ -146,9 +146,10 @@ class Loop:
     def alignez_seed_pairs(self) -> list[dict]:
         """AlignEZ's self-generated helpful / harmful pairs as the seed (no human label); an AlignEZ init's own
         data is reused."""
+        from selfie.config import AlignEZConfig
         from selfie.edit import alignez_seed_pairs, work_dir_for
 
-        init = self.config.init if (self.config.init or {}).get("method") == "alignez" else None
+        init = self.config.init if isinstance(self.config.init, AlignEZConfig) else None
         return alignez_seed_pairs(self.config.model.name, init, work_dir_for(self.run_dir / "init" / "model"), self.config.seed)
 
     def gold_labels(self, pairs_path: Path) -> dict | None:
@@ -226,7 +227,7 @@ class Loop:
         policy, tokenizer = load_policy(self.pi_init, self.adapter(t - 1), self.config.model.dtype)
         policy.to(self.state.device)
         path, shard_metrics = self._sharded(t, "judgments.jsonl", lambda out, shard: judge_responses(
-            policy, tokenizer, responses, out, None, beta=j.beta, length_normalize=j.length_normalize,
+            policy, tokenizer, responses, out, None, beta=self.config.train.beta, length_normalize=j.length_normalize,
             token_budget=j.token_budget, shard=shard))
         return path, combine_metrics(shard_metrics)
 
@@ -258,12 +259,11 @@ class Loop:
 
         by_id = {row["prompt_id"]: row for row in responses}
         pairs, metrics = select_pairs([by_id[j["prompt_id"]] for j in judgments], judgments, self.config.judge.rules)
-        eval_judge = (self.config.eval or {}).get("judge")
-        if eval_judge:  # how often the self-labels agree with the judge the run is evaluated by
+        if self.config.eval:  # how often the self-labels agree with the judge the run is evaluated by
             from selfie.evaluation.judges import load_judge
             from selfie.evaluation.labels import pair_agreement
 
-            metrics["eval_judge_agreement"] = pair_agreement(load_judge(eval_judge, self.config.model.dtype), pairs)
+            metrics["eval_judge_agreement"] = pair_agreement(load_judge(self.config.eval.judge, self.config.model.dtype), pairs)
         atomic_write_jsonl(pairs_path, pairs)
         return metrics
 

@@ -12,9 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from selfie.config import config_hash, earlier_config_hash
 from selfie.io import read_jsonl
+from selfie.rundir import load_run_config
+from selfie.status import describe
 
 ROOT = Path(__file__).parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "run-af5b61e"
@@ -52,6 +56,10 @@ def test_an_old_run_directory_resumes_to_the_end(resumed):
     kept = {k for k in before if k not in ("config.yaml", "manifest.json", ".lock")}
     assert {k: after[k] for k in kept} == {k: before[k] for k in kept}  # nothing the old run completed was redone
     assert not list(run_dir.rglob("*.partial"))
+    # config.yaml and the manifest's hash are now in this version's form: no judge.beta, typed init and eval
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert "beta" not in written["judge"] and written["init"]["finder"] == "svd" and written["eval"]["baseline"] == "init"
+    assert manifest["config_hash"] == config_hash(load_run_config(run_dir))
 
 
 def test_the_resumed_iteration_is_what_the_old_code_would_have_written(resumed):
@@ -69,3 +77,30 @@ def test_the_resumed_iteration_is_what_the_old_code_would_have_written(resumed):
     for key in got:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-4, msg=key)
     assert read_jsonl(it / "eval" / "scores.jsonl") == read_jsonl(EXPECTED / "eval" / "scores.jsonl")
+
+
+def test_the_earlier_hash_of_the_old_config_is_the_one_its_manifest_holds():
+    written = yaml.safe_load((FIXTURE / "run" / "config.yaml").read_text())
+    manifest = json.loads((FIXTURE / "run" / "manifest.json").read_text())
+    assert "beta" in written["judge"] and earlier_config_hash(written) == manifest["config_hash"]
+    assert config_hash(load_run_config(FIXTURE / "run")) != manifest["config_hash"]  # so the upgrade is what resumes it
+
+
+def test_status_reads_the_old_run_directory_as_it_is():
+    out = describe(FIXTURE / "run")
+    assert "6/10 stages done" in out and "next  iter  2  generate  (in progress: iter_002/responses.jsonl.partial)" in out
+
+
+def test_an_old_run_judged_with_another_beta_is_refused_naming_judge_beta(tmp_path):
+    work = tmp_path / FIXTURE.name
+    shutil.copytree(FIXTURE, work, ignore=shutil.ignore_patterns("expected", "iter_*", "init"))
+    config = work / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("judge:\n  beta: 0.1\n", "judge:\n  beta: 0.2\n"))
+    before = digests(work / "run")
+    result = selfie_run(work)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "judge.beta (the run judged with beta 0.2; this version judges with train.beta, 0.1)" in line
+    assert line.endswith("use the same recipe, a new output_dir, or --force")
+    after = digests(work / "run")  # refused before anything was written (the lock file holds the new pid)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}

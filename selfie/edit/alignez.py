@@ -18,9 +18,9 @@ import logging
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from selfie.config import AlignEZConfig
 from selfie.edit.alignez_data import AlignEZData
 from selfie.edit.apply import Edit
-from selfie.edit.config import AlignEZConfig
 from selfie.edit.directions import choose_layers, get_finder, score_layers
 from selfie.edit.hidden import collect_states, encode
 from selfie.errors import SelfieError

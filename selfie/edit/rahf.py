@@ -18,9 +18,8 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.config import LoraConfig
+from selfie.config import LoraConfig, RAHFConfig
 from selfie.edit.alignez_data import with_user_text
-from selfie.edit.config import RAHFConfig
 from selfie.edit.hidden import Encoded, collect_states, decoder_layers, encode, pad_batch, run_to_layers
 from selfie.errors import SelfieError
 from selfie.models import attach_lora, merge_adapter

@@ -18,7 +18,7 @@ from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
 @torch.no_grad()
 def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]], *, max_new_tokens: int,
-           temperature: float = 0.7, seed: int = 0, batch_size: int = 8, desc: str = "sample") -> list[tuple[str, bool]]:
+           temperature: float, seed: int, batch_size: int, desc: str = "sample") -> list[tuple[str, bool]]:
     """(text, finished) for each prompt: one sample, temperature only (top-k and top-p off)."""
     stop, pad_id = sorted(stop_token_ids(model, tokenizer)), pad_token_id(tokenizer)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"

@@ -25,12 +25,12 @@ from urllib.parse import parse_qsl
 import torch
 from tqdm.auto import tqdm
 
+from selfie.config import JudgeConfig, TrainConfig
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BETA = 0.1
 
 
 class Judge(Protocol):
@@ -119,8 +119,8 @@ class ImplicitJudge:
     given here counts as finished) and the packing of a prompt's responses are the loop's own.
     """
 
-    def __init__(self, model_name: str, adapter: str | None, beta: float = DEFAULT_BETA, dtype: str = "auto",
-                 token_budget: int = 8192):
+    def __init__(self, model_name: str, adapter: str | None, beta: float = TrainConfig.beta, dtype: str = "auto",
+                 token_budget: int = JudgeConfig.token_budget):
         from selfie.models import load_policy
 
         self.model, self.tokenizer = load_policy(model_name, adapter, dtype)
@@ -175,7 +175,7 @@ def _load_implicit(target: str, spec: str, dtype: str) -> ImplicitJudge:
     if unknown:
         raise SelfieError(f"judge '{spec}': unknown option '{unknown[0]}' (known: beta)")
     try:
-        beta = float(options.get("beta", DEFAULT_BETA))
+        beta = float(options.get("beta", TrainConfig.beta))
     except ValueError:
         raise SelfieError(f"judge '{spec}': beta must be a number, got '{options['beta']}'") from None
     if not beta > 0:
