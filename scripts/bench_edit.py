@@ -28,8 +28,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine  # noqa: E402
-
 from selfie.config import AlignEZConfig, load_init  # noqa: E402
 from selfie.data import load_prompts  # noqa: E402
 from selfie.edit import build_edited_model  # noqa: E402
@@ -37,6 +35,8 @@ from selfie.edit.alignez_data import generate_alignez_data  # noqa: E402
 from selfie.edit.hidden import encode, pad_batch  # noqa: E402
 from selfie.io import atomic_write_jsonl, atomic_write_text  # noqa: E402
 from selfie.models import load_model, load_tokenizer  # noqa: E402
+
+from benchlib import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "EDITING.md"

@@ -56,8 +56,8 @@ def _best_of(repeats: int, fn) -> tuple[float, object]:
 
 
 def run_selfie(workdir: str, token_budget: int, repeats: int) -> dict:
-    from selfie.io import read_jsonl
     from selfie.implicit_reward import judge_responses
+    from selfie.io import read_jsonl
     from selfie.models import load_policy
 
     start = time.perf_counter()

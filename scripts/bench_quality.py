@@ -34,8 +34,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import docs_dir, machine, parse_args, save_raw, write_section  # noqa: E402
-
 from selfie.config import load_recipe  # noqa: E402
 from selfie.data import load_prompts, split_prompts  # noqa: E402
 from selfie.evaluation.compare import generate_one, score_unique  # noqa: E402
@@ -44,6 +42,8 @@ from selfie.evaluation.labels import pair_agreement  # noqa: E402
 from selfie.evaluation.stats import bootstrap_ci  # noqa: E402
 from selfie.io import atomic_write_json, read_json, read_jsonl  # noqa: E402
 from selfie.loop import run_loop  # noqa: E402
+
+from benchlib import docs_dir, machine, parse_args, save_raw, write_section  # noqa: E402
 
 GOLD = "callable:quality_scorer:relevance"
 SIZES = {"seed": 24, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96}

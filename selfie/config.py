@@ -16,10 +16,10 @@ import hashlib
 import json
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
@@ -297,7 +297,7 @@ class EvalConfig(Ranged):
             raise SelfieError("recipe key 'eval.judge' is required when 'eval' is set (e.g. reward-model:PATH)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalOptions(Ranged):
     """The options of `selfie eval` (not a recipe section): which prompts, how each model answers, the bootstrap."""
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from accelerate.utils import broadcast_object_list, gather_object
 
@@ -268,9 +269,8 @@ class Loop:
         return metrics
 
     def stage_train(self, t: int) -> tuple[list[Path], dict]:
-        from selfie.trainer import train_iteration
-
         from selfie.pairs import with_replay
+        from selfie.trainer import train_iteration
 
         pairs = read_jsonl(iteration_dir(self.run_dir, t) / "pairs.jsonl")
         if not pairs:

@@ -37,12 +37,12 @@ def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
-def _mixed(blocks: list[tuple[float, torch.Tensor]], logits_of) -> torch.Tensor:
-    """sum_k c_k * logits_of(h_k), with no extra pass for a single term of weight 1."""
-    (c, h), *rest = blocks
-    total = logits_of(h) if c == 1 else c * logits_of(h)
-    for c, h in rest:
-        total = total + c * logits_of(h)
+def _mixed(terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """sum_k c_k * x_k, with no extra pass for a single term of weight 1."""
+    (c, x), *rest = terms
+    total = x if c == 1 else c * x
+    for c, x in rest:
+        total = total + c * x
     return total
 
 
@@ -65,13 +65,13 @@ def token_logps(terms: Sequence[tuple[float, torch.Tensor]], targets: torch.Tens
         running_max = torch.full((size, 1), float("-inf"), device=device)
         running_sum = torch.zeros((size, 1), device=device)
         for j in range(0, weight.shape[0], width):
-            tile_bias = None if bias is None else bias[j:j + width]
-            logits = _mixed(blocks, lambda h: _capped(nn.functional.linear(h, weight[j:j + width], tile_bias).float(), softcap))
+            tile, tile_bias = weight[j:j + width], None if bias is None else bias[j:j + width]
+            logits = _mixed([(c, _capped(nn.functional.linear(h, tile, tile_bias).float(), softcap)) for c, h in blocks])
             new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
             running_sum = running_sum * (running_max - new_max).exp() + logits.sub_(new_max).exp_().sum(-1, keepdim=True)
             running_max = new_max
         target = targets[i:i + POSITION_BLOCK]
-        rows, row_bias = weight[target].float(), None if bias is None else bias[target].float()
-        picked = _mixed(blocks, lambda h: _capped((h.float() * rows).sum(-1) + (0.0 if row_bias is None else row_bias), softcap))
+        rows, row_bias = weight[target].float(), 0.0 if bias is None else bias[target].float()
+        picked = _mixed([(c, _capped((h.float() * rows).sum(-1) + row_bias, softcap)) for c, h in blocks])
         out.append(picked - (running_max + running_sum.log()).squeeze(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float32, device=terms[0][1].device)

@@ -31,7 +31,7 @@ class Manifest:
     stages: list[dict] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: Path, config_hash: str) -> "Manifest":
+    def load(cls, path: Path, config_hash: str) -> Manifest:
         if not path.exists():
             return cls(path, config_hash)
         data = read_json(path)

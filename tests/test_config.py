@@ -1,13 +1,23 @@
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from dataclasses import asdict
-
 from selfie.cli import build_parser
 from selfie.config import (
-    AlignEZConfig, EvalOptions, GenerateConfig, JudgeConfig, ModelConfig, RAHFConfig, RecipeConfig, TrainConfig, config_hash,
-    differing_keys, dump_recipe, load_recipe, parse_overrides,
+    AlignEZConfig,
+    EvalOptions,
+    GenerateConfig,
+    JudgeConfig,
+    ModelConfig,
+    RAHFConfig,
+    RecipeConfig,
+    TrainConfig,
+    config_hash,
+    differing_keys,
+    dump_recipe,
+    load_recipe,
+    parse_overrides,
 )
 from selfie.errors import SelfieError
 

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfie.cli import main as cli_main
+from selfie.config import AlignEZConfig, RAHFConfig, load_init
 from selfie.data import load_preferences, load_prompts
 from selfie.edit import alignez_seed_pairs, build_edited_model, work_dir_for
 from selfie.edit.alignez import orthogonalize
 from selfie.edit.alignez_data import characteristics_prompt, response_prompt
 from selfie.edit.apply import Edit, EditHooks, fold_edits
-from selfie.config import AlignEZConfig, RAHFConfig, load_init
 from selfie.edit.directions import FINDERS, choose_layers, get_finder, pair_accuracy, register, score_layers
 from selfie.edit.hidden import collect_states, encode
 from selfie.edit.rahf import default_target_layers, rahf_model, rahf_targets

@@ -20,6 +20,7 @@ from selfie.evaluation.report import write_report
 from selfie.evaluation.stats import length_controlled, win_rate
 from selfie.models import attach_lora, load_model, load_tokenizer, save_adapter
 from selfie.pairs import select_pairs
+
 from tiny import build_tokenizer
 
 PROMPTS = [[{"role": "user", "content": "write a short poem about the sea"}],

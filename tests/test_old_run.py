@@ -28,7 +28,7 @@ PLAN = [(0, "init"), (0, "seed")] + [(t, s) for t in (1, 2) for s in ("generate"
 
 def digests(run_dir: Path) -> dict[str, str]:
     """Content hash of every file of the stages the old run completed (iteration 2 was under way)."""
-    files = [p for p in run_dir.rglob("*") if p.is_file() and not p.relative_to(run_dir).parts[0] == "iter_002"]
+    files = [p for p in run_dir.rglob("*") if p.is_file() and p.relative_to(run_dir).parts[0] != "iter_002"]
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 

@@ -17,13 +17,24 @@ from trl.trainer.utils import use_adapter
 from selfie.config import RecipeConfig, RefineConfig, TrainConfig, load_recipe
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
-from selfie.pairs import PairRules
 from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter
+from selfie.pairs import PairRules
 from selfie.trainer import (
-    REFINE_STATE, NoiseAwareDPOConfig, NoiseAwareDPOTrainer, RefinementWindow, _pairs_dataset, build_dpo_config,
-    dnd_lambda, last_checkpoint, seed_epochs, train_iteration, train_seed,
+    REFINE_STATE,
+    NoiseAwareDPOConfig,
+    NoiseAwareDPOTrainer,
+    RefinementWindow,
+    _pairs_dataset,
+    build_dpo_config,
+    dnd_lambda,
+    last_checkpoint,
+    seed_epochs,
+    train_iteration,
+    train_seed,
 )
+
 from tiny import perturb_adapter, toy_pairs
+
 
 def recipe(**sections) -> RecipeConfig:
     base = {"report_to": [], "lora": {"r": 4, "alpha": 8, "dropout": 0.0},

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from selfie.config import EvalOptions, add_options, from_args
 
-
 HELP = {"dtype": "auto, float32, bfloat16 or float16", "n_boot": "bootstrap resamples for the 95%% interval",
         "seed": "sampling and bootstrap seed", "split": "split for hub / saved datasets",
         "num_prompts": "first N prompts (0 = all)", "num_pairs": "first N pairs (0 = all)", "temperature": "0 = greedy",
