@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine, save_raw, write_marked  # noqa: E402
-
+from selfie.config import AlignEZConfig, load_init  # noqa: E402
 from selfie.data import load_prompts  # noqa: E402
 from selfie.edit import build_edited_model  # noqa: E402
 from selfie.edit.alignez_data import generate_alignez_data  # noqa: E402
 from selfie.edit.preference import pair_margins  # noqa: E402
 from selfie.io import atomic_write_jsonl  # noqa: E402
 from selfie.models import load_model, load_tokenizer  # noqa: E402
+
+from benchlib import machine, save_raw, write_marked  # noqa: E402
 
 
 
@@ -70,14 +71,15 @@ def main() -> None:
         tokenizer, model = load_tokenizer(args.model), load_model(args.model, "float32").eval()
         results["model"] = {"name": args.model, "layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size}
         held = generate_alignez_data(model, tokenizer, held_rows, [["helpful", "harmful"]], max_new_tokens_char=sizes["char"],
-                                     max_new_tokens_resp=sizes["resp"], seed=args.seed + 1000, batch_size=8)
+                                     max_new_tokens_resp=sizes["resp"], temperature=AlignEZConfig.temperature,
+                                     seed=args.seed + 1000, batch_size=8)
         del model
         results["held_out_pairs"] = len(held.pairs)
         results["held_out_data_seconds"] = round(time.perf_counter() - start, 1)
         results["base"] = preference(args.model, held.pairs)
         for method, init in inits.items():
             start = time.perf_counter()
-            out = build_edited_model({**init, "prompts": str(tmp / "fit_prompts.jsonl")}, args.model, tmp / method, args.seed)
+            out = build_edited_model(load_init({**init, "prompts": str(tmp / "fit_prompts.jsonl")}), args.model, tmp / method, args.seed)
             seconds = time.perf_counter() - start
             built = json.loads((out / "selfie_edit.json").read_text())["result"]
             results[method] = {**preference(str(out), held.pairs), "build_seconds": round(seconds, 1), "build": built}

@@ -57,11 +57,11 @@ def run_selfie(n_prompts: int, responses: int, max_new_tokens: int, batch_size: 
 def run_transformers(n_prompts: int, responses: int, max_new_tokens: int) -> dict:
     import torch
 
-    from selfie.generate import chat_ids, stop_token_ids
+    from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
     model, tokenizer, prompts = _load(n_prompts)
     stops = sorted(stop_token_ids(model, tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
 
     def sample(row: dict, tokens: int) -> list[tuple[int, bool]]:
         """(new tokens up to and including the first stop token, stopped) for each of the prompt's responses."""

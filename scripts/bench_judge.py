@@ -56,8 +56,8 @@ def _best_of(repeats: int, fn) -> tuple[float, object]:
 
 
 def run_selfie(workdir: str, token_budget: int, repeats: int) -> dict:
+    from selfie.implicit_reward import judge_responses
     from selfie.io import read_jsonl
-    from selfie.judge import judge_responses
     from selfie.models import load_policy
 
     start = time.perf_counter()
@@ -103,8 +103,7 @@ def _naive_logps(policy, reference, tokenizer, rows: list[dict]) -> tuple[list[f
     """Policy log-probs (and tokens run per pass), one sequence at a time, full log_softmax, both models."""
     import torch
 
-    from selfie.generate import stop_token_ids
-    from selfie.judge import response_token_ids
+    from selfie.tokens import response_token_ids, stop_token_ids
 
     stops = stop_token_ids(reference, tokenizer)
     policy_logps, tokens = [], 0
@@ -175,7 +174,7 @@ def main() -> None:
     args.workdir = str(Path(args.workdir) / f"{args.prompts}x{args.max_new_tokens}")  # responses of other sizes stay apart
     isolated(prepare, args.workdir, args.prompts, args.max_new_tokens)
     gflops = matmul_gflops()
-    _, floor_mib = isolated(import_floor, "transformers", "trl", "selfie.judge")
+    _, floor_mib = isolated(import_floor, "transformers", "trl", "selfie.implicit_reward")
     _, one_copy_mib = isolated(one_copy_floor, args.workdir)
     budgets = [int(b) for b in args.token_budgets.split(",")]
     runs = [(f"selfie judge, 1 copy, token budget {b}", run_selfie, (args.workdir, b, args.repeats)) for b in budgets]

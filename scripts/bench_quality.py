@@ -38,9 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import docs_dir, machine, parse_args, save_raw, write_marked, write_section  # noqa: E402
-
-from selfie.config import load_recipe  # noqa: E402
+from selfie.config import load_init, load_recipe  # noqa: E402
 from selfie.data import load_prompts, split_prompts  # noqa: E402
 from selfie.edit import build_edited_model  # noqa: E402
 from selfie.edit.apply import EDIT_FILE  # noqa: E402
@@ -50,6 +48,8 @@ from selfie.evaluation.labels import pair_agreement  # noqa: E402
 from selfie.evaluation.stats import bootstrap_ci  # noqa: E402
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl  # noqa: E402
 from selfie.loop import run_loop  # noqa: E402
+
+from benchlib import docs_dir, machine, parse_args, save_raw, write_marked, write_section  # noqa: E402
 
 GOLD = "callable:quality_scorer:relevance"
 SIZES = {"seed": 24, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96}
@@ -217,7 +217,7 @@ def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge,
     spa_run, spa_seconds = run(recipe(args, work, "alignez-spa", init=alignez, num_iterations=2,
                                       judge=label_rules(EDITED_CONFIG)), seed_run)
     rahf = {"method": "rahf", **common, **({"steps": args.rahf_steps} if args.rahf_steps else {})}
-    rahf_model = build_edited_model(rahf, "smollm2-135m", work / "rahf" / "model", seed=42)
+    rahf_model = build_edited_model(load_init(rahf), "smollm2-135m", work / "rahf" / "model", seed=42)
     edited = str(seed_run / "init" / "model")
     arms = {  # name: (evaluation, counterpart)
         "AlignEZ-edited, shipped": (evaluate(work, "alignez-shipped", None, held_out, args, judge, edited), "shipped"),

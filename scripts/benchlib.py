@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import argparse
+import importlib
 import json
 import logging
 import multiprocessing as mp
@@ -14,9 +14,10 @@ import resource
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from queue import Empty
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -24,41 +24,39 @@ def _status(args: argparse.Namespace) -> None:
     print(describe(args.run_dir))
 
 
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe")
+    parser.add_argument("--force", action="store_true", help="continue a run whose config.yaml differs")
+
+
+def _add_status_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from selfie import edit, evaluate, export, generate, judge
+    from selfie import edit, export, generate, implicit_reward
+    from selfie.evaluation import cli as evaluation
 
     parser = argparse.ArgumentParser(prog="selfie", description="Self-generated preference learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run or resume a recipe: RECIPE [--key value ...]")
-    run.add_argument("recipe")
-    run.add_argument("--force", action="store_true", help="continue a run whose config.yaml differs")
-    run.set_defaults(handler=_run, takes_overrides=True)
-
-    gen = sub.add_parser("generate", help="sample K responses per prompt")
-    generate.add_generate_args(gen)
-    gen.set_defaults(handler=generate.run_generate_command)
-
-    jud = sub.add_parser("judge", help="implicit-reward judgments and pairs")
-    judge.add_judge_args(jud)
-    jud.set_defaults(handler=judge.run_judge_command)
-
-    status = sub.add_parser("status", help="where a run directory stands")
-    status.add_argument("run_dir")
-    status.set_defaults(handler=_status)
-
-    ed = sub.add_parser("edit", help="build a representation-edited model (AlignEZ / RAHF)")
-    edit.add_edit_args(ed)
-    ed.set_defaults(handler=edit.run_edit_command, takes_overrides=True)
-
-    ev = sub.add_parser("eval", help="win rates, judge accuracy, per-iteration scores")
-    evaluate.add_eval_args(ev)
-    ev.set_defaults(handler=evaluate.run_eval_command)
-
-    exp = sub.add_parser("export", help="an iteration's policy as a standalone model or a PEFT adapter, with a model card")
-    export.add_export_args(exp)
-    exp.set_defaults(handler=export.run_export_command)
+    # verb, help, its arguments, its handler, whether it takes recipe-style --key value overrides
+    verbs = [
+        ("run", "run or resume a recipe: RECIPE [--key value ...]", _add_run_args, _run, True),
+        ("generate", "sample K responses per prompt", generate.add_generate_args, generate.run_generate_command, False),
+        ("judge", "implicit-reward judgments and pairs", implicit_reward.add_judge_args, implicit_reward.run_judge_command,
+         False),
+        ("status", "where a run directory stands", _add_status_args, _status, False),
+        ("edit", "build a representation-edited model (AlignEZ / RAHF)", edit.add_edit_args, edit.run_edit_command, True),
+        ("eval", "win rates, judge accuracy, per-iteration scores", evaluation.add_eval_args, evaluation.run_eval_command,
+         False),
+        ("export", "an iteration's policy as a standalone model or a PEFT adapter, with a model card",
+         export.add_export_args, export.run_export_command, False),
+    ]
+    for name, help_text, add_args, handler, takes_overrides in verbs:
+        verb = sub.add_parser(name, help=help_text)
+        add_args(verb)
+        verb.set_defaults(handler=handler, takes_overrides=takes_overrides)
     return parser
 
 

@@ -1,20 +1,25 @@
-"""Recipe dataclasses: YAML files plus `--key value` overrides, unknown keys are errors.
+"""Recipe dataclasses: YAML files plus `--key value` overrides, unknown keys are errors; every default lives here.
 
 A recipe is nested (`train.learning_rate`); an override names the dotted path
 (`--train.learning_rate 1e-5`, or `--num_iterations 2` at the top). Values are parsed as YAML
 scalars, so `--generate.temperature 0.5` is a float and `--report_to '[wandb]'` a list.
+The flags of `selfie generate`, `judge`, `edit` and `eval` are made from the same dataclasses
+(`add_options`), so each default has one source.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import hashlib
 import json
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
@@ -42,13 +47,21 @@ class Ranged:
     SECTION: ClassVar[str] = ""
     RANGES: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
 
+    @classmethod
+    def out_of_range(cls, name: str, value: Any) -> str | None:
+        """What field `name` must be, when `value` is not that (None when it is, or the field has no range)."""
+        if name not in cls.RANGES or value is None:
+            return None
+        ok, expected = cls.RANGES[name]
+        if all(ok(v) for v in (value if isinstance(value, list) else [value])):
+            return None
+        return f"expected {'each ' if isinstance(value, list) else ''}{expected}, got {value!r}"
+
     def __post_init__(self):
-        for name, (ok, expected) in self.RANGES.items():
-            value = getattr(self, name)
-            values = value if isinstance(value, list) else [value]
-            if value is not None and not all(ok(v) for v in values):
-                raise SelfieError(f"recipe key '{self.SECTION}{name}': expected {'each ' if isinstance(value, list) else ''}"
-                                  f"{expected}, got {value!r}")
+        for name in self.RANGES:
+            problem = self.out_of_range(name, getattr(self, name))
+            if problem:
+                raise SelfieError(f"recipe key '{self.SECTION}{name}': {problem}")
 
 
 @dataclass
@@ -75,7 +88,7 @@ class DataConfig(Ranged):
 
     prompts: str = "demo"  # prompt pool: hub id, .json/.jsonl/.parquet file, saved dataset dir, or "demo"
     seed_pairs: str | None = None  # labelled preference set for the seed stage, or "alignez" (self-generated, no label); None = labels of the pool's seed slice
-    seed_judge: str | None = None  # label the seed slice with this judge instead (2 samples per prompt; see evaluate.py)
+    seed_judge: str | None = None  # label the seed slice with this judge instead (2 samples per prompt; evaluation/judges.py)
     seed_size: float = 2000  # a count, or a fraction of the pool when < 1
     iteration_sizes: list[float] = field(default_factory=lambda: [8000, 20000, 30000])
     shuffle_seed: int = 42
@@ -92,7 +105,7 @@ class DataConfig(Ranged):
 @dataclass
 class GenerateConfig(Ranged):
     SECTION = "generate."
-    RANGES = {"num_responses": (lambda v: v >= 2, ">= 2 (a pair needs two responses)"), "temperature": _at_least(0),
+    RANGES = {"num_responses": _at_least(1), "temperature": _at_least(0),
               "top_p": ((lambda v: 0 < v <= 1), "a value in (0, 1]"), "max_new_tokens": _at_least(1),
               "batch_size": _at_least(1)}
 
@@ -106,9 +119,9 @@ class GenerateConfig(Ranged):
 @dataclass
 class JudgeConfig(Ranged):
     SECTION = "judge."
-    RANGES = {"beta": POSITIVE, "truncation_penalty": _at_least(0), "token_budget": _at_least(1)}
+    RANGES = {"truncation_penalty": _at_least(0), "token_budget": _at_least(1)}
 
-    beta: float = 0.1
+    # The implicit reward is beta * (logp_policy - logp_reference) with train.beta: the DPO loss's own beta.
     labeller: str = "implicit"  # implicit reward, or any judge spec `selfie eval` takes (reward-model:..., callable:...)
     # Defaults chosen by scripts/bench_quality.py (docs/BENCHMARKS.md "Quality"): of the rules measured,
     # penalize + auto gave SPA's best held-out score over seed-only DPO; drop + 0 (the old rule) its worst.
@@ -168,6 +181,164 @@ class RefineConfig(Ranged):
 
 
 @dataclass
+class EditConfig:
+    """The `init:` section: a representation edit builds pi_init. Settings both edits share; `method` picks the class."""
+
+    method: str = ""  # alignez | rahf (INIT_METHODS)
+    prompts: str = "demo"  # prompt source (see selfie.data.load_prompts); a seeded sample of num_prompts is used
+    num_prompts: int = 32
+    max_new_tokens_resp: int = 200
+    temperature: float = 0.7
+    batch_size: int = 8  # sequences per generate / forward batch
+    dtype: str = "auto"
+    # share of the self-generated data the edit is not fitted on: AlignEZ ranks layers and chooses n_layers and
+    # alpha on it, RAHF measures its representation loss on it
+    held_out: float = 0.25
+
+    @classmethod
+    def variant(cls, values: dict, key: str) -> type[EditConfig]:
+        """The class of an `init:` mapping, by its `method`."""
+        method = values.get("method")
+        if method not in INIT_METHODS:
+            raise SelfieError(f"recipe key '{key}.method': expected one of {', '.join(INIT_METHODS)}, got {method!r}")
+        return INIT_METHODS[method]
+
+    def __post_init__(self) -> None:
+        if not 0 < self.held_out < 1:
+            raise SelfieError(f"init.held_out: expected a fraction in (0, 1), got {self.held_out}")
+        if self.num_prompts < 2:
+            raise SelfieError(f"init.num_prompts: need at least 2, got {self.num_prompts}")
+        for key in ("max_new_tokens_resp", "batch_size"):
+            if getattr(self, key) < 1:
+                raise SelfieError(f"init.{key}: must be >= 1, got {getattr(self, key)}")
+
+    def _check_layers(self, key: str) -> None:
+        value = getattr(self, key)
+        if isinstance(value, str) and value != "auto":
+            raise SelfieError(f"init.{key}: expected 'auto' or a list of layer indices, got '{value}'")
+        if isinstance(value, list) and not value:
+            raise SelfieError(f"init.{key}: the list of layers is empty")
+
+
+@dataclass
+class AlignEZConfig(EditConfig):
+    method: str = "alignez"
+    keywords: list[list[str]] = field(default_factory=lambda: [["helpful", "harmful"]])
+    max_new_tokens_char: int = 50
+    finder: str = "svd"  # a name in selfie.edit.directions.FINDERS
+    finder_options: dict[str, Any] = field(default_factory=dict)  # e.g. {variance: 0.9} for top-k SVD
+    location: str = "mlp"  # mlp: MLP output (foldable into down_proj); layer: decoder-layer output (hooks only)
+    layers: str | list[int] = "auto"
+    n_layers: int | str = "auto"  # auto: 1, 3 or 5 of the best layers, whichever does best on the held-out pairs
+    alpha: float | str = "auto"  # auto: 0.5, 1, 2 or 4, likewise
+    parallel_cosine: float = 0.9  # |cos(u+, u-)| above this: boost the direction separating y+ from y- instead
+    max_kl: float = 0.05  # nats per token the edit may lower the model's own held-out plain answers' log-prob by
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_layers("layers")
+        for i, pair in enumerate(self.keywords):
+            if len(pair) != 2 or not all(isinstance(k, str) and k.strip() for k in pair):
+                raise SelfieError(f"init.keywords[{i}]: expected [positive, negative] keywords, got {pair!r}")
+        if not self.keywords:
+            raise SelfieError("init.keywords: need at least one [positive, negative] pair")
+        if self.location != "mlp":
+            raise SelfieError(f"init.location '{self.location}': pi_init is a folded standalone model, and only the MLP "
+                              "output ('mlp') folds exactly into the weights (see docs/EDITING.md)")
+        if self.max_kl < 0:
+            raise SelfieError(f"init.max_kl: must be >= 0, got {self.max_kl}")
+        if not 0 < self.parallel_cosine <= 1:
+            raise SelfieError(f"init.parallel_cosine: expected a cosine in (0, 1], got {self.parallel_cosine}")
+        for key in ("n_layers", "alpha"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value != "auto":
+                raise SelfieError(f"init.{key}: expected 'auto' or a number, got '{value}'")
+        if self.n_layers != "auto" and self.n_layers < 1:
+            raise SelfieError(f"init.n_layers: must be >= 1, got {self.n_layers}")
+
+
+@dataclass
+class RAHFConfig(EditConfig):
+    method: str = "rahf"
+    # 150 steps at 1e-3: on SmolLM2-135M the held-out representation loss fell 52.4 -> 42.5 in 100 steps at 1e-3 and
+    # had levelled off (3e-3: 42.3; the reference's 3e-4: 44.3), at a third of the reference's 450 steps (docs/EDITING.md)
+    steps: int = 150
+    alpha: float = 5.0
+    learning_rate: float = 1e-3
+    train_batch_size: int = 4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_layers: str | list[int] = "auto"  # auto: every other layer from 30% to 60% of the depth
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_layers("target_layers")
+        if self.steps < 1 or self.train_batch_size < 1:
+            raise SelfieError("init.steps and init.train_batch_size must be >= 1")
+
+
+INIT_METHODS: dict[str, type[EditConfig]] = {"alignez": AlignEZConfig, "rahf": RAHFConfig}
+
+
+def load_init(values: dict[str, Any]) -> EditConfig:
+    """The `init:` settings of a mapping such as {method: alignez, num_prompts: 32}, checked as in a recipe."""
+    return _coerce(values, EditConfig, "init")
+
+
+BASELINES = ("init", "seed", "previous", "none")  # what an iteration is compared against (eval.baseline)
+
+
+@dataclass
+class EvalConfig(Ranged):
+    """The `eval:` section: each iteration's policy against a baseline on held-out prompts, scored by a judge."""
+
+    SECTION = "eval."
+    RANGES = {"num_prompts": _at_least(0), "max_new_tokens": _at_least(1), "temperature": _at_least(0),
+              "n_boot": _at_least(1), "baseline": ((lambda v: v in BASELINES), f"one of {', '.join(BASELINES)}")}
+
+    judge: str | None = None  # required: a judge spec (selfie/evaluation/judges.py)
+    prompts: str = "demo"  # prompt source; the run's own pool means its held-out slice
+    split: str | None = None  # dataset split; None = the run's data.split
+    num_prompts: int = 16  # 0 = all
+    max_new_tokens: int = 64
+    temperature: float | None = None  # None = the run's generate.temperature
+    baseline: str = "init"  # pi_init, the seed adapter, the previous iteration, or none (a mean score)
+    n_boot: int = 2000
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.judge:
+            raise SelfieError("recipe key 'eval.judge' is required when 'eval' is set (e.g. reward-model:PATH)")
+
+
+@dataclass(frozen=True)
+class EvalOptions(Ranged):
+    """The options of `selfie eval` (not a recipe section): which prompts, how each model answers, the bootstrap."""
+
+    RANGES = {"num_prompts": _at_least(0), "num_pairs": _at_least(0), "max_new_tokens": _at_least(1),
+              "temperature": _at_least(0), "top_p": GenerateConfig.RANGES["top_p"], "batch_size": _at_least(1),
+              "n_boot": _at_least(1)}
+
+    split: str = "train"  # for hub / saved datasets
+    num_prompts: int = 32  # first N prompts (0 = all)
+    num_pairs: int = 0  # accuracy: first N pairs (0 = all)
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 8  # sequences decoded together
+    seed: int = 0  # sampling and bootstrap seed
+    dtype: str = "auto"
+    n_boot: int = 2000  # bootstrap resamples for the 95% interval
+
+    def sampling(self) -> dict[str, Any]:
+        """How each model answers: the arguments of selfie.generate.generate_responses."""
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                    batch_size=self.batch_size)
+
+
+@dataclass
 class RecipeConfig:
     output_dir: str = "runs/spa"
     run_name: str | None = None
@@ -181,10 +352,13 @@ class RecipeConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
-    init: dict[str, Any] | None = None  # representation edit of pi_init: {method: alignez | rahf, ...}
-    eval: dict[str, Any] | None = None  # per-iteration evaluation: {judge: ..., prompts: ...}
+    init: EditConfig | None = None  # representation edit of pi_init: {method: alignez | rahf, ...}
+    eval: EvalConfig | None = None  # per-iteration evaluation: {judge: ..., prompts: ...}
 
     def __post_init__(self):
+        if self.generate.num_responses < 2:  # `selfie generate` may sample one; the loop makes pairs
+            raise SelfieError(f"recipe key 'generate.num_responses': expected >= 2 (a pair needs two responses), "
+                              f"got {self.generate.num_responses}")
         slices = len(self.data.iteration_sizes)
         if not 0 <= self.num_iterations <= slices:
             raise SelfieError(f"recipe key 'num_iterations': expected 0..{slices} (data.iteration_sizes has {slices} "
@@ -205,16 +379,22 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _members(tp: Any) -> list[Any]:
+    """The types a field may hold, None left out: (int | None) -> [int]; int -> [int]."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [arg for arg in typing.get_args(tp) if arg is not type(None)]
+    return [tp]
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert) a YAML value against a field's type hint."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = _members(tp)
+        if value is None and len(members) < len(typing.get_args(tp)):
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        if len(members) == 1:  # an optional field: the member's own error names what is wrong
+            return _coerce(value, members[0], key)
+        for arg in members:
             try:
                 return _coerce(value, arg, key)
             except SelfieError:
@@ -223,7 +403,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise SelfieError(f"recipe key '{key}': expected a mapping, got {value!r}")
+        if hasattr(tp, "variant"):  # a section whose keys depend on one of its values (init: its method)
+            tp = tp.variant(value, key)
         return _build(tp, value, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
     if origin is list:
         if not isinstance(value, list):
             raise SelfieError(f"recipe key '{key}': expected a list, got {value!r}")
@@ -248,7 +431,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 # Keys of earlier versions, with what replaced them.
-RENAMED_KEYS = {"judge.allow_truncated_chosen": "judge.truncated (true was 'keep', false 'drop')"}
+RENAMED_KEYS = {
+    "judge.allow_truncated_chosen": "judge.truncated (true was 'keep', false 'drop')",
+    "judge.beta": "train.beta (the implicit reward is scored with the DPO loss's own beta)",
+}
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
@@ -293,10 +479,14 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def _merge(base: dict, extra: dict) -> dict:
+    """Sections merge key by key; an `init` naming another method replaces the section (its keys are the method's)."""
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("init", "eval"):
-            out[key] = _merge(out[key], value)
+        section = out.get(key)
+        other_method = key == "init" and isinstance(section, dict) and isinstance(value, dict) \
+            and value.get("method", section.get("method")) != section.get("method")
+        if isinstance(value, dict) and isinstance(section, dict) and not other_method:
+            out[key] = _merge(section, value)
         else:
             out[key] = value
     return out
@@ -320,20 +510,94 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{dotted key: value}; a mapping named in `whole` stays one value."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and key not in ("init", "eval"):
-            flat.update(flatten(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and key not in whole:
+            flat.update(flatten(value, f"{prefix}{key}.", whole))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
 
 
+def _hash(flat: dict[str, Any]) -> str:
+    kept = {k: v for k, v in flat.items() if k not in HARMLESS_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def config_hash(config: RecipeConfig) -> str:
     """Hash of everything that changes results (HARMLESS_KEYS left out)."""
-    flat = {k: v for k, v in flatten(to_dict(config)).items() if k not in HARMLESS_KEYS}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(flatten(to_dict(config)))
+
+
+# ---- run directories written by earlier versions --------------------------------------------------
+
+
+def earlier_config_hash(values: dict) -> str:
+    """The config_hash an earlier version gave the config.yaml holding `values`: `init` and `eval` were
+    untyped mappings then, hashed whole as written, and `judge.beta` was a key of its own."""
+    return _hash(flatten(values, whole=("init", "eval")))
+
+
+def upgrade_run_values(values: dict) -> tuple[dict, list[str]]:
+    """A run's config.yaml values in this version's form, and what in them this version would not reproduce.
+
+    `judge.beta` is gone (the implicit reward is scored with train.beta): a run that judged with the same
+    beta as it trained with is unchanged; one that judged with another beta is named.
+    """
+    values = copy.deepcopy(values)
+    judge = values.get("judge")
+    if not isinstance(judge, dict) or "beta" not in judge:
+        return values, []
+    judged_with = judge.pop("beta")
+    train = values.get("train") if isinstance(values.get("train"), dict) else {}
+    trains_with = train.get("beta", TrainConfig.beta)
+    if judged_with == trains_with:
+        return values, []
+    return values, [f"judge.beta (the run judged with beta {judged_with}; this version judges with train.beta, {trains_with})"]
+
+
+# ---- command-line flags from the same dataclasses ---------------------------------------------------
+
+
+def _from_text(text: str, tp: Any) -> Any:
+    """A flag's text as a value of the field's type (int, float, str, or a union of them)."""
+    for member in _members(tp):
+        try:
+            return member(text)
+        except ValueError:
+            continue
+    raise argparse.ArgumentTypeError(f"expected {' or '.join(m.__name__ for m in _members(tp))}, got {text!r}")
+
+
+def add_options(parser: argparse.ArgumentParser, section: type, names: Sequence[str],
+                help: dict[str, str] | None = None) -> None:
+    """A `--flag-name` for each named field of a config dataclass: typed and range-checked as in a recipe,
+    its default the field's, so a command and a recipe share each default."""
+    hints, fields = _hints(section), {f.name: f for f in dataclasses.fields(section)}
+    for name in names:
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"{(help or {}).get(name, '')} (default: {default})".lstrip()
+        flag = "--" + name.replace("_", "-")
+        if hints[name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            continue
+
+        def parse(value: str, name: str = name) -> Any:
+            parsed = _from_text(value, hints[name])
+            problem = section.out_of_range(name, parsed) if issubclass(section, Ranged) else None
+            if problem:
+                raise argparse.ArgumentTypeError(problem)
+            return parsed
+
+        parser.add_argument(flag, type=parse, default=default, help=text)
+
+
+def from_args(section: type, args: argparse.Namespace) -> Any:
+    """The config dataclass of the flags `add_options` made for it (fields without a flag at their defaults)."""
+    return section(**{f.name: getattr(args, f.name) for f in dataclasses.fields(section) if hasattr(args, f.name)})
 
 
 def differing_keys(a: RecipeConfig, b: RecipeConfig) -> list[str]:

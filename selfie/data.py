@@ -9,6 +9,8 @@ conversational preference format. Layouts understood, first match wins:
   messages      a conversation; a final assistant message is dropped
   chosen        with no prompt column: the conversation before its last message (TRL's implicit prompt)
 `chosen` / `rejected` are strings or conversations whose last (assistant) message is the response.
+The run's own row files (prompt rows with their ids, responses.jsonl) are checked here too, and
+split over ranks (`select_shard`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -295,3 +298,46 @@ def split_prompts(rows: list[dict], seed_size: float, iteration_sizes: list[floa
         iterations.append(pool[start:start + size])
         start += size
     return Splits(seed=seed_rows, iterations=iterations, held_out=pool[start:])
+
+
+# ---------------------------------------------------------------- rows of the run's own files and shards
+
+def select_shard(rows: Sequence[dict], shard: tuple[int, int]) -> list[dict]:
+    """Rows i (in prompt_id order) with i % world == rank."""
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {shard}: need 0 <= rank < world")
+    return [row for i, row in enumerate(sorted(rows, key=lambda r: r["prompt_id"])) if i % world == rank]
+
+
+def check_prompt_rows(rows: Sequence[dict], source: str) -> None:
+    """Each row needs a unique string prompt_id and a non-empty list of {role, content} messages."""
+    seen: set[str] = set()
+    for n, row in enumerate(rows, 1):
+        where = f"{source}: row {n}"
+        for key in ("prompt_id", "prompt"):
+            if key not in row:
+                raise SelfieError(f"{where}: missing key '{key}'")
+        if not isinstance(row["prompt_id"], str):
+            raise SelfieError(f"{where}: key 'prompt_id' must be a string")
+        if row["prompt_id"] in seen:
+            raise SelfieError(f"{where}: duplicate prompt_id '{row['prompt_id']}'")
+        seen.add(row["prompt_id"])
+        prompt = row["prompt"]
+        if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        ):
+            raise SelfieError(f"{where}: key 'prompt' must be a non-empty list of {{role, content}} messages")
+
+
+def check_response_rows(rows: Sequence[dict], source: str) -> None:
+    """responses.jsonl rows: prompt rows plus equally long `responses` (str) and `finished` (bool) lists."""
+    check_prompt_rows(rows, source)
+    for n, row in enumerate(rows, 1):
+        for key, kind in (("responses", str), ("finished", bool)):
+            if key not in row:
+                raise SelfieError(f"{source}: row {n}: missing key '{key}'")
+            if not isinstance(row[key], list) or not row[key] or not all(isinstance(v, kind) for v in row[key]):
+                raise SelfieError(f"{source}: row {n}: key '{key}' must be a non-empty list of {kind.__name__}")
+        if len(row["responses"]) != len(row["finished"]):
+            raise SelfieError(f"{source}: row {n}: 'responses' and 'finished' have different lengths")

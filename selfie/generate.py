@@ -10,69 +10,29 @@ it stopped; the final responses.jsonl is sorted by prompt_id and written atomica
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from selfie.config import GenerateConfig, RecipeConfig, add_options, from_args
+from selfie.data import check_prompt_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import ResumableJsonl, atomic_write_jsonl, read_jsonl
+from selfie.models import add_policy_args, load_policy
+from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
 logger = logging.getLogger(__name__)
-
-
-def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    """Token ids of a conversation rendered by the chat template (the way TRL's DPO tokenizes it)."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
-    return list(encoded["input_ids"])
-
-
-def stop_token_ids(model: PreTrainedModel | GenerationConfig | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The tokenizer's EOS plus any end-of-turn ids in the generation config (e.g. Llama 3's <|eot_id|>)."""
-    ids = {tokenizer.eos_token_id}
-    config = model if isinstance(model, GenerationConfig) else getattr(model, "generation_config", None)
-    configured = getattr(config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    ids.discard(None)
-    return ids
 
 
 def row_seed(seed: int, prompt_id: str, k: int) -> int:
     digest = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{k}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def select_shard(rows: Sequence[dict], shard: tuple[int, int]) -> list[dict]:
-    """Rows i (in prompt_id order) with i % world == rank."""
-    rank, world = shard
-    if not 0 <= rank < world:
-        raise ValueError(f"shard {shard}: need 0 <= rank < world")
-    return [row for i, row in enumerate(sorted(rows, key=lambda r: r["prompt_id"])) if i % world == rank]
-
-
-def check_prompt_rows(rows: Sequence[dict], source: str) -> None:
-    """Each row needs a unique string prompt_id and a non-empty list of {role, content} messages."""
-    seen: set[str] = set()
-    for n, row in enumerate(rows, 1):
-        where = f"{source}: row {n}"
-        for key in ("prompt_id", "prompt"):
-            if key not in row:
-                raise SelfieError(f"{where}: missing key '{key}'")
-        if not isinstance(row["prompt_id"], str):
-            raise SelfieError(f"{where}: key 'prompt_id' must be a string")
-        if row["prompt_id"] in seen:
-            raise SelfieError(f"{where}: duplicate prompt_id '{row['prompt_id']}'")
-        seen.add(row["prompt_id"])
-        prompt = row["prompt"]
-        if not isinstance(prompt, list) or not prompt or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
-        ):
-            raise SelfieError(f"{where}: key 'prompt' must be a non-empty list of {{role, content}} messages")
 
 
 def _draw(logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_p: float) -> torch.Tensor:
@@ -152,8 +112,9 @@ def sample_batch(
 
 def generate_responses(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict], output: str | Path, *,
-    num_responses: int = 2, max_new_tokens: int = 300, temperature: float = 0.7, top_p: float = 1.0, seed: int = 42,
-    batch_size: int = 8, shard: tuple[int, int] = (0, 1),
+    num_responses: int = GenerateConfig.num_responses, max_new_tokens: int = GenerateConfig.max_new_tokens,
+    temperature: float = GenerateConfig.temperature, top_p: float = GenerateConfig.top_p, seed: int = RecipeConfig.seed,
+    batch_size: int = GenerateConfig.batch_size, shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Write responses.jsonl rows {prompt_id, prompt, responses, finished} for this shard's prompts; return metrics.
 
@@ -176,7 +137,7 @@ def generate_responses(
     encoded = sorted(((chat_ids(tokenizer, row["prompt"], True), row) for row in todo), key=lambda e: (len(e[0]), e[1]["prompt_id"]))
     per_batch = max(1, batch_size // num_responses)
     device = next(model.parameters()).device
-    stop_ids, pad_id = stop_token_ids(model, tokenizer), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids, pad_id = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
     model.eval()
     new_tokens, start = 0, time.perf_counter()
     try:
@@ -212,27 +173,23 @@ def generate_responses(
 
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub id, local directory, .gguf file or built-in alias")
-    parser.add_argument("--adapter", default=None, help="PEFT adapter directory to sample from (default: the bare model)")
-    parser.add_argument("--prompts", required=True, help=".jsonl/.json/.parquet file, saved dataset dir, hub id or 'demo'")
-    parser.add_argument("--output", required=True, help="responses.jsonl to write")
-    parser.add_argument("--num-responses", type=int, default=2, help="responses per prompt (K)")
-    parser.add_argument("--max-new-tokens", type=int, default=300)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    add_policy_args(parser, model="hub id, local directory, .gguf file or built-in alias",
+                    adapter="PEFT adapter directory to sample from (default: the bare model)", adapter_required=False,
+                    reads=("--prompts", ".jsonl/.json/.parquet file, saved dataset dir, hub id or 'demo'"),
+                    writes="responses.jsonl to write")
+    # the recipe's generate: section, seed and model.dtype, with their defaults
+    add_options(parser, GenerateConfig, [f.name for f in dataclasses.fields(GenerateConfig)],
+                {"num_responses": "responses per prompt (K)", "temperature": "0 = greedy", "batch_size": "sequences decoded together"})
+    add_options(parser, RecipeConfig, ["seed"])
 
 
 def run_generate_command(args: argparse.Namespace) -> None:
     from selfie.data import load_prompts
-    from selfie.models import load_policy
 
+    g = from_args(GenerateConfig, args)  # the cross-key checks of the recipe's section
     prompts = load_prompts(args.prompts)
     model, tokenizer = load_policy(args.model, args.adapter, args.dtype)
     if torch.cuda.is_available():
         model.to("cuda")
-    generate_responses(model, tokenizer, prompts, args.output, num_responses=args.num_responses,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed, batch_size=args.batch_size)
+    generate_responses(model, tokenizer, prompts, args.output, num_responses=g.num_responses, max_new_tokens=g.max_new_tokens,
+                       temperature=g.temperature, top_p=g.top_p, seed=args.seed, batch_size=g.batch_size)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from accelerate.utils import broadcast_object_list, gather_object
 
@@ -115,7 +116,7 @@ class Loop:
 
         target = self.run_dir / "init" / "model"
         self._on_main_then_share(lambda: build_edited_model(self.config.init, self.config.model.name, target, self.config.seed))
-        return [target], {"method": self.config.init.get("method")}
+        return [target], {"method": self.config.init.method}
 
     def stage_seed(self, iteration: int) -> tuple[list[Path], dict]:
         from selfie.trainer import train_seed
@@ -146,16 +147,18 @@ class Loop:
     def alignez_seed_pairs(self) -> list[dict]:
         """AlignEZ's self-generated helpful / harmful pairs as the seed (no human label); an AlignEZ init's own
         data is reused."""
+        from selfie.config import AlignEZConfig
         from selfie.edit import alignez_seed_pairs, work_dir_for
 
-        init = self.config.init if (self.config.init or {}).get("method") == "alignez" else None
+        init = self.config.init if isinstance(self.config.init, AlignEZConfig) else None
         return alignez_seed_pairs(self.config.model.name, init, work_dir_for(self.run_dir / "init" / "model"), self.config.seed)
 
     def gold_labels(self, pairs_path: Path) -> dict | None:
         """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
         chosen / rejected by the judge's scores under the truncation policy (no length penalty: these are the
         gold labels). Writes iter_000/pairs.jsonl; returns the labelling metrics."""
-        from selfie.evaluate import load_judge, score_responses
+        from selfie.evaluation.judges import load_judge
+        from selfie.evaluation.labels import score_responses
         from selfie.pairs import select_pairs
 
         if pairs_path.exists():
@@ -218,20 +221,21 @@ class Loop:
         return [judgments, pairs_path], {**metrics, **labels, "labeller": j.labeller}
 
     def _judge_implicit(self, t: int, responses: list[dict]) -> tuple[Path, dict]:
-        from selfie.judge import judge_responses
+        from selfie.implicit_reward import judge_responses
         from selfie.models import load_policy
 
         j = self.config.judge
         policy, tokenizer = load_policy(self.pi_init, self.adapter(t - 1), self.config.model.dtype)
         policy.to(self.state.device)
         path, shard_metrics = self._sharded(t, "judgments.jsonl", lambda out, shard: judge_responses(
-            policy, tokenizer, responses, out, None, beta=j.beta, length_normalize=j.length_normalize,
+            policy, tokenizer, responses, out, None, beta=self.config.train.beta, length_normalize=j.length_normalize,
             token_budget=j.token_budget, shard=shard))
         return path, combine_metrics(shard_metrics)
 
     def _judge_with(self, spec: str, t: int, responses: list[dict]) -> tuple[Path, dict]:
         """judgments.jsonl scored by a judge spec (reward model, Python callable, ...) on rank 0."""
-        from selfie.evaluate import load_judge, score_responses
+        from selfie.evaluation.judges import load_judge
+        from selfie.evaluation.labels import score_responses
 
         path = iteration_dir(self.run_dir, t) / "judgments.jsonl"
 
@@ -244,8 +248,8 @@ class Loop:
         return path, self._on_main_then_share(score)
 
     def tokenizer_and_stops(self):
-        from selfie.generate import stop_token_ids
         from selfie.models import load_generation_config, load_tokenizer
+        from selfie.tokens import stop_token_ids
 
         tokenizer = load_tokenizer(self.pi_init)
         return tokenizer, stop_token_ids(load_generation_config(self.pi_init), tokenizer)
@@ -256,18 +260,17 @@ class Loop:
 
         by_id = {row["prompt_id"]: row for row in responses}
         pairs, metrics = select_pairs([by_id[j["prompt_id"]] for j in judgments], judgments, self.config.judge.rules)
-        eval_judge = (self.config.eval or {}).get("judge")
-        if eval_judge:  # how often the self-labels agree with the judge the run is evaluated by
-            from selfie.evaluate import load_judge, pair_agreement
+        if self.config.eval:  # how often the self-labels agree with the judge the run is evaluated by
+            from selfie.evaluation.judges import load_judge
+            from selfie.evaluation.labels import pair_agreement
 
-            metrics["eval_judge_agreement"] = pair_agreement(load_judge(eval_judge, self.config.model.dtype), pairs)
+            metrics["eval_judge_agreement"] = pair_agreement(load_judge(self.config.eval.judge, self.config.model.dtype), pairs)
         atomic_write_jsonl(pairs_path, pairs)
         return metrics
 
     def stage_train(self, t: int) -> tuple[list[Path], dict]:
-        from selfie.trainer import train_iteration
-
         from selfie.pairs import with_replay
+        from selfie.trainer import train_iteration
 
         pairs = read_jsonl(iteration_dir(self.run_dir, t) / "pairs.jsonl")
         if not pairs:
@@ -281,7 +284,7 @@ class Loop:
         return [self.adapter(t)], metrics
 
     def stage_eval(self, t: int) -> tuple[list[Path], dict]:
-        from selfie.evaluate import evaluate_iteration
+        from selfie.evaluation.compare import evaluate_iteration
 
         metrics = self._on_main_then_share(lambda: evaluate_iteration(self.config.eval, self.pi_init, self.adapter(t), self.config))
         path = iteration_dir(self.run_dir, t) / "eval.json"

@@ -30,7 +30,7 @@ def hub_datasets(config: RecipeConfig) -> list[str]:
 
 
 def card_data(config: RecipeConfig, adapter_only: bool) -> ModelCardData:
-    tags = ["selfie", "spa", "dpo", "self-generated-preferences", "lora"] + ([config.init["method"]] if config.init else [])
+    tags = ["selfie", "spa", "dpo", "self-generated-preferences", "lora"] + ([config.init.method] if config.init else [])
     return ModelCardData(base_model=base_model_id(config), library_name="peft" if adapter_only else "transformers",
                          pipeline_tag="text-generation", tags=tags, datasets=hub_datasets(config) or None)
 
@@ -65,7 +65,7 @@ def base_description(config: RecipeConfig) -> str:
     if name in BUILTIN_HUB_IDS:
         text += f" (the built-in alias of `{BUILTIN_HUB_IDS[name]}`, dequantised from its GGUF)"
     if config.init:
-        text += f", representation-edited first ({config.init['method']}; the edit is in the weights): the edited model is pi_init"
+        text += f", representation-edited first ({config.init.method}; the edit is in the weights): the edited model is pi_init"
     return text
 
 
@@ -102,7 +102,7 @@ def training(config: RecipeConfig, iteration: int, metrics: dict[int, dict]) -> 
         f"- seed (iteration 0): {seed_description(config, metrics.get(0, {}).get('seed', {}))}",
         f"- SPA iterations: {iteration} (prompts per iteration: {sizes} from `{d.prompts}`, {g.num_responses} responses each, "
         f"up to {g.max_new_tokens} new tokens, temperature {g.temperature})",
-        f"- judge: implicit reward, beta {config.judge.beta}" + (", length-normalised" if config.judge.length_normalize else ""),
+        f"- judge: implicit reward, beta {config.train.beta}" + (", length-normalised" if config.judge.length_normalize else ""),
         f"- DPO: beta {train.beta}, learning rate {train.learning_rate}, {train.num_train_epochs} epoch(s) per iteration; "
         f"LoRA r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on {', '.join(lora.target_modules)}",
         f"- refinement: {refinement_description(config, iteration, metrics)}",

@@ -7,6 +7,7 @@ directory in the cache (`$SELFIE_CACHE`, default `~/.cache/selfie`) and later lo
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -20,7 +21,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.config import LoraConfig
+from selfie.config import LoraConfig, ModelConfig, add_options
 from selfie.errors import SelfieError
 from selfie.io import atomic_directory, atomic_write_json, read_json
 
@@ -134,6 +135,11 @@ def base_fingerprint(model: PreTrainedModel) -> str:
     return h.hexdigest()[:16]
 
 
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a PEFT wrapper (its LoRA layers still in place, switched by the wrapper), or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
     config = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
@@ -172,6 +178,17 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path, trainable: bool = 
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         raise SelfieError(f"{adapter}: adapter does not fit this base model ({str(e).splitlines()[0][:200]})") from None
+
+
+def add_policy_args(parser: argparse.ArgumentParser, *, model: str, adapter: str, adapter_required: bool,
+                    reads: tuple[str, str], writes: str) -> None:
+    """The flags of a command that runs a policy (`load_policy`) over a file: `--model`, `--adapter`, `--dtype`
+    (model.dtype's default), the file it reads (flag, help) and `--output`."""
+    parser.add_argument("--model", required=True, help=model)
+    parser.add_argument("--adapter", required=adapter_required, default=None, help=adapter)
+    parser.add_argument(reads[0], required=True, help=reads[1])
+    parser.add_argument("--output", required=True, help=writes)
+    add_options(parser, ModelConfig, ["dtype"], {"dtype": "auto, float32, bfloat16 or float16"})
 
 
 def load_policy(name: str, adapter: str | Path | None = None, dtype: str = "auto", trainable: bool = False):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from selfie.config import RecipeConfig, _build, config_hash, differing_keys, dump_recipe
+from selfie.config import RecipeConfig, _build, config_hash, differing_keys, dump_recipe, earlier_config_hash, upgrade_run_values
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, atomic_write_text, read_json
 
@@ -31,7 +31,7 @@ class Manifest:
     stages: list[dict] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: Path, config_hash: str) -> "Manifest":
+    def load(cls, path: Path, config_hash: str) -> Manifest:
         if not path.exists():
             return cls(path, config_hash)
         data = read_json(path)
@@ -47,6 +47,9 @@ class Manifest:
 
     def record(self, iteration: int, stage: str, artifacts: list[str]) -> None:
         self.stages.append({"iteration": iteration, "stage": stage, "status": "done", "artifacts": artifacts})
+        self.save()
+
+    def save(self) -> None:
         atomic_write_json(self.path, {"config_hash": self.config_hash, "stages": self.stages})
 
     def next_stage(self, plan: list[tuple[int, str]]) -> tuple[int, str] | None:
@@ -80,28 +83,49 @@ class RunLock:
             self._fd = None
 
 
-def load_run_config(run_dir: Path) -> RecipeConfig:
+def read_run_config(run_dir: Path) -> tuple[RecipeConfig, dict, list[str]]:
+    """The run's config (in this version's form), its config.yaml as written, and what this version would not
+    reproduce of a run an earlier version wrote (see selfie/config.py::upgrade_run_values)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise SelfieError(f"{run_dir}: not a run directory (no config.yaml)")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return _build(RecipeConfig, values)
-    except (yaml.YAMLError, TypeError, SelfieError) as e:
+        upgraded, not_reproduced = upgrade_run_values(values)
+        return _build(RecipeConfig, upgraded), values, not_reproduced
+    except (yaml.YAMLError, TypeError, AttributeError, SelfieError) as e:
         raise SelfieError(f"{path}: unreadable run config ({str(e).splitlines()[0]})") from None
+
+
+def load_run_config(run_dir: Path) -> RecipeConfig:
+    return read_run_config(run_dir)[0]
 
 
 def check_and_write_config(run_dir: Path, config: RecipeConfig, force: bool) -> None:
     """Refuse to continue a run with results-changing differences unless forced; then (re)write config.yaml."""
     if (run_dir / "config.yaml").exists():
-        previous = load_run_config(run_dir)
-        changed = differing_keys(previous, config)
+        previous, written, not_reproduced = read_run_config(run_dir)
+        changed = differing_keys(previous, config) + not_reproduced
         if changed and not force:
             raise SelfieError(
                 f"{run_dir}: recipe differs from the run's own config.yaml in {', '.join(changed)}; "
                 "use the same recipe, a new output_dir, or --force"
             )
+        if not not_reproduced:
+            _adopt_earlier_manifest(run_dir, written, previous)
     atomic_write_text(run_dir / "config.yaml", dump_recipe(config))
+
+
+def _adopt_earlier_manifest(run_dir: Path, written: dict, previous: RecipeConfig) -> None:
+    """A manifest that an earlier version wrote for this config.yaml carries that version's hash of it: give it this
+    version's, so the run resumes. Any other mismatch is left for `open_manifest` to refuse."""
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        return
+    manifest = Manifest.load(path, config_hash(previous))
+    if manifest.config_hash != config_hash(previous) and manifest.config_hash == earlier_config_hash(written):
+        manifest.config_hash = config_hash(previous)
+        manifest.save()
 
 
 def open_manifest(run_dir: Path, config: RecipeConfig, force: bool) -> Manifest:

@@ -144,7 +144,6 @@ def plot_summary(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     eval_score = [{**r, "eval_score": (r.get("eval") or {}).get("score_mean")} for r in rows]

@@ -11,7 +11,7 @@ sigmoid loss. This subclass keeps those two passes and adds, per pair i,
 
 The passes' outputs are local to TRL's method, so forward hooks record them: the policy's and reference's
 per-token log-probs, and (only for DND) the backbone's last hidden states, from which the logits are built
-at the completion positions only, in chunks.
+at the completion positions only, tiled over the vocabulary (selfie/projection.py).
 
 References need no model copies: the seed stage trains a fresh adapter (reference = adapters disabled =
 pi_init); iteration t continues the previous adapter, and TRL keeps a frozen copy of it as the adapter
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -44,15 +43,15 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from selfie.config import LoraConfig, RecipeConfig, RefineConfig, TrainConfig
 from selfie.dist import check_topology, on_cpu, uses_deepspeed
 from selfie.errors import SelfieError
-from selfie.generate import stop_token_ids
 from selfie.io import atomic_write_json, read_json
-from selfie.models import base_fingerprint, load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter
+from selfie.models import base_fingerprint, load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter, unwrap_peft
+from selfie.projection import logit_softcap, output_layer, token_logps
+from selfie.tokens import response_token_ids, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
 REFINE_STATE = "refine_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what a pair needs; `*_finished` (default true) say how to render it
-LOGIT_CHUNK = 1024  # completion positions per chunk when building [tokens, vocab] logits for DND
 
 
 @dataclass
@@ -122,26 +121,16 @@ def extrapolated_logps(policy_hidden: torch.Tensor, ref_hidden: torch.Tensor, lm
     """Sum over each sequence's completion tokens of log_softmax((1 + lam) h_theta - lam h_ref)[next token].
 
     `*_hidden` are the backbone's last hidden states [N, T, H]; logits are built only where the next token
-    is a completion token, LOGIT_CHUNK positions at a time, never as a [N, T, V] tensor.
+    is a completion token (selfie/projection.py), never as a [N, T, V] tensor.
     """
     mask = completion_mask[:, 1:].bool()
     targets = input_ids[:, 1:][mask]
     rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     policy_hidden, ref_hidden = policy_hidden[:, :-1][mask], ref_hidden[:, :-1][mask]
     weight, bias = full_tensor(lm_head.weight), full_tensor(lm_head.bias)
-
-    def logits(hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, weight, bias).float()
-        return out if softcap is None else softcap * torch.tanh(out / softcap)
-
-    token_logps = []
     with torch.no_grad(), maybe_gather_lm_head_ctx(weight, bias):
-        for start in range(0, targets.numel(), LOGIT_CHUNK):
-            part = slice(start, start + LOGIT_CHUNK)
-            mixed = (1 + lam) * logits(policy_hidden[part]) - lam * logits(ref_hidden[part])
-            token_logps.append(mixed.log_softmax(-1).gather(-1, targets[part].unsqueeze(-1)).squeeze(-1))
-    token_logps = torch.cat(token_logps) if token_logps else policy_hidden.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(mask.size(0), device=mask.device).index_add_(0, rows, token_logps)
+        token = token_logps([(1 + lam, policy_hidden), (-lam, ref_hidden)], targets, weight, bias, softcap)
+    return torch.zeros(mask.size(0), device=mask.device).index_add_(0, rows, token)
 
 
 def full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -151,8 +140,7 @@ def full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose output TRL's fused LM head projects (`base_model` of the causal LM)."""
-    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    return causal_lm.base_model
+    return unwrap_peft(model).base_model
 
 
 class NoiseAwareDPOTrainer(DPOTrainer):
@@ -212,9 +200,8 @@ class NoiseAwareDPOTrainer(DPOTrainer):
         if not lam:
             return self.beta * z.detach()
         unwrapped = self.accelerator.unwrap_model(self.model)
-        config = unwrapped.config.get_text_config()
-        logps = extrapolated_logps(hidden[0], hidden[1], unwrapped.get_output_embeddings(), inputs["input_ids"],
-                                   inputs["completion_mask"], lam, getattr(config, "final_logit_softcapping", None))
+        logps = extrapolated_logps(hidden[0], hidden[1], output_layer(unwrapped), inputs["input_ids"],
+                                   inputs["completion_mask"], lam, logit_softcap(unwrapped))
         chosen, rejected = logps.chunk(2)
         return self.beta * ((chosen - rejected) - ref_logratio.detach().float())
 
@@ -356,8 +343,6 @@ def _pairs_dataset(pairs: list[dict] | Dataset, tokenizer: PreTrainedTokenizerBa
     writes after it); a response cut at the length limit (`chosen_finished` / `rejected_finished` false) is
     trained as it was judged and generated, without an end-of-turn token.
     """
-    from selfie.judge import response_token_ids
-
     rows = list(pairs)
     if not rows:
         raise SelfieError("training pairs: the set is empty")
@@ -474,7 +459,7 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
         refine_on=iteration > 0, report_to=config.report_to, run_name=f"{config.run_name or output_dir.parent.name}-{output_dir.name}",
         seed=config.seed, epochs=seed_epochs(config.train, len(dataset)) if iteration == 0 else None, **overrides)
     # taken before training shards the weights: the adapter applies to pi_init (merge mode stacks onto it again)
-    fingerprint = base_fingerprint(model.get_base_model() if isinstance(model, PeftModel) else model)
+    fingerprint = base_fingerprint(unwrap_peft(model))
     trainer = NoiseAwareDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                    peft_config=peft_config, callbacks=callbacks)
     checkpoint = last_checkpoint(args.output_dir)

@@ -1,8 +1,24 @@
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from selfie.config import RecipeConfig, config_hash, differing_keys, dump_recipe, load_recipe, parse_overrides
+from selfie.cli import build_parser
+from selfie.config import (
+    AlignEZConfig,
+    EvalOptions,
+    GenerateConfig,
+    JudgeConfig,
+    ModelConfig,
+    RAHFConfig,
+    RecipeConfig,
+    TrainConfig,
+    config_hash,
+    differing_keys,
+    dump_recipe,
+    load_recipe,
+    parse_overrides,
+)
 from selfie.errors import SelfieError
 
 RECIPES = sorted(Path(__file__).parent.parent.glob("recipes/*/*/*.yaml"))
@@ -75,7 +91,46 @@ def test_hash_ignores_harmless_keys():
     (["--refine.alpha", "0.9"], "'refine.alpha': expected a value in \\[0, 0.5\\]"),
     (["--judge.truncated", "sometimes"], "judge.truncated: expected one of drop, penalize, keep"),
     (["--judge.allow_truncated_chosen", "true"], "'judge.allow_truncated_chosen' was replaced by judge.truncated"),
+    (["--judge.beta", "0.2"], "'judge.beta' was replaced by train.beta"),
+    (["--init", "{method: alignez, n_layer: 3}"], "unknown recipe key 'init.n_layer'"),
+    (["--init.method", "steer"], "'init.method': expected one of alignez, rahf, got 'steer'"),
+    (["--init", "{method: rahf, steps: many}"], "'init.steps': expected int, got 'many'"),
+    (["--eval", "{num_prompts: 3}"], "'eval.judge' is required"),
+    (["--eval", "{judge: 'callable:m:f', baseline: best}"], "'eval.baseline': expected one of init, seed, previous, none"),
+    (["--eval", "{judge: 'callable:m:f', num_prompt: 3}"], "unknown recipe key 'eval.num_prompt'"),
 ])
 def test_out_of_range_values_are_refused_at_load_naming_the_key(override, message):
     with pytest.raises(SelfieError, match=message):
         load_recipe(None, override)
+
+
+def test_init_and_eval_are_typed_sections_merged_key_by_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("init: {method: alignez, n_layers: 2}\neval: {judge: 'callable:m:f', num_prompts: 4}\n")
+    config = load_recipe(recipe, ["--init.alpha", "2", "--eval.baseline", "seed"])
+    assert isinstance(config.init, AlignEZConfig) and (config.init.n_layers, config.init.alpha, config.init.finder) == (2, 2.0, "svd")
+    assert (config.eval.judge, config.eval.num_prompts, config.eval.baseline) == ("callable:m:f", 4, "seed")
+    switched = load_recipe(recipe, ["--init", "{method: rahf}"])
+    assert isinstance(switched.init, RAHFConfig)  # another method replaces the section: its keys are that method's
+    changed = load_recipe(recipe, ["--init.alpha", "2", "--eval.baseline", "seed", "--init.n_layers", "3"])
+    assert differing_keys(config, changed) == ["init.n_layers"]  # a typed section names the key that differs
+
+
+def _defaults(*argv: str) -> dict:
+    """The parsed defaults of a verb's flags (required arguments filled with placeholders)."""
+    return vars(build_parser().parse_args(list(argv)))
+
+
+def test_command_flags_take_their_defaults_from_the_config_dataclasses():
+    generate = _defaults("generate", "--model", "m", "--prompts", "p", "--output", "o")
+    assert {k: generate[k] for k in asdict(GenerateConfig())} == asdict(GenerateConfig())
+    assert (generate["seed"], generate["dtype"]) == (RecipeConfig.seed, ModelConfig.dtype)
+    judge = _defaults("judge", "--model", "m", "--adapter", "a", "--responses", "r", "--output", "o")
+    expected = {k: v for k, v in asdict(JudgeConfig()).items() if k != "labeller"}
+    assert {k: judge[k] for k in expected} == expected and judge["beta"] == TrainConfig.beta
+    for verb in (["winrate", "--model-a", "a", "--model-b", "b"], ["run", "RUN"]):
+        options = _defaults("eval", *verb, "--judge", "j", "--output", "o")
+        assert {k: options[k] for k in asdict(EvalOptions()) if k != "num_pairs"} == \
+            {k: v for k, v in asdict(EvalOptions()).items() if k != "num_pairs"}
+    assert _defaults("eval", "accuracy", "--judge", "j", "--output", "o", "--preferences", "p")["num_pairs"] == EvalOptions.num_pairs
+    assert _defaults("edit", "--model", "m", "--output", "o")["seed"] == RecipeConfig.seed

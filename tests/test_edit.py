@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -11,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfie.cli import main as cli_main
+from selfie.config import AlignEZConfig, RAHFConfig, load_init
 from selfie.data import load_preferences, load_prompts
 from selfie.edit import alignez_seed_pairs, build_edited_model, work_dir_for
 from selfie.edit.alignez import ALPHA_GRID, layer_directions, orthogonalize
 from selfie.edit.alignez_data import characteristics_prompt, response_prompt
 from selfie.edit.apply import Edit, EditHooks, fold_edits
-from selfie.edit.config import RAHFConfig, parse_init
 from selfie.edit.directions import FINDERS, get_finder, held_out_split, pair_accuracy, rank_layers, register, score_layers
 from selfie.edit.hidden import collect_states, encode
 from selfie.edit.preference import pair_margins, per_token_logp
@@ -232,7 +233,7 @@ def test_folding_the_residual_stream_is_refused(tiny_model):
     with pytest.raises(SelfieError, match="residual"):
         fold_edits(model, [random_edit(32)], location="layer")
     with pytest.raises(SelfieError, match="init.location"):
-        parse_init({"method": "alignez", "location": "layer"})
+        load_init({"method": "alignez", "location": "layer"})
 
 
 # ---------------------------------------------------------------- hidden states
@@ -317,7 +318,7 @@ TINY_INIT = {"num_prompts": 4, "max_new_tokens_resp": 8, "batch_size": 4, "dtype
 
 def test_build_alignez_end_to_end(tiny_model, tmp_path, caplog):
     out = tmp_path / "edited"
-    init = {"method": "alignez", **TINY_INIT, "max_new_tokens_char": 6, "n_layers": 1, "alpha": 2.0}
+    init = load_init({"method": "alignez", **TINY_INIT, "max_new_tokens_char": 6, "n_layers": 1, "alpha": 2.0})
     assert build_edited_model(init, tiny_model, out, seed=0) == out
 
     edited = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no selfie code
@@ -336,12 +337,12 @@ def test_build_alignez_end_to_end(tiny_model, tmp_path, caplog):
     assert build_edited_model(init, tiny_model, out, seed=0) == out  # complete: returned as is
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(SelfieError, match="init.alpha"):
-        build_edited_model({**init, "alpha": 3.0}, tiny_model, out, seed=0)
+        build_edited_model(dataclasses.replace(init, alpha=3.0), tiny_model, out, seed=0)
 
     data_stamp = pairs_file.stat().st_mtime_ns
     caplog.set_level("INFO")
     os.replace(out.with_name("edited.work"), tmp_path / "other.work")  # data made with the same settings is reused
-    build_edited_model({**init, "alpha": 3.0}, tiny_model, tmp_path / "other", seed=0)
+    build_edited_model(dataclasses.replace(init, alpha=3.0), tiny_model, tmp_path / "other", seed=0)
     assert (tmp_path / "other.work" / "pairs.jsonl").stat().st_mtime_ns == data_stamp
     assert "reusing alignez_data" in caplog.text
 
@@ -349,7 +350,7 @@ def test_build_alignez_end_to_end(tiny_model, tmp_path, caplog):
 def test_alignez_chooses_layers_and_alpha_on_held_out_pairs_and_the_saved_model_is_the_chosen_one(tiny_model, tmp_path):
     out = tmp_path / "auto"
     init = {"method": "alignez", **TINY_INIT, "num_prompts": 8, "max_new_tokens_char": 6}  # n_layers, alpha: auto
-    build_edited_model(init, tiny_model, out, seed=0)
+    build_edited_model(load_init(init), tiny_model, out, seed=0)
     result = json.loads((out / "selfie_edit.json").read_text())["result"]
     assert (result["fit_pairs"], result["held_out_pairs"]) == (6, 2)
     assert {c["alpha"] for c in result["candidates"]} == set(ALPHA_GRID)
@@ -380,8 +381,7 @@ def test_alignez_chooses_layers_and_alpha_on_held_out_pairs_and_the_saved_model_
 
 def test_build_rahf_end_to_end(tiny_model, tmp_path):
     out = tmp_path / "rahf"
-    init = {"method": "rahf", **TINY_INIT, "steps": 3}
-    build_edited_model(init, tiny_model, out, seed=0)
+    build_edited_model(RAHFConfig(**TINY_INIT, steps=3), tiny_model, out, seed=0)
     edited = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     changed = {name for name, p in edited.state_dict().items() if not torch.equal(p, base.state_dict()[name])}
@@ -390,7 +390,7 @@ def test_build_rahf_end_to_end(tiny_model, tmp_path):
 
 
 def test_alignez_seed_pairs_are_unlabelled_dpo_data_reused_from_the_init_stage(tiny_model, tmp_path, monkeypatch):
-    init = {"method": "alignez", **TINY_INIT, "max_new_tokens_char": 6, "n_layers": 1}
+    init = AlignEZConfig(**TINY_INIT, max_new_tokens_char=6, n_layers=1)
     model_dir = tmp_path / "init" / "model"
     build_edited_model(init, tiny_model, model_dir, seed=0)  # the loop's order: the init stage, then the seed stage
 
@@ -410,20 +410,19 @@ def test_alignez_seed_pairs_are_unlabelled_dpo_data_reused_from_the_init_stage(t
     assert [row["chosen"] for row in load_preferences(str(tmp_path / "pairs.jsonl"))] == [p["chosen"] for p in pairs]
 
     monkeypatch.undo()  # other settings (and no init stage): sampled afresh, from the same model
-    fresh = alignez_seed_pairs(tiny_model, {k: v for k, v in init.items() if k != "method"} | {"num_prompts": 3},
-                               tmp_path / "fresh", seed=0)
+    fresh = alignez_seed_pairs(tiny_model, dataclasses.replace(init, num_prompts=3), tmp_path / "fresh", seed=0)
     assert len({p["prompt_id"] for p in fresh}) <= 3 and (tmp_path / "fresh" / "pairs.jsonl").is_file()
     with pytest.raises(SelfieError, match="init.method 'rahf'"):
-        alignez_seed_pairs(tiny_model, {"method": "rahf"}, tmp_path / "x", seed=0)
+        alignez_seed_pairs(tiny_model, RAHFConfig(), tmp_path / "x", seed=0)
 
 
 def test_init_errors_name_the_key(tiny_model, tmp_path):
     with pytest.raises(SelfieError, match="init.n_layer'"):
-        build_edited_model({"method": "alignez", "n_layer": 3}, tiny_model, tmp_path / "x")
+        build_edited_model(load_init({"method": "alignez", "n_layer": 3}), tiny_model, tmp_path / "x")
     with pytest.raises(SelfieError, match="init.method"):
-        build_edited_model({"method": "steer"}, tiny_model, tmp_path / "x")
+        build_edited_model(load_init({"method": "steer"}), tiny_model, tmp_path / "x")
     with pytest.raises(SelfieError, match=r"init.keywords\[0\]"):
-        parse_init({"method": "alignez", "keywords": [["helpful"]]})
+        load_init({"method": "alignez", "keywords": [["helpful"]]})
     assert not (tmp_path / "x").exists()
 
 

@@ -11,14 +11,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from selfie.config import LoraConfig, dump_recipe, load_recipe
+from selfie.config import EvalOptions, LoraConfig, dump_recipe, load_recipe
 from selfie.errors import SelfieError
-from selfie.evaluation.stats import length_controlled
-from selfie.evaluate import (
-    INIT, compare_models, judge_accuracy, load_judge, pair_agreement, run_scores, score_responses, win_rate, write_report,
-)
+from selfie.evaluation.compare import INIT, compare_models, run_scores
+from selfie.evaluation.judges import load_judge
+from selfie.evaluation.labels import judge_accuracy, pair_agreement, score_responses
+from selfie.evaluation.report import write_report
+from selfie.evaluation.stats import length_controlled, win_rate
 from selfie.models import attach_lora, load_model, load_tokenizer, save_adapter
 from selfie.pairs import select_pairs
+
 from tiny import build_tokenizer
 
 PROMPTS = [[{"role": "user", "content": "write a short poem about the sea"}],
@@ -230,8 +232,8 @@ def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
     prompts = [{"prompt_id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS * 2)]
     prompts[2]["prompt_id"], prompts[3]["prompt_id"] = "p2", "p3"
     out = tmp_path / "cmp"
-    report = compare_models(length_judge, tiny_model, str(adapter), tiny_model, None, prompts, output_dir=out,
-                            max_new_tokens=6, seed=3, batch_size=4, dtype="float32")
+    options = EvalOptions(max_new_tokens=6, seed=3, batch_size=4, dtype="float32")
+    report = compare_models(length_judge, tiny_model, str(adapter), tiny_model, None, prompts, options, output_dir=out)
     scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert [s["prompt_id"] for s in scored] == ["p0", "p1", "p2", "p3"]
     assert all(s["score_a"] == len(s["response_a"]) and s["score_b"] == len(s["response_b"]) for s in scored)
@@ -260,7 +262,7 @@ def test_run_scores(tiny_model, adapter, length_judge, tmp_path):
         shutil.copytree(adapter, run / f"iter_{t:03d}" / "adapter")
     (run / "iter_002").mkdir()  # an unfinished iteration has no adapter yet
     prompts = [{"prompt_id": "p0", "prompt": PROMPTS[0]}, {"prompt_id": "p1", "prompt": PROMPTS[1]}]
-    scores = run_scores(run, length_judge, prompts, max_new_tokens=5, batch_size=2, dtype="float32")
+    scores = run_scores(run, length_judge, prompts, EvalOptions(max_new_tokens=5, batch_size=2, dtype="float32"))
     assert list(scores) == [INIT, 0, 1]
     assert scores[0] == scores[1]  # same adapter, same sampling seed
     assert all(s["n"] == 2 for s in scores.values())

@@ -24,6 +24,7 @@ from selfie.config import load_recipe
 from selfie.evaluation.compare import run_models
 from selfie.export import export_run, hub_base
 from selfie.models import load_policy
+
 from test_loop import ROOT, recipe_args, selfie_cmd, write_inputs, write_recipe
 
 ALIGNEZ = {"method": "alignez", "num_prompts": 4, "max_new_tokens_resp": 8, "batch_size": 4, "max_new_tokens_char": 6,

@@ -13,6 +13,7 @@ import selfie.generate as gen
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
 from selfie.models import load_policy
+from selfie.tokens import chat_ids
 
 TOPICS = ["the sea", "a fox", "the sun rises in the east", "apples", "the sky", "a dog", "hello", "numbers 0123"]
 
@@ -100,7 +101,7 @@ def test_resume_after_interruption_redoes_nothing(policy, tmp_path, monkeypatch)
 
 def test_finished_only_when_a_stop_token_is_drawn(policy):
     model, tokenizer = policy
-    prompt = gen.chat_ids(tokenizer, [{"role": "user", "content": "hello world"}], True)
+    prompt = chat_ids(tokenizer, [{"role": "user", "content": "hello world"}], True)
     greedy = lambda stop, n: gen.sample_batch(  # noqa: E731
         model, [prompt], [[torch.Generator()]], max_new_tokens=n, temperature=0.0, top_p=1.0, stop_ids=stop, pad_id=0)[0][0]
     tokens, done = greedy(set(), 10)

@@ -10,11 +10,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import selfie.generate as gen
-import selfie.judge as jud
+import selfie.implicit_reward as jud
 from selfie.config import LoraConfig as SelfieLora
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
 from selfie.models import attach_lora, load_model, load_policy, load_tokenizer, save_adapter
+from selfie.tokens import response_token_ids
 
 ROWS = [
     {"prompt_id": "b", "prompt": [{"role": "system", "content": "You are a helpful assistant."},
@@ -80,34 +81,10 @@ def test_batching_does_not_change_logps(policy, tmp_path):
     assert metrics["tokens"] < sum(sum(j["num_tokens"]) + 40 for j in together) * 2  # sanity: no huge padding
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_tiled_projection_equals_log_softmax(monkeypatch, bias, softcap):
-    """Several position blocks and vocabulary tiles (the last one ragged) give log_softmax's values."""
-    monkeypatch.setattr(jud, "PROJECTION_ELEMENTS", 7 * 13)
-    monkeypatch.setattr(jud, "POSITION_BLOCK", 7)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 300, bias=bias)
-    states, targets = torch.randn(23, 16) * 4, torch.randint(0, 300, (23,))
-    logits = head(states).double()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    expected = torch.log_softmax(logits, -1).gather(1, targets.unsqueeze(1)).squeeze(1)
-    with torch.no_grad():
-        got = jud._token_logps(states, targets, head, softcap)
-    assert torch.allclose(got.double(), expected, atol=1e-5)
-
-
-def test_projection_refuses_a_wrapped_output_layer():
-    wrapped = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 8)), LoraConfig(r=2, target_modules=["0"]))
-    with pytest.raises(SelfieError, match="plain Linear"):
-        jud._token_logps(torch.randn(2, 4), torch.tensor([0, 1]), wrapped.base_model.model[0], None)
-
-
 def test_scored_tokens_stop_at_the_end_of_turn(policy):
     _, tokenizer = policy
     prompt = [{"role": "user", "content": "hello"}]
-    prefix, (done, cut, empty) = jud.response_token_ids(tokenizer, prompt, ["good bad", "good bad", ""], [True, False, True],
+    prefix, (done, cut, empty) = response_token_ids(tokenizer, prompt, ["good bad", "good bad", ""], [True, False, True],
                                                          {tokenizer.eos_token_id})
     assert tokenizer.decode(prefix).endswith("<|im_start|>assistant\n")
     assert tokenizer.decode(done) == "good bad<|im_end|>"  # EOS scored, the template's trailing newline not

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from selfie.io import read_jsonl

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfie.io import read_jsonl
+
 from test_loop import ROOT, recipe_args, selfie_cmd, write_inputs, write_recipe
 
 TINY = {"num_prompts": 4, "max_new_tokens_resp": 8, "batch_size": 4}

@@ -17,13 +17,24 @@ from trl.trainer.utils import use_adapter
 from selfie.config import RecipeConfig, RefineConfig, TrainConfig, load_recipe
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
-from selfie.pairs import PairRules
 from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter
+from selfie.pairs import PairRules
 from selfie.trainer import (
-    REFINE_STATE, NoiseAwareDPOConfig, NoiseAwareDPOTrainer, RefinementWindow, _pairs_dataset, build_dpo_config,
-    dnd_lambda, last_checkpoint, seed_epochs, train_iteration, train_seed,
+    REFINE_STATE,
+    NoiseAwareDPOConfig,
+    NoiseAwareDPOTrainer,
+    RefinementWindow,
+    _pairs_dataset,
+    build_dpo_config,
+    dnd_lambda,
+    last_checkpoint,
+    seed_epochs,
+    train_iteration,
+    train_seed,
 )
+
 from tiny import perturb_adapter, toy_pairs
+
 
 def recipe(**sections) -> RecipeConfig:
     base = {"report_to": [], "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
@@ -229,8 +240,8 @@ def test_last_checkpoint_skips_incomplete_ones(tmp_path):
 
 def test_trainer_trains_a_truncated_response_exactly_as_the_judge_scored_it(tiny_model, prev_adapter, tmp_path):
     """Token for token: the judge's policy log-prob of each response equals the one on the trainer's batch."""
-    from selfie.generate import stop_token_ids
-    from selfie.judge import judge_responses
+    from selfie.implicit_reward import judge_responses
+    from selfie.tokens import stop_token_ids
 
     model = load_adapter(load_model(tiny_model, "float32"), prev_adapter).eval()
     tokenizer = load_tokenizer(tiny_model)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfie.io import atomic_write_jsonl, read_jsonl
+
 from tiny import toy_pairs
 
 ROOT = Path(__file__).parent.parent

@@ -34,13 +34,14 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from selfie.config import AlignEZConfig
 from selfie.edit.alignez_data import AlignEZData
 from selfie.edit.apply import Edit, EditHooks
-from selfie.edit.config import AlignEZConfig
 from selfie.edit.directions import Finder, get_finder, held_out_split, rank_layers, score_layers
 from selfie.edit.hidden import collect_states, encode
 from selfie.edit.preference import pair_margins, per_token_logp
 from selfie.errors import SelfieError
+from selfie.tokens import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def pair_states(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data
     items = [encode(tokenizer, p["prompt"], p["chosen"][0]["content"]) for p in data.pairs]
     items += [encode(tokenizer, p["prompt"], p["rejected"][0]["content"]) for p in data.pairs]
     items += [encode(tokenizer, row["prompt"], row["responses"][0]) for row in data.plain]
-    states = collect_states(model, items, tokenizer.pad_token_id, location=config.location, mode="last",
+    states = collect_states(model, items, pad_token_id(tokenizer), location=config.location, mode="last",
                             batch_size=config.batch_size, desc="alignez states")
     n = len(data.pairs)
     plain_row = {row["prompt_id"]: i for i, row in enumerate(data.plain)}

@@ -52,8 +52,8 @@ class AlignEZData:
 
 
 def generate_alignez_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[dict],
-                          keywords: Sequence[Sequence[str]], *, max_new_tokens_char: int = 50, max_new_tokens_resp: int = 200,
-                          temperature: float = 0.7, seed: int = 0, batch_size: int = 8) -> AlignEZData:
+                          keywords: Sequence[Sequence[str]], *, max_new_tokens_char: int, max_new_tokens_resp: int,
+                          temperature: float, seed: int, batch_size: int) -> AlignEZData:
     """Characteristics, then persona responses and plain responses, for prompt rows {"prompt_id", "prompt"}."""
     jobs = [(row, tuple(kw)) for row in prompts for kw in keywords]
     char_prompts = [characteristics_prompt(row["prompt"], kw[i], polarity)

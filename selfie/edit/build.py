@@ -9,6 +9,7 @@ place, and the self-generated data in `<output_dir>.work/` is reused when its se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import random
 import time
@@ -18,10 +19,10 @@ from typing import Any
 
 import torch
 
+from selfie.config import INIT_METHODS, AlignEZConfig, EditConfig, RAHFConfig, RecipeConfig, add_options, load_init
 from selfie.edit.alignez import alignez_edits
 from selfie.edit.alignez_data import AlignEZData, generate_alignez_data
 from selfie.edit.apply import EDIT_FILE, fold_edits, is_saved_model, save_standalone
-from selfie.edit.config import METHODS, AlignEZConfig, EditConfig, RAHFConfig, as_dict, parse_init
 from selfie.edit.rahf import rahf_model
 from selfie.edit.sampling import sample
 from selfie.edit.workdir import cached_rows
@@ -55,7 +56,7 @@ def _prompts(config: EditConfig, seed: int) -> list[dict]:
 
 def _data_settings(model_name: str, config: EditConfig, seed: int, keys: tuple[str, ...]) -> dict:
     """What the self-generated data depends on (so that changing e.g. alpha reuses it)."""
-    settings = as_dict(config)
+    settings = dataclasses.asdict(config)
     return {"model": model_name, "seed": seed, **{k: settings[k] for k in ("prompts", "num_prompts", "max_new_tokens_resp",
                                                                           "temperature", "batch_size", "dtype", *keys)}}
 
@@ -74,19 +75,19 @@ def _alignez_data(load: Callable[[], tuple[Any, Any]], config: AlignEZConfig, mo
     return AlignEZData(**cached_rows(work, "alignez_data", settings, make))
 
 
-def alignez_seed_pairs(model_name: str, init: dict[str, Any] | None, work_dir: str | Path, seed: int = 42) -> list[dict]:
+def alignez_seed_pairs(model_name: str, config: AlignEZConfig | None, work_dir: str | Path, seed: int = 42) -> list[dict]:
     """AlignEZ's self-generated (y+, y-) pairs as seed-DPO data with no human label, in pairs.jsonl format.
 
-    `init` holds AlignEZ settings (an `init:` mapping; `method` may be left out, None means the
-    defaults). Called with the run's own `init`, seed and `work_dir_for(RUN/init/model)`, it returns
+    `config` holds the AlignEZ settings (None: the defaults). Called with the run's own AlignEZ
+    `init`, seed and `work_dir_for(RUN/init/model)`, it returns
     the pairs the init stage generated instead of sampling again; otherwise it samples them from
     `model_name` (the whole AlignEZ data set, plain responses included, so that an AlignEZ build
     with the same settings reuses it in turn). Every margin is 0.0: at the seed stage the policy is
     pi_init itself, so every implicit reward beta * (logp_policy - logp_reference) is 0.
     """
-    method, config = parse_init({"method": "alignez", **(init or {})})
-    if method != "alignez":
-        raise SelfieError(f"AlignEZ seed pairs need AlignEZ settings, got init.method '{method}'")
+    config = config or AlignEZConfig()
+    if not isinstance(config, AlignEZConfig):
+        raise SelfieError(f"AlignEZ seed pairs need AlignEZ settings, got init.method '{config.method}'")
     return _alignez_data(lambda: _load(model_name, config.dtype), config, model_name, Path(work_dir), seed).pairs
 
 
@@ -114,14 +115,15 @@ def _build_rahf(model, tokenizer, config: RAHFConfig, model_name: str, work: Pat
     return model, {**info, "seconds": {"data": round(middle - start, 2), "edit": round(time.perf_counter() - middle, 2)}}
 
 
-def build_edited_model(init: dict[str, Any], model_name: str, output_dir: str | Path, seed: int = 42) -> Path:
-    """Build the edited model described by `init` ({method: alignez | rahf, ...}) into `output_dir` and return it.
+def build_edited_model(config: EditConfig, model_name: str, output_dir: str | Path, seed: int = 42) -> Path:
+    """Build the edited model that `config` (a recipe's `init:`) describes into `output_dir` and return it.
 
     The directory is a plain transformers model (safetensors + tokenizer) that needs no selfie code.
     """
     output_dir = Path(output_dir)
-    method, config = parse_init(init)
-    provenance = {"method": method, "model": model_name, "seed": seed, "init": as_dict(config)}
+    method = config.method
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "method"}
+    provenance = {"method": method, "model": model_name, "seed": seed, "init": settings}
     if is_saved_model(output_dir):
         _check_provenance(output_dir, provenance)
         logger.info("%s already holds the edited model; reusing it", output_dir)
@@ -153,10 +155,10 @@ def _check_provenance(output_dir: Path, provenance: dict) -> None:
 
 def add_edit_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="the model to edit: hub id, local directory, .gguf file or built-in alias")
-    parser.add_argument("--method", choices=sorted(METHODS), default=None, help="the edit (default: `method` in --config)")
+    parser.add_argument("--method", choices=sorted(INIT_METHODS), default=None, help="the edit (default: `method` in --config)")
     parser.add_argument("--output", required=True, help="directory to write the edited standalone model to")
     parser.add_argument("--config", default=None, help="YAML file: an init mapping, or a recipe whose `init:` is used")
-    parser.add_argument("--seed", type=int, default=42)
+    add_options(parser, RecipeConfig, ["seed"])
     parser.epilog = "Further settings as --key value, e.g. --num_prompts 16 --alpha 2 (see docs/EDITING.md)."
 
 
@@ -196,6 +198,6 @@ def describe(provenance: dict) -> list[str]:
 
 
 def run_edit_command(args: argparse.Namespace, overrides: list[str] | None = None) -> None:
-    path = build_edited_model(_init_from_args(args, overrides or []), args.model, Path(args.output), args.seed)
+    path = build_edited_model(load_init(_init_from_args(args, overrides or [])), args.model, Path(args.output), args.seed)
     print("\n".join(describe(read_json(path / EDIT_FILE))))
     print(path)

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.errors import SelfieError
+from selfie.models import unwrap_peft
+from selfie.tokens import chat_ids
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +43,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], response: str
     No end-of-turn token is appended: the last position is the response's last token, the one
     AlignEZ reads, and the same response tokens follow any prompt (RAHF compares them position by position).
     """
-    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-    prompt_ids = list(encoded["input_ids"])
+    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
     return Encoded(prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"], len(prompt_ids))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = unwrap_peft(model)
     layers = getattr(base.get_decoder(), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise SelfieError(f"{type(base).__name__}: cannot find its decoder layers (expected model.get_decoder().layers)")

@@ -18,13 +18,13 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.config import LoraConfig
+from selfie.config import LoraConfig, RAHFConfig
 from selfie.edit.alignez_data import with_user_text
-from selfie.edit.config import RAHFConfig
 from selfie.edit.directions import held_out_split
 from selfie.edit.hidden import Encoded, collect_states, decoder_layers, encode, pad_batch, run_to_layers
 from selfie.errors import SelfieError
 from selfie.models import attach_lora, merge_adapter
+from selfie.tokens import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def rahf_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     plain = [encode(tokenizer, p, y) for p, y in zip(prompts, responses)]
     good = [encode(tokenizer, instructed(p, GOOD_INSTRUCTION), y) for p, y in zip(prompts, responses)]
     bad = [encode(tokenizer, instructed(p, BAD_INSTRUCTION), y) for p, y in zip(prompts, responses)]
-    states = collect_states(model, plain + good + bad, tokenizer.pad_token_id, layers=layers, location="layer",
+    states = collect_states(model, plain + good + bad, pad_token_id(tokenizer), layers=layers, location="layer",
                             mode="tokens", batch_size=batch_size, desc="rahf targets")
     n = len(plain)
     targets = [h + alpha * (g - b) for h, g, b in zip(states[:n], states[n:2 * n], states[2 * n:])]
@@ -149,7 +149,7 @@ def rahf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, promp
                                       layers, config.alpha, config.batch_size)
     fit, held = (idx.tolist() for idx in held_out_split(len(items), config.held_out, seed))
     held_items, held_targets = [items[i] for i in held], [targets[i] for i in held]
-    pad_id = tokenizer.pad_token_id
+    pad_id = pad_token_id(tokenizer)
 
     def held_out_loss() -> float:
         return round(representation_loss(peft_model, held_items, held_targets, layers, pad_id, config.batch_size), 4)

@@ -13,29 +13,22 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
-def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    ids.discard(None)
-    return sorted(ids)
+from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
 
 @torch.no_grad()
 def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]], *, max_new_tokens: int,
-           temperature: float = 0.7, seed: int = 0, batch_size: int = 8, desc: str = "sample") -> list[tuple[str, bool]]:
+           temperature: float, seed: int, batch_size: int, desc: str = "sample") -> list[tuple[str, bool]]:
     """(text, finished) for each prompt: one sample, temperature only (top-k and top-p off)."""
-    stop = _stop_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    stop, pad_id = sorted(stop_token_ids(model, tokenizer)), pad_token_id(tokenizer)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     out: list[tuple[str, bool]] = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None):
-            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                     for p in prompts[start:start + batch_size]]
-            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            ids = [chat_ids(tokenizer, p, add_generation_prompt=True) for p in prompts[start:start + batch_size]]
+            inputs = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
             generated = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
                                        max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id)
             for row in generated[:, inputs["input_ids"].shape[1]:].tolist():

@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from selfie.config import EvalOptions, add_options, from_args
+
+HELP = {"dtype": "auto, float32, bfloat16 or float16", "n_boot": "bootstrap resamples for the 95%% interval",
+        "seed": "sampling and bootstrap seed", "split": "split for hub / saved datasets",
+        "num_prompts": "first N prompts (0 = all)", "num_pairs": "first N pairs (0 = all)", "temperature": "0 = greedy",
+        "batch_size": "sequences decoded together"}
+
 
 def _common(p: argparse.ArgumentParser, prompts: bool = True) -> None:
     p.add_argument("--judge", required=True, help="reward-model:PATH | callable:module:function | implicit:MODEL@ADAPTER[?beta=B]")
     p.add_argument("--output", required=True, help="directory for report.json, report.md, report.png")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the 95%% interval")
-    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    add_options(p, EvalOptions, ["dtype", "n_boot", "seed"], HELP)
     if prompts:
-        p.add_argument("--split", default="train", help="split for hub / saved datasets")
-        p.add_argument("--num-prompts", type=int, default=32, help="first N prompts (0 = all)")
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
+        add_options(p, EvalOptions, ["split", "num_prompts", "max_new_tokens", "temperature", "top_p", "batch_size"], HELP)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -34,18 +34,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     acc = sub.add_parser("accuracy", help="how often the judge prefers the labelled chosen response")
     _common(acc, prompts=False)
     acc.add_argument("--preferences", required=True, help="preference source: file, saved dataset dir, hub id or 'demo'")
-    acc.add_argument("--split", default="train")
-    acc.add_argument("--num-pairs", type=int, default=0, help="first N pairs (0 = all)")
+    add_options(acc, EvalOptions, ["split", "num_pairs"], HELP)
 
     run = sub.add_parser("run", help="mean judge score of every iteration of a run directory")
     run.add_argument("run_dir")
     _common(run)
     run.add_argument("--prompts", default=None, help="prompt source (default: the run's held-out prompts)")
-
-
-def _sampling(args: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                batch_size=args.batch_size, dtype=args.dtype, n_boot=args.n_boot)
 
 
 def run_eval_command(args: argparse.Namespace) -> None:
@@ -54,28 +48,28 @@ def run_eval_command(args: argparse.Namespace) -> None:
     from selfie.evaluation.labels import judge_accuracy
     from selfie.evaluation.report import write_report
 
-    output = Path(args.output)
+    output, options = Path(args.output), from_args(EvalOptions, args)
     common = {"kind": args.eval_command, "judge": args.judge}
     # Inputs are read before the judge loads, so a bad file fails fast.
     if args.eval_command == "accuracy":
         from selfie.data import load_preferences
 
-        pairs = load_preferences(args.preferences, args.split)
-        pairs = pairs[: args.num_pairs] if args.num_pairs else pairs
-        judge = load_judge(args.judge, dtype=args.dtype)
-        report = {**common, "preferences": args.preferences, **judge_accuracy(judge, pairs, args.n_boot, args.seed)}
+        pairs = load_preferences(args.preferences, options.split)
+        pairs = pairs[: options.num_pairs] if options.num_pairs else pairs
+        judge = load_judge(args.judge, dtype=options.dtype)
+        report = {**common, "preferences": args.preferences, **judge_accuracy(judge, pairs, options.n_boot, options.seed)}
     elif args.eval_command == "winrate":
-        prompts = eval_prompts(args.prompts, args.split, args.num_prompts)
-        judge = load_judge(args.judge, dtype=args.dtype)
+        prompts = eval_prompts(args.prompts, options.split, options.num_prompts)
+        judge = load_judge(args.judge, dtype=options.dtype)
         report = {**common, "prompts": args.prompts, **compare_models(
-            judge, args.model_a, args.adapter_a, args.model_b, args.adapter_b, prompts, output_dir=output, **_sampling(args))}
+            judge, args.model_a, args.adapter_a, args.model_b, args.adapter_b, prompts, options, output_dir=output)}
     else:
         config = run_models(args.run_dir)[0]
         source = args.prompts or config.data.prompts
-        split = config.data.split if args.prompts is None else args.split
-        prompts = eval_prompts(source, split, args.num_prompts, config)
-        judge = load_judge(args.judge, dtype=args.dtype)
-        scores = run_scores(args.run_dir, judge, prompts, output_dir=output, **_sampling(args))
+        split = config.data.split if args.prompts is None else options.split
+        prompts = eval_prompts(source, split, options.num_prompts, config)
+        judge = load_judge(args.judge, dtype=options.dtype)
+        scores = run_scores(args.run_dir, judge, prompts, options, output_dir=output)
         rows = [{"iteration": it, "label": iteration_label(it), **s} for it, s in scores.items()]
         report = {**common, "run_dir": str(args.run_dir), "prompts": source, "init_key": INIT, "rows": rows}
     write_report(output, report)

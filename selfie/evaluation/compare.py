@@ -14,28 +14,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from selfie.config import EvalOptions
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge, load_judge
 from selfie.evaluation.stats import bootstrap_ci, length_controlled, win_rate
 from selfie.io import atomic_write_jsonl, read_jsonl
 
 if TYPE_CHECKING:
-    from selfie.config import RecipeConfig
+    from selfie.config import EvalConfig, RecipeConfig
 
 logger = logging.getLogger(__name__)
 
 INIT = -1  # run_scores key of pi_init (the run's base model, no adapter)
-EVAL_DEFAULTS: dict[str, Any] = {
-    "judge": None,  # required: a judge spec (see selfie.evaluation.judges)
-    "prompts": "demo",  # prompt source; the run's own pool means its held-out slice
-    "split": None,  # dataset split; default the run's data.split
-    "num_prompts": 16,
-    "max_new_tokens": 64,
-    "temperature": None,  # default the run's generate.temperature
-    "baseline": "init",  # compared against: pi_init, the seed adapter, the previous iteration, or nothing
-    "n_boot": 2000,
-}
-BASELINES = ("init", "seed", "previous", "none")
 
 
 def eval_prompts(source: str, split: str, num_prompts: int | None, config: RecipeConfig | None = None) -> list[dict]:
@@ -85,20 +75,18 @@ def _summary(scores: list[float], texts: list[str], n_boot: int, seed: int) -> d
 
 
 def compare_models(judge: Judge, model_a: str, adapter_a: str | None, model_b: str, adapter_b: str | None,
-                   prompts: list[dict], *, output_dir: str | Path | None = None, max_new_tokens: int = 256,
-                   temperature: float = 0.7, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-                   dtype: str = "auto", n_boot: int = 2000) -> dict:
+                   prompts: list[dict], options: EvalOptions = EvalOptions(), *, output_dir: str | Path | None = None) -> dict:
     """Win rate of A over B: one response per prompt from each (same sampling seed), scored by `judge`.
 
     Responses go to `output_dir` (responses_a.jsonl, responses_b.jsonl, scores.jsonl), else to a temporary directory.
     """
     if not prompts:
         raise SelfieError("compare: no prompts")
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+    seed, n_boot = options.seed, options.n_boot
     with tempfile.TemporaryDirectory(prefix="selfie-eval-") as tmp:
         out = Path(output_dir) if output_dir is not None else Path(tmp)
-        texts_a = generate_one(model_a, adapter_a, prompts, out / "responses_a.jsonl", dtype=dtype, **sampling)
-        texts_b = generate_one(model_b, adapter_b, prompts, out / "responses_b.jsonl", dtype=dtype, **sampling)
+        texts_a = generate_one(model_a, adapter_a, prompts, out / "responses_a.jsonl", dtype=options.dtype, **options.sampling())
+        texts_b = generate_one(model_b, adapter_b, prompts, out / "responses_b.jsonl", dtype=options.dtype, **options.sampling())
         messages = [row["prompt"] for row in prompts]
         scores = score_unique(judge, messages + messages, texts_a + texts_b)
         scores_a, scores_b = scores[: len(prompts)], scores[len(prompts):]
@@ -127,9 +115,8 @@ def run_models(run_dir: str | Path) -> tuple[RecipeConfig, str, dict[int, Path]]
     return config, base, adapters
 
 
-def run_scores(run_dir: str | Path, judge: Judge, prompts: list[dict], *, output_dir: str | Path | None = None,
-               include_init: bool = True, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0,
-               seed: int = 0, batch_size: int = 8, dtype: str = "auto", n_boot: int = 2000) -> dict[int, dict]:
+def run_scores(run_dir: str | Path, judge: Judge, prompts: list[dict], options: EvalOptions = EvalOptions(), *,
+               output_dir: str | Path | None = None, include_init: bool = True) -> dict[int, dict]:
     """Mean judge score of each iteration's policy on `prompts`: {iteration: {score_mean, ci95, n}}.
 
     Key INIT (-1) is pi_init itself (no adapter) when `include_init`. Responses go to
@@ -137,14 +124,14 @@ def run_scores(run_dir: str | Path, judge: Judge, prompts: list[dict], *, output
     """
     _, base, adapters = run_models(run_dir)
     models: dict[int, Path | None] = ({INIT: None} if include_init else {}) | adapters
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
     messages = [row["prompt"] for row in prompts]
     results = {}
     with tempfile.TemporaryDirectory(prefix="selfie-eval-") as tmp:
         out = Path(output_dir) if output_dir is not None else Path(tmp)
         for iteration, adapter in models.items():
-            texts = generate_one(base, adapter, prompts, out / f"responses_{iteration_label(iteration)}.jsonl", dtype=dtype, **sampling)
-            results[iteration] = _summary(score_unique(judge, messages, texts), texts, n_boot, seed)
+            texts = generate_one(base, adapter, prompts, out / f"responses_{iteration_label(iteration)}.jsonl",
+                                 dtype=options.dtype, **options.sampling())
+            results[iteration] = _summary(score_unique(judge, messages, texts), texts, options.n_boot, options.seed)
             logger.info("%s: mean score %.4f", iteration_label(iteration), results[iteration]["score_mean"])
     return results
 
@@ -163,36 +150,29 @@ def _baseline_adapter(baseline: str, adapter: Path) -> Path | None:
     return None
 
 
-def evaluate_iteration(eval_cfg: dict, pi_init: str, adapter: Path, config: RecipeConfig) -> dict:
+def evaluate_iteration(eval_cfg: EvalConfig, pi_init: str, adapter: Path, config: RecipeConfig) -> dict:
     """The loop's eval stage: the iteration's policy against a baseline on held-out prompts, scored by eval.judge.
 
     Responses and per-prompt scores are kept in RUN/iter_XXX/eval/ for inspection.
     """
-    unknown = sorted(set(eval_cfg) - set(EVAL_DEFAULTS))
-    if unknown:
-        raise SelfieError(f"unknown recipe key 'eval.{unknown[0]}' (known: {', '.join(EVAL_DEFAULTS)})")
-    cfg = {**EVAL_DEFAULTS, **{k: v for k, v in eval_cfg.items() if v is not None}}
-    if not cfg["judge"]:
-        raise SelfieError("recipe key 'eval.judge' is required when 'eval' is set (e.g. reward-model:PATH)")
-    if cfg["baseline"] not in BASELINES:
-        raise SelfieError(f"recipe key 'eval.baseline': unknown baseline '{cfg['baseline']}' ({', '.join(BASELINES)})")
     start = time.perf_counter()
     adapter = Path(adapter)
-    prompts = eval_prompts(cfg["prompts"], cfg["split"] or config.data.split, cfg["num_prompts"], config)
-    judge = load_judge(cfg["judge"], dtype=config.model.dtype)
-    temperature = config.generate.temperature if cfg["temperature"] is None else cfg["temperature"]
-    sampling = dict(max_new_tokens=cfg["max_new_tokens"], temperature=temperature, top_p=config.generate.top_p,
-                    seed=config.seed, batch_size=config.generate.batch_size, dtype=config.model.dtype)
+    prompts = eval_prompts(eval_cfg.prompts, eval_cfg.split or config.data.split, eval_cfg.num_prompts, config)
+    judge = load_judge(eval_cfg.judge, dtype=config.model.dtype)
+    temperature = config.generate.temperature if eval_cfg.temperature is None else eval_cfg.temperature
+    options = EvalOptions(max_new_tokens=eval_cfg.max_new_tokens, temperature=temperature, top_p=config.generate.top_p,
+                          seed=config.seed, batch_size=config.generate.batch_size, dtype=config.model.dtype,
+                          n_boot=eval_cfg.n_boot)
     out = adapter.parent / "eval"
-    if cfg["baseline"] == "none":
-        texts = generate_one(pi_init, adapter, prompts, out / "responses_a.jsonl", **sampling)
-        summary = _summary(score_unique(judge, [row["prompt"] for row in prompts], texts), texts, cfg["n_boot"], config.seed)
+    if eval_cfg.baseline == "none":
+        texts = generate_one(pi_init, adapter, prompts, out / "responses_a.jsonl", dtype=options.dtype, **options.sampling())
+        summary = _summary(score_unique(judge, [row["prompt"] for row in prompts], texts), texts, options.n_boot, options.seed)
         metrics = {"score_mean": summary["score_mean"], "score_ci95": summary["ci95"], "n": summary["n"],
                    "length_mean": summary["length_mean"]}
     else:
-        report = compare_models(judge, pi_init, str(adapter), pi_init, _baseline_adapter(cfg["baseline"], adapter),
-                                prompts, output_dir=out, n_boot=cfg["n_boot"], **sampling)
+        report = compare_models(judge, pi_init, str(adapter), pi_init, _baseline_adapter(eval_cfg.baseline, adapter),
+                                prompts, options, output_dir=out)
         metrics = {"score_mean": report["a"]["score_mean"], "baseline_score_mean": report["b"]["score_mean"],
                    "length_mean": report["a"]["length_mean"], "baseline_length_mean": report["b"]["length_mean"],
                    **{k: report[k] for k in ("win_rate", "ci95", "lc_win_rate", "lc_ci95", "wins", "ties", "losses", "n")}}
-    return {"judge": cfg["judge"], "baseline": cfg["baseline"], **metrics, "seconds": round(time.perf_counter() - start, 2)}
+    return {"judge": eval_cfg.judge, "baseline": eval_cfg.baseline, **metrics, "seconds": round(time.perf_counter() - start, 2)}

@@ -25,12 +25,12 @@ from urllib.parse import parse_qsl
 import torch
 from tqdm.auto import tqdm
 
+from selfie.config import JudgeConfig, TrainConfig
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BETA = 0.1
 
 
 class Judge(Protocol):
@@ -115,12 +115,12 @@ class CallableJudge:
 class ImplicitJudge:
     """beta * (logp(y|x) under MODEL+adapter - logp(y|x) under MODEL alone), log-probs summed over response tokens.
 
-    Scoring goes through selfie.judge.judge_responses, so the tokenisation (EOS included: a response
+    Scoring goes through selfie.implicit_reward.judge_responses, so the tokenisation (EOS included: a response
     given here counts as finished) and the packing of a prompt's responses are the loop's own.
     """
 
-    def __init__(self, model_name: str, adapter: str | None, beta: float = DEFAULT_BETA, dtype: str = "auto",
-                 token_budget: int = 8192):
+    def __init__(self, model_name: str, adapter: str | None, beta: float = TrainConfig.beta, dtype: str = "auto",
+                 token_budget: int = JudgeConfig.token_budget):
         from selfie.models import load_policy
 
         self.model, self.tokenizer = load_policy(model_name, adapter, dtype)
@@ -128,7 +128,7 @@ class ImplicitJudge:
         self.has_adapter, self.beta, self.token_budget = adapter is not None, beta, token_budget
 
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        from selfie.judge import judge_responses
+        from selfie.implicit_reward import judge_responses
 
         _check_lengths(prompts, responses)
         groups: dict[str, list[int]] = {}  # one row per distinct prompt: its responses share the prompt's forward pass
@@ -175,7 +175,7 @@ def _load_implicit(target: str, spec: str, dtype: str) -> ImplicitJudge:
     if unknown:
         raise SelfieError(f"judge '{spec}': unknown option '{unknown[0]}' (known: beta)")
     try:
-        beta = float(options.get("beta", DEFAULT_BETA))
+        beta = float(options.get("beta", TrainConfig.beta))
     except ValueError:
         raise SelfieError(f"judge '{spec}': beta must be a number, got '{options['beta']}'") from None
     if not beta > 0:

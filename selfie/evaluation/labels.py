@@ -50,7 +50,8 @@ def score_responses(judge: Judge, responses_rows: list[dict], tokenizer: PreTrai
                     stop_ids: set[int]) -> list[dict]:
     """judgments.jsonl rows from a judge's scores: `rewards` are its scores, `num_tokens` the responses' lengths
     as the loop scores and trains them (so a length penalty means the same whatever the labeller)."""
-    from selfie.judge import check_response_rows, response_token_ids
+    from selfie.data import check_response_rows
+    from selfie.tokens import response_token_ids
 
     check_response_rows(responses_rows, "responses")
     flat_prompts = [row["prompt"] for row in responses_rows for _ in row["responses"]]

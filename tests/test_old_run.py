@@ -1,0 +1,106 @@
+"""A run directory written by an earlier version (tests/fixtures/run-af5b61e) resumes and finishes with this code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from selfie.config import config_hash, earlier_config_hash
+from selfie.io import read_jsonl
+from selfie.rundir import load_run_config
+from selfie.status import describe
+
+ROOT = Path(__file__).parent.parent
+FIXTURE = Path(__file__).parent / "fixtures" / "run-af5b61e"
+EXPECTED = FIXTURE / "expected" / "iter_002"
+PLAN = [(0, "init"), (0, "seed")] + [(t, s) for t in (1, 2) for s in ("generate", "judge", "train", "eval")]
+
+
+def digests(run_dir: Path) -> dict[str, str]:
+    """Content hash of every file of the stages the old run completed (iteration 2 was under way)."""
+    files = [p for p in run_dir.rglob("*") if p.is_file() and p.relative_to(run_dir).parts[0] != "iter_002"]
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def selfie_run(work: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT}{os.pathsep}{work}"}  # gold.py is in `work`
+    return subprocess.run([sys.executable, "-m", "selfie.cli", "run", "recipe.yaml", *args], cwd=work, env=env,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> tuple[Path, dict[str, str], subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("old") / FIXTURE.name
+    shutil.copytree(FIXTURE, work, ignore=shutil.ignore_patterns("expected"))
+    before = digests(work / "run")
+    return work, before, selfie_run(work)
+
+
+def test_an_old_run_directory_resumes_to_the_end(resumed):
+    work, before, result = resumed
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = work / "run"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [(s["iteration"], s["stage"]) for s in manifest["stages"]] == PLAN
+    after = digests(run_dir)
+    kept = {k for k in before if k not in ("config.yaml", "manifest.json", ".lock")}
+    assert {k: after[k] for k in kept} == {k: before[k] for k in kept}  # nothing the old run completed was redone
+    assert not list(run_dir.rglob("*.partial"))
+    # config.yaml and the manifest's hash are now in this version's form: no judge.beta, typed init and eval
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert "beta" not in written["judge"] and written["init"]["finder"] == "svd" and written["eval"]["baseline"] == "init"
+    assert manifest["config_hash"] == config_hash(load_run_config(run_dir))
+
+
+def test_the_resumed_iteration_is_what_the_old_code_would_have_written(resumed):
+    work, _, result = resumed
+    assert result.returncode == 0, result.stderr[-4000:]
+    it = work / "run" / "iter_002"
+    assert read_jsonl(it / "responses.jsonl") == read_jsonl(EXPECTED / "responses.jsonl")
+    assert read_jsonl(it / "pairs.jsonl") == read_jsonl(EXPECTED / "pairs.jsonl")
+    for got, want in zip(read_jsonl(it / "judgments.jsonl"), read_jsonl(EXPECTED / "judgments.jsonl"), strict=True):
+        assert got.keys() == want.keys() and got["num_tokens"] == want["num_tokens"]
+        for key in ("rewards", "policy_logps", "reference_logps"):
+            assert got[key] == pytest.approx(want[key], abs=1e-4)
+    got, want = load_file(it / "adapter" / "adapter_model.safetensors"), load_file(EXPECTED / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-4, msg=key)
+    assert read_jsonl(it / "eval" / "scores.jsonl") == read_jsonl(EXPECTED / "eval" / "scores.jsonl")
+
+
+def test_the_earlier_hash_of_the_old_config_is_the_one_its_manifest_holds():
+    written = yaml.safe_load((FIXTURE / "run" / "config.yaml").read_text())
+    manifest = json.loads((FIXTURE / "run" / "manifest.json").read_text())
+    assert "beta" in written["judge"] and earlier_config_hash(written) == manifest["config_hash"]
+    assert config_hash(load_run_config(FIXTURE / "run")) != manifest["config_hash"]  # so the upgrade is what resumes it
+
+
+def test_status_reads_the_old_run_directory_as_it_is():
+    out = describe(FIXTURE / "run")
+    assert "6/10 stages done" in out and "next  iter  2  generate  (in progress: iter_002/responses.jsonl.partial)" in out
+
+
+def test_an_old_run_judged_with_another_beta_is_refused_naming_judge_beta(tmp_path):
+    work = tmp_path / FIXTURE.name
+    shutil.copytree(FIXTURE, work, ignore=shutil.ignore_patterns("expected", "iter_*", "init"))
+    config = work / "run" / "config.yaml"
+    config.write_text(config.read_text().replace("judge:\n  beta: 0.1\n", "judge:\n  beta: 0.2\n"))
+    before = digests(work / "run")
+    result = selfie_run(work)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "judge.beta (the run judged with beta 0.2; this version judges with train.beta, 0.1)" in line
+    assert line.endswith("use the same recipe, a new output_dir, or --force")
+    after = digests(work / "run")  # refused before anything was written (the lock file holds the new pid)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
