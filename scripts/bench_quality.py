@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from selfie.config import load_init, load_recipe  # noqa: E402
 from selfie.data import load_prompts, split_prompts  # noqa: E402
-from selfie.edit import build_edited_model  # noqa: E402
+from selfie.edit import build_edited_model, work_dir_for  # noqa: E402
 from selfie.edit.apply import EDIT_FILE  # noqa: E402
 from selfie.evaluation.compare import generate_one, score_unique  # noqa: E402
 from selfie.evaluation.judges import load_judge  # noqa: E402
@@ -58,6 +58,7 @@ QUICK = {"seed": 6, "iterations": [8, 8], "held_out": 8, "max_new_tokens": 24, "
 CONFIGS = ["drop:0", "drop:auto", "penalize:auto", "keep:auto"]
 EDITED_CONFIG = "penalize:auto"  # the recipe default: AlignEZ init + SPA is compared with SPA under these label rules
 EDIT_PROMPTS = 48  # self-generated data for each edit: prompts drawn outside the held-out set
+FIXED = {"n_layers": 5, "alpha": 1.0}  # the forced AlignEZ arm: what the held-out choice would have been spared
 
 
 def recipe(args: argparse.Namespace, work: Path, name: str, **sections) -> dict:
@@ -200,6 +201,15 @@ def main() -> None:
     print(f"written to {docs_dir()}")
 
 
+def fixed_alignez(alignez: dict, seed_run: Path, work: Path) -> Path:
+    """The AlignEZ edit with the paper's fixed settings (no held-out choice), from the init stage's own data."""
+    model_dir = work / "alignez-fixed" / "model"
+    data = work_dir_for(model_dir)
+    if not data.exists():
+        shutil.copytree(work_dir_for(seed_run / "init" / "model"), data)
+    return build_edited_model(load_init({**alignez, **FIXED}), "smollm2-135m", model_dir, seed=42)
+
+
 def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge, counterparts: dict[str, dict]) -> dict:
     """AlignEZ and RAHF arms, each paired with its unedited counterpart, with what each edit chose and measured.
 
@@ -219,8 +229,11 @@ def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge,
     rahf = {"method": "rahf", **common, **({"steps": args.rahf_steps} if args.rahf_steps else {})}
     rahf_model = build_edited_model(load_init(rahf), "smollm2-135m", work / "rahf" / "model", seed=42)
     edited = str(seed_run / "init" / "model")
+    fixed = fixed_alignez(alignez, seed_run, work)
     arms = {  # name: (evaluation, counterpart)
         "AlignEZ-edited, shipped": (evaluate(work, "alignez-shipped", None, held_out, args, judge, edited), "shipped"),
+        f"AlignEZ forced ({FIXED['n_layers']} layers, alpha {FIXED['alpha']}), shipped": (
+            evaluate(work, "alignez-fixed-shipped", None, held_out, args, judge, str(fixed)), "shipped"),
         "RAHF-edited, shipped": (evaluate(work, "rahf-shipped", None, held_out, args, judge, str(rahf_model)), "shipped"),
         "AlignEZ init + seed-only DPO": (evaluate(work, "alignez-seed-only", seed_run / "iter_000" / "adapter", held_out, args,
                                                   judge, edited), "seed-only DPO"),
@@ -234,6 +247,7 @@ def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge,
                       "length_mean": float(np.mean(arm["lengths"])), "counterpart": counterpart,
                       "vs_counterpart": paired(arm, counterparts[counterpart], args.n_boot)}
     return {"arms": rows, "edit_prompts": args.edit_prompts, "alignez": read_json(seed_run / "init" / "model" / EDIT_FILE),
+            "alignez_forced": read_json(fixed / EDIT_FILE),
             "rahf": read_json(rahf_model / EDIT_FILE),
             "minutes": {"alignez init + seed": seed_seconds / 60, "alignez SPA 2 iterations": spa_seconds / 60}}
 
@@ -294,11 +308,12 @@ def _verdict(ci: list[float]) -> str:
 
 def edit_report(results: dict) -> str:
     e = results["editing"]
-    a, r = e["alignez"]["result"], e["rahf"]["result"]
+    a, r, f = e["alignez"]["result"], e["rahf"]["result"], e["alignez_forced"]["result"]
     margin, loss = a["held_out_margin"], r["held_out_loss"]
     chosen = (f"layers {a['layers']}, alpha {a['alpha']} ({', '.join(f'{k}: {v}' for k, v in a['rule'].items())})"
               if a["layers"] else "no edit (no candidate within the KL budget beat the unedited model)")
     near = [i for i, c in enumerate(a["cosine_plus_minus"]) if abs(c) > a["parallel_cosine"]]
+    agree = a["agreement"]
     lines = [
         f"`scripts/bench_quality.py`, the same run, held-out prompts, scorer and sampling seeds as the Quality section. Each "
         f"edit generates its own data from {e['edit_prompts']} demo prompts outside the held-out set ({results['sizes']['max_new_tokens']} "
@@ -316,9 +331,12 @@ def edit_report(results: dict) -> str:
         f"- AlignEZ chose {chosen} from {len(a['candidates'])} candidates on {a['held_out_pairs']} held-out self-generated "
         f"pairs ({a['fit_pairs']} fitted the directions): held-out margin logp(y+) - logp(y-) {margin['unedited']} nats unedited, "
         f"{margin['edited']} edited, KL estimate {a['kl']} nats/token (budget {a['max_kl']}; the candidates' "
-        f"{sorted(c['kl'] for c in a['candidates'])}). Layers with |cos(u+, u-)| above {a['parallel_cosine']}: {near or 'none'}; "
-        f"split-half agreement of the orthogonalised u+ there: {[a['residual_agreement'][i] for i in near] or '-'}, "
-        f"elsewhere median {float(np.median([x for i, x in enumerate(a['residual_agreement']) if i not in near] or [0])):.2f}.",
+        f"{sorted(c['kl'] for c in a['candidates'])}).",
+        f"- Directions: |cos(u+, u-)| above {a['parallel_cosine']} at layers {near or 'none'}. Split-half agreement of the "
+        f"orthogonalised u+ (median over layers {np.median(agree['residual']):.2f}, max {max(agree['residual']):.2f}) and "
+        f"of the y+ vs y- direction (median {np.median(agree['separating']):.2f}, max {max(agree['separating']):.2f}).",
+        f"- Forced AlignEZ ({FIXED['n_layers']} layers, alpha {FIXED['alpha']}): layers {f['layers']}, rules {f['rule']}, held-out "
+        f"margin {f['held_out_margin']['unedited']} -> {f['held_out_margin']['edited']} nats, KL estimate {f['kl']} nats/token.",
         f"- RAHF: {r['examples']} training and {r['held_out_examples']} held-out responses, target layers {r['target_layers']}; "
         f"held-out representation loss {loss['before']} -> {loss['after']}; training loss by tenths of the steps {r['loss_curve']}.",
     ]
