@@ -35,6 +35,7 @@ from selfie.pairs import TRUNCATION_POLICIES, PairRules, select_pairs
 logger = logging.getLogger(__name__)
 
 PROJECTION_ELEMENTS = 2**19  # logits per tile (2 MiB in float32)
+GPU_PROJECTION_ELEMENTS = 2**24  # on a GPU (64 MiB): small tiles there cost a kernel launch each, not cache misses
 POSITION_BLOCK = 1024  # positions per pass over the vocabulary: keeps tiles >= 512 vocabulary columns wide
 
 
@@ -152,34 +153,49 @@ def _pack(batch: list[_Tree], pad_id: int, dtype: torch.dtype, device: torch.dev
 
 
 def _token_logps(states: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
-    """log softmax(head(states))[targets], float32, tiled over the vocabulary with a running logsumexp.
+    """`token_logps` through the model's output embedding, which must be a plain Linear layer."""
+    if type(head) is not torch.nn.Linear:  # e.g. a LoRA-wrapped lm_head: its weight alone is not the projection
+        raise SelfieError(f"judge: the output embedding must be a plain Linear layer (got {type(head).__name__})")
+    return token_logps(states, targets, head.weight, head.bias, softcap)
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if not softcap else softcap * torch.tanh(logits / softcap)
+
+
+def token_logps(states: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                softcap: float | None, *, ref_states: torch.Tensor | None = None, lam: float = 0.0) -> torch.Tensor:
+    """log softmax(logits)[targets], float32, tiled over the vocabulary with a running logsumexp; logits =
+    capped(states @ weight.T + bias), or with `ref_states` DND's (1 + lam) logits(states) - lam logits(ref_states).
 
     Projecting a block of positions against a slice of the vocabulary at a time reads the output
     embedding once per block instead of once per few positions (on 2 CPU cores ~2.5x faster than
-    row chunks, at a quarter of the memory), as in flash attention's online softmax.
+    row chunks, at a quarter of the memory), as in flash attention's online softmax. Uncapped DND logits
+    are one projection: the head is linear, so they are logits((1 + lam) states - lam ref_states).
     """
-    if type(head) is not torch.nn.Linear:  # e.g. a LoRA-wrapped lm_head: its weight alone is not the projection
-        raise SelfieError(f"judge: the output embedding must be a plain Linear layer (got {type(head).__name__})")
-    weight, bias = head.weight, head.bias
+    if ref_states is not None and not softcap:
+        states, ref_states = ((1 + lam) * states.float() - lam * ref_states.float()).to(states.dtype), None
     out = []
     for i in range(0, len(states), POSITION_BLOCK):
-        block = states[i:i + POSITION_BLOCK]
-        width = max(1, PROJECTION_ELEMENTS // len(block))
-        running_max = torch.full((len(block), 1), float("-inf"), device=block.device)
-        running_sum = torch.zeros((len(block), 1), device=block.device)
+        blocks = [states[i:i + POSITION_BLOCK]] + ([] if ref_states is None else [ref_states[i:i + POSITION_BLOCK]])
+        target = targets[i:i + POSITION_BLOCK]
+
+        def mixed(logits_of) -> torch.Tensor:
+            """logits_of(block) for the block, DND-mixed with the reference block's when there is one."""
+            values = [_capped(logits_of(block), softcap) for block in blocks]
+            return values[0] if len(values) == 1 else values[0].mul_(1 + lam).sub_(values[1], alpha=lam)
+
+        width = max(1, (PROJECTION_ELEMENTS if states.device.type == "cpu" else GPU_PROJECTION_ELEMENTS) // len(target))
+        running_max = torch.full((len(target), 1), float("-inf"), device=states.device)
+        running_sum = torch.zeros((len(target), 1), device=states.device)
         for j in range(0, weight.shape[0], width):
-            logits = torch.nn.functional.linear(block, weight[j:j + width], None if bias is None else bias[j:j + width]).float()
-            if softcap:
-                logits = softcap * torch.tanh(logits / softcap)
+            logits = mixed(lambda block: torch.nn.functional.linear(
+                block, weight[j:j + width], None if bias is None else bias[j:j + width]).float())
             new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
             running_sum = running_sum * (running_max - new_max).exp() + logits.sub_(new_max).exp_().sum(-1, keepdim=True)
             running_max = new_max
-        target = targets[i:i + POSITION_BLOCK]
-        picked = (block.float() * weight[target].float()).sum(-1)
-        if bias is not None:
-            picked += bias[target].float()
-        if softcap:
-            picked = softcap * torch.tanh(picked / softcap)
+        picked = mixed(lambda block: (block.float() * weight[target].float()).sum(-1)
+                       + (0.0 if bias is None else bias[target].float()))
         out.append(picked - (running_max + running_sum.log()).squeeze(1))
     return torch.cat(out) if out else states.new_zeros(0, dtype=torch.float32)
 

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -46,13 +45,13 @@ from selfie.dist import check_topology, on_cpu, uses_deepspeed
 from selfie.errors import SelfieError
 from selfie.generate import stop_token_ids
 from selfie.io import atomic_write_json, read_json
+from selfie.judge import token_logps
 from selfie.models import base_fingerprint, load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter
 
 logger = logging.getLogger(__name__)
 
 REFINE_STATE = "refine_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what a pair needs; `*_finished` (default true) say how to render it
-LOGIT_CHUNK = 1024  # completion positions per chunk when building [tokens, vocab] logits for DND
 
 
 @dataclass
@@ -121,27 +120,18 @@ def extrapolated_logps(policy_hidden: torch.Tensor, ref_hidden: torch.Tensor, lm
                        softcap: float | None = None) -> torch.Tensor:
     """Sum over each sequence's completion tokens of log_softmax((1 + lam) h_theta - lam h_ref)[next token].
 
-    `*_hidden` are the backbone's last hidden states [N, T, H]; logits are built only where the next token
-    is a completion token, LOGIT_CHUNK positions at a time, never as a [N, T, V] tensor.
+    `*_hidden` are the backbone's last hidden states [N, T, H] that TRL's two passes already computed; logits are
+    built only where the next token is a completion token, in the judge's vocabulary tiles (selfie.judge.token_logps),
+    never as a [tokens, V] tensor; without a softcap the mixed logits are one projection of the mixed hidden states.
     """
     mask = completion_mask[:, 1:].bool()
     targets = input_ids[:, 1:][mask]
     rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     policy_hidden, ref_hidden = policy_hidden[:, :-1][mask], ref_hidden[:, :-1][mask]
     weight, bias = full_tensor(lm_head.weight), full_tensor(lm_head.bias)
-
-    def logits(hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, weight, bias).float()
-        return out if softcap is None else softcap * torch.tanh(out / softcap)
-
-    token_logps = []
     with torch.no_grad(), maybe_gather_lm_head_ctx(weight, bias):
-        for start in range(0, targets.numel(), LOGIT_CHUNK):
-            part = slice(start, start + LOGIT_CHUNK)
-            mixed = (1 + lam) * logits(policy_hidden[part]) - lam * logits(ref_hidden[part])
-            token_logps.append(mixed.log_softmax(-1).gather(-1, targets[part].unsqueeze(-1)).squeeze(-1))
-    token_logps = torch.cat(token_logps) if token_logps else policy_hidden.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(mask.size(0), device=mask.device).index_add_(0, rows, token_logps)
+        per_token = token_logps(policy_hidden, targets, weight, bias, softcap, ref_states=ref_hidden, lam=lam)
+    return torch.zeros(mask.size(0), device=mask.device).index_add_(0, rows, per_token)
 
 
 def full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
