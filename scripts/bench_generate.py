@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (bench_model, copy_gbps, device, end_responses_after, isolated, matmul_gflops, measure_or_load,
-                      model_label, parse_args, peak_memory_label, section_title, write_section)
+from benchlib import (DTYPES, add_model_args, bench_model, copy_gbps, device, end_responses_after, isolated,
+                      matmul_gflops, measure_or_load, model_label, parse_args, peak_memory_label, section_title,
+                      write_section)
 
 TEMPERATURE = 0.7
 QUICK = {"prompts": 8, "responses": 2, "max_new_tokens": 8, "batch_size": 4}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _load(args: dict):
@@ -203,6 +203,8 @@ def render(raw: dict) -> tuple[str, str]:
                f"**{ratio(static, 'tokens_per_second'):.2f}x** its tokens/s at **{ratio(static, 'peak_mib'):.2f}x** its peak "
                f"memory; selfie continuous **{ratio(continuous, 'tokens_per_second'):.2f}x** at "
                f"**{ratio(continuous, 'peak_mib'):.2f}x**.")
+    differ = (" (the others differ where another batch layout rounded a logit differently and a draw flipped)"
+              if raw["identical_responses"] < 1 else "")
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     arithmetic = "\n".join(
         f"- {label}: {r['steps']} steps x {gb(any_run['decode_weight_bytes'])} weights + {r['kv_tokens_read']:,} KV tokens "
@@ -228,8 +230,8 @@ and from its {a['dtype']} matmul rate ({raw['matmul_gflops']:.0f} GFLOP/s), both
 {table}
 
 {verdict} selfie's two backends give each response the same seeded generator: {100 * raw['identical_responses']:.0f}% of
-their responses are identical (the rest differ where another batch layout rounded a logit differently and a draw flipped).
-`model.generate` samples from one shared random stream. The methods' token counts differ, so the rate is per token.
+their responses are identical{differ}. `model.generate` samples from one shared random stream. The methods' token counts
+differ, so the rate is per token.
 
 The bounds' arithmetic: bandwidth = ceil(new tokens / {a['batch_size']}) decode steps, each reading every matmul weight once,
 plus each new token reading its sequence's KV cache so far (prompt + the tokens before it); matmul = 2 x
@@ -241,8 +243,7 @@ plus each new token reading its sequence's KV cache so far (prompt + the tokens 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a selfie model name, or random-llama-1b (built on the machine)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_model_args(parser)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--responses", type=int, default=2, help="K responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (bench_model, device, import_floor, isolated, matmul_gflops, measure_or_load, model_label,
-                      on_gpu, param_count, parse_args, peak_memory_label, random_lora, section_title, write_section)
+from benchlib import (DTYPES, add_model_args, bench_model, device, import_floor, isolated, matmul_gflops,
+                      measure_or_load, model_label, on_gpu, param_count, parse_args, peak_memory_label, random_lora,
+                      section_title, write_section)
 
 PRECISION_ROWS = 4  # prompts re-scored in float64 to measure each method's rounding error (CPU only: float64 on CPU)
 QUICK = {"prompts": 2, "max_new_tokens": 8, "repeats": 1, "token_budgets": "1024", "workdir": "/tmp/selfie-bench-judge-quick"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def prepare(model: str, dtype: str, workdir: str, n_prompts: int, max_new_tokens: int) -> None:
@@ -232,8 +232,7 @@ tokens each method actually runs, against the {a['dtype']} matmul rate measured 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a selfie model name, or random-llama-1b (built on the machine)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_model_args(parser)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--workdir", default="/tmp/selfie-bench-judge")

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (bench_model, import_floor, isolated, matmul_gflops, measure_or_load, model_label, on_gpu,
-                      parse_args, peak_memory_label, random_lora, section_title, write_section)
+from benchlib import (DTYPES, add_model_args, bench_model, import_floor, isolated, matmul_gflops, measure_or_load,
+                      model_label, on_gpu, parse_args, peak_memory_label, random_lora, section_title, write_section)
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "spa" / "demo.yaml"
 ITERATION = 1
@@ -161,7 +161,7 @@ def measure(args: argparse.Namespace) -> dict:
     model = isolated(bench_model, args.model)[0]
     workdir = str(Path(args.workdir) / args.model)  # one previous adapter per model
     isolated(prepare, model, args.dtype, workdir)
-    gflops = isolated(matmul_gflops, {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])[0]
+    gflops = isolated(matmul_gflops, DTYPES[args.dtype])[0]
     floor = None if on_gpu() else isolated(import_floor, "transformers", "trl", "peft", "selfie.trainer")[1]
     sizes = {"model": model, "dtype": args.dtype, "workdir": workdir, "pairs": args.pairs, "batch_size": args.batch_size,
              "max_length": args.max_length, "steps": args.steps}
@@ -224,8 +224,7 @@ full-fine-tuning-equivalent rate), over the {a['dtype']} matmul rate measured in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="a selfie model name, or random-llama-1b (built on the machine)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_args(parser)
     parser.add_argument("--pairs", type=int, default=8, help="first pairs of demo-seed, cycled over the steps")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps after the warm-up pass")

@@ -238,6 +238,16 @@ def device_fields() -> dict:
     return {"machine": machine(), "device_name": torch.cuda.get_device_name() if on_gpu() else None}
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model and --dtype: the built-in model in float32 on CPU; on a GPU e.g. random-llama-1b in bfloat16."""
+    parser.add_argument("--model", default="smollm2-135m", help="a selfie model name, or one of " + ", ".join(RANDOM_MODELS)
+                        + " (random weights, built on the machine)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
 def parse_args(parser: argparse.ArgumentParser, quick: dict) -> argparse.Namespace:
     """Parse a benchmark's arguments; --quick shrinks them to `quick` and writes to the scratch docs, not docs/.
     --render JSON writes the section from a saved raw result (e.g. one measured on another machine) without measuring."""

@@ -60,6 +60,8 @@ class SeededSampler(ContinuousBatchingLogitsProcessor):
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         # Rows past len(self.rows) belong to no request (the engine slices a fixed-size index); left as they are.
         n = len(self.rows)
+        if not n:  # a pass of prompt chunks only: no request draws
+            return scores
         tokens = draw(scores[:n], [self.generators[r] for r in self.rows], self.temperature, self.top_p)
         chosen = scores.clone()
         chosen[:n] = float("-inf")

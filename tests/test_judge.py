@@ -82,36 +82,22 @@ def test_batching_does_not_change_logps(policy, tmp_path):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_tiled_projection_equals_log_softmax(monkeypatch, bias, softcap):
+@pytest.mark.parametrize("lam", [None, 0.5])  # None: the model's logits; 0.5: DND's (1 + lam) policy - lam reference
+def test_tiled_projection_equals_log_softmax(monkeypatch, bias, softcap, lam):
     """Several position blocks and vocabulary tiles (the last one ragged) give log_softmax's values."""
     monkeypatch.setattr(jud, "PROJECTION_ELEMENTS", 7 * 13)
     monkeypatch.setattr(jud, "POSITION_BLOCK", 7)
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 300, bias=bias)
-    states, targets = torch.randn(23, 16) * 4, torch.randint(0, 300, (23,))
-    logits = head(states).double()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    expected = torch.log_softmax(logits, -1).gather(1, targets.unsqueeze(1)).squeeze(1)
-    with torch.no_grad():
-        got = jud._token_logps(states, targets, head, softcap)
-    assert torch.allclose(got.double(), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_tiled_dnd_projection_equals_log_softmax_of_mixed_logits(monkeypatch, bias, softcap):
-    """DND's (1 + lam) logits(policy) - lam logits(reference), tiled (one projection of mixed states when uncapped)."""
-    monkeypatch.setattr(jud, "PROJECTION_ELEMENTS", 7 * 13)
-    monkeypatch.setattr(jud, "POSITION_BLOCK", 7)
-    torch.manual_seed(0)
-    head, lam = torch.nn.Linear(16, 300, bias=bias), 0.5
     states, ref_states, targets = torch.randn(23, 16) * 4, torch.randn(23, 16) * 4, torch.randint(0, 300, (23,))
     capped = lambda x: x if softcap is None else softcap * torch.tanh(x / softcap)  # noqa: E731
-    logits = (1 + lam) * capped(head(states).double()) - lam * capped(head(ref_states).double())
+    logits = capped(head(states).double())
+    if lam is not None:
+        logits = (1 + lam) * logits - lam * capped(head(ref_states).double())
     expected = torch.log_softmax(logits, -1).gather(1, targets.unsqueeze(1)).squeeze(1)
     with torch.no_grad():
-        got = jud.token_logps(states, targets, head.weight, head.bias, softcap, ref_states=ref_states, lam=lam)
+        got = (jud._token_logps(states, targets, head, softcap) if lam is None else
+               jud.token_logps(states, targets, head.weight, head.bias, softcap, ref_states=ref_states, lam=lam))
     assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
