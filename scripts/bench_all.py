@@ -32,8 +32,7 @@ RECIPE = "recipes/smollm2-135m/spa/demo.yaml"
 # name -> (script, arguments of a --quick run); the full runs use each script's defaults
 BENCHMARKS = {
     "load": ("bench_load.py", ["--repeats", "1"]),
-    "judge": ("bench_judge.py", ["--prompts", "2", "--max-new-tokens", "8", "--repeats", "1", "--token-budgets", "1024",
-                                 "--workdir", str(Path(tempfile.gettempdir()) / "selfie-bench-judge-quick")]),
+    "judge": ("bench_judge.py", ["--quick"]),
     "generate": ("bench_generate.py", ["--quick"]),
     "train": ("bench_train.py", ["--quick"]),
     "edit": ("bench_edit.py", ["--quick"]),

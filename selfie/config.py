@@ -107,13 +107,17 @@ class GenerateConfig(Ranged):
     SECTION = "generate."
     RANGES = {"num_responses": _at_least(1), "temperature": _at_least(0),
               "top_p": ((lambda v: 0 < v <= 1), "a value in (0, 1]"), "max_new_tokens": _at_least(1),
-              "batch_size": _at_least(1)}
+              "batch_size": _at_least(1),
+              "backend": ((lambda v: v in ("auto", "static", "continuous")), "'auto', 'static' or 'continuous'")}
 
     num_responses: int = 2
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 300
-    batch_size: int = 8
+    batch_size: int = 8  # sequences decoded together (in flight, for the continuous backend)
+    # static: length-sorted batches; continuous: transformers' continuous batching; auto: both sample the first
+    # prompts and the faster samples the rest (selfie/generate.py). The same seeds either way.
+    backend: str = "auto"
 
 
 @dataclass
@@ -366,7 +370,8 @@ class RecipeConfig:
 
 
 # Keys whose change does not alter a run's results; a resumed run may differ in these.
-HARMLESS_KEYS = frozenset({"report_to", "run_name", "train.logging_steps", "train.save_steps", "generate.batch_size", "judge.token_budget"})
+HARMLESS_KEYS = frozenset({"report_to", "run_name", "train.logging_steps", "train.save_steps", "generate.batch_size",
+                           "generate.backend", "judge.token_budget"})
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -1,19 +1,23 @@
 """Sample K responses per prompt from the current policy (docs/METHOD.md section 1.3).
 
-A small sampling loop instead of `model.generate`: every (prompt, k) row draws its tokens from its
-own `torch.Generator`, seeded from (run seed, prompt_id, k), so a prompt's responses do not depend
-on the batch size, the batch order or which other prompts share its batch (HF generate shares one
-RNG across the batch). Rows are written as their prompts complete, so a killed run resumes where
-it stopped; the final responses.jsonl is sorted by prompt_id and written atomically.
+Every (prompt, k) row draws its tokens from its own `torch.Generator`, seeded from (run seed,
+prompt_id, k), through `draw`, so a prompt's responses do not depend on the batch size, the batch
+order or which other prompts share its batch (HF generate shares one RNG across the batch). Two
+backends run the model: `static`, a small loop over length-sorted batches (below), and `continuous`,
+transformers' continuous-batching engine (selfie/continuous.py); `auto` measures both on the first
+prompts and keeps the faster. Rows are written as their prompts complete, so a killed run resumes
+where it stopped; the final responses.jsonl is sorted by prompt_id and written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +39,7 @@ def row_seed(seed: int, prompt_id: str, k: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _draw(logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_p: float) -> torch.Tensor:
+def draw(logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_p: float) -> torch.Tensor:
     """One next token per row, each from its own generator."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -81,7 +85,7 @@ def sample_batch(
     finished = [False] * len(rows_gen)
     active = list(range(len(rows_gen)))  # batch position j holds row active[j]
     for step in range(max_new_tokens):
-        drawn = _draw(logits.float(), [rows_gen[r] for r in active], temperature, top_p).tolist()
+        drawn = draw(logits.float(), [rows_gen[r] for r in active], temperature, top_p).tolist()
         keep = []
         for j, (row, token) in enumerate(zip(active, drawn)):
             if token in stop_ids:
@@ -110,21 +114,76 @@ def sample_batch(
     return results
 
 
+PROBE_BATCHES = 2  # auto: each backend samples this many static batches of prompts before the choice
+
+
+@dataclasses.dataclass
+class Sampling:
+    """What every backend samples with."""
+
+    num_responses: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    batch_size: int  # sequences decoded together
+    stop_ids: set[int]
+    pad_id: int
+    device: torch.device
+
+    def generators(self, rows: Sequence[dict]) -> list[list[torch.Generator]]:
+        return [[torch.Generator(self.device).manual_seed(row_seed(self.seed, row["prompt_id"], k))
+                 for k in range(self.num_responses)] for row in rows]
+
+    @property
+    def prompts_per_batch(self) -> int:
+        return max(1, self.batch_size // self.num_responses)
+
+
+Item = tuple[list[int], dict]  # (prompt token ids, prompt row)
+Samples = Iterator[list[tuple[dict, list[tuple[list[int], bool]]]]]  # groups of (prompt row, its K (tokens, finished))
+
+
+def sample_static(model: PreTrainedModel, items: list[Item], s: Sampling) -> Samples:
+    """Batches of batch_size // K prompts, shortest prompts first (a batch holds prompts of similar length)."""
+    items = sorted(items, key=lambda e: (len(e[0]), e[1]["prompt_id"]))
+    for b in range(0, len(items), s.prompts_per_batch):
+        chunk = items[b:b + s.prompts_per_batch]
+        rows = [row for _, row in chunk]
+        yield list(zip(rows, sample_batch(model, [ids for ids, _ in chunk], s.generators(rows), max_new_tokens=s.max_new_tokens,
+                                          temperature=s.temperature, top_p=s.top_p, stop_ids=s.stop_ids, pad_id=s.pad_id)))
+
+
+def sample_engine(model: PreTrainedModel, items: list[Item], s: Sampling) -> Samples:
+    """transformers' continuous-batching engine, batch_size sequences in flight (selfie/continuous.py)."""
+    from selfie.continuous import sample_continuous
+
+    rows = [row for _, row in items]
+    for done in sample_continuous(model, [ids for ids, _ in items], s.generators(rows), max_new_tokens=s.max_new_tokens,
+                                  temperature=s.temperature, top_p=s.top_p, stop_ids=s.stop_ids, batch_size=s.batch_size):
+        yield [(rows[p], outs) for p, outs in done]
+
+
+SAMPLERS = {"static": sample_static, "continuous": sample_engine}
+
+
 def generate_responses(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict], output: str | Path, *,
     num_responses: int = GenerateConfig.num_responses, max_new_tokens: int = GenerateConfig.max_new_tokens,
     temperature: float = GenerateConfig.temperature, top_p: float = GenerateConfig.top_p, seed: int = RecipeConfig.seed,
-    batch_size: int = GenerateConfig.batch_size, shard: tuple[int, int] = (0, 1),
+    batch_size: int = GenerateConfig.batch_size, shard: tuple[int, int] = (0, 1), backend: str = GenerateConfig.backend,
 ) -> dict:
     """Write responses.jsonl rows {prompt_id, prompt, responses, finished} for this shard's prompts; return metrics.
 
-    `batch_size` counts sequences decoded together (prompts x num_responses). A rerun after an
-    interruption continues from `<output>.partial` and skips the prompts already done.
+    `batch_size` counts sequences decoded together (prompts x num_responses); `backend` is 'auto' or a key of SAMPLERS.
+    A rerun after an interruption continues from `<output>.partial` and skips the prompts already done.
     """
     if num_responses < 1 or max_new_tokens < 1 or batch_size < 1:
         raise SelfieError("generate: num_responses, max_new_tokens and batch_size must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1:
         raise SelfieError(f"generate: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    if backend != "auto" and backend not in SAMPLERS:
+        raise SelfieError(f"generate: unknown backend '{backend}' (auto, {', '.join(SAMPLERS)})")
     check_prompt_rows(prompts, "prompts")
     mine = select_shard(prompts, shard)
     output = Path(output)
@@ -133,29 +192,31 @@ def generate_responses(
     if len(todo) < len(mine):
         logger.info("resuming %s: %d of %d prompts already done", output, len(mine) - len(todo), len(mine))
 
-    # Shortest prompts first, so a batch holds prompts of similar length (little padding).
-    encoded = sorted(((chat_ids(tokenizer, row["prompt"], True), row) for row in todo), key=lambda e: (len(e[0]), e[1]["prompt_id"]))
-    per_batch = max(1, batch_size // num_responses)
-    device = next(model.parameters()).device
-    stop_ids, pad_id = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
+    items = [(chat_ids(tokenizer, row["prompt"], True), row) for row in todo]
+    s = Sampling(num_responses, max_new_tokens, temperature, top_p, seed, batch_size, stop_token_ids(model, tokenizer),
+                 pad_token_id(tokenizer), next(model.parameters()).device)
     model.eval()
-    new_tokens, start = 0, time.perf_counter()
+    done: set[str] = set()
+    new_tokens, start, metrics = 0, time.perf_counter(), {}
     try:
-        with tqdm(total=len(encoded), desc="generate", unit="prompt", disable=None) as bar:
-            for b in range(0, len(encoded), per_batch):
-                chunk = encoded[b:b + per_batch]
-                generators = [[torch.Generator(device).manual_seed(row_seed(seed, row["prompt_id"], k)) for k in range(num_responses)]
-                              for _, row in chunk]
-                samples = sample_batch(model, [ids for ids, _ in chunk], generators, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
-                rows = []
-                for (_, row), outs in zip(chunk, samples):
-                    new_tokens += sum(len(t) + done for t, done in outs)  # the stop token was generated too
-                    rows.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"],
-                                 "responses": [tokenizer.decode(t, skip_special_tokens=True) for t, _ in outs],
-                                 "finished": [done for _, done in outs]})
-                writer.append(rows)
-                bar.update(len(chunk))
+        with tqdm(total=len(items), desc="generate", unit="prompt", disable=None) as bar:
+            def write(samples: Samples) -> int:
+                """Write each group of finished prompts as it comes; the new tokens written."""
+                tokens = 0
+                with contextlib.closing(samples):  # an error here stops a continuous engine's thread too
+                    for group in samples:
+                        tokens += sum(len(t) + stopped for _, outs in group for t, stopped in outs)  # stop token counts
+                        writer.append([{"prompt_id": row["prompt_id"], "prompt": row["prompt"],
+                                        "responses": [tokenizer.decode(t, skip_special_tokens=True) for t, _ in outs],
+                                        "finished": [stopped for _, stopped in outs]} for row, outs in group])
+                        done.update(row["prompt_id"] for row, _ in group)
+                        bar.update(len(group))
+                return tokens
+
+            if backend == "auto":
+                backend, metrics = choose_backend(model, items, s, write)
+                new_tokens += metrics.pop("probe_tokens")
+            new_tokens += write(SAMPLERS[backend](model, [i for i in items if i[1]["prompt_id"] not in done], s))
     finally:
         writer.close()
     seconds = time.perf_counter() - start
@@ -166,10 +227,33 @@ def generate_responses(
     writer.partial.unlink()
     finished = [f for row in rows for f in row["finished"]]
     metrics = {"prompts": len(rows), "responses": len(finished), "finished_fraction": sum(finished) / len(finished) if finished else None,
-               "new_tokens": new_tokens, "seconds": round(seconds, 3), "tokens_per_second": new_tokens / seconds if seconds else None}
-    logger.info("generated %d responses for %d prompts (%.1f tokens/s) -> %s", len(finished), len(rows),
-                metrics["tokens_per_second"] or 0.0, output)
+               "new_tokens": new_tokens, "seconds": round(seconds, 3), "tokens_per_second": new_tokens / seconds if seconds else None,
+               "backend": backend, **metrics}
+    logger.info("generated %d responses for %d prompts (%.1f tokens/s, %s backend) -> %s", len(finished), len(rows),
+                metrics["tokens_per_second"] or 0.0, backend, output)
     return metrics
+
+
+def choose_backend(model: PreTrainedModel, items: list[Item], s: Sampling, write: Callable[[Samples], int]) -> tuple[str, dict]:
+    """`auto`: the static and the continuous backend each sample (and write) PROBE_BATCHES static batches' worth of
+    prompts; the faster in new tokens/s samples the rest. Too few prompts to gain from a choice: static, no probe.
+    Returns the backend and metrics (the probe rates, the probes' new tokens)."""
+    probe = PROBE_BATCHES * s.prompts_per_batch
+    if len(items) < 4 * probe:
+        return "static", {"probe_tokens": 0}
+    rates, tokens = {}, 0
+    for i, name in enumerate(SAMPLERS):
+        start = time.perf_counter()
+        try:
+            sampled = write(SAMPLERS[name](model, items[i * probe:(i + 1) * probe], s))
+        except Exception as e:  # noqa: BLE001 - an engine that cannot run this model leaves the static backend
+            logger.warning("generate backend auto: %s failed (%s); using static", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return "static", {"probe_tokens": tokens}
+        rates[name], tokens = sampled / (time.perf_counter() - start), tokens + sampled
+    choice = max(rates, key=rates.get)
+    logger.info("generate backend auto on %s: %s new tokens/s -> %s", s.device,
+                ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()), choice)
+    return choice, {"probe_tokens": tokens, **{f"auto_{name}_tokens_per_second": rate for name, rate in rates.items()}}
 
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +263,8 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
                     writes="responses.jsonl to write")
     # the recipe's generate: section, seed and model.dtype, with their defaults
     add_options(parser, GenerateConfig, [f.name for f in dataclasses.fields(GenerateConfig)],
-                {"num_responses": "responses per prompt (K)", "temperature": "0 = greedy", "batch_size": "sequences decoded together"})
+                {"num_responses": "responses per prompt (K)", "temperature": "0 = greedy", "batch_size": "sequences decoded together",
+                 "backend": "static batches, transformers' continuous batching, or auto: measure both, keep the faster"})
     add_options(parser, RecipeConfig, ["seed"])
 
 
@@ -192,4 +277,5 @@ def run_generate_command(args: argparse.Namespace) -> None:
     if torch.cuda.is_available():
         model.to("cuda")
     generate_responses(model, tokenizer, prompts, args.output, num_responses=g.num_responses, max_new_tokens=g.max_new_tokens,
-                       temperature=g.temperature, top_p=g.top_p, seed=args.seed, batch_size=g.batch_size)
+                       temperature=g.temperature, top_p=g.top_p, seed=args.seed, batch_size=g.batch_size,
+                       backend=g.backend)

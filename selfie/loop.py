@@ -205,7 +205,8 @@ class Loop:
         model.to(self.state.device)
         path, shard_metrics = self._sharded(t, "responses.jsonl", lambda out, shard: generate_responses(
             model, tokenizer, prompts, out, num_responses=num_responses, max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature, top_p=g.top_p, seed=self.config.seed + t, batch_size=g.batch_size, shard=shard))
+            temperature=g.temperature, top_p=g.top_p, seed=self.config.seed + t, batch_size=g.batch_size, shard=shard,
+            backend=g.backend))
         return path, combine_metrics(shard_metrics)
 
     def stage_judge(self, t: int) -> tuple[list[Path], dict]:
@@ -346,6 +347,8 @@ def combine_metrics(shards: list[dict]) -> dict:
                 merged[key] = max(merged.get(key, 0.0), value)
             elif isinstance(value, (int, float)) and not key.endswith(("per_second", "fraction", "mean")):
                 merged[key] = merged.get(key, 0) + value
+            elif isinstance(value, str):  # e.g. the generation backend each rank used
+                merged[key] = value if merged.get(key, value) == value else "mixed"
     seconds = merged.get("seconds") or 0.0
     for rate, count in (("tokens_per_second", "new_tokens"), ("pairs_per_second", "pairs")):
         if count in merged and seconds:

@@ -1,15 +1,20 @@
-"""Sampling: reproducible per prompt, independent of batch size / order / sharding, resumable, stops at EOS."""
+"""Sampling: reproducible per prompt, independent of batch size / order / sharding, resumable, stops at EOS.
+
+The generator's contract tests run for both backends (static batches, transformers' continuous batching)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import threading
+import time
 
 import pytest
 import torch
 
 import selfie.generate as gen
+from selfie.continuous import sample_continuous
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
 from selfie.models import load_policy
@@ -33,15 +38,24 @@ def policy(tiny_model):
     return load_policy(tiny_model, None, "float32")
 
 
+@pytest.fixture(params=["static", "continuous"])
+def backend(request) -> str:
+    return request.param
+
+
 def run(policy, path, prompts, **kwargs) -> list[dict]:
     model, tokenizer = policy
-    kwargs = {"num_responses": 2, "max_new_tokens": 12, "batch_size": 4, **kwargs}
+    kwargs = {"num_responses": 2, "max_new_tokens": 12, "batch_size": 4, "backend": "static", **kwargs}
     gen.generate_responses(model, tokenizer, prompts, path, **kwargs)
     return read_jsonl(path)
 
 
-def test_rows_follow_design_format(policy, tmp_path):
-    rows = run(policy, tmp_path / "r.jsonl", make_prompts(5), num_responses=3)
+def engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "generation_loop" in t.name]
+
+
+def test_rows_follow_design_format(policy, tmp_path, backend):
+    rows = run(policy, tmp_path / "r.jsonl", make_prompts(5), num_responses=3, backend=backend)
     assert [r["prompt_id"] for r in rows] == sorted(r["prompt_id"] for r in rows)
     for row in rows:
         assert list(row) == ["prompt_id", "prompt", "responses", "finished"]
@@ -51,78 +65,139 @@ def test_rows_follow_design_format(policy, tmp_path):
     assert not (tmp_path / "r.jsonl.partial").exists()
 
 
-def test_same_seed_same_text_whatever_the_batch_size_or_order(policy, tmp_path):
+def test_same_seed_same_text_whatever_the_batch_size_or_order(policy, tmp_path, backend):
     prompts = make_prompts(6)
-    base = run(policy, tmp_path / "b1.jsonl", prompts, batch_size=1)
+    base = run(policy, tmp_path / "b1.jsonl", prompts, batch_size=1, backend=backend)
     shuffled = prompts[::-1]
-    assert run(policy, tmp_path / "b4.jsonl", shuffled, batch_size=4) == base
-    assert run(policy, tmp_path / "b7.jsonl", prompts, batch_size=7) == base
+    assert run(policy, tmp_path / "b4.jsonl", shuffled, batch_size=4, backend=backend) == base
+    assert run(policy, tmp_path / "b7.jsonl", prompts, batch_size=7, backend=backend) == base
     # A prompt's responses do not depend on the other prompts in the run either.
-    assert run(policy, tmp_path / "one.jsonl", prompts[2:3]) == base[2:3]
-    other_seed = run(policy, tmp_path / "s.jsonl", prompts, seed=7)
+    assert run(policy, tmp_path / "one.jsonl", prompts[2:3], backend=backend) == base[2:3]
+    other_seed = run(policy, tmp_path / "s.jsonl", prompts, seed=7, backend=backend)
     assert [r["responses"] for r in other_seed] != [r["responses"] for r in base]
     assert base[0]["responses"][0] != base[0]["responses"][1]  # the K samples differ
 
 
-def test_shards_partition_the_prompts(policy, tmp_path):
+def test_backends_write_the_same_text_with_an_adapter_too(tiny_model, prev_adapter, policy, tmp_path):
+    """float32 on CPU: each response's own generator and the same logits up to rounding give the same tokens."""
+    prompts = make_prompts(6)
+    adapted = load_policy(tiny_model, prev_adapter, "float32")
+    static = run(adapted, tmp_path / "s.jsonl", prompts, backend="static")
+    assert run(adapted, tmp_path / "c.jsonl", prompts, backend="continuous") == static
+    assert run(policy, tmp_path / "bare.jsonl", prompts, backend="continuous") != static  # the adapter was applied
+    assert not engine_threads()
+
+
+def test_shards_partition_the_prompts(policy, tmp_path, backend):
     prompts = make_prompts(7)
-    full = run(policy, tmp_path / "full.jsonl", prompts)
-    parts = [run(policy, tmp_path / f"s{r}.jsonl", prompts, shard=(r, 3)) for r in range(3)]
+    full = run(policy, tmp_path / "full.jsonl", prompts, backend=backend)
+    parts = [run(policy, tmp_path / f"s{r}.jsonl", prompts, shard=(r, 3), backend=backend) for r in range(3)]
     assert sorted((row for p in parts for row in p), key=lambda r: r["prompt_id"]) == full
     assert [len(p) for p in parts] == [3, 2, 2]
 
 
-def test_resume_after_interruption_redoes_nothing(policy, tmp_path, monkeypatch):
+def test_resume_after_interruption_redoes_nothing(policy, tmp_path, monkeypatch, backend):
     prompts = make_prompts(8)
-    expected = run(policy, tmp_path / "ref.jsonl", prompts, batch_size=2)  # one prompt (2 rows) per batch
-    real, calls = gen.sample_batch, []
+    expected = run(policy, tmp_path / "ref.jsonl", prompts, batch_size=2, backend=backend)  # static: 1 prompt per batch
+    real, written, handed = gen.SAMPLERS[backend], [], []
 
-    def crash_after_three(*args, **kwargs):
-        calls.append(len(args[1]))
-        if len(calls) > 3:
-            raise KeyboardInterrupt  # as if killed mid-run
-        return real(*args, **kwargs)
+    def crash_after_three(model, items, s):
+        for group in real(model, items, s):
+            if sum(written) >= 3:
+                raise KeyboardInterrupt  # as if killed mid-run
+            written.append(len(group))
+            yield group
 
     out = tmp_path / "r.jsonl"
-    monkeypatch.setattr(gen, "sample_batch", crash_after_three)
+    monkeypatch.setitem(gen.SAMPLERS, backend, crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        run(policy, out, prompts, batch_size=2)
+        run(policy, out, prompts, batch_size=2, backend=backend)
     partial = tmp_path / "r.jsonl.partial"
-    assert not out.exists() and len(read_jsonl(partial)) == 3
+    assert not out.exists() and len(read_jsonl(partial)) == sum(written) >= 3
+    assert not engine_threads()  # the interrupted engine stopped with its consumer
     with open(partial, "a") as f:
         f.write('{"prompt_id": "p0')  # a torn line from the kill
 
-    calls.clear()
-    monkeypatch.setattr(gen, "sample_batch", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
-    rows = run(policy, out, prompts, batch_size=2)
-    assert len(calls) == 5  # only the 5 prompts not done before
+    monkeypatch.setitem(gen.SAMPLERS, backend, lambda model, items, s: handed.extend(items) or real(model, items, s))
+    rows = run(policy, out, prompts, batch_size=2, backend=backend)
+    assert len(handed) == 8 - sum(written)  # only the prompts not done before
     assert rows == expected and not partial.exists()
 
 
-def test_finished_only_when_a_stop_token_is_drawn(policy):
+def greedy(backend: str, model, prompt: list[int], stop: set[int], n: int) -> tuple[list[int], bool]:
+    args = {"max_new_tokens": n, "temperature": 0.0, "top_p": 1.0, "stop_ids": stop}
+    if backend == "static":
+        return gen.sample_batch(model, [prompt], [[torch.Generator()]], pad_id=0, **args)[0][0]
+    return next(iter(sample_continuous(model, [prompt], [[torch.Generator()]], batch_size=2, **args)))[0][1][0]
+
+
+def test_finished_only_when_a_stop_token_is_drawn(policy, backend):
     model, tokenizer = policy
     prompt = chat_ids(tokenizer, [{"role": "user", "content": "hello world"}], True)
-    greedy = lambda stop, n: gen.sample_batch(  # noqa: E731
-        model, [prompt], [[torch.Generator()]], max_new_tokens=n, temperature=0.0, top_p=1.0, stop_ids=stop, pad_id=0)[0][0]
-    tokens, done = greedy(set(), 10)
+    tokens, done = greedy(backend, model, prompt, set(), 10)
     assert len(tokens) == 10 and not done
     stop = tokens[3]
     first = tokens.index(stop)
-    assert greedy({stop}, 10) == (tokens[:first], True)
-    assert greedy({stop}, first) == (tokens[:first], False)  # the limit came first
+    assert greedy(backend, model, prompt, {stop}, 10) == (tokens[:first], True)
+    assert greedy(backend, model, prompt, {stop}, first) == (tokens[:first], False)  # the limit came first
 
 
-def test_tiny_top_p_is_greedy(policy, tmp_path):
+def test_tiny_top_p_is_greedy(policy, tmp_path, backend):
     prompts = make_prompts(3)
-    assert run(policy, tmp_path / "a.jsonl", prompts, top_p=1e-6) == run(policy, tmp_path / "b.jsonl", prompts, temperature=0.0)
+    assert run(policy, tmp_path / "a.jsonl", prompts, top_p=1e-6, backend=backend) == \
+        run(policy, tmp_path / "b.jsonl", prompts, temperature=0.0, backend=backend)
+
+
+def slowed(real, seconds: float):
+    def sampler(model, items, s):
+        for group in real(model, items, s):
+            time.sleep(seconds)
+            yield group
+    return sampler
+
+
+@pytest.mark.parametrize("slow, expected", [("static", "continuous"), ("continuous", "static")])
+def test_auto_measures_both_backends_and_keeps_the_faster(policy, tmp_path, monkeypatch, slow, expected):
+    prompts = make_prompts(8)  # batch_size 2, K 2: a probe of 2 prompts per backend, 4 more sampled by the choice
+    reference = run(policy, tmp_path / "ref.jsonl", prompts, batch_size=2)
+    monkeypatch.setitem(gen.SAMPLERS, slow, slowed(gen.SAMPLERS[slow], 1.0))
+    model, tokenizer = policy
+    metrics = gen.generate_responses(model, tokenizer, prompts, tmp_path / "r.jsonl", num_responses=2, max_new_tokens=12,
+                                     batch_size=2, backend="auto")
+    assert metrics["backend"] == expected
+    assert metrics[f"auto_{slow}_tokens_per_second"] < metrics[f"auto_{expected}_tokens_per_second"]
+    assert read_jsonl(tmp_path / "r.jsonl") == reference
+
+
+def test_auto_without_enough_prompts_or_a_working_engine_samples_static(policy, tmp_path, monkeypatch):
+    model, tokenizer = policy
+    few = gen.generate_responses(model, tokenizer, make_prompts(7), tmp_path / "few.jsonl", num_responses=2,
+                                 max_new_tokens=4, batch_size=2, backend="auto")
+    assert few["backend"] == "static" and "auto_static_tokens_per_second" not in few
+
+    def broken(model, items, s):
+        raise RuntimeError("this engine cannot run this model")
+
+    monkeypatch.setitem(gen.SAMPLERS, "continuous", broken)
+    prompts = make_prompts(8)
+    metrics = gen.generate_responses(model, tokenizer, prompts, tmp_path / "r.jsonl", num_responses=2, max_new_tokens=4,
+                                     batch_size=2, backend="auto")
+    assert metrics["backend"] == "static" and metrics["prompts"] == 8
+    assert read_jsonl(tmp_path / "r.jsonl") == run(policy, tmp_path / "ref.jsonl", prompts, batch_size=2, max_new_tokens=4)
+
+
+def test_unknown_backend_is_refused_before_writing(policy, tmp_path):
+    with pytest.raises(SelfieError, match="unknown backend 'vllm'"):
+        run(policy, tmp_path / "r.jsonl", make_prompts(2), backend="vllm")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_draw_follows_the_distribution():
     logits = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).log()
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.cat([gen._draw(logits, [g], 1.0, 1.0) for _ in range(4000)]), minlength=4) / 4000
+    counts = torch.bincount(torch.cat([gen.draw(logits, [g], 1.0, 1.0) for _ in range(4000)]), minlength=4) / 4000
     assert counts[1] == 0 and torch.allclose(counts, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.03)
-    nucleus = torch.cat([gen._draw(logits, [g], 1.0, 0.65) for _ in range(500)])
+    nucleus = torch.cat([gen.draw(logits, [g], 1.0, 0.65) for _ in range(500)])
     assert set(nucleus.tolist()) == {2, 3}  # 0.6 alone is under 0.65, so 0.3 joins; 0.1 never does
 
 
@@ -132,20 +207,21 @@ def test_draw_follows_the_distribution():
     ({"prompt_id": "b", "prompt": "just text"}, "row 2: key 'prompt' must be"),
     ({"prompt_id": 3, "prompt": [{"role": "user", "content": "x"}]}, "row 2: key 'prompt_id' must be a string"),
 ])
-def test_bad_prompt_rows_are_refused_before_writing(policy, tmp_path, bad, message):
+def test_bad_prompt_rows_are_refused_before_writing(policy, tmp_path, bad, message, backend):
     with pytest.raises(SelfieError, match=message):
-        run(policy, tmp_path / "r.jsonl", make_prompts(1) + [bad])
+        run(policy, tmp_path / "r.jsonl", make_prompts(1) + [bad], backend=backend)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
-def test_smollm2_batch_size_does_not_change_the_text(tmp_path):
+def test_smollm2_batch_size_does_not_change_the_text(tmp_path, backend):
     """Real model, float32: batch 1 and batch 4 (different padding and batch shapes) give the same samples."""
     policy = load_policy("smollm2-135m", None, "float32")
     questions = ["Say hello.", "Write a haiku about autumn.", "Give me two tips for sleeping better.", "What is 2 + 2?"]
     prompts = [{"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": q}]} for i, q in enumerate(questions)]
-    one = run(policy, tmp_path / "1.jsonl", prompts, batch_size=1, max_new_tokens=24)
-    four = run(policy, tmp_path / "4.jsonl", random.Random(0).sample(prompts, 4), batch_size=4, max_new_tokens=24)
+    one = run(policy, tmp_path / "1.jsonl", prompts, batch_size=1, max_new_tokens=24, backend=backend)
+    four = run(policy, tmp_path / "4.jsonl", random.Random(0).sample(prompts, 4), batch_size=4, max_new_tokens=24,
+               backend=backend)
     assert one == four, json.dumps([one, four], indent=1)
     finished = [f for row in one for f in row["finished"]]
     assert any(finished) and not all(finished)  # both ways of ending are exercised
@@ -161,7 +237,7 @@ def test_cli_samples_a_prompt_file(tiny_model, tmp_path):
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in make_prompts(3)))
     cli("--model", tiny_model, "--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "r.jsonl"),
         "--num-responses", "3", "--max-new-tokens", "5", "--temperature", "0.9", "--top-p", "0.9", "--seed", "1",
-        "--batch-size", "2", "--dtype", "float32")
+        "--batch-size", "2", "--dtype", "float32", "--backend", "continuous")
     rows = read_jsonl(tmp_path / "r.jsonl")
     assert [r["prompt_id"] for r in rows] == ["p00", "p01", "p02"] and all(len(r["responses"]) == 3 for r in rows)
 

@@ -13,16 +13,17 @@ from selfie.models import load_model
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("lam", [None, 0.5])
-def test_tiled_projection_equals_log_softmax(monkeypatch, bias, softcap, lam):
+@pytest.mark.parametrize("weights", [(1.0,), (1.5, -0.5), (0.5, 0.25)])
+def test_tiled_projection_equals_log_softmax(monkeypatch, bias, softcap, weights):
     """Several position blocks and vocabulary tiles (the last one ragged) give log_softmax's values, for a model's own
-    logits (one term) and for DND's extrapolation (1 + lambda) h_policy - lambda h_reference (two terms)."""
+    logits (one term), for DND's extrapolation (1 + lambda) h_policy - lambda h_reference (two terms, lambda 0.5) and
+    for weights that do not sum to 1 (uncapped terms are mixed before one projection: the bias must scale with them)."""
     monkeypatch.setattr(projection, "PROJECTION_ELEMENTS", 7 * 13)
     monkeypatch.setattr(projection, "POSITION_BLOCK", 7)
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 300, bias=bias)
     policy, reference, targets = torch.randn(23, 16) * 4, torch.randn(23, 16) * 4, torch.randint(0, 300, (23,))
-    terms = [(1.0, policy)] if lam is None else [(1 + lam, policy), (-lam, reference)]
+    terms = list(zip(weights, (policy, reference)))
 
     def capped(h: torch.Tensor) -> torch.Tensor:
         logits = head(h).double()
