@@ -20,8 +20,9 @@ from benchlib import bench_model, device, end_responses_after
 
 import selfie.continuous as continuous
 from selfie.data import load_prompts
-from selfie.generate import SAMPLERS, Sampling, chat_ids, stop_token_ids
+from selfie.generate import SAMPLERS, Sampling
 from selfie.models import load_model, load_tokenizer
+from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
 
 def timed(backend: str, model, items, s: Sampling) -> str:
@@ -45,7 +46,7 @@ def main() -> None:
     prompts = load_prompts("demo")[:64]
     end_responses_after(model, tokenizer.eos_token_id, 128, torch.tensor([chat_ids(tokenizer, prompts[0]["prompt"], True)]), 0.7)
     items = [(chat_ids(tokenizer, row["prompt"], True), row) for row in prompts]
-    s = Sampling(2, 128, 0.7, 1.0, 0, 64, stop_token_ids(model, tokenizer), tokenizer.pad_token_id, torch.device(device()))
+    s = Sampling(2, 128, 0.7, 1.0, 0, 64, stop_token_ids(model, tokenizer), pad_token_id(tokenizer), torch.device(device()))
     for attention in ("eager", "sdpa", "eager"):
         continuous.ENGINE_ATTENTION = attention
         print(f"continuous paged {attention}: {timed('continuous', model, items, s)}", flush=True)

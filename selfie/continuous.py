@@ -20,7 +20,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-from peft import PeftModel
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cb_logits_processors import (
@@ -30,6 +29,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 
 from selfie.errors import SelfieError
 from selfie.generate import draw
+from selfie.models import unwrap_peft
 
 PAGE_SIZE = 64  # tokens per cache page: small pages waste little on short responses
 # Without flash attention the engine attends each query over the whole batch's gathered KV under a mask. Through SDPA
@@ -89,11 +89,6 @@ def engine_config(prompts: list[list[int]], num_responses: int, max_new_tokens: 
         use_cuda_graph=False, use_async_batching=False, seed=0)
 
 
-def _engine_model(model: PreTrainedModel) -> PreTrainedModel:
-    """The transformers model the engine drives; a PEFT model's LoRA layers live inside it and stay active."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
 def sample_continuous(
     model: PreTrainedModel, prompts: list[list[int]], generators: list[list[torch.Generator]], *, max_new_tokens: int,
     temperature: float, top_p: float, stop_ids: set[int], batch_size: int,
@@ -102,7 +97,7 @@ def sample_continuous(
     (p, [(token ids without the stop token, finished)] in k order). Close the iterator to stop the engine early."""
     sampler = SeededSampler(temperature, top_p)
     generation = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids))
-    engine = _engine_model(model)
+    engine = unwrap_peft(model)  # the transformers model the engine drives; a PEFT model's LoRA layers stay active in it
     device, attention = engine.device, engine.config._attn_implementation
     # The engine seeds the global RNG when it starts; fork it so the caller's random stream is left as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
