@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--edit-prompts", type=int, default=EDIT_PROMPTS, help="prompts each edit generates its data from")
     parser.add_argument("--rahf-steps", type=int, default=None, help="RAHF optimizer steps (default: init.steps' default)")
+    parser.add_argument("--edit-spa", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the two SPA iterations on the edited model (about 25 minutes on 2 quiet cores)")
     parser.set_defaults(**SIZES)
     args = parse_args(parser, QUICK)
     work = Path(args.work) / ("quick" if args.quick else "full")
@@ -201,21 +203,22 @@ def main() -> None:
     print(f"written to {docs_dir()}")
 
 
-def fixed_alignez(alignez: dict, seed_run: Path, work: Path) -> Path:
-    """The AlignEZ edit with the paper's fixed settings (no held-out choice), from the init stage's own data."""
-    model_dir = work / "alignez-fixed" / "model"
-    data = work_dir_for(model_dir)
-    if not data.exists():
-        shutil.copytree(work_dir_for(seed_run / "init" / "model"), data)
-    return build_edited_model(load_init({**alignez, **FIXED}), "smollm2-135m", model_dir, seed=42)
+def build_edit(name: str, init: dict, work: Path, data_from: Path | None = None) -> Path:
+    """An edited model in work/NAME/model; `data_from`: an edited model whose self-generated data to start from."""
+    model_dir = work / name / "model"
+    if data_from is not None and not work_dir_for(model_dir).exists():
+        shutil.copytree(work_dir_for(data_from), work_dir_for(model_dir))  # reused only where the settings match
+    return build_edited_model(load_init(init), "smollm2-135m", model_dir, seed=42)
 
 
 def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge, counterparts: dict[str, dict]) -> dict:
     """AlignEZ and RAHF arms, each paired with its unedited counterpart, with what each edit chose and measured.
 
-    Both edits draw their self-generated data from demo prompts outside the held-out set. AlignEZ is built by the
-    init stage of a run that then trains the seed (gold labels of the edited model's own samples, as for seed-only
-    DPO) and continues with SPA; RAHF is built on its own.
+    Both edits draw their self-generated data from demo prompts outside the held-out set. The AlignEZ edit is made
+    twice from the same data: with the held-out choice (the default) and forced to the paper's fixed settings. The
+    arms that train on an edited model start from the held-out choice, or from the forced edit when the choice was
+    to leave the model unedited (training on it would repeat the unedited arms): the seed stage (gold labels of the
+    edited model's own samples, as for seed-only DPO), then SPA iterations.
     """
     pool = work / "edit_prompts.jsonl"
     held_ids = {row["prompt_id"] for row in held_out}
@@ -223,33 +226,40 @@ def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge,
     common = {"prompts": str(pool), "num_prompts": args.edit_prompts, "max_new_tokens_resp": args.max_new_tokens,
               "batch_size": 16, "dtype": "float32"}
     alignez = {"method": "alignez", **common, "max_new_tokens_char": 40}
-    seed_run, seed_seconds = run(recipe(args, work, "alignez-seed", init=alignez))
-    spa_run, spa_seconds = run(recipe(args, work, "alignez-spa", init=alignez, num_iterations=2,
-                                      judge=label_rules(EDITED_CONFIG)), seed_run)
-    rahf = {"method": "rahf", **common, **({"steps": args.rahf_steps} if args.rahf_steps else {})}
-    rahf_model = build_edited_model(load_init(rahf), "smollm2-135m", work / "rahf" / "model", seed=42)
-    edited = str(seed_run / "init" / "model")
-    fixed = fixed_alignez(alignez, seed_run, work)
+    chosen = build_edit("alignez", alignez, work)
+    forced = build_edit("alignez-fixed", {**alignez, **FIXED}, work, data_from=chosen)
+    rahf = build_edit("rahf", {"method": "rahf", **common, **({"steps": args.rahf_steps} if args.rahf_steps else {})}, work)
+    trained = chosen if read_json(chosen / EDIT_FILE)["result"]["layers"] else forced
+    start = "held-out choice" if trained == chosen else f"forced, {FIXED['n_layers']} layers, alpha {FIXED['alpha']}"
+    seed_run, seed_seconds = run(recipe(args, work, f"{trained.parent.name}-seed", model={"name": str(trained)}))
     arms = {  # name: (evaluation, counterpart)
-        "AlignEZ-edited, shipped": (evaluate(work, "alignez-shipped", None, held_out, args, judge, edited), "shipped"),
-        f"AlignEZ forced ({FIXED['n_layers']} layers, alpha {FIXED['alpha']}), shipped": (
-            evaluate(work, "alignez-fixed-shipped", None, held_out, args, judge, str(fixed)), "shipped"),
-        "RAHF-edited, shipped": (evaluate(work, "rahf-shipped", None, held_out, args, judge, str(rahf_model)), "shipped"),
-        "AlignEZ init + seed-only DPO": (evaluate(work, "alignez-seed-only", seed_run / "iter_000" / "adapter", held_out, args,
-                                                  judge, edited), "seed-only DPO"),
-        **{f"AlignEZ init + SPA {t}": (evaluate(work, f"alignez-spa-{t}", spa_run / f"iter_{t:03d}" / "adapter", held_out, args,
-                                                judge, edited), f"SPA {t} ({EDITED_CONFIG})") for t in (1, 2)},
+        "AlignEZ (held-out choice), shipped": (evaluate(work, "alignez-shipped", None, held_out, args, judge, str(chosen)),
+                                               "shipped"),
+        f"AlignEZ (forced, {FIXED['n_layers']} layers, alpha {FIXED['alpha']}), shipped": (
+            evaluate(work, "alignez-fixed-shipped", None, held_out, args, judge, str(forced)), "shipped"),
+        "RAHF, shipped": (evaluate(work, "rahf-shipped", None, held_out, args, judge, str(rahf)), "shipped"),
+        f"AlignEZ ({start}) init + seed-only DPO": (
+            evaluate(work, f"{trained.parent.name}-seed-only", seed_run / "iter_000" / "adapter", held_out, args, judge,
+                     str(trained)), "seed-only DPO"),
     }
+    minutes = {"edited seed run": seed_seconds / 60}
+    if args.edit_spa:
+        spa_run, spa_seconds = run(recipe(args, work, f"{trained.parent.name}-spa", model={"name": str(trained)},
+                                          num_iterations=2, judge=label_rules(EDITED_CONFIG)), seed_run)
+        minutes["edited SPA, 2 iterations"] = spa_seconds / 60
+        for t in (1, 2):
+            arms[f"AlignEZ ({start}) init + SPA {t}"] = (
+                evaluate(work, f"{trained.parent.name}-spa-{t}", spa_run / f"iter_{t:03d}" / "adapter", held_out, args,
+                         judge, str(trained)), f"SPA {t} ({EDITED_CONFIG})")
     rows = {}
     for name, (arm, counterpart) in arms.items():
         scores = np.asarray(arm["scores"])
         rows[name] = {"score_mean": float(scores.mean()), "ci95": bootstrap_ci(scores, args.n_boot, 0),
                       "length_mean": float(np.mean(arm["lengths"])), "counterpart": counterpart,
                       "vs_counterpart": paired(arm, counterparts[counterpart], args.n_boot)}
-    return {"arms": rows, "edit_prompts": args.edit_prompts, "alignez": read_json(seed_run / "init" / "model" / EDIT_FILE),
-            "alignez_forced": read_json(fixed / EDIT_FILE),
-            "rahf": read_json(rahf_model / EDIT_FILE),
-            "minutes": {"alignez init + seed": seed_seconds / 60, "alignez SPA 2 iterations": spa_seconds / 60}}
+    return {"arms": rows, "edit_prompts": args.edit_prompts, "edit_spa": args.edit_spa,
+            **{key: read_json(path / EDIT_FILE) for key, path in (("alignez", chosen), ("alignez_forced", forced), ("rahf", rahf))},
+            "minutes": minutes}
 
 
 def _ci(ci: list[float], digits: int = 4) -> str:
@@ -337,6 +347,7 @@ def edit_report(results: dict) -> str:
         f"of the y+ vs y- direction (median {np.median(agree['separating']):.2f}, max {max(agree['separating']):.2f}).",
         f"- Forced AlignEZ ({FIXED['n_layers']} layers, alpha {FIXED['alpha']}): layers {f['layers']}, rules {f['rule']}, held-out "
         f"margin {f['held_out_margin']['unedited']} -> {f['held_out_margin']['edited']} nats, KL estimate {f['kl']} nats/token.",
+        *([] if e["edit_spa"] else ["- The SPA iterations on the edited model were not run in this run (`--no-edit-spa`)."]),
         f"- RAHF: {r['examples']} training and {r['held_out_examples']} held-out responses, target layers {r['target_layers']}; "
         f"held-out representation loss {loss['before']} -> {loss['after']}; training loss by tenths of the steps {r['loss_curve']}.",
     ]
