@@ -30,7 +30,26 @@ def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
 
 
 POSITIVE = ((lambda v: v > 0), "> 0")
+NON_NEGATIVE = _at_least(0)
 FRACTION = ((lambda v: 0 <= v < 1), "a fraction in [0, 1)")
+
+
+def cli_number(kind: type, rule: tuple[Callable[[Any], bool], str]) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` within a range rule (the rules recipe keys use), else a usage error."""
+    import argparse
+
+    ok, expected = rule
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
 
 
 class Ranged:
@@ -151,6 +170,7 @@ class TrainConfig(Ranged):
     save_steps: int = 50
     logging_steps: int = 1
     adapter_mode: str = "continue"  # continue one adapter across iterations, or "merge" and start fresh
+    keep_checkpoints: bool = False  # keep iter_t/checkpoints once the stage's adapter is recorded (else deleted)
 
 
 @dataclass
@@ -192,7 +212,11 @@ class RecipeConfig:
 
 
 # Keys whose change does not alter a run's results; a resumed run may differ in these.
-HARMLESS_KEYS = frozenset({"report_to", "run_name", "train.logging_steps", "train.save_steps", "generate.batch_size", "judge.token_budget"})
+HARMLESS_KEYS = frozenset({"report_to", "run_name", "train.logging_steps", "train.save_steps", "generate.batch_size", "judge.token_budget",
+                           "train.keep_checkpoints"})
+# Where the run lives, not what it computes: a moved run directory resumes. Hashes written before it was left out
+# still count it (selfie/rundir.py::made_with accepts them).
+LOCATION_KEYS = frozenset({"output_dir"})
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -287,7 +311,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise SelfieError(f"override --{key} has no value")
             value = args[i + 1]
             i += 1
-        _set_dotted(tree, key.replace("-", "_"), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise SelfieError(f"override --{key}: not a YAML value ({str(e).splitlines()[0]})") from None
+        _set_dotted(tree, key.replace("-", "_"), parsed)
         i += 1
     return tree
 
@@ -330,15 +358,21 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_hash(config: RecipeConfig) -> str:
-    """Hash of everything that changes results (HARMLESS_KEYS left out)."""
-    flat = {k: v for k, v in flatten(to_dict(config)).items() if k not in HARMLESS_KEYS}
+def config_hash(config: RecipeConfig, leave_out: frozenset[str] = HARMLESS_KEYS | LOCATION_KEYS) -> str:
+    """Hash of everything that changes results (HARMLESS_KEYS and LOCATION_KEYS left out)."""
+    flat = {k: v for k, v in flatten(to_dict(config)).items() if k not in leave_out}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def differing_keys(a: RecipeConfig, b: RecipeConfig) -> list[str]:
+def changed_values(a: RecipeConfig, b: RecipeConfig) -> dict[str, list[Any]]:
+    """{key: [value in a, value in b]} of every results-changing key where they differ."""
     fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in HARMLESS_KEYS)
+    return {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and k not in HARMLESS_KEYS | LOCATION_KEYS}
+
+
+def differing_keys(a: RecipeConfig, b: RecipeConfig) -> list[str]:
+    return list(changed_values(a, b))
 
 
 def dump_recipe(config: RecipeConfig) -> str:

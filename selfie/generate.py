@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.errors import SelfieError
-from selfie.io import ResumableJsonl, atomic_write_jsonl, read_jsonl
+from selfie.io import ResumableJsonl, atomic_write_jsonl, check_writable, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -211,28 +211,41 @@ def generate_responses(
     return metrics
 
 
+def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """--max-new-tokens, --temperature, --top-p, --batch-size, in the ranges the recipe's generate: keys have."""
+    from selfie.config import GenerateConfig, cli_number
+
+    ranges = GenerateConfig.RANGES
+    parser.add_argument("--max-new-tokens", type=cli_number(int, ranges["max_new_tokens"]), default=max_new_tokens)
+    parser.add_argument("--temperature", type=cli_number(float, ranges["temperature"]), default=0.7, help="0 = greedy")
+    parser.add_argument("--top-p", type=cli_number(float, ranges["top_p"]), default=1.0)
+    parser.add_argument("--batch-size", type=cli_number(int, ranges["batch_size"]), default=8, help="sequences decoded together")
+
+
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
+    from selfie.config import POSITIVE, cli_number
+
     parser.add_argument("--model", required=True, help="hub id, local directory, .gguf file or built-in alias")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory to sample from (default: the bare model)")
     parser.add_argument("--prompts", required=True, help=".jsonl/.json/.parquet file, saved dataset dir, hub id or 'demo'")
     parser.add_argument("--output", required=True, help="responses.jsonl to write")
-    parser.add_argument("--num-responses", type=int, default=2, help="responses per prompt (K)")
-    parser.add_argument("--max-new-tokens", type=int, default=300)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--num-responses", type=cli_number(int, POSITIVE), default=2, help="responses per prompt (K)")
+    add_sampling_args(parser, max_new_tokens=300)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
 
 
 def run_generate_command(args: argparse.Namespace) -> None:
     from selfie.data import load_prompts
     from selfie.models import load_policy
+    from selfie.rundir import output_lock
 
+    check_writable(args.output, directory=False)
     prompts = load_prompts(args.prompts)
-    model, tokenizer = load_policy(args.model, args.adapter, args.dtype)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    generate_responses(model, tokenizer, prompts, args.output, num_responses=args.num_responses,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed, batch_size=args.batch_size)
+    with output_lock(args.output):
+        model, tokenizer = load_policy(args.model, args.adapter, args.dtype)
+        if torch.cuda.is_available():
+            model.to("cuda")
+        generate_responses(model, tokenizer, prompts, args.output, num_responses=args.num_responses,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           seed=args.seed, batch_size=args.batch_size)

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.errors import SelfieError
 from selfie.generate import chat_ids, check_prompt_rows, select_shard, stop_token_ids
-from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from selfie.io import atomic_write_json, atomic_write_jsonl, check_writable, read_jsonl
 from selfie.pairs import TRUNCATION_POLICIES, PairRules, select_pairs
 
 logger = logging.getLogger(__name__)
@@ -268,41 +268,47 @@ def judge_responses(
 
 
 def add_judge_args(parser: argparse.ArgumentParser) -> None:
-    from selfie.config import JudgeConfig
+    from selfie.config import POSITIVE, JudgeConfig, cli_number
 
-    defaults = JudgeConfig()  # the recipe's defaults, so `selfie judge` labels as `selfie run` does
+    defaults, ranges = JudgeConfig(), JudgeConfig.RANGES  # the recipe's defaults and ranges, so `selfie judge` labels as `selfie run` does
     parser.add_argument("--model", required=True, help="the initial model pi_init (also the judge reference)")
     parser.add_argument("--adapter", required=True, help="PEFT adapter of the policy that generated the responses")
     parser.add_argument("--responses", required=True, help="responses.jsonl from `selfie generate`")
     parser.add_argument("--output", required=True, help="judgments.jsonl to write")
     parser.add_argument("--pairs", default=None, help="pairs.jsonl to write (TRL conversational preference format)")
-    parser.add_argument("--beta", type=float, default=defaults.beta)
+    parser.add_argument("--beta", type=cli_number(float, POSITIVE), default=defaults.beta)
     parser.add_argument("--length-normalize", action="store_true", help="divide log-probs by the response length")
     parser.add_argument("--truncated", choices=TRUNCATION_POLICIES, default=defaults.truncated,
                         help="a response cut at the length limit: never chosen (drop), scored minus --truncation-penalty "
                              "(penalize), or like any other (keep)")
-    parser.add_argument("--truncation-penalty", type=float, default=defaults.truncation_penalty)
+    parser.add_argument("--truncation-penalty", type=cli_number(float, ranges["truncation_penalty"]), default=defaults.truncation_penalty)
     parser.add_argument("--length-penalty", default=str(defaults.length_penalty),
                         help="alpha per response token subtracted from the reward, or 'auto'")
-    parser.add_argument("--token-budget", type=int, default=defaults.token_budget, help="padded tokens per batch")
+    parser.add_argument("--token-budget", type=cli_number(int, ranges["token_budget"]), default=defaults.token_budget,
+                        help="padded tokens per batch")
     parser.add_argument("--metrics", default=None, help="write the metrics as JSON here")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
 
 
 def run_judge_command(args: argparse.Namespace) -> None:
     from selfie.models import load_policy
+    from selfie.rundir import output_lock
 
     rules = rules_from_args(args)  # bad values fail before the model loads
+    for output in (args.output, args.pairs, args.metrics):
+        if output:
+            check_writable(output, directory=False)
     responses = read_jsonl(args.responses)
     check_response_rows(responses, str(args.responses))
-    policy, tokenizer = load_policy(args.model, args.adapter, args.dtype)
-    if torch.cuda.is_available():
-        policy.to("cuda")
-    metrics = judge_responses(policy, tokenizer, responses, args.output, args.pairs, beta=args.beta,
-                              length_normalize=args.length_normalize, rules=rules,
-                              token_budget=args.token_budget)
-    if args.metrics:
-        atomic_write_json(args.metrics, metrics)
+    with output_lock(args.output):
+        policy, tokenizer = load_policy(args.model, args.adapter, args.dtype)
+        if torch.cuda.is_available():
+            policy.to("cuda")
+        metrics = judge_responses(policy, tokenizer, responses, args.output, args.pairs, beta=args.beta,
+                                  length_normalize=args.length_normalize, rules=rules,
+                                  token_budget=args.token_budget)
+        if args.metrics:
+            atomic_write_json(args.metrics, metrics)
 
 
 def rules_from_args(args: argparse.Namespace) -> PairRules:

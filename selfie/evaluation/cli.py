@@ -7,21 +7,23 @@ from pathlib import Path
 
 
 def _common(p: argparse.ArgumentParser, prompts: bool = True) -> None:
+    from selfie.config import NON_NEGATIVE, POSITIVE, cli_number
+    from selfie.generate import add_sampling_args
+
     p.add_argument("--judge", required=True, help="reward-model:PATH | callable:module:function | implicit:MODEL@ADAPTER[?beta=B]")
     p.add_argument("--output", required=True, help="directory for report.json, report.md, report.png")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the 95%% interval")
+    p.add_argument("--n-boot", type=cli_number(int, POSITIVE), default=2000, help="bootstrap resamples for the 95%% interval")
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
     if prompts:
         p.add_argument("--split", default="train", help="split for hub / saved datasets")
-        p.add_argument("--num-prompts", type=int, default=32, help="first N prompts (0 = all)")
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
+        p.add_argument("--num-prompts", type=cli_number(int, NON_NEGATIVE), default=32, help="first N prompts (0 = all)")
+        add_sampling_args(p, max_new_tokens=256)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    from selfie.config import NON_NEGATIVE, cli_number
+
     sub = parser.add_subparsers(dest="eval_command", required=True)
     win = sub.add_parser("winrate", help="win rate of model A over model B on held-out prompts")
     _common(win)
@@ -35,7 +37,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     _common(acc, prompts=False)
     acc.add_argument("--preferences", required=True, help="preference source: file, saved dataset dir, hub id or 'demo'")
     acc.add_argument("--split", default="train")
-    acc.add_argument("--num-pairs", type=int, default=0, help="first N pairs (0 = all)")
+    acc.add_argument("--num-pairs", type=cli_number(int, NON_NEGATIVE), default=0, help="first N pairs (0 = all)")
 
     run = sub.add_parser("run", help="mean judge score of every iteration of a run directory")
     run.add_argument("run_dir")
@@ -49,12 +51,21 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def run_eval_command(args: argparse.Namespace) -> None:
+    from selfie.evaluation.report import write_report
+    from selfie.io import check_writable
+    from selfie.rundir import output_lock
+
+    output = Path(args.output)
+    check_writable(output, directory=True)
+    with output_lock(output):
+        write_report(output, _report(args, output))
+
+
+def _report(args: argparse.Namespace, output: Path) -> dict:
     from selfie.evaluation.compare import INIT, compare_models, eval_prompts, iteration_label, run_models, run_scores
     from selfie.evaluation.judges import load_judge
     from selfie.evaluation.labels import judge_accuracy
-    from selfie.evaluation.report import write_report
 
-    output = Path(args.output)
     common = {"kind": args.eval_command, "judge": args.judge}
     # Inputs are read before the judge loads, so a bad file fails fast.
     if args.eval_command == "accuracy":
@@ -78,4 +89,4 @@ def run_eval_command(args: argparse.Namespace) -> None:
         scores = run_scores(args.run_dir, judge, prompts, output_dir=output, **_sampling(args))
         rows = [{"iteration": it, "label": iteration_label(it), **s} for it, s in scores.items()]
         report = {**common, "run_dir": str(args.run_dir), "prompts": source, "init_key": INIT, "rows": rows}
-    write_report(output, report)
+    return report

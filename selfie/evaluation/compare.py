@@ -163,11 +163,8 @@ def _baseline_adapter(baseline: str, adapter: Path) -> Path | None:
     return None
 
 
-def evaluate_iteration(eval_cfg: dict, pi_init: str, adapter: Path, config: RecipeConfig) -> dict:
-    """The loop's eval stage: the iteration's policy against a baseline on held-out prompts, scored by eval.judge.
-
-    Responses and per-prompt scores are kept in RUN/iter_XXX/eval/ for inspection.
-    """
+def eval_settings(eval_cfg: dict) -> dict:
+    """The recipe's `eval:` mapping with its defaults; an unknown key, no judge or an unknown baseline is an error."""
     unknown = sorted(set(eval_cfg) - set(EVAL_DEFAULTS))
     if unknown:
         raise SelfieError(f"unknown recipe key 'eval.{unknown[0]}' (known: {', '.join(EVAL_DEFAULTS)})")
@@ -176,6 +173,15 @@ def evaluate_iteration(eval_cfg: dict, pi_init: str, adapter: Path, config: Reci
         raise SelfieError("recipe key 'eval.judge' is required when 'eval' is set (e.g. reward-model:PATH)")
     if cfg["baseline"] not in BASELINES:
         raise SelfieError(f"recipe key 'eval.baseline': unknown baseline '{cfg['baseline']}' ({', '.join(BASELINES)})")
+    return cfg
+
+
+def evaluate_iteration(eval_cfg: dict, pi_init: str, adapter: Path, config: RecipeConfig) -> dict:
+    """The loop's eval stage: the iteration's policy against a baseline on held-out prompts, scored by eval.judge.
+
+    Responses and per-prompt scores are kept in RUN/iter_XXX/eval/ for inspection.
+    """
+    cfg = eval_settings(eval_cfg)
     start = time.perf_counter()
     adapter = Path(adapter)
     prompts = eval_prompts(cfg["prompts"], cfg["split"] or config.data.split, cfg["num_prompts"], config)
