@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ import yaml
 
 from selfie.config import HARMLESS_KEYS, RecipeConfig, _build, changed_values, config_hash, dump_recipe
 from selfie.errors import SelfieError
-from selfie.io import TMP_SUFFIX, atomic_write_json, atomic_write_text, count_lines, file_sha256, read_json
+from selfie.io import TMP_SUFFIX, atomic_write_text, count_lines, file_sha256, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.path, {"config_hash": self.config_hash, "config_history": self.config_history, "stages": self.stages})
+        _write_if_changed(self.path, json.dumps({"config_hash": self.config_hash, "config_history": self.config_history,
+                                                 "stages": self.stages}, indent=2) + "\n")
 
     def verify(self, record_new: bool = True) -> int:
         """Check every recorded artifact against its checksum, stopping at the first that is missing or changed.
@@ -146,6 +148,12 @@ class Manifest:
 
     def next_stage(self, plan: list[tuple[int, str]]) -> tuple[int, str] | None:
         return next((step for step in plan if not self.is_done(*step)), None)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomically, and only when the text differs: resuming a finished run touches nothing."""
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
 
 
 # ---- opening a run --------------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def open_run(run_dir: Path, config: RecipeConfig, force: bool) -> Manifest:
     if first_seen:
         logger.info("%s: recorded the checksums of %d artifacts made before the manifest kept them", manifest.path, first_seen)
     manifest.save()
-    atomic_write_text(run_dir / "config.yaml", dump_recipe(config))
+    _write_if_changed(run_dir / "config.yaml", dump_recipe(config))
     for path in remove_leftovers(run_dir):
         logger.info("removed %s, left by a killed run", path)
     drop_checkpoints(run_dir, manifest, config.train.keep_checkpoints)
