@@ -164,16 +164,10 @@ def bad_input_lines(directory: Path) -> list[tuple[str, str, str]]:
     import io
 
     from selfie.cli import main
-    from test_loop import write_inputs, write_recipe
-    from test_preflight import CASES, JUDGES, with_paths
+    from test_preflight import CASES, make_inputs, with_paths
     from tiny import build_tiny_model
 
-    prompts, seed = write_inputs(directory)
-    inputs = {"recipe": write_recipe(directory, str(build_tiny_model(directory / "model")), prompts, seed),
-              "prompts": prompts, "bad": directory / "bad.jsonl", "dir": directory}
-    inputs["bad"].write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]) + "{not json\n")
-    (directory / "preflight_judges.py").write_text(JUDGES)
-    (directory / "a-file").write_text("not a directory")
+    inputs = make_inputs(directory, str(build_tiny_model(directory / "model")))
     sys.path.insert(0, str(directory))
     lines = []
     for case, (overrides, _) in CASES.items():

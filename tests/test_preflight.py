@@ -19,16 +19,19 @@ def length(prompt, response):
 '''
 
 
-@pytest.fixture(scope="module")
-def inputs(tiny_model, tmp_path_factory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("preflight")
+def make_inputs(directory: Path, model: str) -> dict[str, Path]:
+    """The loop tests' recipe and inputs, a malformed prompt file, a judge module and a file where a directory goes."""
     prompts, seed = write_inputs(directory)
     bad = directory / "bad.jsonl"
     bad.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]) + "{not json\n")
     (directory / "preflight_judges.py").write_text(JUDGES)
     (directory / "a-file").write_text("not a directory")
-    return {"recipe": write_recipe(directory, tiny_model, prompts, seed), "prompts": prompts, "bad": bad,
-            "dir": directory}
+    return {"recipe": write_recipe(directory, model, prompts, seed), "prompts": prompts, "bad": bad, "dir": directory}
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    return make_inputs(tmp_path_factory.mktemp("preflight"), tiny_model)
 
 
 def run(inputs: dict, run_dir: Path, overrides: list[str], capsys, dry_run: bool) -> tuple[int, str, str]:
