@@ -1,7 +1,8 @@
 """Kill a tiny `selfie run` with SIGKILL at random points, run it again, and compare with an uninterrupted run.
 
 A trial starts a run in a fresh directory and kills it a random time after it has taken its run directory
-(uniform over what is left of an uninterrupted run's time), runs it again and kills it again, up to 4 times, then
+(uniform over what is left of the run's expected time: an uninterrupted run's at first, then averaged with
+what each trial took), runs it again and kills it again, up to 4 times, then
 lets the last rerun finish: that is the resume. The trial passes when every artifact (responses, judgments, pairs)
 is byte-identical to the uninterrupted run's, every adapter has exactly its weights, and nothing a killed run
 left behind (temporary files, partial checkpoints) remains. A kill "landed" when the process was still running
@@ -91,17 +92,20 @@ def next_stage(run_dir: Path, steps: list[tuple[int, str]]) -> str:
     return "after the last stage" if following is None else f"iteration {following[0]} {following[1]}"
 
 
-def trial(recipe: Path, reference: Path, run_dir: Path, window: float, rng: random.Random, max_kills: int) -> Trial:
+def trial(recipe: Path, reference: Path, run_dir: Path, window: float, rng: random.Random, max_kills: int) -> tuple[Trial, float]:
     """Kill, rerun, kill... (at most `max_kills` landed kills), then let the rerun finish; compare with `reference`.
-    Each kill falls uniformly in what is left of the run's window (at least a tenth of it)."""
+    Each kill falls uniformly in what is left of `window`, the run's expected time (at least a tenth of it).
+    Returns the trial and this trial's estimate of the run's time (killed time + the last run's): the machine's
+    load changes, and a window too long makes kills come after the run has ended."""
     steps = plan(load_recipe(recipe, ["--output_dir", str(run_dir)]))
     result, progress = Trial(), 0.0
     while True:
         proc = start(recipe, run_dir)
-        if wait_until_started(proc, run_dir) and len(result.kills) < max_kills:
+        started = wait_until_started(proc, run_dir)
+        began = time.perf_counter()
+        if started and len(result.kills) < max_kills:
             delay = rng.uniform(0, max(window - progress, window / 10))
-            deadline = time.perf_counter() + delay
-            while proc.poll() is None and time.perf_counter() < deadline:
+            while proc.poll() is None and time.perf_counter() < began + delay:
                 time.sleep(0.002)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGSTOP)  # frozen: what is on disk now is what the kill leaves
@@ -116,7 +120,7 @@ def trial(recipe: Path, reference: Path, run_dir: Path, window: float, rng: rand
         finished(proc)
         break
     result.differences = compare(reference, run_dir, load_recipe(recipe).num_iterations)
-    return result
+    return result, progress + time.perf_counter() - began
 
 
 def compare(reference: Path, run_dir: Path, iterations: int) -> list[str]:
@@ -150,8 +154,9 @@ def torture(directory: Path, trials: int, seed: int, max_kills: int = 4, min_kil
     window = uninterrupted(recipe, directory / "reference")
     rng, results = random.Random(seed), []
     while len(results) < trials or sum(len(r.kills) for r in results) < min_kills:
-        run_dir = directory / f"trial{len(results):03d}"
-        results.append(trial(recipe, directory / "reference", run_dir, window, rng, max_kills))
+        result, estimate = trial(recipe, directory / "reference", directory / f"trial{len(results):03d}", window, rng, max_kills)
+        results.append(result)
+        window = (window + estimate) / 2  # follow the machine's load
     return results, window
 
 
@@ -189,8 +194,8 @@ def torture_table(results: list[Trial], window: float, seed: int, seconds: float
     kills = [where for r in results for where in r.kills]
     by_stage = Counter(kills)
     lines = [f"Measured by `python scripts/torture.py --trials {len(results)} --seed {seed}` "
-             f"({time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min; {window:.1f} s from taking its run directory to the end "
-             "in the uninterrupted run; up to 4 kills a trial):", "",
+             f"({time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min; a run took about {window:.1f} s from taking its run "
+             "directory to the end; up to 4 kills a trial):", "",
              "| trials | kills that landed | kills drawn after the run had ended | identical resumes |", "|---|---|---|---|",
              f"| {len(results)} | {len(kills)} | {sum(r.missed for r in results)} | "
              f"{sum(r.identical for r in results)} of {len(results)} |", "", "Where the kills landed (the stage the manifest "
