@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
-from selfie.errors import SelfieError
+from selfie.errors import SelfieError, os_error_line
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other selfie error (the usage is one `-h` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} -h)\n")
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> None:
     from selfie.config import load_recipe
+
+    config = load_recipe(args.recipe, overrides)
+    if args.dry_run:
+        from selfie.preflight import dry_run
+
+        print(dry_run(config, args.force))
+        return
     from selfie.loop import run_loop
 
-    table = run_loop(load_recipe(args.recipe, overrides), force=args.force)
+    table = run_loop(config, force=args.force)
     if table:
         print(table)
 
@@ -27,6 +43,7 @@ def _status(args: argparse.Namespace) -> None:
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe")
     parser.add_argument("--force", action="store_true", help="continue a run whose config.yaml differs")
+    parser.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
 
 
 def _add_status_args(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from selfie import edit, export, generate, implicit_reward
     from selfie.evaluation import cli as evaluation
 
-    parser = argparse.ArgumentParser(prog="selfie", description="Self-generated preference learning.")
+    parser = _Parser(prog="selfie", description="Self-generated preference learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     # verb, help, its arguments, its handler, whether it takes recipe-style --key value overrides
@@ -66,18 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # A log handler that fails (wandb's debug log on a full disk) must not print its own traceback.
+    logging.raiseExceptions = args.verbose
     try:
         if getattr(args, "takes_overrides", False):
             args.handler(args, extra)
         else:
             args.handler(args)
-    except SelfieError as e:
-        print(f"selfie: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a read-only or full disk, a path under a file: the path and the reason (-v: traceback)
+    except BrokenPipeError:  # the reader went away (selfie status | head): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (SelfieError, OSError) as e:  # bad input; a read-only or full disk, a path under a file (-v: traceback)
         if args.verbose:
-            raise
-        print(f"selfie: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+            traceback.print_exc()
+        print(f"selfie: error: {os_error_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     return 0
 

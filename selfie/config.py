@@ -168,6 +168,7 @@ class TrainConfig(Ranged):
     save_steps: int = 50
     logging_steps: int = 1
     adapter_mode: str = "continue"  # continue one adapter across iterations, or "merge" and start fresh
+    keep_checkpoints: bool = False  # keep iter_t/checkpoints once the stage's adapter is recorded (else deleted)
 
 
 @dataclass
@@ -371,7 +372,10 @@ class RecipeConfig:
 
 # Keys whose change does not alter a run's results; a resumed run may differ in these.
 HARMLESS_KEYS = frozenset({"report_to", "run_name", "train.logging_steps", "train.save_steps", "generate.batch_size",
-                           "generate.backend", "judge.token_budget"})
+                           "generate.backend", "judge.token_budget", "train.keep_checkpoints"})
+# Where the run lives, not what it computes: a moved run directory resumes. Hashes written before it was left out
+# still count it (selfie/rundir.py::made_with accepts them).
+LOCATION_KEYS = frozenset({"output_dir"})
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -478,7 +482,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise SelfieError(f"override --{key} has no value")
             value = args[i + 1]
             i += 1
-        _set_dotted(tree, key.replace("-", "_"), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise SelfieError(f"override --{key}: not a YAML value ({str(e).splitlines()[0]})") from None
+        _set_dotted(tree, key.replace("-", "_"), parsed)
         i += 1
     return tree
 
@@ -526,14 +534,14 @@ def flatten(tree: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict[s
     return flat
 
 
-def _hash(flat: dict[str, Any]) -> str:
-    kept = {k: v for k, v in flat.items() if k not in HARMLESS_KEYS}
+def _hash(flat: dict[str, Any], leave_out: frozenset[str]) -> str:
+    kept = {k: v for k, v in flat.items() if k not in leave_out}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config_hash(config: RecipeConfig) -> str:
-    """Hash of everything that changes results (HARMLESS_KEYS left out)."""
-    return _hash(flatten(to_dict(config)))
+def config_hash(config: RecipeConfig, leave_out: frozenset[str] = HARMLESS_KEYS | LOCATION_KEYS) -> str:
+    """Hash of everything that changes results (HARMLESS_KEYS and LOCATION_KEYS left out)."""
+    return _hash(flatten(to_dict(config)), leave_out)
 
 
 # ---- run directories written by earlier versions --------------------------------------------------
@@ -541,8 +549,8 @@ def config_hash(config: RecipeConfig) -> str:
 
 def earlier_config_hash(values: dict) -> str:
     """The config_hash an earlier version gave the config.yaml holding `values`: `init` and `eval` were
-    untyped mappings then, hashed whole as written, and `judge.beta` was a key of its own."""
-    return _hash(flatten(values, whole=("init", "eval")))
+    untyped mappings then, hashed whole as written, `judge.beta` was a key of its own, and output_dir counted."""
+    return _hash(flatten(values, whole=("init", "eval")), HARMLESS_KEYS)
 
 
 def upgrade_run_values(values: dict) -> tuple[dict, list[str]]:
@@ -605,9 +613,15 @@ def from_args(section: type, args: argparse.Namespace) -> Any:
     return section(**{f.name: getattr(args, f.name) for f in dataclasses.fields(section) if hasattr(args, f.name)})
 
 
-def differing_keys(a: RecipeConfig, b: RecipeConfig) -> list[str]:
+def changed_values(a: RecipeConfig, b: RecipeConfig) -> dict[str, list[Any]]:
+    """{key: [value in a, value in b]} of every results-changing key where they differ."""
     fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in HARMLESS_KEYS)
+    return {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and k not in HARMLESS_KEYS | LOCATION_KEYS}
+
+
+def differing_keys(a: RecipeConfig, b: RecipeConfig) -> list[str]:
+    return list(changed_values(a, b))
 
 
 def dump_recipe(config: RecipeConfig) -> str:

@@ -254,6 +254,20 @@ def load_preferences(source: str, split: str = "train") -> list[dict]:
     return _normalise(source, split, preferences=True)
 
 
+def seed_slice_pairs(source: str, split: str, seed_rows: list[dict]) -> list[dict]:
+    """The labelled pairs of the pool's seed slice (SPA's split): the seed set when the recipe names none."""
+    try:
+        pairs = load_preferences(source, split)
+    except SelfieError as e:
+        raise SelfieError(f"with neither data.seed_pairs nor data.seed_judge set, the seed labels come from data.prompts, "
+                          f"but {e}") from None
+    ids = {row["prompt_id"] for row in seed_rows}
+    pairs = [row for row in pairs if row["prompt_id"] in ids]
+    if not pairs:
+        raise SelfieError(f"data.prompts '{source}': no labelled pairs for the seed slice; set data.seed_pairs")
+    return pairs
+
+
 # ---------------------------------------------------------------- splits
 
 @dataclass

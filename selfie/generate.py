@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfie.config import GenerateConfig, RecipeConfig, add_options, from_args
 from selfie.data import check_prompt_rows, select_shard
 from selfie.errors import SelfieError
-from selfie.io import ResumableJsonl, atomic_write_jsonl, read_jsonl
+from selfie.io import ResumableJsonl, atomic_write_jsonl, check_writable, read_jsonl
 from selfie.models import add_policy_args, load_policy
 from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
@@ -270,12 +270,15 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 
 def run_generate_command(args: argparse.Namespace) -> None:
     from selfie.data import load_prompts
+    from selfie.rundir import output_lock
 
     g = from_args(GenerateConfig, args)  # the cross-key checks of the recipe's section
+    check_writable(args.output, directory=False)
     prompts = load_prompts(args.prompts)
-    model, tokenizer = load_policy(args.model, args.adapter, args.dtype)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    generate_responses(model, tokenizer, prompts, args.output, num_responses=g.num_responses, max_new_tokens=g.max_new_tokens,
-                       temperature=g.temperature, top_p=g.top_p, seed=args.seed, batch_size=g.batch_size,
-                       backend=g.backend)
+    with output_lock(args.output):
+        model, tokenizer = load_policy(args.model, args.adapter, args.dtype)
+        if torch.cuda.is_available():
+            model.to("cuda")
+        generate_responses(model, tokenizer, prompts, args.output, num_responses=g.num_responses,
+                           max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=args.seed,
+                           batch_size=g.batch_size, backend=g.backend)

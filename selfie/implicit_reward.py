@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfie.config import JudgeConfig, TrainConfig, add_options, from_args
 from selfie.data import check_response_rows, select_shard
 from selfie.errors import SelfieError
-from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from selfie.io import atomic_write_json, atomic_write_jsonl, check_writable, read_jsonl
 from selfie.models import add_policy_args, load_policy, unwrap_peft
 from selfie.pairs import TRUNCATION_POLICIES, PairRules, select_pairs
 from selfie.projection import logit_softcap, output_layer, token_logps
@@ -197,13 +197,19 @@ def add_judge_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_judge_command(args: argparse.Namespace) -> None:
+    from selfie.rundir import output_lock
+
     judge = from_args(JudgeConfig, args)  # bad rules fail before the model loads
+    for output in (args.output, args.pairs, args.metrics):
+        if output:
+            check_writable(output, directory=False)
     responses = read_jsonl(args.responses)
     check_response_rows(responses, str(args.responses))
-    policy, tokenizer = load_policy(args.model, args.adapter, args.dtype)
-    if torch.cuda.is_available():
-        policy.to("cuda")
-    metrics = judge_responses(policy, tokenizer, responses, args.output, args.pairs, beta=args.beta,
-                              length_normalize=judge.length_normalize, rules=judge.rules, token_budget=judge.token_budget)
-    if args.metrics:
-        atomic_write_json(args.metrics, metrics)
+    with output_lock(args.output):
+        policy, tokenizer = load_policy(args.model, args.adapter, args.dtype)
+        if torch.cuda.is_available():
+            policy.to("cuda")
+        metrics = judge_responses(policy, tokenizer, responses, args.output, args.pairs, beta=args.beta,
+                                  length_normalize=judge.length_normalize, rules=judge.rules, token_budget=judge.token_budget)
+        if args.metrics:
+            atomic_write_json(args.metrics, metrics)

@@ -1,13 +1,16 @@
 """Atomic file writes and JSON Lines I/O.
 
-Every artifact is written to a temporary name in the same directory and renamed into place, so a
-reader (or a resumed run) never sees half a file. Long-running stages append to `<name>.partial`
-and rename it when the stage completes; a torn last line from a killed process is dropped on resume.
+Every artifact is written to a temporary name in the same directory (`.<name>.<random>.tmp`, a file or a
+directory) and renamed into place, so a reader (or a resumed run) never sees half a file; a killed writer's
+temporary is removed when its run resumes (selfie/rundir.py::remove_leftovers). Long-running stages append
+to `<name>.partial` and rename it when the stage completes; a torn last line from a killed process is
+dropped on resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -20,11 +23,36 @@ import yaml
 
 from selfie.errors import SelfieError
 
+TMP_SUFFIX = ".tmp"  # temporaries are `.<name>.<random>.tmp`
+
+
+def check_writable(path: str | os.PathLike, directory: bool) -> None:
+    """Refuse, before any work, an output that cannot be written: a directory (or a file's directory) that is or
+    would be made under a file, or whose nearest existing directory is read-only. Creates nothing."""
+    path = Path(path).absolute()
+    if path.is_dir() != directory and path.exists():
+        raise SelfieError(f"{path}: exists and is not a {'directory' if directory else 'file'}")
+    probe = path if directory else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SelfieError(f"{path}: cannot be created: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SelfieError(f"{path}: cannot be written: {probe} is read-only")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -42,7 +70,7 @@ def atomic_directory(output: str | os.PathLike) -> Iterator[Path]:
     removed when it fails, so `output` is only ever absent, the old one, or complete."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=TMP_SUFFIX, dir=output.parent))
     try:
         yield tmp
         _default_modes(tmp)

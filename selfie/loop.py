@@ -18,23 +18,15 @@ from typing import Any
 
 from accelerate.utils import broadcast_object_list, gather_object
 
-from selfie.config import RecipeConfig, to_dict
+from selfie.config import RecipeConfig, config_hash, to_dict
 from selfie.dist import check_topology, process_state
-from selfie.errors import SelfieError
+from selfie.errors import SelfieError, os_error_line, out_of_space
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
-from selfie.rundir import RunLock, check_and_write_config, iteration_dir, open_manifest
+from selfie.preflight import preflight
+from selfie.rundir import TRAINED, Manifest, RunLock, drop_checkpoints, iteration_dir, open_run, plan, stage_artifacts
 from selfie.tracking import Tracker, write_summary
 
 logger = logging.getLogger(__name__)
-
-
-def plan(config: RecipeConfig) -> list[tuple[int, str]]:
-    """Every (iteration, stage) of the run, in order."""
-    steps = [(0, "init")] if config.init else []
-    steps.append((0, "seed"))
-    per_iteration = ["generate", "judge", "train"] + (["eval"] if config.eval else [])
-    steps += [(t, stage) for t in range(1, config.num_iterations + 1) for stage in per_iteration]
-    return steps
 
 
 class Loop:
@@ -45,16 +37,22 @@ class Loop:
         self.state = process_state()
         self.is_main = self.state.is_main_process
         self.lock = RunLock(self.run_dir)
+        self._data = None
         self._on_main_then_share(lambda: self._open(force))
-        self.manifest = open_manifest(self.run_dir, config, force=True)  # checked on rank 0 above
+        self.manifest = Manifest.load(self.run_dir / "manifest.json", config_hash(config))  # as rank 0 left it
         self.run_name = config.run_name or self.run_dir.name
         self.tracker = Tracker(self.run_dir, self.run_name, config.report_to, to_dict(config), self.is_main)
-        self._data = None
 
     def _open(self, force: bool) -> None:
+        """Rank 0: check everything the remaining stages need before writing anything, then take the directory over."""
+        done = Manifest.load(self.run_dir / "manifest.json", "").done_steps()
+        self._data = preflight(self.config, done).splits
         self.lock.acquire()
-        check_and_write_config(self.run_dir, self.config, force)
-        open_manifest(self.run_dir, self.config, force)
+        try:
+            open_run(self.run_dir, self.config, force)
+        except BaseException:
+            self.lock.release()
+            raise
 
     def _on_main_then_share(self, fn: Callable[[], Any]) -> Any:
         """Run fn on rank 0 only; every rank gets its result, or raises its error (no rank left waiting)."""
@@ -64,6 +62,8 @@ class Loop:
                 box = [fn(), None]
             except SelfieError as e:
                 box = [None, str(e)]
+            except OSError as e:
+                box = [None, os_error_line(e)]
         if self.state.num_processes > 1:
             broadcast_object_list(box)
         if box[1] is not None:
@@ -96,7 +96,7 @@ class Loop:
         path = self.metrics_path(iteration)
         return read_json(path) if path.exists() else {}
 
-    def _finish_stage(self, iteration: int, stage: str, artifacts: list[Path], metrics: dict | None, seconds: float) -> None:
+    def _finish_stage(self, iteration: int, stage: str, metrics: dict | None, seconds: float) -> None:
         if self.is_main:
             merged = self.read_metrics(iteration)
             if metrics is not None:
@@ -104,21 +104,23 @@ class Loop:
             merged.setdefault("times", {})[stage] = round(seconds, 2)
             atomic_write_json(self.metrics_path(iteration), merged)
             self.tracker.log({stage: metrics or {}, "time": {stage: seconds}})
-            self.manifest.record(iteration, stage, [str(p.relative_to(self.run_dir)) for p in artifacts])
+            self.manifest.record(iteration, stage, stage_artifacts(iteration, stage))
+            if stage in TRAINED:
+                drop_checkpoints(self.run_dir, self.manifest, self.config.train.keep_checkpoints)
         else:
             self.manifest.stages.append({"iteration": iteration, "stage": stage, "status": "done"})
         self.state.wait_for_everyone()
 
     # ---- stages ---------------------------------------------------------------------------------
 
-    def stage_init(self, iteration: int) -> tuple[list[Path], dict]:
+    def stage_init(self, iteration: int) -> dict:
         from selfie.edit import build_edited_model
 
         target = self.run_dir / "init" / "model"
         self._on_main_then_share(lambda: build_edited_model(self.config.init, self.config.model.name, target, self.config.seed))
-        return [target], {"method": self.config.init.method}
+        return {"method": self.config.init.method}
 
-    def stage_seed(self, iteration: int) -> tuple[list[Path], dict]:
+    def stage_seed(self, iteration: int) -> dict:
         from selfie.trainer import train_seed
 
         pairs_path = iteration_dir(self.run_dir, 0) / "pairs.jsonl"
@@ -127,22 +129,18 @@ class Loop:
         metrics = train_seed(self.pi_init, read_jsonl(pairs_path), iteration_dir(self.run_dir, 0), self.config)
         if labels:
             metrics["labels"] = labels
-        return [pairs_path, self.adapter(0)], metrics
+        return metrics
 
     def seed_pairs(self) -> list[dict]:
         """The labelled seed set: `data.seed_pairs`, else the labels of the pool's seed slice (SPA's split)."""
-        from selfie.data import load_preferences
+        from selfie.data import load_preferences, seed_slice_pairs
 
         d = self.config.data
         if d.seed_pairs == "alignez":
             return self.alignez_seed_pairs()
         if d.seed_pairs:
             return load_preferences(d.seed_pairs, d.split)
-        seed_ids = {row["prompt_id"] for row in self.data.seed}
-        pairs = [row for row in load_preferences(d.prompts, d.split) if row["prompt_id"] in seed_ids]
-        if not pairs:
-            raise SelfieError(f"data.prompts '{d.prompts}': no labelled pairs for the seed slice; set data.seed_pairs")
-        return pairs
+        return seed_slice_pairs(d.prompts, d.split, self.data.seed)
 
     def alignez_seed_pairs(self) -> list[dict]:
         """AlignEZ's self-generated helpful / harmful pairs as the seed (no human label); an AlignEZ init's own
@@ -191,9 +189,8 @@ class Loop:
         self.state.wait_for_everyone()
         return final, metrics
 
-    def stage_generate(self, t: int) -> tuple[list[Path], dict]:
-        path, metrics = self._generate(t, self.data.iterations[t - 1], self.adapter(t - 1), self.config.generate.num_responses)
-        return [path], metrics
+    def stage_generate(self, t: int) -> dict:
+        return self._generate(t, self.data.iterations[t - 1], self.adapter(t - 1), self.config.generate.num_responses)[1]
 
     def _generate(self, t: int, prompts: list[dict], adapter: Path | None, num_responses: int) -> tuple[Path, dict]:
         """RUN/iter_t/responses.jsonl from pi_init + adapter, sharded over the ranks."""
@@ -209,7 +206,7 @@ class Loop:
             backend=g.backend))
         return path, combine_metrics(shard_metrics)
 
-    def stage_judge(self, t: int) -> tuple[list[Path], dict]:
+    def stage_judge(self, t: int) -> dict:
         """Score the responses (implicit reward, or `judge.labeller`), then make pairs by the judge rules on rank 0."""
         j = self.config.judge
         responses = read_jsonl(iteration_dir(self.run_dir, t) / "responses.jsonl")
@@ -219,7 +216,7 @@ class Loop:
             judgments, metrics = self._judge_with(j.labeller, t, responses)
         pairs_path = iteration_dir(self.run_dir, t) / "pairs.jsonl"
         labels = self._on_main_then_share(lambda: self._write_pairs(responses, read_jsonl(judgments), pairs_path))
-        return [judgments, pairs_path], {**metrics, **labels, "labeller": j.labeller}
+        return {**metrics, **labels, "labeller": j.labeller}
 
     def _judge_implicit(self, t: int, responses: list[dict]) -> tuple[Path, dict]:
         from selfie.implicit_reward import judge_responses
@@ -269,7 +266,7 @@ class Loop:
         atomic_write_jsonl(pairs_path, pairs)
         return metrics
 
-    def stage_train(self, t: int) -> tuple[list[Path], dict]:
+    def stage_train(self, t: int) -> dict:
         from selfie.pairs import with_replay
         from selfie.trainer import train_iteration
 
@@ -282,20 +279,21 @@ class Loop:
             pairs = with_replay(pairs, seed_pairs, replay, self.config.seed + t)
         metrics = train_iteration(self.pi_init, self.adapter(t - 1), pairs, iteration_dir(self.run_dir, t), self.config, t)
         metrics["replayed"] = sum(bool(p.get("replay")) for p in pairs)
-        return [self.adapter(t)], metrics
+        return metrics
 
-    def stage_eval(self, t: int) -> tuple[list[Path], dict]:
+    def stage_eval(self, t: int) -> dict:
         from selfie.evaluation.compare import evaluate_iteration
 
         metrics = self._on_main_then_share(lambda: evaluate_iteration(self.config.eval, self.pi_init, self.adapter(t), self.config))
         path = iteration_dir(self.run_dir, t) / "eval.json"
         if self.is_main:
             atomic_write_json(path, metrics)
-        return [path], metrics
+        return metrics
 
     # ---- driver ---------------------------------------------------------------------------------
 
     def run(self) -> str:
+        where = "the summary"
         try:
             current = None
             for iteration, stage in plan(self.config):
@@ -306,11 +304,18 @@ class Loop:
                     self.tracker.start(iteration)
                     current = iteration
                 logger.info("iteration %d: %s", iteration, stage)
+                where = f"iteration {iteration}'s {stage} stage"
                 start = time.perf_counter()
-                artifacts, metrics = getattr(self, f"stage_{stage}")(iteration)
-                self._finish_stage(iteration, stage, artifacts, metrics, time.perf_counter() - start)
+                metrics = getattr(self, f"stage_{stage}")(iteration)
+                self._finish_stage(iteration, stage, metrics, time.perf_counter() - start)
             self.tracker.finish()
             return self.summary()
+        except BaseException as e:
+            self.tracker.finish(failed=True)  # now, so that wandb's closing lines come before the error line
+            if isinstance(e, (OSError, RuntimeError)) and out_of_space(e, self.run_dir):
+                raise SelfieError(f"{self.run_dir}: no space left on device during {where}; free some space and run "
+                                  "the same command again: it resumes from the last completed step") from e
+            raise
         finally:
             self.lock.release()
 

@@ -19,7 +19,8 @@ import torch
 from filelock import FileLock
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from selfie.config import LoraConfig, ModelConfig, add_options
 from selfie.errors import SelfieError
@@ -77,16 +78,25 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
     return target
 
 
+def _gguf_source(name: str) -> tuple[Path, Path] | None:
+    """(GGUF file, where its conversion is cached) of the built-in alias or a .gguf path; None for anything else."""
+    if name in BUILTIN_MODELS:
+        return builtin_gguf_path(name), cache_dir() / "models" / name
+    path = Path(name)
+    if path.suffix != ".gguf":
+        return None
+    if not path.is_file():
+        raise SelfieError(f"{path}: model file not found")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    return path.resolve(), cache_dir() / "models" / f"{path.stem}-{digest}"
+
+
 def resolve_model_path(name: str) -> str:
     """A path or hub id that `from_pretrained` can read directly."""
-    if name in BUILTIN_MODELS:
-        return str(convert_gguf(builtin_gguf_path(name), cache_dir() / "models" / name))
+    gguf = _gguf_source(name)
+    if gguf is not None:
+        return str(convert_gguf(*gguf))
     path = Path(name)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise SelfieError(f"{path}: model file not found")
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        return str(convert_gguf(path.resolve(), cache_dir() / "models" / f"{path.stem}-{digest}"))
     if path.exists():
         if not (path / "config.json").is_file():
             raise SelfieError(f"{path}: not a model directory (no config.json)")
@@ -94,6 +104,17 @@ def resolve_model_path(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise SelfieError(f"{name}: model directory not found")
     return name  # a hub id
+
+
+def load_model_config(name: str) -> PretrainedConfig:
+    """The model's config, without its weights (a GGUF model not converted yet: read from the GGUF file)."""
+    gguf = _gguf_source(name)
+    try:
+        if gguf is not None and not (gguf[1] / "config.json").is_file():
+            return AutoConfig.from_pretrained(str(gguf[0].parent), gguf_file=gguf[0].name)
+        return AutoConfig.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError) as e:
+        raise SelfieError(f"model '{name}': cannot load its config ({str(e).splitlines()[0][:200]})") from None
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

@@ -1,27 +1,96 @@
 """The run directory contract: resolved config, manifest of completed stages, and the one-run lock.
 
-RUN/config.yaml holds the fully resolved recipe, RUN/manifest.json the stages completed so far
-(rewritten atomically after each one). A stage counts as done only once it is in the manifest.
+RUN/config.yaml holds the fully resolved recipe, RUN/manifest.json the stages completed so far, what each
+one's artifacts were when it completed (rows and SHA-256), the recipe hash they were made with and every
+`--force` change of recipe. The manifest is rewritten atomically and is the authority: config.yaml is its
+readable copy. A stage counts as done only once it is in the manifest, and a resume first checks that its
+artifacts are still what was recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fcntl
+import hashlib
+import json
+import logging
 import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from selfie.config import RecipeConfig, _build, config_hash, differing_keys, dump_recipe, earlier_config_hash, upgrade_run_values
+from selfie.config import (HARMLESS_KEYS, RecipeConfig, _build, changed_values, config_hash, dump_recipe, earlier_config_hash,
+                           upgrade_run_values)
 from selfie.errors import SelfieError
-from selfie.io import atomic_write_json, atomic_write_text, read_json
+from selfie.io import TMP_SUFFIX, atomic_write_text, count_lines, file_sha256, read_json
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("init", "seed", "generate", "judge", "train", "eval")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what a directory artifact's checksum covers
+TRAINED = ("seed", "train")  # stages that leave trainer checkpoints in iter_t/checkpoints
 
 
 def iteration_dir(run_dir: Path, iteration: int) -> Path:
     return run_dir / f"iter_{iteration:03d}"
+
+
+def plan(config: RecipeConfig) -> list[tuple[int, str]]:
+    """Every (iteration, stage) of the run, in order."""
+    steps = [(0, "init")] if config.init else []
+    steps.append((0, "seed"))
+    per_iteration = ["generate", "judge", "train"] + (["eval"] if config.eval else [])
+    steps += [(t, stage) for t in range(1, config.num_iterations + 1) for stage in per_iteration]
+    return steps
+
+
+def stage_artifacts(iteration: int, stage: str) -> list[str]:
+    """What a completed stage leaves, relative to RUN (docs/DESIGN.md section 2)."""
+    it = f"iter_{iteration:03d}"
+    return {"init": ["init/model"], "seed": [f"{it}/pairs.jsonl", f"{it}/adapter"], "generate": [f"{it}/responses.jsonl"],
+            "judge": [f"{it}/judgments.jsonl", f"{it}/pairs.jsonl"], "train": [f"{it}/adapter"],
+            "eval": [f"{it}/eval.json"]}[stage]
+
+
+# ---- integrity ------------------------------------------------------------------------------------
+
+
+def checksum(path: Path) -> dict:
+    """What the manifest records of an artifact: a file's SHA-256 (and rows, for JSON Lines); a directory's (an
+    adapter, a model) SHA-256 over its weight files, names included."""
+    if path.is_dir():
+        digest = hashlib.sha256()
+        weights = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        for p in weights:
+            digest.update(f"{p.relative_to(path)}\0{file_sha256(p)}\n".encode())
+        return {"sha256": digest.hexdigest(), "weight_files": len(weights)}
+    record = {"sha256": file_sha256(path)}
+    if path.suffix == ".jsonl":
+        record["rows"] = count_lines(path)
+    return record
+
+
+def _described(record: dict) -> str:
+    rows = f"{record['rows']} rows, " if "rows" in record else ""
+    return f"{rows}sha256 {record['sha256'][:12]}"
+
+
+def artifact_problem(path: Path, recorded: dict | None) -> str | None:
+    """Why an artifact no longer matches its manifest record (None: it does, or nothing was recorded)."""
+    if not path.exists():
+        return "missing"
+    if recorded is None:
+        return None
+    now = checksum(path)
+    if now != recorded:
+        return f"changed since it was recorded ({_described(recorded)} then, {_described(now)} now)"
+    return None
 
 
 @dataclass
@@ -29,6 +98,7 @@ class Manifest:
     path: Path
     config_hash: str
     stages: list[dict] = field(default_factory=list)
+    config_history: list[dict] = field(default_factory=list)  # one entry per --force change of recipe
 
     @classmethod
     def load(cls, path: Path, config_hash: str) -> Manifest:
@@ -40,47 +110,54 @@ class Manifest:
         for i, stage in enumerate(data["stages"]):
             if not isinstance(stage, dict) or {"iteration", "stage", "status"} - set(stage) or stage["stage"] not in STAGES:
                 raise SelfieError(f"{path}: corrupt manifest entry stages[{i}]: {stage!r}")
-        return cls(path, data["config_hash"], data["stages"])
+        return cls(path, data["config_hash"], data["stages"], data.get("config_history", []))
 
     def is_done(self, iteration: int, stage: str) -> bool:
         return any(s["iteration"] == iteration and s["stage"] == stage and s["status"] == "done" for s in self.stages)
 
+    def done_steps(self) -> set[tuple[int, str]]:
+        return {(s["iteration"], s["stage"]) for s in self.stages if s["status"] == "done"}
+
     def record(self, iteration: int, stage: str, artifacts: list[str]) -> None:
-        self.stages.append({"iteration": iteration, "stage": stage, "status": "done", "artifacts": artifacts})
+        """The stage is done: its artifacts (paths relative to RUN), each with its checksum."""
+        checksums = {rel: checksum(self.path.parent / rel) for rel in artifacts}
+        self.stages.append({"iteration": iteration, "stage": stage, "status": "done", "artifacts": artifacts, "checksums": checksums})
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.path, {"config_hash": self.config_hash, "stages": self.stages})
+        _write_if_changed(self.path, json.dumps({"config_hash": self.config_hash, "config_history": self.config_history,
+                                                 "stages": self.stages}, indent=2) + "\n")
+
+    def verify(self, record_new: bool = True) -> int:
+        """Check every recorded artifact against its checksum, stopping at the first that is missing or changed.
+        Entries written before checksums existed get theirs now (`record_new`: trusted once, verified from then
+        on); returns how many artifacts had none."""
+        first_seen = 0
+        for entry in self.stages:
+            checksums = entry.get("checksums", {})
+            for rel in entry.get("artifacts", []):
+                path = self.path.parent / rel
+                problem = artifact_problem(path, checksums.get(rel))
+                if problem:
+                    raise SelfieError(f"{path}: {problem}; the manifest records it as the output of iteration "
+                                      f"{entry['iteration']}'s {entry['stage']} stage. Restore it, or run into a new output_dir")
+                if rel not in checksums:
+                    first_seen += 1
+                    if record_new:
+                        entry.setdefault("checksums", {})[rel] = checksum(path)
+        return first_seen
 
     def next_stage(self, plan: list[tuple[int, str]]) -> tuple[int, str] | None:
         return next((step for step in plan if not self.is_done(*step)), None)
 
 
-class RunLock:
-    """An flock on RUN/.lock: a second process is refused; the kernel drops the lock of a killed one."""
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomically, and only when the text differs: resuming a finished run touches nothing."""
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self._fd: int | None = None
 
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise SelfieError(f"{self.path.parent}: run directory is in use by pid {holder}; wait for it or stop it") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+# ---- opening a run --------------------------------------------------------------------------------
 
 
 def read_run_config(run_dir: Path) -> tuple[RecipeConfig, dict, list[str]]:
@@ -101,37 +178,153 @@ def load_run_config(run_dir: Path) -> RecipeConfig:
     return read_run_config(run_dir)[0]
 
 
-def check_and_write_config(run_dir: Path, config: RecipeConfig, force: bool) -> None:
-    """Refuse to continue a run with results-changing differences unless forced; then (re)write config.yaml."""
-    if (run_dir / "config.yaml").exists():
-        previous, written, not_reproduced = read_run_config(run_dir)
-        changed = differing_keys(previous, config) + not_reproduced
-        if changed and not force:
-            raise SelfieError(
-                f"{run_dir}: recipe differs from the run's own config.yaml in {', '.join(changed)}; "
-                "use the same recipe, a new output_dir, or --force"
-            )
-        if not not_reproduced:
-            _adopt_earlier_manifest(run_dir, written, previous)
-    atomic_write_text(run_dir / "config.yaml", dump_recipe(config))
+def made_with(manifest: Manifest, previous: RecipeConfig | None, written: dict | None, config: RecipeConfig) -> bool:
+    """Whether the run's artifacts were made with `config`'s results-changing values. The manifest's hash decides
+    (config.yaml is its readable copy; a kill during --force can leave it stale). A manifest an earlier version
+    wrote holds that version's hash of the config.yaml as `written` (untyped init/eval, judge.beta, output_dir
+    counted): then config.yaml is the run's recipe. A manifest written before output_dir left the hash holds the
+    hash `config` has with the run's own output_dir. With no manifest yet, config.yaml decides."""
+    if not manifest.path.exists():
+        return previous is None or not changed_values(previous, config)
+    if manifest.config_hash == config_hash(config):
+        return True
+    if previous is None:
+        return False
+    if manifest.config_hash == earlier_config_hash(written):
+        return not changed_values(previous, config)
+    return manifest.config_hash == config_hash(dataclasses.replace(config, output_dir=previous.output_dir), leave_out=HARMLESS_KEYS)
 
 
-def _adopt_earlier_manifest(run_dir: Path, written: dict, previous: RecipeConfig) -> None:
-    """A manifest that an earlier version wrote for this config.yaml carries that version's hash of it: give it this
-    version's, so the run resumes. Any other mismatch is left for `open_manifest` to refuse."""
-    path = run_dir / "manifest.json"
-    if not path.exists():
-        return
-    manifest = Manifest.load(path, config_hash(previous))
-    if manifest.config_hash != config_hash(previous) and manifest.config_hash == earlier_config_hash(written):
-        manifest.config_hash = config_hash(previous)
-        manifest.save()
-
-
-def open_manifest(run_dir: Path, config: RecipeConfig, force: bool) -> Manifest:
+def check_recipe(run_dir: Path, config: RecipeConfig, manifest: Manifest, force: bool) -> dict | None:
+    """Refuse a recipe that changes results against the one the run was made with, naming the keys, unless
+    `force`; then return the `config_history` entry recording the change (None: nothing changed)."""
+    previous, written, not_reproduced = read_run_config(run_dir) if (run_dir / "config.yaml").exists() else (None, None, [])
+    if not not_reproduced and made_with(manifest, previous, written, config):
+        return None
+    changed = changed_values(previous, config) if previous is not None else {}
+    changed.update(dict.fromkeys(not_reproduced))  # what this version would not reproduce of an earlier version's run
     current = config_hash(config)
-    manifest = Manifest.load(run_dir / "manifest.json", current)
-    if manifest.config_hash != current and not force:
-        raise SelfieError(f"{manifest.path}: made by a different recipe (config_hash {manifest.config_hash} != {current}); use --force")
-    manifest.config_hash = current
+    if not force:
+        if changed:
+            raise SelfieError(f"{run_dir}: recipe differs from the run's own config.yaml in {', '.join(changed)}; "
+                              "use the same recipe, a new output_dir, or --force")
+        raise SelfieError(f"{manifest.path}: made by a different recipe (config_hash {manifest.config_hash} != {current}); "
+                          "use --force")
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": manifest.config_hash if manifest.path.exists() else None,
+            "to": current, "changed": changed, "stages_done": len(manifest.stages)}
+
+
+def open_run(run_dir: Path, config: RecipeConfig, force: bool) -> Manifest:
+    """Take over (or start) a run directory for `config`: rank 0, under the lock, before any stage runs.
+
+    The recipe is checked (check_recipe), recorded artifacts are verified, and the manifest (new hash, history,
+    first checksums) is saved before config.yaml, so a kill in between leaves the manifest's recipe, which the
+    next run writes out again. Then the leftovers of killed runs go.
+    """
+    manifest = Manifest.load(run_dir / "manifest.json", config_hash(config))
+    change = check_recipe(run_dir, config, manifest, force)
+    if change:
+        manifest.config_history.append(change)
+        logger.warning("%s: --force: continuing with a changed recipe (%s); the %d stages done stand", run_dir,
+                       ", ".join(change["changed"]) or "config_hash", len(manifest.stages))
+    manifest.config_hash = config_hash(config)
+    first_seen = manifest.verify()
+    if first_seen:
+        logger.info("%s: recorded the checksums of %d artifacts made before the manifest kept them", manifest.path, first_seen)
+    manifest.save()
+    _write_if_changed(run_dir / "config.yaml", dump_recipe(config))
+    for path in remove_leftovers(run_dir):
+        logger.info("removed %s, left by a killed run", path)
+    drop_checkpoints(run_dir, manifest, config.train.keep_checkpoints)
     return manifest
+
+
+# ---- tidying --------------------------------------------------------------------------------------
+
+# Temporary directories of atomic_directory / save_standalone before they took the .tmp suffix.
+_OLD_TMP_DIR = re.compile(r"\.(adapter|model)\.[a-z0-9_]{8}")
+
+
+def _is_leftover(path: Path) -> bool:
+    name = path.name
+    if name.startswith(".") and name.endswith(TMP_SUFFIX):
+        return True
+    if path.is_dir() and _OLD_TMP_DIR.fullmatch(name):
+        return True
+    # a trainer checkpoint is complete once refine_state.json (written last) is in it
+    return path.parent.name == "checkpoints" and name.startswith("checkpoint-") and not (path / "refine_state.json").exists()
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Remove what killed runs leave: temporary files and directories, checkpoints cut before completion.
+    (Partial generation output, `*.partial`, is a resume point and stays; wandb/ is wandb's own.)"""
+    removed = []
+    for path in sorted(run_dir.rglob(".*")) + sorted(run_dir.glob("iter_*/checkpoints/checkpoint-*")):
+        if "wandb" in path.relative_to(run_dir).parts[:1] or not path.exists() or not _is_leftover(path):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    return removed
+
+
+def drop_checkpoints(run_dir: Path, manifest: Manifest, keep: bool) -> None:
+    """Trainer checkpoints are only resume points: once a stage's adapter is recorded they go (unless `keep`)."""
+    if keep:
+        return
+    for iteration, stage in manifest.done_steps():
+        checkpoints = iteration_dir(run_dir, iteration) / "checkpoints"
+        if stage in TRAINED and checkpoints.exists():
+            shutil.rmtree(checkpoints)
+
+
+# ---- locks ----------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An flock on RUN/.lock (or any lock file) holding the holder's pid: a second process is refused; the kernel
+    drops the lock of a killed one, and the file goes when the holder releases it."""
+
+    def __init__(self, run_dir: Path, lock_file: Path | None = None, what: str = "run directory"):
+        self.target, self.what = run_dir, what
+        self.path = lock_file or run_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise SelfieError(f"{self.target}: {self.what} is in use by pid {holder}; wait for it or stop it") from None
+            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the holder released it and removed the file as we opened it: take a fresh one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held, so nobody locks a file that is going away
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[None]:
+    """The run lock for a command's own output (`selfie generate | judge | eval`), through `.OUT.lock` beside it:
+    a second command writing the same file or directory is refused."""
+    output = Path(output)
+    lock = RunLock(output, output.with_name(f".{output.name}.lock"), "output")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

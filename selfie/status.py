@@ -7,8 +7,7 @@ from pathlib import Path
 from selfie.config import config_hash
 from selfie.errors import SelfieError
 from selfie.io import count_lines
-from selfie.loop import plan
-from selfie.rundir import Manifest, load_run_config
+from selfie.rundir import Manifest, artifact_problem, load_run_config, plan
 
 
 def describe(run_dir: str | Path) -> str:
@@ -24,10 +23,9 @@ def describe(run_dir: str | Path) -> str:
         artifacts = []
         for rel in entry.get("artifacts", []):
             path = run_dir / rel
-            if path.suffix == ".jsonl" and path.is_file():
-                artifacts.append(f"{rel} ({count_lines(path)} rows)")
-            else:
-                artifacts.append(rel + ("" if path.exists() else " (missing)"))
+            rows = f" ({count_lines(path)} rows)" if path.suffix == ".jsonl" and path.is_file() else ""
+            problem = artifact_problem(path, entry.get("checksums", {}).get(rel))  # the resume would stop on it
+            artifacts.append(rel + rows + (f" ({problem.split(' (')[0]})" if problem else ""))
         lines.append(f"  done  iter {entry['iteration']:>2}  {entry['stage']:<8}  {', '.join(artifacts)}")
     following = manifest.next_stage(steps)
     if following is None:

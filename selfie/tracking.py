@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
 from pathlib import Path
 from typing import Any
 
-from selfie.io import atomic_write_text
+from selfie.io import TMP_SUFFIX, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,14 @@ class Tracker:
                 wandb.run.summary.update(flatten_metrics(metrics))
                 wandb.log(flatten_metrics(metrics))
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
+        """End the iteration's wandb run; after a failure as far as it can (a full disk may fail wandb too)."""
         if self.enabled:
             import wandb
 
             if wandb.run is not None:
-                wandb.finish()
+                with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+                    wandb.finish(exit_code=1 if failed else None)
 
 
 SUMMARY_COLUMNS = [
@@ -166,8 +169,8 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")  # a killed run's is removed on resume (rundir.remove_leftovers)
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     os.replace(tmp, path)
 

@@ -454,14 +454,18 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
         model = merge_adapter(load_adapter(model, prev_adapter))  # reference = merged model = pi_{t-1}
         peft_config, stack_on = _peft_config(config.lora), Path(prev_adapter)
 
-    args = build_dpo_config(
-        config.train, config.refine, output_dir / "checkpoints", lambda_=dnd_lambda(config.refine, iteration),
-        refine_on=iteration > 0, report_to=config.report_to, run_name=f"{config.run_name or output_dir.parent.name}-{output_dir.name}",
-        seed=config.seed, epochs=seed_epochs(config.train, len(dataset)) if iteration == 0 else None, **overrides)
     # taken before training shards the weights: the adapter applies to pi_init (merge mode stacks onto it again)
     fingerprint = base_fingerprint(unwrap_peft(model))
-    trainer = NoiseAwareDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                   peft_config=peft_config, callbacks=callbacks)
+    try:
+        args = build_dpo_config(
+            config.train, config.refine, output_dir / "checkpoints", lambda_=dnd_lambda(config.refine, iteration),
+            refine_on=iteration > 0, report_to=config.report_to, run_name=f"{config.run_name or output_dir.parent.name}-{output_dir.name}",
+            seed=config.seed, epochs=seed_epochs(config.train, len(dataset)) if iteration == 0 else None, **overrides)
+        trainer = NoiseAwareDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                       peft_config=peft_config, callbacks=callbacks)
+    except ValueError as e:  # TRL, transformers or PEFT refusing a value that got past the recipe's own checks
+        raise SelfieError(f"iteration {iteration}: the trainer refused the recipe's train / lora settings: "
+                          f"{str(e).splitlines()[0]}") from e
     checkpoint = last_checkpoint(args.output_dir)
     if checkpoint:
         logger.info("resuming training from %s", checkpoint)

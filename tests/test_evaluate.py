@@ -37,6 +37,11 @@ def length_judge(tmp_path, monkeypatch):
 
         def broken(prompt, response):
             return "high"
+
+        def raises(prompt, response):
+            if len(response) > 5:
+                raise KeyError("score")
+            return 0.0
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     return load_judge("callable:my_judges:length")
@@ -64,6 +69,18 @@ def test_callable_judge_rejects_a_non_number(length_judge):
     judge = load_judge("callable:my_judges:broken")
     with pytest.raises(SelfieError, match="callable:my_judges:broken.*row 0"):
         judge.score(PROMPTS[:1], ["x"])
+
+
+def test_a_judge_that_raises_is_one_line_naming_the_spec_and_the_row(length_judge, tmp_path, capsys):
+    from selfie.cli import main
+
+    with pytest.raises(SelfieError, match=r"judge 'callable:my_judges:raises' raised KeyError: 'score' on row 1 "
+                                          r"\(prompt 'list three fruits', response 'too long'\)"):
+        load_judge("callable:my_judges:raises").score(PROMPTS, ["ok", "too long"])
+    code = main(["eval", "accuracy", "--judge", "callable:my_judges:raises", "--preferences", "demo-seed", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("selfie: error: judge 'callable:my_judges:raises' raised KeyError")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("spec", [

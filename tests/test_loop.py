@@ -5,6 +5,10 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import random
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +20,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from selfie.cli import main
+from selfie.config import HARMLESS_KEYS, config_hash, load_recipe
 from selfie.io import read_jsonl
+from selfie.rundir import stage_artifacts
 
 ROOT = Path(__file__).parent.parent
 STAGE_FILES = ["responses.jsonl", "judgments.jsonl", "pairs.jsonl"]
@@ -90,7 +97,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         ta, tb = adapter_tensors(a, t), adapter_tensors(b, t)
         assert ta.keys() == tb.keys()
         for key in ta:
-            torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=1e-6, msg=f"iter {t} {key}")
+            assert torch.equal(ta[key], tb[key]), f"iter {t} {key}"
 
 
 def test_full_run_writes_the_run_directory_contract(reference_run):
@@ -114,6 +121,11 @@ def test_full_run_writes_the_run_directory_contract(reference_run):
         assert {"generate", "judge", "train", "times"} <= set(metrics)
     assert "pairs kept" in stdout and (run_dir / "summary.md").is_file() and (run_dir / "summary.png").stat().st_size > 0
     assert not list(run_dir.rglob("*.partial")) and not list(run_dir.rglob(".*.tmp"))
+    # every artifact with its checksum; trainer checkpoints go once the adapter is recorded; the lock once the run ends
+    for entry in manifest["stages"]:
+        assert set(entry["checksums"]) == set(entry["artifacts"]) == set(stage_artifacts(entry["iteration"], entry["stage"]))
+    assert manifest["stages"][1]["checksums"]["iter_001/responses.jsonl"]["rows"] == 6
+    assert not list(run_dir.glob("iter_*/checkpoints")) and not (run_dir / ".lock").exists()
 
 
 def test_status_reports_a_finished_run(reference_run):
@@ -167,6 +179,67 @@ def test_sigkill_then_rerun_matches_the_uninterrupted_run(point, recipe, referen
     assert_same_run(reference_run[0], run_dir)
 
 
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """The run directory somewhere else (a moved run), with its own files."""
+    copy = tmp_path / "moved"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("wandb"))
+    return copy
+
+
+def selfie_main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_dry_run_of_a_finished_run_shows_every_stage_done_and_touches_nothing(recipe, reference_run, capsys):
+    run_dir, _ = reference_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    code, out, _ = selfie_main(capsys, "run", *recipe_args(recipe, run_dir), "--dry-run")
+    assert code == 0 and "exists, 7 of 7 stages done" in out
+    assert sum(" done " in line for line in out.splitlines()) == 7
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_a_moved_run_resumes_and_a_cut_artifact_stops_it_naming_the_file(recipe, reference_run, tmp_path, capsys):
+    moved = copy_run(reference_run[0], tmp_path)
+    code, out, err = selfie_main(capsys, "run", str(recipe), "--output_dir", str(moved), "--report_to", "[]")
+    assert code == 0 and "pairs kept" in out, err
+    responses = moved / "iter_001" / "responses.jsonl"
+    responses.write_text("".join(responses.read_text().splitlines(keepends=True)[:3]))
+    code, _, err = selfie_main(capsys, "run", str(recipe), "--output_dir", str(moved), "--report_to", "[]")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{responses}: changed since it was recorded (6 rows, sha256 " in err and "then, 3 rows, sha256" in err
+    assert "iter_001/responses.jsonl (3 rows) (changed since it was recorded)" in run_selfie("status", str(moved)).stdout
+
+
+def test_a_run_directory_written_before_checksums_resumes_and_gets_them(recipe, reference_run, tmp_path, capsys):
+    run_dir = reference_run[0]
+    moved = copy_run(run_dir, tmp_path)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    # the manifest as the previous version wrote it: its hash counted output_dir, no checksums, no history
+    old_hash = config_hash(load_recipe(recipe, ["--output_dir", str(run_dir)]), leave_out=HARMLESS_KEYS)
+    stages = [{k: v for k, v in entry.items() if k != "checksums"} for entry in manifest["stages"]]
+    (moved / "manifest.json").write_text(json.dumps({"config_hash": old_hash, "stages": stages}))
+    code, _, err = selfie_main(capsys, "run", str(recipe), "--output_dir", str(moved), "--report_to", "[]")
+    assert code == 0, err
+    upgraded = json.loads((moved / "manifest.json").read_text())
+    assert upgraded["config_hash"] == manifest["config_hash"] and upgraded["stages"] == manifest["stages"]
+
+
+def test_force_on_a_finished_run_records_the_new_recipe_and_what_changed(recipe, reference_run, tmp_path, capsys):
+    moved = copy_run(reference_run[0], tmp_path)
+    args = [str(recipe), "--output_dir", str(moved), "--report_to", "[]"]
+    assert selfie_main(capsys, "run", *args, "--train.beta", "0.2", "--force")[0] == 0
+    manifest = json.loads((moved / "manifest.json").read_text())
+    assert manifest["config_hash"] == config_hash(load_recipe(recipe, ["--train.beta", "0.2"]))
+    assert manifest["config_history"][0]["changed"] == {"train.beta": [0.1, 0.2]}
+    assert manifest["config_history"][0]["stages_done"] == 7
+    assert selfie_main(capsys, "run", *args, "--train.beta", "0.2")[0] == 0  # the new recipe resumes
+    code, _, err = selfie_main(capsys, "run", *args)  # the old one no longer does
+    assert code == 2 and "differs from the run's own config.yaml in train.beta" in err
+
+
 def test_config_mismatch_and_lock_are_refused(recipe, reference_run, tmp_path):
     run_dir, _ = reference_run
     result = run_selfie("run", *recipe_args(recipe, run_dir, "--train.beta", "0.5"), check=False)
@@ -197,3 +270,36 @@ def test_two_process_run_matches_the_single_process_responses(recipe, reference_
     assert filecmp.cmp(ref / "iter_001" / "responses.jsonl", run_dir / "iter_001" / "responses.jsonl", shallow=False)
     assert len(read_jsonl(run_dir / "iter_002" / "pairs.jsonl")) > 0
     assert (run_dir / "iter_002" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_rerun_resumes_to_the_same_artifacts(recipe, reference_run, tmp_path):
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a small disk: no private mount namespace (unshare -rm)")
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    run = " ".join(shlex.quote(arg) for arg in selfie_cmd("run", *recipe_args(recipe, disk / "run")))
+    script = (f"mount -t tmpfs -o size=400k tmpfs {disk} && {{ {run} >/dev/null 2>{tmp_path}/full.err; echo $? >{tmp_path}/full.rc; "
+              f"mount -o remount,size=16m {disk} && {run} >/dev/null 2>{tmp_path}/rerun.err; echo $? >{tmp_path}/rerun.rc; "
+              f"cp -r {disk}/run {after}; }}")
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"}, check=True)
+    err = (tmp_path / "full.err").read_text()
+    errors = [line for line in err.splitlines() if line.startswith("selfie: error:")]
+    assert (tmp_path / "full.rc").read_text().strip() == "2" and len(errors) == 1, err[-3000:]
+    assert re.fullmatch(rf"selfie: error: {re.escape(str(disk))}/run: no space left on device during .*; free some space and run the same "
+                        r"command again: it resumes from the last completed step", errors[0])
+    assert "Traceback" not in err and "Logging error" not in err  # wandb's threads included
+    assert (tmp_path / "rerun.rc").read_text().strip() == "0", (tmp_path / "rerun.err").read_text()[-3000:]
+    assert_same_run(reference_run[0], after)
+
+
+@pytest.mark.slow
+def test_random_sigkills_then_reruns_give_the_uninterrupted_runs_artifacts(tmp_path):
+    """scripts/torture.py's trials until 10 kills have landed (a kill lands when the run is still going when it comes)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from torture import torture
+
+    seed = int(os.environ.get("SELFIE_TORTURE_SEED", random.SystemRandom().randrange(2**32)))
+    results, _ = torture(tmp_path, trials=1, seed=seed, min_kills=10)
+    assert sum(len(r.kills) for r in results) >= 10, f"seed {seed}"
+    assert all(r.identical for r in results), f"seed {seed}: {[r.differences for r in results]}"

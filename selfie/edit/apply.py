@@ -15,9 +15,6 @@ exactly; `fold_edits` refuses it rather than fold an approximation.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.edit.hidden import edit_point
 from selfie.errors import SelfieError
-from selfie.io import atomic_write_json
+from selfie.io import atomic_directory, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -126,18 +123,10 @@ def is_saved_model(directory: Path) -> bool:
 def save_standalone(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path, provenance: dict) -> Path:
     """save_pretrained (safetensors) + tokenizer + provenance into a temp dir, renamed into place."""
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as tmp:  # replaces an incomplete earlier attempt (callers return complete ones)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / EDIT_FILE, provenance)
-        if output_dir.exists():  # an incomplete earlier attempt: callers return complete ones before this
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved the edited model to %s", output_dir)
     return output_dir
 

@@ -43,12 +43,22 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> None:
+    from selfie.evaluation.report import write_report
+    from selfie.io import check_writable
+    from selfie.rundir import output_lock
+
+    output = Path(args.output)
+    check_writable(output, directory=True)
+    with output_lock(output):
+        write_report(output, _report(args, output))
+
+
+def _report(args: argparse.Namespace, output: Path) -> dict:
     from selfie.evaluation.compare import INIT, compare_models, eval_prompts, iteration_label, run_models, run_scores
     from selfie.evaluation.judges import load_judge
     from selfie.evaluation.labels import judge_accuracy
-    from selfie.evaluation.report import write_report
 
-    output, options = Path(args.output), from_args(EvalOptions, args)
+    options = from_args(EvalOptions, args)
     common = {"kind": args.eval_command, "judge": args.judge}
     # Inputs are read before the judge loads, so a bad file fails fast.
     if args.eval_command == "accuracy":
@@ -72,4 +82,4 @@ def run_eval_command(args: argparse.Namespace) -> None:
         scores = run_scores(args.run_dir, judge, prompts, options, output_dir=output)
         rows = [{"iteration": it, "label": iteration_label(it), **s} for it, s in scores.items()]
         report = {**common, "run_dir": str(args.run_dir), "prompts": source, "init_key": INIT, "rows": rows}
-    write_report(output, report)
+    return report

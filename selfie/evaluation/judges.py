@@ -52,16 +52,14 @@ class RewardModelJudge:
     def __init__(self, name: str, batch_size: int = 8, max_length: int = 2048, dtype: str = "auto"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from selfie.models import resolve_dtype, resolve_model_path
+        from selfie.models import resolve_dtype
 
-        path = resolve_model_path(name)
+        path = check_reward_model(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(dtype))
         except (OSError, ValueError, RuntimeError) as e:
             raise SelfieError(f"judge 'reward-model:{name}': cannot load ({str(e).splitlines()[0][:200]})") from None
-        if self.model.config.num_labels != 1:
-            raise SelfieError(f"judge 'reward-model:{name}': needs num_labels=1, the model has {self.model.config.num_labels}")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:  # batched pooling finds the last token via the pad id
@@ -93,6 +91,16 @@ class RewardModelJudge:
         return scores
 
 
+def check_reward_model(name: str) -> str:
+    """The reward model's path or hub id, once its config shows one output (num_labels=1); no weights are read."""
+    from selfie.models import load_model_config, resolve_model_path
+
+    labels = load_model_config(name).num_labels
+    if labels != 1:
+        raise SelfieError(f"judge 'reward-model:{name}': needs num_labels=1, the model has {labels}")
+    return resolve_model_path(name)
+
+
 class CallableJudge:
     def __init__(self, fn: Callable[[list[dict], str], float], spec: str):
         self.fn, self.spec = fn, spec
@@ -101,7 +109,11 @@ class CallableJudge:
         _check_lengths(prompts, responses)
         scores = []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            value = self.fn(prompt, response)
+            try:
+                value = self.fn(prompt, response)
+            except Exception as e:  # the user's code: its failure is bad input, reported in one line (-v: traceback)
+                raise SelfieError(f"judge '{self.spec}' raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                                  f"on row {i} (prompt {prompt[-1]['content'][:60]!r}, response {response[:60]!r})") from e
             try:
                 value = float(value)
             except (TypeError, ValueError):
@@ -165,7 +177,8 @@ def _load_callable(target: str, spec: str) -> CallableJudge:
     return CallableJudge(fn, spec)
 
 
-def _load_implicit(target: str, spec: str, dtype: str) -> ImplicitJudge:
+def _implicit_args(target: str, spec: str) -> tuple[str, str | None, float]:
+    """(model, adapter dir or None, beta) of an implicit:MODEL[@ADAPTER_DIR][?beta=B] spec."""
     body, _, query = target.partition("?")
     model_name, _, adapter = body.partition("@")
     if not model_name:
@@ -180,23 +193,47 @@ def _load_implicit(target: str, spec: str, dtype: str) -> ImplicitJudge:
         raise SelfieError(f"judge '{spec}': beta must be a number, got '{options['beta']}'") from None
     if not beta > 0:
         raise SelfieError(f"judge '{spec}': beta must be positive, got {beta}")
-    return ImplicitJudge(model_name, adapter or None, beta, dtype)
+    return model_name, adapter or None, beta
+
+
+def _load_implicit(target: str, spec: str, dtype: str) -> ImplicitJudge:
+    model_name, adapter, beta = _implicit_args(target, spec)
+    return ImplicitJudge(model_name, adapter, beta, dtype)
+
+
+def _check_implicit(target: str, spec: str) -> None:
+    from selfie.models import load_model_config
+
+    model_name, adapter, _ = _implicit_args(target, spec)
+    load_model_config(model_name)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise SelfieError(f"judge '{spec}': {adapter} is not an adapter directory (no adapter_config.json)")
 
 
 def load_judge(spec: str, dtype: str = "auto") -> Judge:
     """Build a judge from its spec string (see the module docstring); a bad spec is an error naming it."""
+    return _by_kind(spec, {"reward-model": lambda target: RewardModelJudge(target, dtype=dtype),
+                           "callable": lambda target: _load_callable(target, spec),
+                           "implicit": lambda target: _load_implicit(target, spec, dtype)})
+
+
+def check_judge(spec: str) -> None:
+    """What load_judge checks, without loading or running a model: the spec's form, a callable's module and
+    function, a reward model's config (one output), an implicit judge's model config and adapter directory."""
+    _by_kind(spec, {"reward-model": check_reward_model, "callable": lambda target: _load_callable(target, spec),
+                    "implicit": lambda target: _check_implicit(target, spec)})
+
+
+def _by_kind(spec: str, makers: dict[str, Callable[..., object]]):
+    """makers[kind](target) for a spec `kind:target`; every error names the spec."""
     if not isinstance(spec, str):
         raise SelfieError(f"judge {spec!r}: a judge spec is a string such as 'reward-model:PATH'")
     kind, sep, target = spec.partition(":")
     if not sep or not target:
         raise SelfieError(f"judge '{spec}': expected reward-model:PATH, callable:module:function or implicit:MODEL@ADAPTER")
     try:
-        if kind == "reward-model":
-            return RewardModelJudge(target, dtype=dtype)
-        if kind == "callable":
-            return _load_callable(target, spec)
-        if kind == "implicit":
-            return _load_implicit(target, spec, dtype)
+        if kind in makers:
+            return makers[kind](target)
     except SelfieError as e:
         if spec in str(e):
             raise

@@ -1,0 +1,254 @@
+"""What `selfie run` checks before it writes anything, and the plan `selfie run --dry-run` prints.
+
+For the stages the manifest does not hold yet: the output directory can be written; the model's config loads
+(no weights) and holds every LoRA target module; the dtype is known and TRL takes the trainer settings; the `init:`
+and `eval:` sections are valid; every data source a remaining stage reads loads and is well formed, with
+prompts for every slice; every judge spec (data.seed_judge, judge.labeller, eval.judge) imports and loads
+without a model being run. Only then does the run write config.yaml (selfie/rundir.py::open_run), so a
+failure here leaves no run directory behind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfie.config import AlignEZConfig, RecipeConfig, TrainConfig
+from selfie.data import Splits
+from selfie.errors import SelfieError
+from selfie.io import check_writable
+from selfie.rundir import Manifest, check_recipe, plan, stage_artifacts
+
+
+@dataclass
+class Step:
+    iteration: int
+    stage: str
+    work: str  # what the stage will do: prompts, responses, new tokens, pairs, optimizer steps
+    done: bool
+
+
+@dataclass
+class Plan:
+    config: RecipeConfig
+    steps: list[Step]
+    inputs: list[str]  # one line per input: what it is and what it holds
+    splits: Splits | None  # the prompt pool's slices, when a remaining stage reads them
+
+
+def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = frozenset()) -> Plan:
+    """Check everything the stages not in `done` need; returns their plan. Raises SelfieError naming the fault."""
+    check_writable(config.output_dir, directory=True)
+    steps = plan(config)
+    todo = [step for step in steps if step not in done]
+    stages = {stage for _, stage in todo}
+    inputs, sizes, splits = [], {}, None
+    if todo:
+        inputs.append(check_model(config))
+        check_trainer(config)
+    if (0, "init") in todo:
+        inputs.append(check_init(config))
+    if stages & {"seed", "generate", "eval"}:
+        splits = prompt_pool(config, inputs)
+    if (0, "seed") in todo:
+        sizes["seed"] = check_seed(config, splits, inputs)
+    if "judge" in stages and config.judge.labeller != "implicit":
+        check_judge_spec(config.judge.labeller, "judge.labeller", inputs)
+    if "eval" in stages:
+        sizes["eval"] = check_eval(config, inputs)
+    if splits is not None:
+        sizes.update({t: len(rows) for t, rows in enumerate(splits.iterations, 1)})
+    return Plan(config, [Step(t, stage, work(config, t, stage, sizes), (t, stage) in done) for t, stage in steps],
+                inputs, splits)
+
+
+def dry_run(config: RecipeConfig, force: bool) -> str:
+    """The plan of `selfie run --dry-run`: everything a real run checks first (the recipe against an existing
+    run's, its recorded artifacts, then preflight), nothing written."""
+    run_dir = Path(config.output_dir)
+    manifest = Manifest.load(run_dir / "manifest.json", "")
+    if run_dir.is_dir():
+        check_recipe(run_dir, config, manifest, force)
+        manifest.verify(record_new=False)
+    return describe(preflight(config, manifest.done_steps()), run_dir.is_dir())
+
+
+# ---- checks ---------------------------------------------------------------------------------------
+
+
+def check_model(config: RecipeConfig) -> str:
+    """The model's config loads and every lora.target_modules entry names a module of it (as PEFT matches them)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from selfie.models import load_model_config, resolve_dtype
+
+    resolve_dtype(config.model.dtype)
+    model_config = load_model_config(config.model.name)
+    with torch.device("meta"):  # the module tree without any weights
+        modules = dict(AutoModelForCausalLM.from_config(model_config).named_modules())
+    targets = config.lora.target_modules
+    if not targets:
+        raise SelfieError("recipe key 'lora.target_modules': the list is empty")
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)  # what LoRA can wrap
+    for target in targets:
+        matched = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
+        if not any(isinstance(m, adaptable) for m in matched):
+            known = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, torch.nn.Linear)})
+            what = f"is a {type(matched[0]).__name__}, which LoRA cannot adapt," if matched else "matches no module"
+            raise SelfieError(f"recipe key 'lora.target_modules': '{target}' {what} in model '{config.model.name}' "
+                              f"(its linear layers: {', '.join(known)})")
+    return f"model      {config.model.name} ({model_config.model_type}), LoRA r {config.lora.r} on {', '.join(targets)}"
+
+
+def check_trainer(config: RecipeConfig) -> None:
+    """The scheduler exists, and TRL takes the train: and refine: settings as the seed and iteration stages pass
+    them (building its config is cheap and creates nothing)."""
+    from transformers import SchedulerType
+
+    from selfie.trainer import build_dpo_config, dnd_lambda
+
+    try:
+        SchedulerType(config.train.lr_scheduler_type)
+    except ValueError:
+        known = ", ".join(s.value for s in SchedulerType)
+        raise SelfieError(f"recipe key 'train.lr_scheduler_type': unknown scheduler '{config.train.lr_scheduler_type}' "
+                          f"(known: {known})") from None
+    try:
+        for t in (0, 1):
+            build_dpo_config(config.train, config.refine, Path(config.output_dir) / "checkpoints", lambda_=dnd_lambda(config.refine, t),
+                             refine_on=t > 0, report_to=config.report_to, run_name=None, seed=config.seed)
+    except ValueError as e:
+        raise SelfieError(f"the trainer refuses the recipe's train: / refine: settings: {str(e).splitlines()[0]}") from None
+
+
+def check_init(config: RecipeConfig) -> str:
+    from selfie.data import load_prompts
+
+    settings = config.init  # typed and range-checked when the recipe loaded
+    available = len(load_prompts(settings.prompts))
+    if available < settings.num_prompts:
+        raise SelfieError(f"init.num_prompts: {settings.num_prompts} requested, but '{settings.prompts}' has {available} prompts")
+    return f"init       {settings.method} edit from {settings.num_prompts} of the {available} prompts of {settings.prompts}"
+
+
+def prompt_pool(config: RecipeConfig, inputs: list[str]) -> Splits:
+    """The prompt pool cut into the seed slice, one slice per iteration and the held-out rest (each used slice non-empty)."""
+    from selfie.data import load_prompts, split_prompts
+
+    d = config.data
+    rows = load_prompts(d.prompts, d.split)
+    splits = split_prompts(rows, d.seed_size, d.iteration_sizes, d.shuffle_seed)
+    for t, rows_t in enumerate(splits.iterations[: config.num_iterations], 1):
+        if not rows_t:
+            raise SelfieError(f"data.prompts '{d.prompts}': no prompts left for iteration {t}'s slice")
+    inputs.append(f"prompts    {d.prompts}: {len(rows)} prompts -> seed slice {len(splits.seed)}, iteration slices "
+                  f"{', '.join(str(len(s)) for s in splits.iterations)}, held out {len(splits.held_out)}")
+    return splits
+
+
+def check_seed(config: RecipeConfig, splits: Splits, inputs: list[str]) -> int | None:
+    """Where the seed pairs come from, checked; returns how many there will be at most (None: self-generated)."""
+    from selfie.data import load_preferences, seed_slice_pairs
+
+    d = config.data
+    if d.seed_pairs == "alignez":  # the init stage's own AlignEZ data, else AlignEZ's defaults
+        settings = config.init if isinstance(config.init, AlignEZConfig) else AlignEZConfig()
+        inputs.append(f"seed pairs AlignEZ's self-generated pairs from {settings.num_prompts} prompts of {settings.prompts}")
+        return None
+    if d.seed_pairs:
+        pairs = load_preferences(d.seed_pairs, d.split)
+        inputs.append(f"seed pairs {d.seed_pairs}: {len(pairs)} pairs")
+        return len(pairs)
+    if d.seed_judge:
+        if not splits.seed:
+            raise SelfieError("data.seed_judge is set but the seed slice is empty; set data.seed_size")
+        check_judge_spec(d.seed_judge, "data.seed_judge", inputs)
+        return len(splits.seed)
+    pairs = seed_slice_pairs(d.prompts, d.split, splits.seed)
+    inputs.append(f"seed pairs the labels of the seed slice in {d.prompts}: {len(pairs)} pairs")
+    return len(pairs)
+
+
+def check_judge_spec(spec: str, key: str, inputs: list[str]) -> None:
+    from selfie.evaluation.judges import check_judge
+
+    try:
+        check_judge(spec)
+    except SelfieError as e:
+        raise SelfieError(f"recipe key '{key}': {e}") from None
+    inputs.append(f"judge      {key}: {spec}")
+
+
+def check_eval(config: RecipeConfig, inputs: list[str]) -> int:
+    from selfie.evaluation.compare import eval_prompts
+
+    cfg = config.eval  # typed and range-checked when the recipe loaded
+    check_judge_spec(cfg.judge, "eval.judge", inputs)
+    prompts = eval_prompts(cfg.prompts, cfg.split or config.data.split, cfg.num_prompts, config)
+    inputs.append(f"eval       {len(prompts)} prompts of {cfg.prompts}, baseline {cfg.baseline}")
+    return len(prompts)
+
+
+# ---- the plan -------------------------------------------------------------------------------------
+
+
+def optimizer_steps(pairs: int, train: TrainConfig, epochs: float) -> int:
+    """Optimizer steps of one process over `pairs` pairs (more processes: fewer)."""
+    per_epoch = math.ceil(math.ceil(pairs / train.per_device_train_batch_size) / train.gradient_accumulation_steps)
+    return math.ceil(per_epoch * epochs)
+
+
+def _training(config: RecipeConfig, pairs: int | None, epochs: float | None) -> str:
+    if pairs is None:
+        return "DPO of a new LoRA adapter"
+    return f"{epochs:g} epoch{'' if epochs == 1 else 's'}, <= {optimizer_steps(pairs, config.train, epochs)} optimizer steps"
+
+
+def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
+    """One line: what (iteration t, stage) will do, as far as the checked inputs tell."""
+    from selfie.trainer import seed_epochs
+
+    g, d = config.generate, config.data
+    prompts = sizes.get(t)
+    if stage == "init":
+        return f"{config.init.method} edit of {config.model.name} -> pi_init"
+    if stage == "seed":
+        n = sizes.get("seed")
+        epochs = seed_epochs(config.train, n) if n is not None else None
+        if d.seed_judge and n is not None:
+            return (f"{n} seed prompts x 2 samples (<= {n * 2 * g.max_new_tokens} new tokens) labelled by {d.seed_judge} "
+                    f"-> <= {n} pairs; DPO of a new LoRA adapter, {_training(config, n, epochs)}")
+        return f"DPO of a new LoRA adapter on {n if n is not None else 'the'} seed pairs, {_training(config, n, epochs)}"
+    if prompts is None:
+        return "-"
+    if stage == "generate":
+        return f"{prompts} prompts x {g.num_responses} responses, <= {prompts * g.num_responses * g.max_new_tokens} new tokens"
+    if stage == "judge":
+        scorer = "implicit reward" if config.judge.labeller == "implicit" else config.judge.labeller
+        return f"{scorer} of {prompts * g.num_responses} responses -> <= {prompts} pairs"
+    if stage == "train":
+        total = prompts + round(d.replay / (1 - d.replay) * prompts)
+        replay = f" (+ {total - prompts} replayed seed pairs)" if total > prompts else ""
+        return f"noise-aware DPO on <= {prompts} pairs{replay}, {_training(config, total, config.train.num_train_epochs)}"
+    cfg, n = config.eval, sizes.get("eval")
+    models = 1 if cfg.baseline == "none" else 2
+    return f"{n} prompts x {models} models (<= {n * models * cfg.max_new_tokens} new tokens), scored by {cfg.judge}"
+
+
+def describe(plan: Plan, exists: bool) -> str:
+    """The dry run's report: inputs, then one row per stage with what it does and where its artifacts go."""
+    config, steps = plan.config, plan.steps
+    done = sum(step.done for step in steps)
+    state = f"exists, {done} of {len(steps)} stages done" if exists else "new"
+    lines = [f"run        {config.output_dir} ({state})", *plan.inputs, "",
+             f"{'iter':>4}  {'stage':<8}  {'status':<6}  {'work':<72}  writes (in {config.output_dir})"]
+    for step in steps:
+        lines.append(f"{step.iteration:>4}  {step.stage:<8}  {'done' if step.done else 'to do':<6}  {step.work:<72}  "
+                     f"{', '.join(stage_artifacts(step.iteration, step.stage))}")
+    keep = "kept (train.keep_checkpoints)" if config.train.keep_checkpoints else "deleted once the stage's adapter is recorded"
+    lines += ["", f"trainer checkpoints go to iter_t/checkpoints ({keep}); metrics to iter_t/metrics.json; "
+                  "summary.md, summary.png and wandb/ at the top", "dry run: nothing was written"]
+    return "\n".join(lines)

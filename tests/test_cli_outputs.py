@@ -1,0 +1,121 @@
+"""Every verb's output: an unwritable one (under a file, read-only) or one another command is writing is refused in
+one line before any model loads; out-of-range numbers on the command line are one-line usage errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfie.cli import main
+
+from test_loop import write_inputs, write_recipe
+
+RESPONSES = [{"prompt_id": "a", "prompt": [{"role": "user", "content": "hello world"}],
+              "responses": ["good morning", "yes thank you"], "finished": [True, False]}]
+
+
+@pytest.fixture(scope="module")
+def commands(tiny_model, prev_adapter, tmp_path_factory):
+    """verb -> the arguments of a command that would succeed, given where its output goes."""
+    directory = tmp_path_factory.mktemp("verbs")
+    recipe = write_recipe(directory, tiny_model, *write_inputs(directory))
+    responses = directory / "responses.jsonl"
+    responses.write_text("".join(json.dumps(row) + "\n" for row in RESPONSES))
+    (directory / "verb_judges.py").write_text("def length(prompt, response):\n    return float(len(response))\n")
+    return {
+        "run": lambda out: ["run", str(recipe), "--output_dir", str(out)],
+        "generate": lambda out: ["generate", "--model", tiny_model, "--prompts", "demo", "--output", str(out / "responses.jsonl"),
+                                 "--max-new-tokens", "2"],
+        "judge": lambda out: ["judge", "--model", tiny_model, "--adapter", str(prev_adapter), "--responses", str(responses),
+                              "--output", str(out / "judgments.jsonl")],
+        "eval": lambda out: ["eval", "accuracy", "--judge", "callable:verb_judges:length", "--preferences", "demo-seed",
+                             "--num-pairs", "2", "--output", str(out)],
+        "dir": directory,
+    }
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("selfie: error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may write to: mode 555 for a user, a read-only tmpfs for root (who ignores modes)."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+VERBS = ["run", "generate", "judge", "eval"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_an_output_under_a_file_is_one_line(verb, commands, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(commands["dir"]))
+    (tmp_path / "a-file").write_text("x")
+    err = one_line_error(commands[verb](tmp_path / "a-file" / "out"), capsys)
+    assert "a-file is a file, not a directory" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_read_only_output_is_one_line(verb, commands, read_only_dir, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(commands["dir"]))
+    err = one_line_error(commands[verb](read_only_dir / "out"), capsys)
+    assert f"cannot be written: {read_only_dir} is read-only" in err
+
+
+@pytest.mark.parametrize("verb", ["generate", "judge", "eval"])
+def test_a_second_command_on_the_same_output_is_refused(verb, commands, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(commands["dir"]))
+    argv = commands[verb](tmp_path / "out")
+    output = argv[argv.index("--output") + 1]
+    holder = subprocess.Popen([sys.executable, "-c", f"from selfie.rundir import output_lock; import time\n"
+                               f"with output_lock({output!r}):\n    print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = one_line_error(argv, capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"{Path(output).name}: output is in use by pid {holder.pid}; wait for it or stop it" in err
+    assert not Path(output).exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "accuracy", "--judge", "callable:m:f", "--preferences", "demo-seed", "--output", "o", "--n-boot", "0"],
+     "argument --n-boot: expected > 0, got 0"),
+    (["eval", "winrate", "--judge", "callable:m:f", "--model-a", "a", "--model-b", "b", "--output", "o", "--num-prompts", "-1"],
+     "argument --num-prompts: expected >= 0, got -1"),
+    (["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--top-p", "0"], r"argument --top-p: expected a value in (0, 1], got 0"),
+    (["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--max-new-tokens", "0"], "argument --max-new-tokens: expected >= 1"),
+    (["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--temperature", "-1"], "argument --temperature: expected >= 0"),
+    (["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--num-responses", "two"], "argument --num-responses: expected int, got 'two'"),
+    (["judge", "--model", "m", "--adapter", "a", "--responses", "r", "--output", "o", "--beta", "0"], "argument --beta: expected > 0"),
+    (["judge", "--model", "m", "--adapter", "a", "--responses", "r", "--output", "o", "--token-budget", "0"], "argument --token-budget: expected >= 1"),
+])
+def test_out_of_range_numbers_are_one_line_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err and "(usage: selfie " in err, err

@@ -1,0 +1,117 @@
+"""Bad recipes and inputs are refused before anything is written: one line naming the key, file or row, exit 2,
+no run directory; `selfie run --dry-run` prints the plan and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from selfie.cli import main
+
+from test_loop import write_inputs, write_recipe
+
+JUDGES = '''
+def length(prompt, response):
+    return float(len(response))
+'''
+
+
+def make_inputs(directory: Path, model: str) -> dict[str, Path]:
+    """The loop tests' recipe and inputs, a malformed prompt file, a judge module and a file where a directory goes."""
+    prompts, seed = write_inputs(directory)
+    bad = directory / "bad.jsonl"
+    bad.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]) + "{not json\n")
+    (directory / "preflight_judges.py").write_text(JUDGES)
+    (directory / "a-file").write_text("not a directory")
+    return {"recipe": write_recipe(directory, model, prompts, seed), "prompts": prompts, "bad": bad, "dir": directory}
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    return make_inputs(tmp_path_factory.mktemp("preflight"), tiny_model)
+
+
+def run(inputs: dict, run_dir: Path, overrides: list[str], capsys, dry_run: bool) -> tuple[int, str, str]:
+    code = main(["run", str(inputs["recipe"]), "--output_dir", str(run_dir), *overrides, *(["--dry-run"] if dry_run else [])])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def with_paths(text: str, inputs: dict) -> str:
+    for name, path in inputs.items():
+        text = text.replace(f"<{name}>", str(path))
+    return text
+
+
+CASES = {  # name: (overrides, where <x> is an input path, what the one line says)
+    "malformed prompts": (["--data.prompts", "<bad>"], r"bad.jsonl:3: not valid JSON"),
+    "missing prompts": (["--data.prompts", "<dir>/nope.jsonl"], r"nope.jsonl: file not found"),
+    "slices beyond the pool": (["--data.iteration_sizes", "[12, 4]"], r"= 16 prompts, but the pool has only 12"),
+    "seed pairs without labels": (["--data.seed_pairs", "<prompts>"], r"prompts.jsonl: row 1: no 'chosen' column"),
+    "pool without labels": (["--data.seed_pairs", "null", "--data.seed_size", "2"],
+                            r"the seed labels come from data.prompts, but .*prompts.jsonl: row 1: no 'chosen' column"),
+    "labeller module missing": (["--judge.labeller", "callable:no_such_module:score"],
+                                r"recipe key 'judge.labeller': judge 'callable:no_such_module:score': cannot import module"),
+    "seed judge function missing": (["--data.seed_pairs", "null", "--data.seed_size", "2", "--data.seed_judge",
+                                     "callable:preflight_judges:nope"], r"'data.seed_judge': .* has no callable 'nope'"),
+    "eval judge missing": (["--eval", "{judge: 'reward-model:/nonexistent/rm'}"],
+                           r"'eval.judge': judge 'reward-model:/nonexistent/rm': .*model directory not found"),
+    "unknown eval key": (["--eval", "{judge: 'callable:preflight_judges:length', bogus: 1}"], r"unknown recipe key 'eval.bogus'"),
+    "init asks too much": (["--init", "{method: alignez, num_prompts: 500}"], r"init.num_prompts: 500 requested, but 'demo' has 300"),
+    "unknown init key": (["--init", "{method: rahf, stepz: 3}"], r"unknown recipe key 'init.stepz'"),
+    "lora target typo": (["--lora.target_modules", "[q_prj]"], r"'lora.target_modules': 'q_prj' matches no module"),
+    "lora target not a layer": (["--lora.target_modules", "[model]"], r"'model' is a LlamaModel, which LoRA cannot adapt"),
+    "unknown scheduler": (["--train.lr_scheduler_type", "cosin"], r"'train.lr_scheduler_type': unknown scheduler 'cosin'"),
+    "scheduler TRL refuses": (["--train.lr_scheduler_type", "reduce_lr_on_plateau"],
+                              r"the trainer refuses the recipe's train: / refine: settings: .*requires an eval strategy"),
+    "missing model": (["--model.name", "/nonexistent/model"], r"/nonexistent/model: model directory not found"),
+    "unknown dtype": (["--model.dtype", "float17"], r"model.dtype: unknown dtype 'float17'"),
+    "bad generation value": (["--generate.top_p", "0"], r"'generate.top_p': expected a value in \(0, 1\]"),
+    "output under a file": (["--output_dir", "<dir>/a-file/run"], r"a-file/run: cannot be created: .*a-file is a file"),
+    "override not YAML": (["--eval", "{judge:"], r"override --eval: not a YAML value"),
+}
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_before_anything_is_written(case, dry_run, inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(inputs["dir"]))
+    overrides, message = CASES[case]
+    run_dir = tmp_path / "run"
+    code, _, err = run(inputs, run_dir, [with_paths(o, inputs) for o in overrides], capsys, dry_run)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("selfie: error: "), err
+    assert re.search(message, err), err
+    assert not run_dir.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(inputs, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, _ = run(inputs, run_dir, ["--data.replay", "0.5"], capsys, dry_run=True)
+    assert code == 0 and not run_dir.exists()
+    rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert [(int(r[0]), r[1], r[2]) for r in rows] == [
+        (0, "seed", "to"), (1, "generate", "to"), (1, "judge", "to"), (1, "train", "to"),
+        (2, "generate", "to"), (2, "judge", "to"), (2, "train", "to")]
+    assert f"{run_dir} (new)" in out and "12 prompts -> seed slice 0, iteration slices 6, 6, held out 0" in out
+    assert "seed.jsonl: 8 pairs" in out
+    assert "DPO of a new LoRA adapter on 8 seed pairs, 1 epoch, <= 4 optimizer steps" in out  # batch 2, accumulation 1
+    assert "6 prompts x 2 responses, <= 144 new tokens" in out and "implicit reward of 12 responses -> <= 6 pairs" in out
+    assert "noise-aware DPO on <= 6 pairs (+ 6 replayed seed pairs), 1 epoch, <= 6 optimizer steps" in out
+    assert "iter_001/judgments.jsonl, iter_001/pairs.jsonl" in out and "iter_002/adapter" in out
+    assert out.rstrip().endswith("dry run: nothing was written")
+
+
+def test_dry_run_plans_gold_labels_and_eval(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(inputs["dir"]))
+    judge = "callable:preflight_judges:length"
+    code, out, err = run(inputs, tmp_path / "run", ["--data.seed_pairs", "null", "--data.seed_judge", judge, "--data.seed_size", "4",
+                                                    "--data.iteration_sizes", "[4, 4]",
+                                                    "--eval", json.dumps({"judge": judge, "num_prompts": 3, "max_new_tokens": 5})],
+                         capsys, dry_run=True)
+    assert code == 0, err
+    assert f"4 seed prompts x 2 samples (<= 96 new tokens) labelled by {judge} -> <= 4 pairs" in out
+    assert f"3 prompts x 2 models (<= 30 new tokens), scored by {judge}" in out
+    assert "iter_002/eval.json" in out and not (tmp_path / "run").exists()
