@@ -104,7 +104,7 @@ def test_a_second_command_on_the_same_output_is_refused(verb, commands, tmp_path
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "accuracy", "--judge", "callable:m:f", "--preferences", "demo-seed", "--output", "o", "--n-boot", "0"],
-     "argument --n-boot: expected > 0, got 0"),
+     "argument --n-boot: expected >= 1, got 0"),
     (["eval", "winrate", "--judge", "callable:m:f", "--model-a", "a", "--model-b", "b", "--output", "o", "--num-prompts", "-1"],
      "argument --num-prompts: expected >= 0, got -1"),
     (["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--top-p", "0"], r"argument --top-p: expected a value in (0, 1], got 0"),
