@@ -313,6 +313,8 @@ def report(results: dict) -> str:
 
 
 def _verdict(ci: list[float]) -> str:
+    if max(abs(c) for c in ci) < 1e-6:  # the same answers (an edit that changed nothing; the scorer rounds)
+        return "identical answers"
     return "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "within noise"
 
 
