@@ -15,23 +15,30 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.edit.hidden import encode, pad_batch
+from selfie.projection import logit_softcap, output_layer, token_logps
 
 
 @torch.no_grad()
 def response_logps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]],
                    responses: Sequence[str], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each response's tokens (as generated, no end-of-turn token) after its prompt, float64,
-    and each response's token count."""
+    and each response's token count.
+
+    Only the response positions are projected onto the vocabulary, through the shared tiled projection
+    (no [batch, length, vocab] logits).
+    """
     items = [encode(tokenizer, p, y) for p, y in zip(prompts, responses)]
     device = next(model.parameters()).device
+    head, softcap = output_layer(model), logit_softcap(model)
     out = torch.zeros(len(items), dtype=torch.float64)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         batch = pad_batch(chunk, tokenizer.pad_token_id, "right", device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     position_ids=batch.position_ids, use_cache=False).last_hidden_state
         rows, cols = batch.response_index(chunk)
-        token_logps = logits[rows, cols - 1].float().log_softmax(-1).gather(1, batch.input_ids[rows, cols][:, None])[:, 0]
-        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, token_logps.double())
+        logps = token_logps([(1.0, hidden[rows, cols - 1])], batch.input_ids[rows, cols], head.weight, head.bias, softcap)
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, logps.double())
         out[start:start + len(chunk)] = sums.cpu()
     return out, torch.tensor([len(item.ids) - item.prompt_len for item in items])
 
