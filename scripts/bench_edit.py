@@ -9,7 +9,7 @@ edit, after AlignEZ (folded model) and after RAHF (merged model), each built wit
 
     python scripts/bench_edit.py [--quick]
 
-Full sizes take about 5 minutes on 2 quiet CPU cores (about 7 with 1 thread); --quick about 1 minute
+Full sizes take about 12 minutes on 2 quiet CPU cores (RAHF's 150 steps are 3 of them); --quick about 1 minute
 and writes nothing. On a busy machine set OMP_NUM_THREADS=1: oversubscribed torch threads are many times slower.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selfie.config import AlignEZConfig, load_init  # noqa: E402
+from selfie.config import AlignEZConfig, RAHFConfig, load_init  # noqa: E402
 from selfie.data import load_prompts  # noqa: E402
 from selfie.edit import build_edited_model  # noqa: E402
 from selfie.edit.alignez_data import generate_alignez_data  # noqa: E402
@@ -53,11 +53,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sizes = ({"fit": 4, "held_out": 4, "char": 8, "resp": 16, "steps": 3} if args.quick else
-             {"fit": 24, "held_out": 24, "char": 40, "resp": 80, "steps": None})
+             {"fit": 24, "held_out": 24, "char": 40, "resp": 80, "steps": RAHFConfig.steps})
     common = {"num_prompts": sizes["fit"], "max_new_tokens_resp": sizes["resp"], "batch_size": 8, "dtype": "float32"}
     inits = {
         "alignez": {"method": "alignez", **common, "max_new_tokens_char": sizes["char"]},
-        "rahf": {"method": "rahf", **common, **({"steps": sizes["steps"]} if sizes["steps"] else {})},
+        "rahf": {"method": "rahf", **common, "steps": sizes["steps"]},
     }
 
     rows = load_prompts("demo")
@@ -95,7 +95,7 @@ def report(r: dict) -> str:
         f"Machine: {r['machine']}, {r['threads']} torch threads, float32. Model: {r['model']['name']} "
         f"({r['model']['layers']} layers, hidden {r['model']['hidden']}).",
         f"Sizes: {s['fit']} prompts to build each edit, {s['held_out']} held-out prompts -> {r['held_out_pairs']} held-out "
-        f"self-generated pairs; characteristics {s['char']} tokens, responses {s['resp']} tokens; RAHF {s['steps'] or 'default'} steps "
+        f"self-generated pairs; characteristics {s['char']} tokens, responses {s['resp']} tokens; RAHF {s['steps']} steps "
         "of 4 examples. Demo prompts, seeded shuffle, the two sets disjoint.",
         "",
         "| model | held-out accuracy of logp(y+) > logp(y-) | mean margin (nats) | build time (s): data + edit, total |",
