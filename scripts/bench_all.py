@@ -53,14 +53,12 @@ def run_benchmark(script: str, args: list[str]) -> tuple[bool, float]:
 
 
 def is_complete(run_dir: Path) -> bool:
-    from selfie.config import config_hash
-    from selfie.loop import plan
-    from selfie.rundir import Manifest, load_run_config
+    from selfie.rundir import RunContext
 
     if not (run_dir / "config.yaml").is_file():
         return False
-    config = load_run_config(run_dir)
-    return Manifest.load(run_dir / "manifest.json", config_hash(config)).next_stage(plan(config)) is None
+    ctx = RunContext.load(run_dir)
+    return ctx.manifest().next_stage(ctx.plan) is None
 
 
 def stage_times(run_dir: Path) -> dict[int, dict[str, float]]:

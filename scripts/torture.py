@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from selfie.rundir import Manifest, plan  # noqa: E402
+from selfie.rundir import Manifest, RunContext  # noqa: E402
 from selfie.config import load_recipe  # noqa: E402
 
 ENV = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -97,7 +97,7 @@ def trial(recipe: Path, reference: Path, run_dir: Path, window: float, rng: rand
     Each kill falls uniformly in what is left of `window`, the run's expected time (at least a tenth of it).
     Returns the trial and this trial's estimate of the run's time (killed time + the last run's): the machine's
     load changes, and a window too long makes kills come after the run has ended."""
-    steps = plan(load_recipe(recipe, ["--output_dir", str(run_dir)]))
+    steps = RunContext.for_recipe(load_recipe(recipe, ["--output_dir", str(run_dir)])).plan
     result, progress = Trial(), 0.0
     while True:
         proc = start(recipe, run_dir)

@@ -1,4 +1,5 @@
-"""The process layout under `accelerate launch`, on GPUs and on CPU-only machines alike.
+"""The process layout under `accelerate launch`, on GPUs and on CPU-only machines alike, and the loop's
+collective steps: work on rank 0 shared with every rank, and row files sharded over the ranks and merged.
 
 accelerate recognises several CPU processes (MULTI_CPU over gloo) only when told `cpu=True`; without it
 each rank believes it runs alone (no gradient all-reduce, no sharding). Everything in selfie asks here.
@@ -7,11 +8,19 @@ each rank believes it runs alone (no gradient all-reduce, no sharding). Everythi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 
-from selfie.errors import SelfieError
+from selfie.errors import SelfieError, os_error_line
+from selfie.io import atomic_write_jsonl, read_jsonl
+
+T = TypeVar("T")
 
 
 def on_cpu() -> bool:
@@ -32,3 +41,84 @@ def check_topology() -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and on_cpu():
         raise SelfieError("the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only (on CPU it falls "
                           "back to plain data parallelism); here use accelerate_configs/multi_gpu.yaml or deepspeed_zero*.yaml")
+
+
+@dataclass
+class Ranks:
+    """This process among the `accelerate launch` ranks, and the collective steps the stages take."""
+
+    state: PartialState
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    def barrier(self) -> None:
+        self.state.wait_for_everyone()
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """Run fn on rank 0 only; every rank gets its result, or raises its error (no rank left waiting)."""
+        box: list[Any] = [None, None]
+        if self.is_main:
+            try:
+                box = [fn(), None]
+            except SelfieError as e:
+                box = [None, str(e)]
+            except OSError as e:
+                box = [None, os_error_line(e)]
+        if self.state.num_processes > 1:
+            broadcast_object_list(box)
+        if box[1] is not None:
+            raise SelfieError(box[1])
+        return box[0]
+
+    def sharded(self, final: Path, work: Callable[[Path, tuple[int, int]], dict]) -> dict:
+        """Run `work(out, (rank, world))` on this rank's shard; rank 0 merges the shard files (sorted by prompt_id)
+        into `final`. Returns the ranks' metrics combined."""
+        world, rank = self.state.num_processes, self.state.process_index
+        if world == 1:
+            return work(final, (0, 1))
+        metrics = gather_object([work(shard_path(final, rank, world), (rank, world))])
+        if self.is_main:
+            merge_shards(final, world)
+        self.barrier()
+        return combine_metrics(metrics)
+
+
+def shard_path(final: Path, rank: int, world: int) -> Path:
+    """Where rank `rank` of `world` writes its part of `final`."""
+    return final.with_name(f"{final.stem}.rank{rank}-of-{world}{final.suffix}")
+
+
+def merge_shards(final: Path, world: int) -> None:
+    """Rank 0: the ranks' parts of `final` as one file (rows sorted by prompt_id), the parts removed."""
+    shards = [shard_path(final, rank, world) for rank in range(world)]
+    atomic_write_jsonl(final, sorted((row for path in shards for row in read_jsonl(path)), key=lambda row: row["prompt_id"]))
+    for path in shards:
+        path.unlink()
+
+
+def combine_metrics(shards: list[dict]) -> dict:
+    """Merge per-rank stage metrics: counts add up, wall time is the slowest rank's, rates are recomputed."""
+    if len(shards) == 1:
+        return shards[0]
+    merged: dict[str, Any] = {}
+    for shard in shards:
+        for key, value in shard.items():
+            if isinstance(value, dict):
+                merged[key] = combine_metrics([merged.get(key, {}), value]) if key in merged else dict(value)
+            elif key == "seconds":
+                merged[key] = max(merged.get(key, 0.0), value)
+            elif isinstance(value, (int, float)) and not key.endswith(("per_second", "fraction", "mean")):
+                merged[key] = merged.get(key, 0) + value
+            elif isinstance(value, str):  # e.g. the generation backend each rank used
+                merged[key] = value if merged.get(key, value) == value else "mixed"
+    seconds = merged.get("seconds") or 0.0
+    for rate, count in (("tokens_per_second", "new_tokens"), ("pairs_per_second", "pairs")):
+        if count in merged and seconds:
+            merged[rate] = merged[count] / seconds
+    return merged

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from selfie.config import RecipeConfig, config_hash
+from selfie.config import RecipeConfig
 from selfie.errors import SelfieError
 from selfie.io import atomic_directory, read_json
-from selfie.rundir import Manifest, iteration_dir, load_run_config
+from selfie.rundir import RunContext
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -33,22 +33,16 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def completed_iterations(run_dir: Path, config: RecipeConfig) -> list[int]:
-    """Iterations whose adapter is final: the seed stage done for 0, the train stage for t >= 1."""
-    manifest = Manifest.load(run_dir / "manifest.json", config_hash(config))
-    return [t for t in range(config.num_iterations + 1) if manifest.is_done(t, "train" if t else "seed")]
-
-
-def pick_iteration(run_dir: Path, config: RecipeConfig, iteration: int | None) -> int:
+def pick_iteration(ctx: RunContext, iteration: int | None) -> int:
     """`iteration` if it is complete, else an error; None means the last completed one."""
-    done = completed_iterations(run_dir, config)
+    done = ctx.completed_iterations()
     if iteration is None:
         if not done:
-            raise SelfieError(f"{run_dir}: no completed iteration to export (the seed stage is not in manifest.json yet)")
+            raise SelfieError(f"{ctx.run_dir}: no completed iteration to export (the seed stage is not in manifest.json yet)")
         return done[-1]
     if iteration not in done:
         stage = "train" if iteration else "seed"
-        raise SelfieError(f"{run_dir}: iteration {iteration} is not complete (no '{stage}' stage done in manifest.json); "
+        raise SelfieError(f"{ctx.run_dir}: iteration {iteration} is not complete (no '{stage}' stage done in manifest.json); "
                           f"completed: {', '.join(map(str, done)) or 'none'}")
     return iteration
 
@@ -145,19 +139,18 @@ def export_run(run_dir: str | Path, output: str | Path, *, iteration: int | None
                dtype: str | None = None, force: bool = False, push_to_hub: str | None = None,
                private: bool = False) -> Path:
     """Export iteration `iteration` (default: the last completed) of a run into `output`; optionally push it."""
-    from selfie.evaluation.compare import run_models
     from selfie.model_card import build_card
 
-    run_dir, output = Path(run_dir), Path(output)
+    output = Path(output)
     if push_to_hub:
         require_hub_login()
-    config = load_run_config(run_dir)
-    t = pick_iteration(run_dir, config, iteration)
-    adapter = iteration_dir(run_dir, t) / "adapter"
+    ctx = RunContext.load(run_dir)
+    config, base = ctx.config, ctx.pi_init  # pi_init: the configured model, or the edited one
+    t = pick_iteration(ctx, iteration)
+    adapter = ctx.adapter(t)
     if not (adapter / "adapter_config.json").is_file():
         raise SelfieError(f"{adapter}: recorded done in manifest.json but holds no adapter_config.json")
     check_output(output, force)
-    base = run_models(run_dir)[1]  # pi_init: the configured model, or the edited one
     target = DTYPES[dtype] if dtype else None
     with atomic_directory(output) as tmp:
         if adapter_only:
@@ -165,11 +158,11 @@ def export_run(run_dir: str | Path, output: str | Path, *, iteration: int | None
         else:
             write_merged(base, adapter, tmp, target)
             reference = None
-        card = build_card(run_dir, config, t, adapter_reference=reference, output=output, repo_id=push_to_hub)
+        card = build_card(ctx, t, adapter_reference=reference, output=output, repo_id=push_to_hub)
         card.save(tmp / "README.md")
-    logger.info("exported iteration %d of %s to %s", t, run_dir, output)
+    logger.info("exported iteration %d of %s to %s", t, ctx.run_dir, output)
     if push_to_hub:
-        logger.info("pushed to %s", push(output, push_to_hub, private, f"selfie export of {run_dir.name}, iteration {t}"))
+        logger.info("pushed to %s", push(output, push_to_hub, private, f"selfie export of {ctx.run_dir.name}, iteration {t}"))
     return output
 
 

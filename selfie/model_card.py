@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from selfie.config import RecipeConfig
 from selfie.export import is_local
 from selfie.io import read_json
-from selfie.rundir import iteration_dir
+from selfie.rundir import RunContext
 from selfie.tracking import eval_headline, summary_markdown, summary_rows
 
 # the hub model each built-in alias was quantised from (its GGUF file is not on the hub under this name)
@@ -116,11 +116,11 @@ def evaluation(rows: list[dict]) -> str | None:
     return "\n".join(results) if results else None
 
 
-def build_card(run_dir: Path, config: RecipeConfig, iteration: int, *, adapter_reference: str | None, output: Path,
+def build_card(ctx: RunContext, iteration: int, *, adapter_reference: str | None, output: Path,
                repo_id: str | None = None) -> ModelCard:
-    """The card of iteration `iteration` of `run_dir`, exported to `output` (and pushed to `repo_id` when given)."""
-    paths = {t: iteration_dir(run_dir, t) / "metrics.json" for t in range(iteration + 1)}
-    metrics = {t: read_json(path) for t, path in paths.items() if path.is_file()}
+    """The card of iteration `iteration` of a run, exported to `output` (and pushed to `repo_id` when given)."""
+    config, run_dir = ctx.config, ctx.run_dir
+    metrics = {t: read_json(ctx.metrics(t)) for t in range(iteration + 1) if ctx.metrics(t).is_file()}
     rows = summary_rows(metrics)
     sections = [
         f"# {config.run_name or run_dir.name}, iteration {iteration}",
@@ -130,7 +130,7 @@ def build_card(run_dir: Path, config: RecipeConfig, iteration: int, *, adapter_r
     ]
     if (results := evaluation(rows)) is not None:
         sections.append("## Evaluation\n\nThe run's eval stage (held-out prompts, judge as named):\n\n" + results)
-    recipe = (run_dir / "config.yaml").read_text(encoding="utf-8").rstrip()
+    recipe = ctx.config_file.read_text(encoding="utf-8").rstrip()
     sections.append(f"## Recipe\n\nThe run's resolved `config.yaml`:\n\n```yaml\n{recipe}\n```")
     metadata = card_data(config, adapter_only=adapter_reference is not None).to_yaml()
     return ModelCard(f"---\n{metadata}\n---\n\n" + "\n\n".join(sections) + "\n")

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from selfie.config import AlignEZConfig, RecipeConfig, TrainConfig
 from selfie.data import Splits
 from selfie.errors import SelfieError
 from selfie.io import check_writable
-from selfie.rundir import Manifest, check_recipe, plan, stage_artifacts
+from selfie.rundir import CHECKPOINTS, RunContext, check_recipe
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Plan:
 def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = frozenset()) -> Plan:
     """Check everything the stages not in `done` need; returns their plan. Raises SelfieError naming the fault."""
     check_writable(config.output_dir, directory=True)
-    steps = plan(config)
+    steps = RunContext.for_recipe(config).plan
     todo = [step for step in steps if step not in done]
     stages = {stage for _, stage in todo}
     inputs, sizes, splits = [], {}, None
@@ -66,8 +65,8 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
 def dry_run(config: RecipeConfig, force: bool) -> str:
     """The plan of `selfie run --dry-run`: everything a real run checks first (the recipe against an existing
     run's, its recorded artifacts, then preflight), nothing written."""
-    run_dir = Path(config.output_dir)
-    manifest = Manifest.load(run_dir / "manifest.json", "")
+    ctx = RunContext.for_recipe(config)
+    run_dir, manifest = ctx.run_dir, ctx.manifest("")
     if run_dir.is_dir():
         check_recipe(run_dir, config, manifest, force)
         manifest.verify(record_new=False)
@@ -118,7 +117,7 @@ def check_trainer(config: RecipeConfig) -> None:
                           f"(known: {known})") from None
     try:
         for t in (0, 1):
-            build_dpo_config(config.train, config.refine, Path(config.output_dir) / "checkpoints", lambda_=dnd_lambda(config.refine, t),
+            build_dpo_config(config.train, config.refine, RunContext.for_recipe(config).checkpoints(t), lambda_=dnd_lambda(config.refine, t),
                              refine_on=t > 0, report_to=config.report_to, run_name=None, seed=config.seed)
     except ValueError as e:
         raise SelfieError(f"the trainer refuses the recipe's train: / refine: settings: {str(e).splitlines()[0]}") from None
@@ -241,14 +240,16 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
 def describe(plan: Plan, exists: bool) -> str:
     """The dry run's report: inputs, then one row per stage with what it does and where its artifacts go."""
     config, steps = plan.config, plan.steps
+    ctx = RunContext.for_recipe(config)
     done = sum(step.done for step in steps)
     state = f"exists, {done} of {len(steps)} stages done" if exists else "new"
     lines = [f"run        {config.output_dir} ({state})", *plan.inputs, "",
              f"{'iter':>4}  {'stage':<8}  {'status':<6}  {'work':<72}  writes (in {config.output_dir})"]
     for step in steps:
         lines.append(f"{step.iteration:>4}  {step.stage:<8}  {'done' if step.done else 'to do':<6}  {step.work:<72}  "
-                     f"{', '.join(stage_artifacts(step.iteration, step.stage))}")
+                     f"{', '.join(ctx.relative(path) for path in ctx.artifacts(step.iteration, step.stage))}")
     keep = "kept (train.keep_checkpoints)" if config.train.keep_checkpoints else "deleted once the stage's adapter is recorded"
-    lines += ["", f"trainer checkpoints go to iter_t/checkpoints ({keep}); metrics to iter_t/metrics.json; "
-                  "summary.md, summary.png and wandb/ at the top", "dry run: nothing was written"]
+    lines += ["", f"trainer checkpoints go to {CHECKPOINTS}/ beside each adapter ({keep}); metrics to each iteration's "
+                  f"{ctx.metrics(0).name}; {ctx.summary_file.name}, {ctx.summary_plot.name} and wandb/ at the top",
+              "dry run: nothing was written"]
     return "\n".join(lines)

@@ -34,28 +34,128 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("init", "seed", "generate", "judge", "train", "eval")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what a directory artifact's checksum covers
-TRAINED = ("seed", "train")  # stages that leave trainer checkpoints in iter_t/checkpoints
+TRAINED = ("seed", "train")  # stages that leave trainer checkpoints beside their adapter
+ADAPTER, CHECKPOINTS = "adapter", "checkpoints"  # what a training stage writes in its directory (selfie/trainer.py)
 
 
-def iteration_dir(run_dir: Path, iteration: int) -> Path:
-    return run_dir / f"iter_{iteration:03d}"
+@dataclass
+class RunContext:
+    """One run: its recipe, where each of its files lives and which stages it runs. The run directory's layout is
+    written here and nowhere else (docs/DESIGN.md section 2):
 
+        RUN/config.yaml, manifest.json, summary.md, summary.png, wandb/
+        RUN/init/model      the representation-edited pi_init (a recipe with `init:`)
+        RUN/iter_TTT/       responses.jsonl, judgments.jsonl, pairs.jsonl, adapter/, checkpoints/, metrics.json,
+                            eval.json, eval/ (iteration 0 is the seed stage)
 
-def plan(config: RecipeConfig) -> list[tuple[int, str]]:
-    """Every (iteration, stage) of the run, in order."""
-    steps = [(0, "init")] if config.init else []
-    steps.append((0, "seed"))
-    per_iteration = ["generate", "judge", "train"] + (["eval"] if config.eval else [])
-    steps += [(t, stage) for t in range(1, config.num_iterations + 1) for stage in per_iteration]
-    return steps
+    `run_dir` is where the run is now: a moved run directory keeps its config's old output_dir.
+    """
 
+    config: RecipeConfig
+    run_dir: Path
+    config_file: Path = field(init=False)
+    manifest_file: Path = field(init=False)
+    summary_file: Path = field(init=False)
+    summary_plot: Path = field(init=False)
+    init_model: Path = field(init=False)
 
-def stage_artifacts(iteration: int, stage: str) -> list[str]:
-    """What a completed stage leaves, relative to RUN (docs/DESIGN.md section 2)."""
-    it = f"iter_{iteration:03d}"
-    return {"init": ["init/model"], "seed": [f"{it}/pairs.jsonl", f"{it}/adapter"], "generate": [f"{it}/responses.jsonl"],
-            "judge": [f"{it}/judgments.jsonl", f"{it}/pairs.jsonl"], "train": [f"{it}/adapter"],
-            "eval": [f"{it}/eval.json"]}[stage]
+    def __post_init__(self) -> None:
+        top = self.run_dir = Path(self.run_dir)
+        self.config_file, self.manifest_file = top / "config.yaml", top / "manifest.json"
+        self.summary_file, self.summary_plot = top / "summary.md", top / "summary.png"
+        self.init_model = top / "init" / "model"
+
+    @classmethod
+    def for_recipe(cls, config: RecipeConfig) -> RunContext:
+        return cls(config, Path(config.output_dir))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunContext:
+        """The context of an existing run directory, from its config.yaml."""
+        return cls(load_run_config(Path(run_dir)), Path(run_dir))
+
+    @property
+    def pi_init(self) -> str:
+        """The model the run starts from: the configured one, or its representation-edited version."""
+        return str(self.init_model) if self.config.init else self.config.model.name
+
+    # ---- one iteration's files
+
+    def iteration_dir(self, t: int) -> Path:
+        return self.run_dir / f"iter_{t:03d}"
+
+    def responses(self, t: int) -> Path:
+        return self.iteration_dir(t) / "responses.jsonl"
+
+    def judgments(self, t: int) -> Path:
+        return self.iteration_dir(t) / "judgments.jsonl"
+
+    def pairs(self, t: int) -> Path:
+        return self.iteration_dir(t) / "pairs.jsonl"
+
+    def adapter(self, t: int) -> Path:
+        return self.iteration_dir(t) / ADAPTER
+
+    def checkpoints(self, t: int) -> Path:
+        return self.iteration_dir(t) / CHECKPOINTS
+
+    def metrics(self, t: int) -> Path:
+        return self.iteration_dir(t) / "metrics.json"
+
+    def eval_report(self, t: int) -> Path:
+        return self.iteration_dir(t) / "eval.json"
+
+    def eval_dir(self, t: int) -> Path:
+        """The eval stage's responses and per-prompt scores, kept for inspection."""
+        return self.iteration_dir(t) / "eval"
+
+    # ---- the plan, and what the run has done of it
+
+    @property
+    def plan(self) -> list[tuple[int, str]]:
+        """Every (iteration, stage) of the run, in order."""
+        steps = [(0, "init")] if self.config.init else []
+        steps.append((0, "seed"))
+        per_iteration = ["generate", "judge", "train"] + (["eval"] if self.config.eval else [])
+        return steps + [(t, stage) for t in range(1, self.config.num_iterations + 1) for stage in per_iteration]
+
+    def artifacts(self, t: int, stage: str) -> list[Path]:
+        """What a completed stage leaves; the manifest records them (relative to RUN) with their checksums."""
+        return {"init": [self.init_model], "seed": [self.pairs(t), self.adapter(t)], "generate": [self.responses(t)],
+                "judge": [self.judgments(t), self.pairs(t)], "train": [self.adapter(t)], "eval": [self.eval_report(t)]}[stage]
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.run_dir).as_posix()
+
+    def manifest(self, recipe_hash: str | None = None) -> Manifest:
+        """RUN/manifest.json as it is now; with none yet, an empty one holding `recipe_hash` (default: the recipe's)."""
+        return Manifest.load(self.manifest_file, config_hash(self.config) if recipe_hash is None else recipe_hash)
+
+    def completed_iterations(self) -> list[int]:
+        """Iterations whose adapter is final: the seed stage done for 0, the train stage for t >= 1."""
+        manifest = self.manifest()
+        return [t for t in range(self.config.num_iterations + 1) if manifest.is_done(t, "train" if t else "seed")]
+
+    def finished_adapters(self) -> dict[int, Path]:
+        """{iteration: adapter directory} of every adapter written so far."""
+        return {t: self.adapter(t) for t in range(self.config.num_iterations + 1)
+                if (self.adapter(t) / "adapter_config.json").is_file()}
+
+    def read_metrics(self, t: int) -> dict:
+        return read_json(self.metrics(t)) if self.metrics(t).exists() else {}
+
+    def partial_outputs(self) -> list[str]:
+        """Generation's resume points (`*.partial`), relative to RUN."""
+        return sorted(self.relative(p) for p in self.run_dir.glob("iter_*/*.partial"))
+
+    def drop_checkpoints(self, manifest: Manifest) -> None:
+        """Trainer checkpoints are only resume points: once a stage's adapter is recorded they go (unless
+        train.keep_checkpoints)."""
+        if self.config.train.keep_checkpoints:
+            return
+        for t, stage in manifest.done_steps():
+            if stage in TRAINED and self.checkpoints(t).exists():
+                shutil.rmtree(self.checkpoints(t))
 
 
 # ---- integrity ------------------------------------------------------------------------------------
@@ -214,14 +314,15 @@ def check_recipe(run_dir: Path, config: RecipeConfig, manifest: Manifest, force:
             "to": current, "changed": changed, "stages_done": len(manifest.stages)}
 
 
-def open_run(run_dir: Path, config: RecipeConfig, force: bool) -> Manifest:
-    """Take over (or start) a run directory for `config`: rank 0, under the lock, before any stage runs.
+def open_run(ctx: RunContext, force: bool) -> Manifest:
+    """Take over (or start) a run directory for its recipe: rank 0, under the lock, before any stage runs.
 
     The recipe is checked (check_recipe), recorded artifacts are verified, and the manifest (new hash, history,
     first checksums) is saved before config.yaml, so a kill in between leaves the manifest's recipe, which the
     next run writes out again. Then the leftovers of killed runs go.
     """
-    manifest = Manifest.load(run_dir / "manifest.json", config_hash(config))
+    run_dir, config = ctx.run_dir, ctx.config
+    manifest = ctx.manifest()
     change = check_recipe(run_dir, config, manifest, force)
     if change:
         manifest.config_history.append(change)
@@ -232,10 +333,10 @@ def open_run(run_dir: Path, config: RecipeConfig, force: bool) -> Manifest:
     if first_seen:
         logger.info("%s: recorded the checksums of %d artifacts made before the manifest kept them", manifest.path, first_seen)
     manifest.save()
-    _write_if_changed(run_dir / "config.yaml", dump_recipe(config))
+    _write_if_changed(ctx.config_file, dump_recipe(config))
     for path in remove_leftovers(run_dir):
         logger.info("removed %s, left by a killed run", path)
-    drop_checkpoints(run_dir, manifest, config.train.keep_checkpoints)
+    ctx.drop_checkpoints(manifest)
     return manifest
 
 
@@ -252,14 +353,14 @@ def _is_leftover(path: Path) -> bool:
     if path.is_dir() and _OLD_TMP_DIR.fullmatch(name):
         return True
     # a trainer checkpoint is complete once refine_state.json (written last) is in it
-    return path.parent.name == "checkpoints" and name.startswith("checkpoint-") and not (path / "refine_state.json").exists()
+    return path.parent.name == CHECKPOINTS and name.startswith("checkpoint-") and not (path / "refine_state.json").exists()
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Remove what killed runs leave: temporary files and directories, checkpoints cut before completion.
     (Partial generation output, `*.partial`, is a resume point and stays; wandb/ is wandb's own.)"""
     removed = []
-    for path in sorted(run_dir.rglob(".*")) + sorted(run_dir.glob("iter_*/checkpoints/checkpoint-*")):
+    for path in sorted(run_dir.rglob(".*")) + sorted(run_dir.glob(f"iter_*/{CHECKPOINTS}/checkpoint-*")):
         if "wandb" in path.relative_to(run_dir).parts[:1] or not path.exists() or not _is_leftover(path):
             continue
         if path.is_dir():
@@ -268,16 +369,6 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
             path.unlink()
         removed.append(path)
     return removed
-
-
-def drop_checkpoints(run_dir: Path, manifest: Manifest, keep: bool) -> None:
-    """Trainer checkpoints are only resume points: once a stage's adapter is recorded they go (unless `keep`)."""
-    if keep:
-        return
-    for iteration, stage in manifest.done_steps():
-        checkpoints = iteration_dir(run_dir, iteration) / "checkpoints"
-        if stage in TRAINED and checkpoints.exists():
-            shutil.rmtree(checkpoints)
 
 
 # ---- locks ----------------------------------------------------------------------------------------

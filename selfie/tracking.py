@@ -7,9 +7,12 @@ import logging
 import netrc
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selfie.io import TMP_SUFFIX, atomic_write_text
+
+if TYPE_CHECKING:
+    from selfie.rundir import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +178,10 @@ def plot_summary(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(run_dir: Path, per_iteration: dict[int, dict]) -> str:
-    rows = summary_rows(per_iteration)
+def write_summary(ctx: RunContext) -> str:
+    """The run's summary table (its markdown, returned) and plot, from every iteration's metrics."""
+    rows = summary_rows({t: ctx.read_metrics(t) for t in range(ctx.config.num_iterations + 1)})
     table = summary_markdown(rows)
-    atomic_write_text(run_dir / "summary.md", f"# Run summary: {run_dir.name}\n\n{table}")
-    plot_summary(rows, run_dir / "summary.png")
+    atomic_write_text(ctx.summary_file, f"# Run summary: {ctx.run_dir.name}\n\n{table}")
+    plot_summary(rows, ctx.summary_plot)
     return table

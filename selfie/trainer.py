@@ -46,6 +46,7 @@ from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, read_json
 from selfie.models import base_fingerprint, load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter, unwrap_peft
 from selfie.projection import logit_softcap, output_layer, token_logps
+from selfie.rundir import ADAPTER, CHECKPOINTS
 from selfie.tokens import response_token_ids, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -458,7 +459,7 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
     fingerprint = base_fingerprint(unwrap_peft(model))
     try:
         args = build_dpo_config(
-            config.train, config.refine, output_dir / "checkpoints", lambda_=dnd_lambda(config.refine, iteration),
+            config.train, config.refine, output_dir / CHECKPOINTS, lambda_=dnd_lambda(config.refine, iteration),
             refine_on=iteration > 0, report_to=config.report_to, run_name=f"{config.run_name or output_dir.parent.name}-{output_dir.name}",
             seed=config.seed, epochs=seed_epochs(config.train, len(dataset)) if iteration == 0 else None, **overrides)
         trainer = NoiseAwareDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -472,7 +473,7 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
-    adapter = output_dir / "adapter"
+    adapter = output_dir / ADAPTER
     _export_adapter(trainer, adapter, fingerprint, base_name, stack_on, config.model.dtype)
     return _summary(trainer, len(dataset), seconds, adapter, checkpoint)
 

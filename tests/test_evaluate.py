@@ -16,6 +16,7 @@ from selfie.errors import SelfieError
 from selfie.evaluation.compare import INIT, compare_models, run_scores
 from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import judge_accuracy, pair_agreement, score_responses
+from selfie.rundir import RunContext
 from selfie.evaluation.report import write_report
 from selfie.evaluation.stats import length_controlled, win_rate
 from selfie.models import attach_lora, load_model, load_tokenizer, save_adapter
@@ -279,7 +280,7 @@ def test_run_scores(tiny_model, adapter, length_judge, tmp_path):
         shutil.copytree(adapter, run / f"iter_{t:03d}" / "adapter")
     (run / "iter_002").mkdir()  # an unfinished iteration has no adapter yet
     prompts = [{"prompt_id": "p0", "prompt": PROMPTS[0]}, {"prompt_id": "p1", "prompt": PROMPTS[1]}]
-    scores = run_scores(run, length_judge, prompts, EvalOptions(max_new_tokens=5, batch_size=2, dtype="float32"))
+    scores = run_scores(RunContext.load(run), length_judge, prompts, EvalOptions(max_new_tokens=5, batch_size=2, dtype="float32"))
     assert list(scores) == [INIT, 0, 1]
     assert scores[0] == scores[1]  # same adapter, same sampling seed
     assert all(s["n"] == 2 for s in scores.values())
@@ -289,7 +290,7 @@ def test_run_scores(tiny_model, adapter, length_judge, tmp_path):
     shutil.rmtree(run / "iter_000")
     shutil.rmtree(run / "iter_001")
     with pytest.raises(SelfieError, match="no finished adapters"):
-        run_scores(run, length_judge, prompts)
+        run_scores(RunContext.load(run), length_judge, prompts)
 
 
 def test_length_controlled_win_rate_equals_a_hand_computation():

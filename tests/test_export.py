@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfie.cli import main
 from selfie.config import load_recipe
-from selfie.evaluation.compare import run_models
 from selfie.export import export_run, hub_base
 from selfie.models import load_policy
+from selfie.rundir import RunContext
 
 from test_loop import ROOT, recipe_args, selfie_cmd, write_inputs, write_recipe
 
@@ -76,7 +76,7 @@ def exports(runs, tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 
 def pi_init(run_dir: Path) -> str:
-    return run_models(run_dir)[1]
+    return RunContext.load(run_dir).pi_init
 
 
 def batch(tokenizer) -> dict[str, torch.Tensor]:
@@ -184,7 +184,7 @@ def test_card_names_hub_base_and_datasets(runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(runs["plain"], run_dir)
     config = load_recipe(run_dir / "config.yaml", {"model": {"name": "smollm2-135m"}, "data": {"prompts": "HuggingFaceH4/ultrafeedback_binarized"}})
-    card = ModelCard(str(build_card(run_dir, config, 1, adapter_reference=None, output=tmp_path / "out", repo_id="me/model")))
+    card = ModelCard(str(build_card(RunContext(config, run_dir), 1, adapter_reference=None, output=tmp_path / "out", repo_id="me/model")))
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert card.data.datasets == ["HuggingFaceH4/ultrafeedback_binarized"]
     assert 'from_pretrained("me/model")' in card.text

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from selfie.cli import main
 from selfie.config import HARMLESS_KEYS, config_hash, load_recipe
 from selfie.io import read_jsonl
-from selfie.rundir import stage_artifacts
+from selfie.rundir import RunContext
 
 ROOT = Path(__file__).parent.parent
 STAGE_FILES = ["responses.jsonl", "judgments.jsonl", "pairs.jsonl"]
@@ -122,8 +122,10 @@ def test_full_run_writes_the_run_directory_contract(reference_run):
     assert "pairs kept" in stdout and (run_dir / "summary.md").is_file() and (run_dir / "summary.png").stat().st_size > 0
     assert not list(run_dir.rglob("*.partial")) and not list(run_dir.rglob(".*.tmp"))
     # every artifact with its checksum; trainer checkpoints go once the adapter is recorded; the lock once the run ends
+    ctx = RunContext.load(run_dir)
     for entry in manifest["stages"]:
-        assert set(entry["checksums"]) == set(entry["artifacts"]) == set(stage_artifacts(entry["iteration"], entry["stage"]))
+        declared = {ctx.relative(path) for path in ctx.artifacts(entry["iteration"], entry["stage"])}
+        assert set(entry["checksums"]) == set(entry["artifacts"]) == declared
     assert manifest["stages"][1]["checksums"]["iter_001/responses.jsonl"]["rows"] == 6
     assert not list(run_dir.glob("iter_*/checkpoints")) and not (run_dir / ".lock").exists()
 

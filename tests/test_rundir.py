@@ -9,7 +9,7 @@ import pytest
 
 from selfie.config import HARMLESS_KEYS, config_hash, load_recipe
 from selfie.errors import SelfieError
-from selfie.rundir import Manifest, RunLock, drop_checkpoints, load_run_config, open_run, output_lock
+from selfie.rundir import Manifest, RunContext, RunLock, load_run_config, open_run, output_lock
 
 
 def test_manifest_records_atomically_and_rejects_corruption(tmp_path):
@@ -27,48 +27,52 @@ def test_manifest_records_atomically_and_rejects_corruption(tmp_path):
         Manifest.load(tmp_path / "manifest.json", "abc")
 
 
+def open_run_at(run_dir, config, force):
+    return open_run(RunContext(config, run_dir), force)
+
+
 def recipe(run_dir, *overrides):
     return load_recipe(None, [f"--output_dir={run_dir}", *overrides])
 
 
 def test_config_mismatch_is_refused_unless_forced_and_force_records_what_changed(tmp_path):
     config = recipe(tmp_path)
-    open_run(tmp_path, config, force=False).record(0, "seed", [])
-    open_run(tmp_path, recipe(tmp_path, "--report_to", "[]"), force=False)  # logging-only keys may differ
+    open_run_at(tmp_path, config, force=False).record(0, "seed", [])
+    open_run_at(tmp_path, recipe(tmp_path, "--report_to", "[]"), force=False)  # logging-only keys may differ
     other = recipe(tmp_path, "--train.beta", "0.3", "--generate.top_p", "0.9")
     with pytest.raises(SelfieError, match=r"differs from the run's own config.yaml in generate.top_p, train.beta"):
-        open_run(tmp_path, other, force=False)
-    assert open_run(tmp_path, other, force=True).is_done(0, "seed")
+        open_run_at(tmp_path, other, force=False)
+    assert open_run_at(tmp_path, other, force=True).is_done(0, "seed")
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["config_hash"] == config_hash(other) and load_run_config(tmp_path).train.beta == 0.3
     (change,) = manifest["config_history"]
     assert change["from"] == config_hash(config) and change["to"] == config_hash(other) and change["stages_done"] == 1
     assert change["changed"] == {"generate.top_p": [1.0, 0.9], "train.beta": [0.1, 0.3]}
-    open_run(tmp_path, other, force=False)  # the forced recipe is now the run's own
+    open_run_at(tmp_path, other, force=False)  # the forced recipe is now the run's own
     with pytest.raises(SelfieError, match=r"differs from the run's own config.yaml in generate.top_p, train.beta"):
-        open_run(tmp_path, config, force=False)
+        open_run_at(tmp_path, config, force=False)
 
 
 def test_a_kill_between_the_forced_manifest_and_config_yaml_keeps_the_manifests_recipe(tmp_path):
     old, new = recipe(tmp_path), recipe(tmp_path, "--train.beta", "0.3")
-    open_run(tmp_path, old, force=False)
+    open_run_at(tmp_path, old, force=False)
     stale = (tmp_path / "config.yaml").read_text()
-    open_run(tmp_path, new, force=True)
+    open_run_at(tmp_path, new, force=True)
     (tmp_path / "config.yaml").write_text(stale)  # as if killed after the manifest was saved
-    open_run(tmp_path, new, force=False)
+    open_run_at(tmp_path, new, force=False)
     assert load_run_config(tmp_path).train.beta == 0.3
 
 
 def test_a_moved_run_directory_resumes_and_an_old_hash_with_output_dir_is_accepted(tmp_path):
     first, moved = tmp_path / "first", tmp_path / "moved"
     config = recipe(first)
-    open_run(first, config, force=False).record(0, "seed", [])
+    open_run_at(first, config, force=False).record(0, "seed", [])
     manifest = json.loads((first / "manifest.json").read_text())
     # as the manifest was written before output_dir left the hash (no checksums, no history either)
     manifest = {"config_hash": config_hash(config, leave_out=HARMLESS_KEYS), "stages": manifest["stages"]}
     (first / "manifest.json").write_text(json.dumps(manifest))
     first.rename(moved)
-    assert open_run(moved, recipe(moved), force=False).is_done(0, "seed")
+    assert open_run_at(moved, recipe(moved), force=False).is_done(0, "seed")
     assert json.loads((moved / "manifest.json").read_text())["config_hash"] == config_hash(config)
     assert load_run_config(moved).output_dir == str(moved)
 
@@ -115,13 +119,13 @@ def test_resume_removes_what_killed_runs_left_and_the_checkpoints_of_recorded_st
         path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir() if path.name.startswith((".adapter", "checkpoint")) else path.write_text("x")
     (tmp_path / "iter_001" / "checkpoints" / "checkpoint-5").mkdir(parents=True)
-    open_run(tmp_path, config, force=False).record(1, "train", [])
-    open_run(tmp_path, config, force=False)
+    open_run_at(tmp_path, config, force=False).record(1, "train", [])
+    open_run_at(tmp_path, config, force=False)
     assert not [p for p in leftovers if p.exists()] and all(p.exists() for p in kept)
     assert not (tmp_path / "iter_001" / "checkpoints").exists()  # iteration 1's adapter is recorded
-    drop_checkpoints(tmp_path, open_run(tmp_path, config, force=False), keep=True)
+    RunContext(recipe(tmp_path, "--train.keep_checkpoints", "true"), tmp_path).drop_checkpoints(open_run_at(tmp_path, config, force=False))
     (tmp_path / "iter_001" / "checkpoints").mkdir()
-    open_run(tmp_path, recipe(tmp_path, "--train.keep_checkpoints", "true"), force=False)
+    open_run_at(tmp_path, recipe(tmp_path, "--train.keep_checkpoints", "true"), force=False)
     assert (tmp_path / "iter_001" / "checkpoints").exists()
 
 

@@ -54,7 +54,7 @@ def run_eval_command(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace, output: Path) -> dict:
-    from selfie.evaluation.compare import INIT, compare_models, eval_prompts, iteration_label, run_models, run_scores
+    from selfie.evaluation.compare import INIT, compare_models, eval_prompts, iteration_label, run_scores
     from selfie.evaluation.judges import load_judge
     from selfie.evaluation.labels import judge_accuracy
 
@@ -74,12 +74,15 @@ def _report(args: argparse.Namespace, output: Path) -> dict:
         report = {**common, "prompts": args.prompts, **compare_models(
             judge, args.model_a, args.adapter_a, args.model_b, args.adapter_b, prompts, options, output_dir=output)}
     else:
-        config = run_models(args.run_dir)[0]
+        from selfie.rundir import RunContext
+
+        ctx = RunContext.load(args.run_dir)
+        config = ctx.config
         source = args.prompts or config.data.prompts
         split = config.data.split if args.prompts is None else options.split
         prompts = eval_prompts(source, split, options.num_prompts, config)
         judge = load_judge(args.judge, dtype=options.dtype)
-        scores = run_scores(args.run_dir, judge, prompts, options, output_dir=output)
-        rows = [{"iteration": it, "label": iteration_label(it), **s} for it, s in scores.items()]
+        scores = run_scores(ctx, judge, prompts, options, output_dir=output)
+        rows = [{"iteration": it, "label": iteration_label(ctx, it), **s} for it, s in scores.items()]
         report = {**common, "run_dir": str(args.run_dir), "prompts": source, "init_key": INIT, "rows": rows}
     return report

@@ -21,7 +21,8 @@ from selfie.evaluation.stats import bootstrap_ci, length_controlled, win_rate
 from selfie.io import atomic_write_jsonl, read_jsonl
 
 if TYPE_CHECKING:
-    from selfie.config import EvalConfig, RecipeConfig
+    from selfie.config import RecipeConfig
+    from selfie.rundir import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -101,76 +102,66 @@ def compare_models(judge: Judge, model_a: str, adapter_a: str | None, model_b: s
     return report
 
 
-def run_models(run_dir: str | Path) -> tuple[RecipeConfig, str, dict[int, Path]]:
-    """(run config, pi_init, {iteration: adapter dir}) of a run directory."""
-    from selfie.rundir import load_run_config
-
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    base = str(run_dir / "init" / "model") if config.init else config.model.name
-    adapters = {int(d.name[len("iter_"):]): d / "adapter" for d in sorted(run_dir.glob("iter_[0-9][0-9][0-9]"))
-                if (d / "adapter" / "adapter_config.json").is_file()}
-    if not adapters:
-        raise SelfieError(f"{run_dir}: no finished adapters (iter_XXX/adapter) yet")
-    return config, base, adapters
-
-
-def run_scores(run_dir: str | Path, judge: Judge, prompts: list[dict], options: EvalOptions = EvalOptions(), *,
+def run_scores(ctx: RunContext, judge: Judge, prompts: list[dict], options: EvalOptions = EvalOptions(), *,
                output_dir: str | Path | None = None, include_init: bool = True) -> dict[int, dict]:
-    """Mean judge score of each iteration's policy on `prompts`: {iteration: {score_mean, ci95, n}}.
+    """Mean judge score of each iteration's policy of a run on `prompts`: {iteration: {score_mean, ci95, n}}.
 
     Key INIT (-1) is pi_init itself (no adapter) when `include_init`. Responses go to
     `output_dir/responses_<label>.jsonl` when given.
     """
-    _, base, adapters = run_models(run_dir)
+    adapters = ctx.finished_adapters()
+    if not adapters:
+        raise SelfieError(f"{ctx.run_dir}: no finished adapters yet")
     models: dict[int, Path | None] = ({INIT: None} if include_init else {}) | adapters
     messages = [row["prompt"] for row in prompts]
     results = {}
     with tempfile.TemporaryDirectory(prefix="selfie-eval-") as tmp:
         out = Path(output_dir) if output_dir is not None else Path(tmp)
         for iteration, adapter in models.items():
-            texts = generate_one(base, adapter, prompts, out / f"responses_{iteration_label(iteration)}.jsonl",
-                                 dtype=options.dtype, **options.sampling())
+            label = iteration_label(ctx, iteration)
+            texts = generate_one(ctx.pi_init, adapter, prompts, out / f"responses_{label}.jsonl", dtype=options.dtype,
+                                 **options.sampling())
             results[iteration] = _summary(score_unique(judge, messages, texts), texts, options.n_boot, options.seed)
-            logger.info("%s: mean score %.4f", iteration_label(iteration), results[iteration]["score_mean"])
+            logger.info("%s: mean score %.4f", label, results[iteration]["score_mean"])
     return results
 
 
-def iteration_label(iteration: int) -> str:
-    return "init" if iteration == INIT else f"iter_{iteration:03d}"
+def iteration_label(ctx: RunContext, iteration: int) -> str:
+    """How reports name an iteration: `init` for pi_init, else its directory's name."""
+    return "init" if iteration == INIT else ctx.iteration_dir(iteration).name
 
 
-def _baseline_adapter(baseline: str, adapter: Path) -> Path | None:
-    """The adapter the iteration is compared against (None = pi_init); adapter is RUN/iter_XXX/adapter."""
-    iteration = int(adapter.parent.name[len("iter_"):])
+def baseline_iteration(baseline: str, iteration: int) -> int | None:
+    """The iteration whose policy `eval.baseline` compares iteration `iteration` against (None: pi_init)."""
     if baseline == "seed":
-        return adapter.parent.parent / "iter_000" / "adapter"
+        return 0
     if baseline == "previous" and iteration > 0:
-        return adapter.parent.parent / f"iter_{iteration - 1:03d}" / "adapter"
+        return iteration - 1
     return None
 
 
-def evaluate_iteration(eval_cfg: EvalConfig, pi_init: str, adapter: Path, config: RecipeConfig) -> dict:
-    """The loop's eval stage: the iteration's policy against a baseline on held-out prompts, scored by eval.judge.
+def evaluate_iteration(ctx: RunContext, t: int) -> dict:
+    """The loop's eval stage: iteration t's policy against a baseline on held-out prompts, scored by eval.judge.
 
-    Responses and per-prompt scores are kept in RUN/iter_XXX/eval/ for inspection.
+    Responses and per-prompt scores are kept in the iteration's eval directory for inspection.
     """
     start = time.perf_counter()
-    adapter = Path(adapter)
+    config, eval_cfg, pi_init, adapter = ctx.config, ctx.config.eval, ctx.pi_init, ctx.adapter(t)
     prompts = eval_prompts(eval_cfg.prompts, eval_cfg.split or config.data.split, eval_cfg.num_prompts, config)
     judge = load_judge(eval_cfg.judge, dtype=config.model.dtype)
     temperature = config.generate.temperature if eval_cfg.temperature is None else eval_cfg.temperature
     options = EvalOptions(max_new_tokens=eval_cfg.max_new_tokens, temperature=temperature, top_p=config.generate.top_p,
                           seed=config.seed, batch_size=config.generate.batch_size, dtype=config.model.dtype,
                           n_boot=eval_cfg.n_boot)
-    out = adapter.parent / "eval"
+    out = ctx.eval_dir(t)
     if eval_cfg.baseline == "none":
         texts = generate_one(pi_init, adapter, prompts, out / "responses_a.jsonl", dtype=options.dtype, **options.sampling())
         summary = _summary(score_unique(judge, [row["prompt"] for row in prompts], texts), texts, options.n_boot, options.seed)
         metrics = {"score_mean": summary["score_mean"], "score_ci95": summary["ci95"], "n": summary["n"],
                    "length_mean": summary["length_mean"]}
     else:
-        report = compare_models(judge, pi_init, str(adapter), pi_init, _baseline_adapter(eval_cfg.baseline, adapter),
+        baseline = baseline_iteration(eval_cfg.baseline, t)
+        report = compare_models(judge, pi_init, str(adapter), pi_init, None if baseline is None else ctx.adapter(baseline),
                                 prompts, options, output_dir=out)
         metrics = {"score_mean": report["a"]["score_mean"], "baseline_score_mean": report["b"]["score_mean"],
                    "length_mean": report["a"]["length_mean"], "baseline_length_mean": report["b"]["length_mean"],

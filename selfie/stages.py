@@ -1,0 +1,192 @@
+"""The stages of a run (docs/METHOD.md section 1): each is a function (ctx, t) -> metrics that writes the artifacts
+the run's plan names for it (selfie/rundir.py::RunContext.artifacts) and nothing the manifest relies on before.
+
+Every rank calls every stage: generation and implicit-reward judging are sharded over the ranks and merged on
+rank 0; what only rank 0 does (writing pairs, labelling with a judge spec, the edit, evaluation) goes through
+`ctx.ranks.on_main`, which hands every rank its result or its error; training is distributed by the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfie.data import Splits
+from selfie.dist import Ranks
+from selfie.errors import SelfieError
+from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from selfie.rundir import RunContext
+
+
+@dataclass
+class StageContext(RunContext):
+    """The run's context as the stages see it: its paths and plan, this process's ranks, and the prompt slices."""
+
+    ranks: Ranks
+    splits: Splits | None = None  # from the preflight, on every rank; None when no remaining stage reads prompts
+
+
+def init(ctx: StageContext, t: int) -> dict:
+    """The representation-edited pi_init (AlignEZ or RAHF), built on rank 0."""
+    from selfie.edit import build_edited_model
+
+    c = ctx.config
+    ctx.ranks.on_main(lambda: build_edited_model(c.init, c.model.name, ctx.init_model, c.seed))
+    return {"method": c.init.method}
+
+
+def seed(ctx: StageContext, t: int) -> dict:
+    """Seed DPO on the labelled seed pairs: `data.seed_pairs`, the pool's labelled seed slice, or that slice's
+    samples labelled by `data.seed_judge`."""
+    from selfie.trainer import train_seed
+
+    pairs_path = ctx.pairs(0)
+    labels = gold_labels(ctx) if ctx.config.data.seed_judge and not pairs_path.exists() else None
+    ctx.ranks.on_main(lambda: pairs_path.exists() or atomic_write_jsonl(pairs_path, seed_pairs(ctx)))
+    metrics = train_seed(ctx.pi_init, read_jsonl(pairs_path), ctx.iteration_dir(0), ctx.config)
+    return {**metrics, "labels": labels} if labels else metrics
+
+
+def generate(ctx: StageContext, t: int) -> dict:
+    """`generate.num_responses` samples of pi_{t-1} per prompt of iteration t's slice."""
+    return _generate(ctx, t, ctx.splits.iterations[t - 1], ctx.adapter(t - 1), ctx.config.generate.num_responses)
+
+
+def judge(ctx: StageContext, t: int) -> dict:
+    """Score the responses (implicit reward of pi_{t-1} against pi_init, or `judge.labeller`), then pairs by the
+    judge rules on rank 0."""
+    from selfie.evaluation.judges import load_judge
+    from selfie.evaluation.labels import score_responses
+    from selfie.implicit_reward import judge_responses
+    from selfie.models import load_policy
+
+    c, j = ctx.config, ctx.config.judge
+    responses = read_jsonl(ctx.responses(t))
+    if j.labeller == "implicit":
+        policy, tokenizer = load_policy(ctx.pi_init, ctx.adapter(t - 1), c.model.dtype)
+        policy.to(ctx.ranks.device)
+        metrics = ctx.ranks.sharded(ctx.judgments(t), lambda out, shard: judge_responses(
+            policy, tokenizer, responses, out, None, beta=c.train.beta, length_normalize=j.length_normalize,
+            token_budget=j.token_budget, shard=shard))
+    else:
+        def score() -> dict:
+            start = time.perf_counter()
+            rows = score_responses(load_judge(j.labeller, c.model.dtype), responses, *_tokenizer_and_stops(ctx))
+            atomic_write_jsonl(ctx.judgments(t), rows)
+            return {"prompts": len(responses), "seconds": round(time.perf_counter() - start, 3)}
+
+        metrics = ctx.ranks.on_main(score)
+    labels = ctx.ranks.on_main(lambda: _write_pairs(ctx, t, responses))
+    return {**metrics, **labels, "labeller": j.labeller}
+
+
+def train(ctx: StageContext, t: int) -> dict:
+    """Noise-aware DPO of pi_{t-1} on iteration t's pairs (plus replayed seed pairs)."""
+    from selfie.pairs import with_replay
+    from selfie.trainer import train_iteration
+
+    pairs = read_jsonl(ctx.pairs(t))
+    if not pairs:
+        raise SelfieError(f"{ctx.pairs(t)}: no training pairs survived judging")
+    if ctx.config.data.replay:
+        pairs = with_replay(pairs, read_jsonl(ctx.pairs(0)), ctx.config.data.replay, ctx.config.seed + t)
+    metrics = train_iteration(ctx.pi_init, ctx.adapter(t - 1), pairs, ctx.iteration_dir(t), ctx.config, t)
+    return {**metrics, "replayed": sum(bool(p.get("replay")) for p in pairs)}
+
+
+def evaluate(ctx: StageContext, t: int) -> dict:
+    """pi_t against `eval.baseline` on held-out prompts, scored by `eval.judge`, on rank 0."""
+    from selfie.evaluation.compare import evaluate_iteration
+
+    def run() -> dict:
+        metrics = evaluate_iteration(ctx, t)
+        atomic_write_json(ctx.eval_report(t), metrics)
+        return metrics
+
+    return ctx.ranks.on_main(run)
+
+
+STAGES = {"init": init, "seed": seed, "generate": generate, "judge": judge, "train": train, "eval": evaluate}
+
+
+# ---- what the stages share --------------------------------------------------------------------------
+
+
+def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | None, num_responses: int) -> dict:
+    """RUN/iter_t's responses from pi_init + adapter, sharded over the ranks."""
+    from selfie.generate import generate_responses
+    from selfie.models import load_policy
+
+    c, g = ctx.config, ctx.config.generate
+    model, tokenizer = load_policy(ctx.pi_init, adapter, c.model.dtype)
+    model.to(ctx.ranks.device)
+    return ctx.ranks.sharded(ctx.responses(t), lambda out, shard: generate_responses(
+        model, tokenizer, prompts, out, num_responses=num_responses, max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature, top_p=g.top_p, seed=c.seed + t, batch_size=g.batch_size, shard=shard, backend=g.backend))
+
+
+def seed_pairs(ctx: StageContext) -> list[dict]:
+    """The labelled seed set: `data.seed_pairs` (a file, or AlignEZ's self-generated pairs), else the labels of the
+    pool's seed slice (SPA's split)."""
+    from selfie.config import AlignEZConfig
+    from selfie.data import load_preferences, seed_slice_pairs
+    from selfie.edit import alignez_seed_pairs, work_dir_for
+
+    c, d = ctx.config, ctx.config.data
+    if d.seed_pairs == "alignez":  # no human label; an AlignEZ init's own data is reused
+        init = c.init if isinstance(c.init, AlignEZConfig) else None
+        return alignez_seed_pairs(c.model.name, init, work_dir_for(ctx.init_model), c.seed)
+    if d.seed_pairs:
+        return load_preferences(d.seed_pairs, d.split)
+    return seed_slice_pairs(d.prompts, d.split, ctx.splits.seed)
+
+
+def gold_labels(ctx: StageContext) -> dict:
+    """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
+    chosen / rejected by the judge's scores under the truncation policy (no length penalty: these are the gold
+    labels). Writes the seed pairs; returns the labelling metrics."""
+    from selfie.evaluation.judges import load_judge
+    from selfie.evaluation.labels import score_responses
+    from selfie.pairs import select_pairs
+
+    c, spec = ctx.config, ctx.config.data.seed_judge
+    if not ctx.splits.seed:
+        raise SelfieError("data.seed_judge is set but the seed slice is empty; set data.seed_size")
+    generate_metrics = _generate(ctx, 0, ctx.splits.seed, adapter=None, num_responses=2)
+
+    def label() -> dict:
+        rows = read_jsonl(ctx.responses(0))
+        judgments = score_responses(load_judge(spec, c.model.dtype), rows, *_tokenizer_and_stops(ctx))
+        pairs, metrics = select_pairs(rows, judgments, dataclasses.replace(c.judge.rules, length_penalty=0.0))
+        if not pairs:
+            raise SelfieError(f"data.seed_judge '{spec}': no seed pair survived labelling (dropped: {metrics['dropped']})")
+        atomic_write_jsonl(ctx.pairs(0), pairs)
+        return {"judge": spec, **metrics, "generate": generate_metrics}
+
+    return ctx.ranks.on_main(label)
+
+
+def _tokenizer_and_stops(ctx: StageContext):
+    from selfie.models import load_generation_config, load_tokenizer
+    from selfie.tokens import stop_token_ids
+
+    tokenizer = load_tokenizer(ctx.pi_init)
+    return tokenizer, stop_token_ids(load_generation_config(ctx.pi_init), tokenizer)
+
+
+def _write_pairs(ctx: StageContext, t: int, responses: list[dict]) -> dict:
+    """Iteration t's pairs from its judged responses (rows matched by prompt_id); returns the label metrics."""
+    from selfie.pairs import select_pairs
+
+    c, judgments = ctx.config, read_jsonl(ctx.judgments(t))
+    by_id = {row["prompt_id"]: row for row in responses}
+    pairs, metrics = select_pairs([by_id[j["prompt_id"]] for j in judgments], judgments, c.judge.rules)
+    if c.eval:  # how often the self-labels agree with the judge the run is evaluated by
+        from selfie.evaluation.judges import load_judge
+        from selfie.evaluation.labels import pair_agreement
+
+        metrics["eval_judge_agreement"] = pair_agreement(load_judge(c.eval.judge, c.model.dtype), pairs)
+    atomic_write_jsonl(ctx.pairs(t), pairs)
+    return metrics
