@@ -117,7 +117,8 @@ def test_layer_scores_pick_the_separating_layers():
         layers.append((pos, neg))
     pos = torch.stack([p for p, _ in layers], dim=1)
     neg = torch.stack([n for _, n in layers], dim=1)
-    scores = score_layers(pos, neg, get_finder("svd"), held_out=0.25, seed=0)
+    fit, held = held_out_split(len(pos), 0.25, seed=0)
+    scores = score_layers([get_finder("svd")(pos[fit, layer], neg[fit, layer]) for layer in range(5)], pos[held], neg[held])
     assert scores[1] == scores[3] == 1.0
     assert max(scores[0], scores[2], scores[4]) < 1.0
     assert rank_layers(scores)[:2] == [1, 3]

@@ -90,6 +90,7 @@ class LayerDirections(NamedTuple):
     minus: torch.Tensor  # [k-, H], the rows it removes
     cosine: float  # cos(u+, u-) before orthogonalising
     rule: str  # "residual": u+ orthogonalised against u-; "separating": the y+ vs y- direction, nothing removed
+    separating: torch.Tensor  # [k, H], the y+ vs y- direction (what ranks the layers)
     agreement: dict[str, float]  # split-half agreement of each rule's direction
 
 
@@ -109,15 +110,15 @@ def layer_directions(pos: torch.Tensor, neg: torch.Tensor, plain: torch.Tensor, 
     less than MIN_AGREEMENT and less than on the y+ vs y- direction: scaling a remainder the data do not
     agree on edits noise.
     """
-    minus, plus = finder(neg, plain), finder(pos, plain)
+    minus, plus, separating = finder(neg, plain), finder(pos, plain), finder(pos, neg)
     cosine = float(plus[0] @ minus[0])
     agreement = {
         "residual": split_half_agreement(lambda h: orthogonalize(finder(pos[h], plain[h]), finder(neg[h], plain[h])), len(pos), seed),
         "separating": split_half_agreement(lambda h: finder(pos[h], neg[h]), len(pos), seed),
     }
     if abs(cosine) > parallel_cosine or agreement["residual"] < min(MIN_AGREEMENT, agreement["separating"]):
-        return LayerDirections(finder(pos, neg), minus[:0], cosine, "separating", agreement)
-    return LayerDirections(orthogonalize(plus, minus), minus, cosine, "residual", agreement)
+        return LayerDirections(separating, minus[:0], cosine, "separating", separating, agreement)
+    return LayerDirections(orthogonalize(plus, minus), minus, cosine, "residual", separating, agreement)
 
 
 def candidates(config: AlignEZConfig, ranked: list[int]) -> list[tuple[list[int], float]]:
@@ -152,9 +153,9 @@ def alignez_edits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, da
             raise SelfieError(f"init.layers: layer {layer} is outside 0..{num_layers - 1}")
     finder = get_finder(config.finder, config.finder_options)
     fit, held = held_out_split(len(pos), config.held_out, seed)
-    scores = score_layers(pos, neg, finder, config.held_out, seed)  # the same split: fitted on `fit`, scored on `held`
     per_layer = [layer_directions(pos[fit, layer], neg[fit, layer], plain[fit, layer], finder, config.parallel_cosine, seed)
                  for layer in range(num_layers)]
+    scores = score_layers([d.separating for d in per_layer], pos[held], neg[held])
 
     def edits_for(layers: list[int], alpha: float) -> list[Edit]:
         return [Edit(layer, per_layer[layer].plus, per_layer[layer].minus, alpha) for layer in layers]

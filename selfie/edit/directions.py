@@ -128,12 +128,9 @@ def held_out_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, to
     return perm[held:], perm[:held]
 
 
-def score_layers(pos: torch.Tensor, neg: torch.Tensor, finder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 held_out: float = 0.25, seed: int = 0) -> list[float]:
-    """Held-out pair accuracy of each layer's direction; `pos`, `neg` are [N, L, H]."""
-    fit, test = held_out_split(len(pos), held_out, seed)
-    return [pair_accuracy(finder(pos[fit, layer], neg[fit, layer]), pos[test, layer], neg[test, layer])
-            for layer in range(pos.shape[1])]
+def score_layers(directions: Sequence[torch.Tensor], pos: torch.Tensor, neg: torch.Tensor) -> list[float]:
+    """Pair accuracy of each layer's direction (fitted elsewhere) on the states `pos`, `neg` [N, L, H] of held-out pairs."""
+    return [pair_accuracy(direction, pos[:, layer], neg[:, layer]) for layer, direction in enumerate(directions)]
 
 
 def rank_layers(scores: Sequence[float]) -> list[int]:
