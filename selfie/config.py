@@ -534,14 +534,27 @@ def flatten(tree: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict[s
     return flat
 
 
-def _hash(flat: dict[str, Any], leave_out: frozenset[str]) -> str:
+def _same_numbers(value: Any) -> Any:
+    """Integral floats as ints, so that equal numbers hash alike: a float field's default 2000 and the 2000.0 its
+    config.yaml gives back."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_same_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _same_numbers(v) for k, v in value.items()}
+    return value
+
+
+def _hash(flat: dict[str, Any], leave_out: frozenset[str], exact_numbers: bool = False) -> str:
     kept = {k: v for k, v in flat.items() if k not in leave_out}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(kept if exact_numbers else _same_numbers(kept), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config_hash(config: RecipeConfig, leave_out: frozenset[str] = HARMLESS_KEYS | LOCATION_KEYS) -> str:
-    """Hash of everything that changes results (HARMLESS_KEYS and LOCATION_KEYS left out)."""
-    return _hash(flatten(to_dict(config)), leave_out)
+def config_hash(config: RecipeConfig, leave_out: frozenset[str] = HARMLESS_KEYS | LOCATION_KEYS, exact_numbers: bool = False) -> str:
+    """Hash of everything that changes results (HARMLESS_KEYS and LOCATION_KEYS left out). `exact_numbers`: as
+    earlier versions hashed, telling 2000 from 2000.0."""
+    return _hash(flatten(to_dict(config)), leave_out, exact_numbers)
 
 
 # ---- run directories written by earlier versions --------------------------------------------------
@@ -550,7 +563,7 @@ def config_hash(config: RecipeConfig, leave_out: frozenset[str] = HARMLESS_KEYS 
 def earlier_config_hash(values: dict) -> str:
     """The config_hash an earlier version gave the config.yaml holding `values`: `init` and `eval` were
     untyped mappings then, hashed whole as written, `judge.beta` was a key of its own, and output_dir counted."""
-    return _hash(flatten(values, whole=("init", "eval")), HARMLESS_KEYS)
+    return _hash(flatten(values, whole=("init", "eval")), HARMLESS_KEYS, exact_numbers=True)
 
 
 def upgrade_run_values(values: dict) -> tuple[dict, list[str]]:

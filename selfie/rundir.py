@@ -283,16 +283,18 @@ def made_with(manifest: Manifest, previous: RecipeConfig | None, written: dict |
     (config.yaml is its readable copy; a kill during --force can leave it stale). A manifest an earlier version
     wrote holds that version's hash of the config.yaml as `written` (untyped init/eval, judge.beta, output_dir
     counted): then config.yaml is the run's recipe. A manifest written before output_dir left the hash holds the
-    hash `config` has with the run's own output_dir. With no manifest yet, config.yaml decides."""
+    hash `config` has with the run's own output_dir. A manifest written before equal numbers hashed alike holds
+    the hash that tells 2000 from 2000.0. With no manifest yet, config.yaml decides."""
     if not manifest.path.exists():
         return previous is None or not changed_values(previous, config)
-    if manifest.config_hash == config_hash(config):
+    if manifest.config_hash in (config_hash(config), config_hash(config, exact_numbers=True)):
         return True
     if previous is None:
         return False
     if manifest.config_hash == earlier_config_hash(written):
         return not changed_values(previous, config)
-    return manifest.config_hash == config_hash(dataclasses.replace(config, output_dir=previous.output_dir), leave_out=HARMLESS_KEYS)
+    moved_back = dataclasses.replace(config, output_dir=previous.output_dir)
+    return manifest.config_hash == config_hash(moved_back, leave_out=HARMLESS_KEYS, exact_numbers=True)
 
 
 def check_recipe(run_dir: Path, config: RecipeConfig, manifest: Manifest, force: bool) -> dict | None:

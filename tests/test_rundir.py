@@ -63,13 +63,30 @@ def test_a_kill_between_the_forced_manifest_and_config_yaml_keeps_the_manifests_
     assert load_run_config(tmp_path).train.beta == 0.3
 
 
+def test_a_run_resumes_with_its_own_config_yaml_as_the_recipe(tmp_path):
+    config = recipe(tmp_path)  # data sizes at their defaults: ints, which config.yaml gives back as floats
+    open_run_at(tmp_path, config, force=False).record(0, "seed", [])
+    own = load_recipe(tmp_path / "config.yaml", [])
+    assert own.data.seed_size == config.data.seed_size and repr(own.data.seed_size) != repr(config.data.seed_size)
+    assert open_run_at(tmp_path, own, force=False).is_done(0, "seed")
+
+
+def test_a_manifest_hashed_before_equal_numbers_hashed_alike_resumes_and_takes_the_new_hash(tmp_path):
+    config = recipe(tmp_path)
+    open_run_at(tmp_path, config, force=False).record(0, "seed", [])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "config_hash": config_hash(config, exact_numbers=True)}))
+    assert open_run_at(tmp_path, config, force=False).is_done(0, "seed")
+    assert json.loads((tmp_path / "manifest.json").read_text())["config_hash"] == config_hash(config) != config_hash(config, exact_numbers=True)
+
+
 def test_a_moved_run_directory_resumes_and_an_old_hash_with_output_dir_is_accepted(tmp_path):
     first, moved = tmp_path / "first", tmp_path / "moved"
     config = recipe(first)
     open_run_at(first, config, force=False).record(0, "seed", [])
     manifest = json.loads((first / "manifest.json").read_text())
     # as the manifest was written before output_dir left the hash (no checksums, no history either)
-    manifest = {"config_hash": config_hash(config, leave_out=HARMLESS_KEYS), "stages": manifest["stages"]}
+    manifest = {"config_hash": config_hash(config, leave_out=HARMLESS_KEYS, exact_numbers=True), "stages": manifest["stages"]}
     (first / "manifest.json").write_text(json.dumps(manifest))
     first.rename(moved)
     assert open_run_at(moved, recipe(moved), force=False).is_done(0, "seed")
