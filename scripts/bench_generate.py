@@ -33,9 +33,22 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (DTYPES, add_model_args, bench_model, copy_gbps, device, end_responses_after, isolated,
-                      matmul_gflops, measure_or_load, model_label, parse_args, peak_memory_label, section_title,
-                      write_section)
+from benchlib import (
+    DTYPES,
+    add_model_args,
+    bench_model,
+    copy_gbps,
+    device,
+    end_responses_after,
+    isolated,
+    matmul_gflops,
+    measure_or_load,
+    model_label,
+    parse_args,
+    peak_memory_label,
+    section_title,
+    write_section,
+)
 
 TEMPERATURE = 0.7
 QUICK = {"prompts": 8, "responses": 2, "max_new_tokens": 8, "batch_size": 4}
@@ -44,12 +57,12 @@ QUICK = {"prompts": 8, "responses": 2, "max_new_tokens": 8, "batch_size": 4}
 def _load(args: dict):
     """Model (on the GPU when there is one), tokenizer, prompts; a random model gets its stop-token bias."""
     from selfie.data import load_prompts
-    from selfie.tokens import chat_ids
     from selfie.models import load_model, load_tokenizer
+    from selfie.tokens import chat_ids
 
     tokenizer = load_tokenizer(args["model"])
     model = load_model(args["model"], args["dtype"]).to(device()).eval()
-    prompts = load_prompts("demo")[:args["prompts"]]
+    prompts = load_prompts("demo")[: args["prompts"]]
     if args["mean_response_tokens"]:
         calibration = torch.tensor([chat_ids(tokenizer, prompts[0]["prompt"], True)])
         end_responses_after(model, tokenizer.eos_token_id, args["mean_response_tokens"], calibration, TEMPERATURE)
@@ -63,9 +76,11 @@ def model_shape(model) -> dict:
     config = model.config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = next(model.parameters()).element_size()
-    return {"matmul_params": sum(m.weight.numel() for m in linears),
-            "decode_weight_bytes": sum(p.numel() * p.element_size() for m in linears for p in m.parameters()),
-            "kv_bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element}
+    return {
+        "matmul_params": sum(m.weight.numel() for m in linears),
+        "decode_weight_bytes": sum(p.numel() * p.element_size() for m in linears for p in m.parameters()),
+        "kv_bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element,
+    }
 
 
 def run_selfie(args: dict, backend: str) -> dict:
@@ -88,21 +103,42 @@ def run_selfie(args: dict, backend: str) -> dict:
 
     gen.SAMPLERS[backend] = counted
     with tempfile.TemporaryDirectory() as tmp:
-        def sample(rows: list[dict], tokens: int, name: str) -> dict:
-            return gen.generate_responses(model, tokenizer, rows, Path(tmp) / name, num_responses=args["responses"],
-                                          max_new_tokens=tokens, temperature=TEMPERATURE, top_p=1.0, seed=0,
-                                          batch_size=args["batch_size"], backend=backend)
 
-        warm_up(lambda: sample(prompts[:max(1, args["batch_size"] // args["responses"])], max(1, args["max_new_tokens"] // 4),
-                               "warmup.jsonl"))
+        def sample(rows: list[dict], tokens: int, name: str) -> dict:
+            return gen.generate_responses(
+                model,
+                tokenizer,
+                rows,
+                Path(tmp) / name,
+                num_responses=args["responses"],
+                max_new_tokens=tokens,
+                temperature=TEMPERATURE,
+                top_p=1.0,
+                seed=0,
+                batch_size=args["batch_size"],
+                backend=backend,
+            )
+
+        warm_up(
+            lambda: sample(
+                prompts[: max(1, args["batch_size"] // args["responses"])], max(1, args["max_new_tokens"] // 4), "warmup.jsonl"
+            )
+        )
         lengths.clear(), group_seconds.clear()
         start = time.perf_counter()
         metrics = sample(prompts, args["max_new_tokens"], "responses.jsonl")
         seconds = time.perf_counter() - start
         texts = [response for row in read_jsonl(Path(tmp) / "responses.jsonl") for response in row["responses"]]
-    return {"seconds": seconds, "new_tokens": metrics["new_tokens"], "responses": metrics["responses"],
-            "finished_fraction": metrics["finished_fraction"], "lengths": lengths, "group_seconds": group_seconds, "texts": texts,
-            **model_shape(model)}
+    return {
+        "seconds": seconds,
+        "new_tokens": metrics["new_tokens"],
+        "responses": metrics["responses"],
+        "finished_fraction": metrics["finished_fraction"],
+        "lengths": lengths,
+        "group_seconds": group_seconds,
+        "texts": texts,
+        **model_shape(model),
+    }
 
 
 def warm_up(sample) -> None:
@@ -125,11 +161,19 @@ def run_transformers(args: dict) -> dict:
         encoded = [chat_ids(tokenizer, row["prompt"], True) for row in rows]
         batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(model.device)  # left
         with torch.inference_mode():
-            out = model.generate(**batch, do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0,
-                                 max_new_tokens=tokens, num_return_sequences=k, eos_token_id=stops,
-                                 pad_token_id=pad_token_id(tokenizer))
+            out = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=TEMPERATURE,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=tokens,
+                num_return_sequences=k,
+                eos_token_id=stops,
+                pad_token_id=pad_token_id(tokenizer),
+            )
         counts = []
-        for row, new in enumerate(out[:, batch["input_ids"].shape[1]:].tolist()):
+        for row, new in enumerate(out[:, batch["input_ids"].shape[1] :].tolist()):
             ends = [i for i, token in enumerate(new) if token in stops]
             counts.append((len(encoded[row // k]), *((ends[0] + 1, True) if ends else (len(new), False))))
         return counts
@@ -137,13 +181,18 @@ def run_transformers(args: dict) -> dict:
     torch.manual_seed(0)
     warm_up(lambda: sample(prompts[:per_batch], max(1, args["max_new_tokens"] // 4)))
     start = time.perf_counter()
-    counts = [c for b in range(0, len(prompts), per_batch) for c in sample(prompts[b:b + per_batch], args["max_new_tokens"])]
+    counts = [c for b in range(0, len(prompts), per_batch) for c in sample(prompts[b : b + per_batch], args["max_new_tokens"])]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "new_tokens": sum(n for _, n, _ in counts), "responses": len(counts),
-            "finished_fraction": sum(stopped for *_, stopped in counts) / len(counts),
-            "lengths": [(p, n) for p, n, _ in counts], **model_shape(model)}
+    return {
+        "seconds": seconds,
+        "new_tokens": sum(n for _, n, _ in counts),
+        "responses": len(counts),
+        "finished_fraction": sum(stopped for *_, stopped in counts) / len(counts),
+        "lengths": [(p, n) for p, n, _ in counts],
+        **model_shape(model),
+    }
 
 
 def bounds(r: dict, batch_size: int, gbps: float, gflops: float, responses: int) -> dict:
@@ -157,9 +206,16 @@ def bounds(r: dict, batch_size: int, gbps: float, gflops: float, responses: int)
     read = steps * r["decode_weight_bytes"] + kv_tokens * r["kv_bytes_per_token"]
     prompt_tokens = sum(p for p, _ in r["lengths"][::responses])
     flops = 2 * r["matmul_params"] * (prompt_tokens + r["new_tokens"])
-    return {"steps": steps, "kv_tokens_read": kv_tokens, "bytes_read": read, "bandwidth_seconds": read / (gbps * 1e9),
-            "bandwidth_fraction": read / (gbps * 1e9) / r["seconds"], "flops": flops,
-            "matmul_seconds": flops / (gflops * 1e9), "matmul_fraction": flops / (gflops * 1e9) / r["seconds"]}
+    return {
+        "steps": steps,
+        "kv_tokens_read": kv_tokens,
+        "bytes_read": read,
+        "bandwidth_seconds": read / (gbps * 1e9),
+        "bandwidth_fraction": read / (gbps * 1e9) / r["seconds"],
+        "flops": flops,
+        "matmul_seconds": flops / (gflops * 1e9),
+        "matmul_fraction": flops / (gflops * 1e9) / r["seconds"],
+    }
 
 
 def ceilings(dtype: str) -> dict:
@@ -168,26 +224,45 @@ def ceilings(dtype: str) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    sizes = {"model": isolated(bench_model, args.model)[0], "dtype": args.dtype, "prompts": args.prompts,
-             "responses": args.responses, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-             "mean_response_tokens": args.mean_response_tokens}
+    sizes = {
+        "model": isolated(bench_model, args.model)[0],
+        "dtype": args.dtype,
+        "prompts": args.prompts,
+        "responses": args.responses,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "mean_response_tokens": args.mean_response_tokens,
+    }
     limits = isolated(ceilings, args.dtype)[0]
-    runs = {f"selfie static, batch {args.batch_size} sequences, length-sorted": (run_selfie, (sizes, "static")),
-            f"selfie continuous, {args.batch_size} sequences in flight": (run_selfie, (sizes, "continuous")),
-            f"transformers model.generate, batches of {args.batch_size} sequences, left padding, unsorted":
-            (run_transformers, (sizes,))}
+    runs = {
+        f"selfie static, batch {args.batch_size} sequences, length-sorted": (run_selfie, (sizes, "static")),
+        f"selfie continuous, {args.batch_size} sequences in flight": (run_selfie, (sizes, "continuous")),
+        f"transformers model.generate, batches of {args.batch_size} sequences, left padding, unsorted": (
+            run_transformers,
+            (sizes,),
+        ),
+    }
     results = {}
     for label, (fn, fn_args) in runs.items():
         result, peak = isolated(fn, *fn_args)
-        result.update(peak_mib=peak, tokens_per_second=result["new_tokens"] / result["seconds"],
-                      **bounds(result, args.batch_size, limits["copy_gbps"], limits["matmul_gflops"], args.responses))
+        result.update(
+            peak_mib=peak,
+            tokens_per_second=result["new_tokens"] / result["seconds"],
+            **bounds(result, args.batch_size, limits["copy_gbps"], limits["matmul_gflops"], args.responses),
+        )
         result.pop("lengths")
         results[label] = result
         logging.info("%s: %.1f tokens/s, peak %.0f MiB", label, result["tokens_per_second"], peak)
     static, continuous = (r.pop("texts") for r in list(results.values())[:2])
     same = sum(a == b for a, b in zip(static, continuous)) / len(static)
-    return {"args": {**vars(args), "model": args.model}, **limits, "peak_label": peak_memory_label(), "results": results,
-            "identical_responses": same, "wall_seconds": time.perf_counter() - started}
+    return {
+        "args": {**vars(args), "model": args.model},
+        **limits,
+        "peak_label": peak_memory_label(),
+        "results": results,
+        "identical_responses": same,
+        "wall_seconds": time.perf_counter() - started,
+    }
 
 
 def render(raw: dict) -> tuple[str, str]:
@@ -197,45 +272,57 @@ def render(raw: dict) -> tuple[str, str]:
     table = "\n".join(
         f"| {label} | {r['tokens_per_second']:.1f} | {r['new_tokens']} | {r['seconds']:.1f} | {100 * r['finished_fraction']:.0f}% "
         f"| {r['peak_mib']:.0f} | {100 * r['bandwidth_fraction']:.0f}% | {100 * r['matmul_fraction']:.1f}% |"
-        for label, r in results.items())
+        for label, r in results.items()
+    )
     ratio = lambda r, key: r[key] / plain[key]  # noqa: E731
-    verdict = (f"Against batched `model.generate` at the same batch size: selfie static samples "
-               f"**{ratio(static, 'tokens_per_second'):.2f}x** its tokens/s at **{ratio(static, 'peak_mib'):.2f}x** its peak "
-               f"memory; selfie continuous **{ratio(continuous, 'tokens_per_second'):.2f}x** at "
-               f"**{ratio(continuous, 'peak_mib'):.2f}x**.")
-    differ = (" (the others differ where another batch layout rounded a logit differently and a draw flipped)"
-              if raw["identical_responses"] < 1 else "")
+    verdict = (
+        f"Against batched `model.generate` at the same batch size: selfie static samples "
+        f"**{ratio(static, 'tokens_per_second'):.2f}x** its tokens/s at **{ratio(static, 'peak_mib'):.2f}x** its peak "
+        f"memory; selfie continuous **{ratio(continuous, 'tokens_per_second'):.2f}x** at "
+        f"**{ratio(continuous, 'peak_mib'):.2f}x**."
+    )
+    differ = (
+        " (the others differ where another batch layout rounded a logit differently and a draw flipped)"
+        if raw["identical_responses"] < 1
+        else ""
+    )
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     arithmetic = "\n".join(
         f"- {label}: {r['steps']} steps x {gb(any_run['decode_weight_bytes'])} weights + {r['kv_tokens_read']:,} KV tokens "
         f"x {any_run['kv_bytes_per_token'] / 1e3:.1f} kB = {gb(r['bytes_read'])} / {raw['copy_gbps']:.1f} GB/s = "
         f"{r['bandwidth_seconds']:.2f} s, **{100 * r['bandwidth_fraction']:.0f}%** of the {r['seconds']:.1f} s taken; "
         f"{r['flops'] / 1e12:.2f} TFLOP / {raw['matmul_gflops']:.0f} GFLOP/s = {r['matmul_seconds']:.2f} s, "
-        f"**{100 * r['matmul_fraction']:.1f}%**." for label, r in results.items())
+        f"**{100 * r['matmul_fraction']:.1f}%**."
+        for label, r in results.items()
+    )
     model = f"{model_label(a['model'])}, {any_run['matmul_params'] / 1e9:.2f}B matmul parameters,"
-    stop_note = (f" The model's weights are random, so a bias on the stop token's logit ends a response after "
-                 f"{a['mean_response_tokens']} tokens on average (each token a stop with probability 1/{a['mean_response_tokens']}), "
-                 "as varied as real responses' lengths." if a.get("mean_response_tokens") else "")
+    stop_note = (
+        f" The model's weights are random, so a bias on the stop token's logit ends a response after "
+        f"{a['mean_response_tokens']} tokens on average (each token a stop with probability 1/{a['mean_response_tokens']}), "
+        "as varied as real responses' lengths."
+        if a.get("mean_response_tokens")
+        else ""
+    )
     body = f"""
-`{raw['command']}` ({raw['machine']}; {a['dtype']}). {model} samples
-{a['responses']} responses to each of the first {a['prompts']} demo prompts, at most {a['max_new_tokens']} new tokens each,
+`{raw["command"]}` ({raw["machine"]}; {a["dtype"]}). {model} samples
+{a["responses"]} responses to each of the first {a["prompts"]} demo prompts, at most {a["max_new_tokens"]} new tokens each,
 temperature {TEMPERATURE}, top-p 1, no top-k, the same stop tokens.{stop_note} Tokens/s counts only newly generated tokens (the
 stop token included, padding not), over the whole set; seconds exclude model loading and an untimed warm-up (one batch of
-prompts at a quarter of the token limit). Peak memory is each method's own fresh process ({raw['peak_label']}). The last two columns are the share of the least time
-the run's own tokens need, from the machine's memory bandwidth ({raw['copy_gbps']:.1f} GB/s, a large copy: bytes read + written)
-and from its {a['dtype']} matmul rate ({raw['matmul_gflops']:.0f} GFLOP/s), both measured in the same run.
+prompts at a quarter of the token limit). Peak memory is each method's own fresh process ({raw["peak_label"]}). The last two columns are the share of the least time
+the run's own tokens need, from the machine's memory bandwidth ({raw["copy_gbps"]:.1f} GB/s, a large copy: bytes read + written)
+and from its {a["dtype"]} matmul rate ({raw["matmul_gflops"]:.0f} GFLOP/s), both measured in the same run.
 
-| method | new tokens/s | new tokens | seconds | responses stopped before the limit | {raw['peak_label']} | % of bandwidth bound | % of matmul bound |
+| method | new tokens/s | new tokens | seconds | responses stopped before the limit | {raw["peak_label"]} | % of bandwidth bound | % of matmul bound |
 |---|---|---|---|---|---|---|---|
 {table}
 
-{verdict} selfie's two backends give each response the same seeded generator: {100 * raw['identical_responses']:.0f}% of
+{verdict} selfie's two backends give each response the same seeded generator: {100 * raw["identical_responses"]:.0f}% of
 their responses are identical{differ}. `model.generate` samples from one shared random stream. The methods' token counts
 differ, so the rate is per token.
 
-The bounds' arithmetic: bandwidth = ceil(new tokens / {a['batch_size']}) decode steps, each reading every matmul weight once,
+The bounds' arithmetic: bandwidth = ceil(new tokens / {a["batch_size"]}) decode steps, each reading every matmul weight once,
 plus each new token reading its sequence's KV cache so far (prompt + the tokens before it); matmul = 2 x
-{any_run['matmul_params'] / 1e6:.0f}M matmul parameters x (each prompt once + every new token). Attention FLOPs are left out.
+{any_run["matmul_params"] / 1e6:.0f}M matmul parameters x (each prompt once + every new token). Attention FLOPs are left out.
 {arithmetic}
 """
     return section_title("Generation", raw), body
@@ -248,8 +335,12 @@ def main() -> None:
     parser.add_argument("--responses", type=int, default=2, help="K responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences decoded together, for every method")
-    parser.add_argument("--mean-response-tokens", type=int, default=0,
-                        help="random models: bias the stop token so responses end after this many tokens on average")
+    parser.add_argument(
+        "--mean-response-tokens",
+        type=int,
+        default=0,
+        help="random models: bias the stop token so responses end after this many tokens on average",
+    )
     args = parse_args(parser, QUICK)
     raw = measure_or_load(args, "generate", measure)
     title, body = render(raw)

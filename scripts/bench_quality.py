@@ -53,8 +53,15 @@ from benchlib import docs_dir, machine, parse_args, save_raw, write_marked, writ
 
 GOLD = "callable:quality_scorer:relevance"
 SIZES = {"seed": 24, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96}
-QUICK = {"seed": 6, "iterations": [8, 8], "held_out": 8, "max_new_tokens": 24, "configs": ["penalize:auto"], "edit_prompts": 8,
-         "rahf_steps": 4}
+QUICK = {
+    "seed": 6,
+    "iterations": [8, 8],
+    "held_out": 8,
+    "max_new_tokens": 24,
+    "configs": ["penalize:auto"],
+    "edit_prompts": 8,
+    "rahf_steps": 4,
+}
 CONFIGS = ["drop:0", "drop:auto", "penalize:auto", "keep:auto"]
 EDITED_CONFIG = "penalize:auto"  # the recipe default: AlignEZ init + SPA is compared with SPA under these label rules
 EDIT_PROMPTS = 48  # self-generated data for each edit: prompts drawn outside the held-out set
@@ -64,14 +71,23 @@ FIXED = {"n_layers": 5, "alpha": 1.0}  # the forced AlignEZ arm: what the held-o
 def recipe(args: argparse.Namespace, work: Path, name: str, **sections) -> dict:
     """The demo recipe's CPU-sized settings with the gold-labelled seed; `sections` override per arm."""
     values = {
-        "output_dir": str(work / name), "num_iterations": 0, "seed": 42, "report_to": [],
+        "output_dir": str(work / name),
+        "num_iterations": 0,
+        "seed": 42,
+        "report_to": [],
         "model": {"name": "smollm2-135m", "dtype": "float32"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "data": {"prompts": "demo", "seed_judge": GOLD, "seed_size": args.seed, "iteration_sizes": args.iterations},
         "generate": {"num_responses": 2, "temperature": 0.7, "max_new_tokens": args.max_new_tokens, "batch_size": 16},
         "judge": {"token_budget": 512, "truncated": "drop", "length_penalty": 0.0},
-        "train": {"learning_rate": 2e-4, "seed_epochs": 2, "per_device_train_batch_size": 4,
-                  "gradient_accumulation_steps": 1, "max_length": 256, "save_steps": 1000},
+        "train": {
+            "learning_rate": 2e-4,
+            "seed_epochs": 2,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_length": 256,
+            "save_steps": 1000,
+        },
         "refine": {"lambdas": [0.5, 0.25]},
     }
     for key, value in sections.items():
@@ -101,15 +117,26 @@ def run(values: dict, copy_seed_from: Path | None = None) -> tuple[Path, float]:
     return run_dir, seconds
 
 
-def evaluate(work: Path, name: str, adapter: Path | None, prompts: list[dict], args: argparse.Namespace, judge,
-             model: str = "smollm2-135m") -> dict:
+def evaluate(
+    work: Path, name: str, adapter: Path | None, prompts: list[dict], args: argparse.Namespace, judge, model: str = "smollm2-135m"
+) -> dict:
     """One answer per held-out prompt (fixed seeds), scored by the gold judge; cached in work/eval/NAME.json."""
     cache = work / "eval" / f"{name}.json"
     if cache.exists():
         return read_json(cache)
     start = time.perf_counter()
-    texts = generate_one(model, adapter, prompts, work / "eval" / f"{name}.jsonl", dtype="float32",
-                         max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=1.0, seed=1234, batch_size=16)
+    texts = generate_one(
+        model,
+        adapter,
+        prompts,
+        work / "eval" / f"{name}.jsonl",
+        dtype="float32",
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.7,
+        top_p=1.0,
+        seed=1234,
+        batch_size=16,
+    )
     scores = score_unique(judge, [row["prompt"] for row in prompts], texts)
     result = {"scores": scores, "lengths": [len(t) for t in texts], "seconds": time.perf_counter() - start}
     atomic_write_json(cache, result)
@@ -129,19 +156,34 @@ def label_report(run_dir: Path, judge) -> list[dict]:
         pairs = read_jsonl(run_dir / f"iter_{t:03d}" / "pairs.jsonl")
         both = [p for p in pairs if p["chosen_finished"] and p["rejected_finished"]]
         j = metrics["judge"]
-        rows.append({"iteration": t, "pairs": j["pairs"], "dropped": j["dropped"], "length_penalty": j["length_penalty"],
-                     "chosen_tokens_mean": j["chosen_tokens_mean"], "rejected_tokens_mean": j["rejected_tokens_mean"],
-                     "decided_by_truncation": j["decided_by_truncation"], "negative_margin": j["negative_margin"],
-                     "gold_agreement": pair_agreement(judge, pairs), "gold_agreement_both_finished": pair_agreement(judge, both),
-                     "both_finished": len(both), "smoothed_fraction": metrics["train"]["refine/smoothed_fraction"]})
+        rows.append(
+            {
+                "iteration": t,
+                "pairs": j["pairs"],
+                "dropped": j["dropped"],
+                "length_penalty": j["length_penalty"],
+                "chosen_tokens_mean": j["chosen_tokens_mean"],
+                "rejected_tokens_mean": j["rejected_tokens_mean"],
+                "decided_by_truncation": j["decided_by_truncation"],
+                "negative_margin": j["negative_margin"],
+                "gold_agreement": pair_agreement(judge, pairs),
+                "gold_agreement_both_finished": pair_agreement(judge, both),
+                "both_finished": len(both),
+                "smoothed_fraction": metrics["train"]["refine/smoothed_fraction"],
+            }
+        )
     return rows
 
 
 def summarise(arm: dict, seed_only: dict, shipped: dict, n_boot: int) -> dict:
     scores = np.asarray(arm["scores"])
-    return {"score_mean": float(scores.mean()), "ci95": bootstrap_ci(scores, n_boot, 0),
-            "length_mean": float(np.mean(arm["lengths"])), "vs_seed_only": paired(arm, seed_only, n_boot),
-            "vs_shipped": paired(arm, shipped, n_boot)}
+    return {
+        "score_mean": float(scores.mean()),
+        "ci95": bootstrap_ci(scores, n_boot, 0),
+        "length_mean": float(np.mean(arm["lengths"])),
+        "vs_seed_only": paired(arm, seed_only, n_boot),
+        "vs_shipped": paired(arm, shipped, n_boot),
+    }
 
 
 def main() -> None:
@@ -151,14 +193,18 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--edit-prompts", type=int, default=EDIT_PROMPTS, help="prompts each edit generates its data from")
     parser.add_argument("--rahf-steps", type=int, default=None, help="RAHF optimizer steps (default: init.steps' default)")
-    parser.add_argument("--edit-spa", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the two SPA iterations on the edited model (about 25 minutes on 2 quiet cores)")
+    parser.add_argument(
+        "--edit-spa",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the two SPA iterations on the edited model (about 25 minutes on 2 quiet cores)",
+    )
     parser.set_defaults(**SIZES)
     args = parse_args(parser, QUICK)
     work = Path(args.work) / ("quick" if args.quick else "full")
 
     splits = split_prompts(load_prompts("demo"), args.seed, args.iterations, 42)
-    held_out = splits.held_out[:args.held_out]
+    held_out = splits.held_out[: args.held_out]
     judge = load_judge(GOLD)
     arms, times = {}, {}
 
@@ -168,33 +214,49 @@ def main() -> None:
     everything = args.seed + sum(args.iterations)
     gold_all, times["all-gold DPO"] = run(recipe(args, work, "all-gold", data={"seed_size": everything, "iteration_sizes": []}))
     arms["all-gold DPO"] = evaluate(work, "all-gold", gold_all / "iter_000" / "adapter", held_out, args, judge)
-    gold_iter, times["gold-iterative"] = run(recipe(args, work, "gold-iterative", num_iterations=2,
-                                                    judge={"labeller": GOLD, "truncated": "keep"}), seed_run)
+    gold_iter, times["gold-iterative"] = run(
+        recipe(args, work, "gold-iterative", num_iterations=2, judge={"labeller": GOLD, "truncated": "keep"}), seed_run
+    )
     for t in (1, 2):
-        arms[f"gold-iterative {t}"] = evaluate(work, f"gold-iterative-{t}", gold_iter / f"iter_{t:03d}" / "adapter", held_out, args, judge)
+        arms[f"gold-iterative {t}"] = evaluate(
+            work, f"gold-iterative-{t}", gold_iter / f"iter_{t:03d}" / "adapter", held_out, args, judge
+        )
 
     configs, spa_arms = {}, {}
     for config in dict.fromkeys([*args.configs, EDITED_CONFIG]):  # the editing arms' counterpart is always run
         rules = label_rules(config)
         name = f"spa-{rules['truncated']}-{rules['length_penalty']}"
         spa, seconds = run(recipe(args, work, name, num_iterations=2, judge=rules), seed_run)
-        results = {f"SPA {t}": evaluate(work, f"{name}-{t}", spa / f"iter_{t:03d}" / "adapter", held_out, args, judge)
-                   for t in (1, 2)}
+        results = {
+            f"SPA {t}": evaluate(work, f"{name}-{t}", spa / f"iter_{t:03d}" / "adapter", held_out, args, judge) for t in (1, 2)
+        }
         spa_arms[config] = results
         seconds += sum(r["seconds"] for r in results.values())
-        configs[config] = {"labels": label_report(spa, judge), "seconds": seconds,
-                           **{arm: summarise(r, arms["seed-only DPO"], arms["shipped"], args.n_boot) for arm, r in results.items()}}
+        configs[config] = {
+            "labels": label_report(spa, judge),
+            "seconds": seconds,
+            **{arm: summarise(r, arms["seed-only DPO"], arms["shipped"], args.n_boot) for arm, r in results.items()},
+        }
 
     shared = {arm: summarise(r, arms["seed-only DPO"], arms["shipped"], args.n_boot) for arm, r in arms.items()}
     gap = shared["all-gold DPO"]["score_mean"] - shared["seed-only DPO"]["score_mean"]
     for result in configs.values():  # no gap to close when all-gold DPO does not beat seed-only DPO
         result["gap_closed"] = result["SPA 2"]["vs_seed_only"]["diff"] / gap if gap > 0 else None
-    counterparts = {"shipped": arms["shipped"], "seed-only DPO": arms["seed-only DPO"],
-                    **{f"{arm} ({EDITED_CONFIG})": r for arm, r in spa_arms[EDITED_CONFIG].items()}}
-    results = {"machine": machine(), "sizes": {k: getattr(args, k) for k in SIZES}, "held_out_prompts": len(held_out),
-               "scorer": GOLD, "arms": shared, "configs": configs,
-               "shared_seconds": sum(times.values()) + sum(r["seconds"] for r in arms.values()),
-               "editing": edit_arms(args, work, held_out, judge, counterparts)}
+    counterparts = {
+        "shipped": arms["shipped"],
+        "seed-only DPO": arms["seed-only DPO"],
+        **{f"{arm} ({EDITED_CONFIG})": r for arm, r in spa_arms[EDITED_CONFIG].items()},
+    }
+    results = {
+        "machine": machine(),
+        "sizes": {k: getattr(args, k) for k in SIZES},
+        "held_out_prompts": len(held_out),
+        "scorer": GOLD,
+        "arms": shared,
+        "configs": configs,
+        "shared_seconds": sum(times.values()) + sum(r["seconds"] for r in arms.values()),
+        "editing": edit_arms(args, work, held_out, judge, counterparts),
+    }
     save_raw("quality", results)
     write_section("Quality", report(results))
     write_section("Editing", edit_report(results))
@@ -223,8 +285,13 @@ def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge,
     pool = work / "edit_prompts.jsonl"
     held_ids = {row["prompt_id"] for row in held_out}
     atomic_write_jsonl(pool, [row for row in load_prompts("demo") if row["prompt_id"] not in held_ids])
-    common = {"prompts": str(pool), "num_prompts": args.edit_prompts, "max_new_tokens_resp": args.max_new_tokens,
-              "batch_size": 16, "dtype": "float32"}
+    common = {
+        "prompts": str(pool),
+        "num_prompts": args.edit_prompts,
+        "max_new_tokens_resp": args.max_new_tokens,
+        "batch_size": 16,
+        "dtype": "float32",
+    }
     alignez = {"method": "alignez", **common, "max_new_tokens_char": 40}
     chosen = build_edit("alignez", alignez, work)
     forced = build_edit("alignez-fixed", {**alignez, **FIXED}, work, data_from=chosen)
@@ -233,33 +300,66 @@ def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge,
     start = "held-out choice" if trained == chosen else f"forced, {FIXED['n_layers']} layers, alpha {FIXED['alpha']}"
     seed_run, seed_seconds = run(recipe(args, work, f"{trained.parent.name}-seed", model={"name": str(trained)}))
     arms = {  # name: (evaluation, counterpart)
-        "AlignEZ (held-out choice), shipped": (evaluate(work, "alignez-shipped", None, held_out, args, judge, str(chosen)),
-                                               "shipped"),
+        "AlignEZ (held-out choice), shipped": (
+            evaluate(work, "alignez-shipped", None, held_out, args, judge, str(chosen)),
+            "shipped",
+        ),
         f"AlignEZ (forced, {FIXED['n_layers']} layers, alpha {FIXED['alpha']}), shipped": (
-            evaluate(work, "alignez-fixed-shipped", None, held_out, args, judge, str(forced)), "shipped"),
+            evaluate(work, "alignez-fixed-shipped", None, held_out, args, judge, str(forced)),
+            "shipped",
+        ),
         "RAHF, shipped": (evaluate(work, "rahf-shipped", None, held_out, args, judge, str(rahf)), "shipped"),
         f"AlignEZ ({start}) init + seed-only DPO": (
-            evaluate(work, f"{trained.parent.name}-seed-only", seed_run / "iter_000" / "adapter", held_out, args, judge,
-                     str(trained)), "seed-only DPO"),
+            evaluate(
+                work, f"{trained.parent.name}-seed-only", seed_run / "iter_000" / "adapter", held_out, args, judge, str(trained)
+            ),
+            "seed-only DPO",
+        ),
     }
     minutes = {"edited seed run": seed_seconds / 60}
     if args.edit_spa:
-        spa_run, spa_seconds = run(recipe(args, work, f"{trained.parent.name}-spa", model={"name": str(trained)},
-                                          num_iterations=2, judge=label_rules(EDITED_CONFIG)), seed_run)
+        spa_run, spa_seconds = run(
+            recipe(
+                args,
+                work,
+                f"{trained.parent.name}-spa",
+                model={"name": str(trained)},
+                num_iterations=2,
+                judge=label_rules(EDITED_CONFIG),
+            ),
+            seed_run,
+        )
         minutes["edited SPA, 2 iterations"] = spa_seconds / 60
         for t in (1, 2):
             arms[f"AlignEZ ({start}) init + SPA {t}"] = (
-                evaluate(work, f"{trained.parent.name}-spa-{t}", spa_run / f"iter_{t:03d}" / "adapter", held_out, args,
-                         judge, str(trained)), f"SPA {t} ({EDITED_CONFIG})")
+                evaluate(
+                    work,
+                    f"{trained.parent.name}-spa-{t}",
+                    spa_run / f"iter_{t:03d}" / "adapter",
+                    held_out,
+                    args,
+                    judge,
+                    str(trained),
+                ),
+                f"SPA {t} ({EDITED_CONFIG})",
+            )
     rows = {}
     for name, (arm, counterpart) in arms.items():
         scores = np.asarray(arm["scores"])
-        rows[name] = {"score_mean": float(scores.mean()), "ci95": bootstrap_ci(scores, args.n_boot, 0),
-                      "length_mean": float(np.mean(arm["lengths"])), "counterpart": counterpart,
-                      "vs_counterpart": paired(arm, counterparts[counterpart], args.n_boot)}
-    return {"arms": rows, "edit_prompts": args.edit_prompts, "edit_spa": args.edit_spa,
-            **{key: read_json(path / EDIT_FILE) for key, path in (("alignez", chosen), ("alignez_forced", forced), ("rahf", rahf))},
-            "minutes": minutes}
+        rows[name] = {
+            "score_mean": float(scores.mean()),
+            "ci95": bootstrap_ci(scores, args.n_boot, 0),
+            "length_mean": float(np.mean(arm["lengths"])),
+            "counterpart": counterpart,
+            "vs_counterpart": paired(arm, counterparts[counterpart], args.n_boot),
+        }
+    return {
+        "arms": rows,
+        "edit_prompts": args.edit_prompts,
+        "edit_spa": args.edit_spa,
+        **{key: read_json(path / EDIT_FILE) for key, path in (("alignez", chosen), ("alignez_forced", forced), ("rahf", rahf))},
+        "minutes": minutes,
+    }
 
 
 def _ci(ci: list[float], digits: int = 4) -> str:
@@ -292,23 +392,34 @@ def report(results: dict) -> str:
         "answer to the prompt (cosine of all-MiniLM-L6-v2 embeddings, `scripts/quality_scorer.py`). One answer per "
         "held-out prompt and arm, same sampling seeds; differences are paired, intervals are 95% bootstrap. "
         f"The shared arms took {results['shared_seconds'] / 60:.0f} min; each configuration's minutes (its 2 iterations and "
-        "2 evaluations) are in the second table.", "",
+        "2 evaluations) are in the second table.",
+        "",
         "| arm | mean score | 95% CI | mean length (chars) | vs seed-only DPO | 95% CI | vs shipped | 95% CI |",
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = list(results["arms"].items()) + [
-        (f"{arm} ({config})", r[arm]) for config, r in results["configs"].items() for arm in ("SPA 1", "SPA 2")]
+        (f"{arm} ({config})", r[arm]) for config, r in results["configs"].items() for arm in ("SPA 1", "SPA 2")
+    ]
     for name, r in rows:
         v, w = r["vs_seed_only"], r["vs_shipped"]
-        lines.append(f"| {name} | {r['score_mean']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | {r['length_mean']:.0f} "
-                     f"| {v['diff']:+.4f} | {_ci(v['ci95'])} | {w['diff']:+.4f} | {_ci(w['ci95'])} |")
-    lines += ["", "Self-labels per configuration (`judge.truncated:judge.length_penalty`), iterations 1 / 2:", "",
-              "| config | pairs | dropped all-truncated | alpha | chosen / rejected tokens | decided by truncation "
-              "| negative margin | agree with scorer | agree, both finished (n) | SPA 2 closes of the gap | minutes |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {r['score_mean']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | {r['length_mean']:.0f} "
+            f"| {v['diff']:+.4f} | {_ci(v['ci95'])} | {w['diff']:+.4f} | {_ci(w['ci95'])} |"
+        )
+    lines += [
+        "",
+        "Self-labels per configuration (`judge.truncated:judge.length_penalty`), iterations 1 / 2:",
+        "",
+        "| config | pairs | dropped all-truncated | alpha | chosen / rejected tokens | decided by truncation "
+        "| negative margin | agree with scorer | agree, both finished (n) | SPA 2 closes of the gap | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for config, r in results["configs"].items():
-        lines.append(f"| {config} | " + " | ".join(" / ".join(cell(x) for x in r["labels"]) for cell in LABEL_CELLS)
-                     + f" | {_pct(r['gap_closed'])} | {r['seconds'] / 60:.1f} |")
+        lines.append(
+            f"| {config} | "
+            + " | ".join(" / ".join(cell(x) for x in r["labels"]) for cell in LABEL_CELLS)
+            + f" | {_pct(r['gap_closed'])} | {r['seconds'] / 60:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -322,22 +433,28 @@ def edit_report(results: dict) -> str:
     e = results["editing"]
     a, r, f = e["alignez"]["result"], e["rahf"]["result"], e["alignez_forced"]["result"]
     margin, loss = a["held_out_margin"], r["held_out_loss"]
-    chosen = (f"layers {a['layers']}, alpha {a['alpha']} ({', '.join(f'{k}: {v}' for k, v in a['rule'].items())})"
-              if a["layers"] else "no edit (no candidate within the KL budget beat the unedited model)")
+    chosen = (
+        f"layers {a['layers']}, alpha {a['alpha']} ({', '.join(f'{k}: {v}' for k, v in a['rule'].items())})"
+        if a["layers"]
+        else "no edit (no candidate within the KL budget beat the unedited model)"
+    )
     near = [i for i, c in enumerate(a["cosine_plus_minus"]) if abs(c) > a["parallel_cosine"]]
     agree = a["agreement"]
     lines = [
         f"`scripts/bench_quality.py`, the same run, held-out prompts, scorer and sampling seeds as the Quality section. Each "
         f"edit generates its own data from {e['edit_prompts']} demo prompts outside the held-out set ({results['sizes']['max_new_tokens']} "
         "new tokens per answer, AlignEZ characteristics 40); every other setting is the `init:` default. Each arm is "
-        "paired with its unedited counterpart (same prompts, same seeds); 95% bootstrap intervals.", "",
+        "paired with its unedited counterpart (same prompts, same seeds); 95% bootstrap intervals.",
+        "",
         "| arm | mean score | 95% CI | mean length (chars) | counterpart | difference | 95% CI | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, x in e["arms"].items():
         v = x["vs_counterpart"]
-        lines.append(f"| {name} | {x['score_mean']:.4f} | [{x['ci95'][0]:.4f}, {x['ci95'][1]:.4f}] | {x['length_mean']:.0f} | "
-                     f"{x['counterpart']} | {v['diff']:+.4f} | {_ci(v['ci95'])} | {_verdict(v['ci95'])} |")
+        lines.append(
+            f"| {name} | {x['score_mean']:.4f} | [{x['ci95'][0]:.4f}, {x['ci95'][1]:.4f}] | {x['length_mean']:.0f} | "
+            f"{x['counterpart']} | {v['diff']:+.4f} | {_ci(v['ci95'])} | {_verdict(v['ci95'])} |"
+        )
     lines += [
         "",
         f"- AlignEZ chose {chosen} from {len(a['candidates'])} candidates on {a['held_out_pairs']} held-out self-generated "

@@ -34,8 +34,22 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (DTYPES, add_model_args, bench_model, import_floor, isolated, matmul_gflops, measure_or_load,
-                      model_label, on_gpu, parse_args, peak_memory_label, random_lora, section_title, write_section)
+from benchlib import (
+    DTYPES,
+    add_model_args,
+    bench_model,
+    import_floor,
+    isolated,
+    matmul_gflops,
+    measure_or_load,
+    model_label,
+    on_gpu,
+    parse_args,
+    peak_memory_label,
+    random_lora,
+    section_title,
+    write_section,
+)
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "spa" / "demo.yaml"
 ITERATION = 1
@@ -55,10 +69,19 @@ def prepare(model: str, dtype: str, workdir: str) -> None:
 def _recipe(sizes: dict, refine: bool = True):
     from selfie.config import load_recipe
 
-    return load_recipe(RECIPE, {"model": {"dtype": sizes["dtype"]}, "report_to": [],
-                                "train": {"per_device_train_batch_size": sizes["batch_size"], "gradient_accumulation_steps": 1,
-                                          "max_length": sizes["max_length"]},
-                                **({} if refine else {"refine": {"alpha": 0.0, "lambdas": [0.0]}})})
+    return load_recipe(
+        RECIPE,
+        {
+            "model": {"dtype": sizes["dtype"]},
+            "report_to": [],
+            "train": {
+                "per_device_train_batch_size": sizes["batch_size"],
+                "gradient_accumulation_steps": 1,
+                "max_length": sizes["max_length"],
+            },
+            **({} if refine else {"refine": {"alpha": 0.0, "lambdas": [0.0]}}),
+        },
+    )
 
 
 def warmup_steps(sizes: dict) -> int:
@@ -113,8 +136,12 @@ def _step_timer():
 def _result(timer, warm: int) -> dict:
     if len(timer.tokens) != len(timer.seconds):
         raise RuntimeError(f"{len(timer.seconds)} steps timed but {len(timer.tokens)} token counts logged")
-    return {"warmup_seconds": timer.seconds[:warm], "step_seconds": timer.seconds[warm:], "step_tokens": timer.tokens[warm:],
-            "params": timer.params}
+    return {
+        "warmup_seconds": timer.seconds[:warm],
+        "step_seconds": timer.seconds[warm:],
+        "step_tokens": timer.tokens[warm:],
+        "params": timer.params,
+    }
 
 
 def run_selfie(sizes: dict, refine: bool) -> dict:
@@ -122,8 +149,16 @@ def run_selfie(sizes: dict, refine: bool) -> dict:
 
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as out:
-        train_iteration(sizes["model"], Path(sizes["workdir"]) / "adapter", _pairs(sizes["pairs"]), out, _recipe(sizes, refine),
-                        ITERATION, callbacks=[timer], **_timing_args(sizes))  # callbacks: train_adapter's argument
+        train_iteration(
+            sizes["model"],
+            Path(sizes["workdir"]) / "adapter",
+            _pairs(sizes["pairs"]),
+            out,
+            _recipe(sizes, refine),
+            ITERATION,
+            callbacks=[timer],
+            **_timing_args(sizes),
+        )  # callbacks: train_adapter's argument
     return _result(timer, warmup_steps(sizes))
 
 
@@ -137,13 +172,27 @@ def run_trl_lora(sizes: dict) -> dict:
     recipe = _recipe(sizes)
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as out:
-        ours = build_dpo_config(recipe.train, recipe.refine, out, lambda_=0.0, refine_on=False,
-                                report_to=recipe.report_to, run_name=None, seed=recipe.seed, **_timing_args(sizes))
+        ours = build_dpo_config(
+            recipe.train,
+            recipe.refine,
+            out,
+            lambda_=0.0,
+            refine_on=False,
+            report_to=recipe.report_to,
+            run_name=None,
+            seed=recipe.seed,
+            **_timing_args(sizes),
+        )
         # selfie's TRL arguments, its refinement fields left out
         args = DPOConfig(**{f.name: getattr(ours, f.name) for f in dataclasses.fields(DPOConfig) if f.init})
-        trainer = DPOTrainer(model=load_model(sizes["model"], sizes["dtype"]), args=args, peft_config=_peft_config(recipe.lora),
-                             processing_class=load_tokenizer(sizes["model"]), callbacks=[timer],
-                             train_dataset=Dataset.from_list(_pairs(sizes["pairs"])).select_columns(PAIR_COLUMNS))
+        trainer = DPOTrainer(
+            model=load_model(sizes["model"], sizes["dtype"]),
+            args=args,
+            peft_config=_peft_config(recipe.lora),
+            processing_class=load_tokenizer(sizes["model"]),
+            callbacks=[timer],
+            train_dataset=Dataset.from_list(_pairs(sizes["pairs"])).select_columns(PAIR_COLUMNS),
+        )
         trainer.train()
     return _result(timer, warmup_steps(sizes))
 
@@ -152,7 +201,9 @@ def _summarise(result: dict, gflops: float) -> None:
     """The median step, its mean tokens, and the rate they make (one odd step, e.g. a shape met first, moves none)."""
     result["median_step_seconds"] = statistics.median(result["step_seconds"])
     result["tokens_per_step"] = sum(result["step_tokens"]) / len(result["step_tokens"])
-    result["gflops_per_second"] = FLOPS_PER_PARAM_TOKEN * result["params"] * result["tokens_per_step"] / result["median_step_seconds"] / 1e9
+    result["gflops_per_second"] = (
+        FLOPS_PER_PARAM_TOKEN * result["params"] * result["tokens_per_step"] / result["median_step_seconds"] / 1e9
+    )
     result["matmul_fraction"] = result["gflops_per_second"] / gflops
 
 
@@ -163,19 +214,34 @@ def measure(args: argparse.Namespace) -> dict:
     isolated(prepare, model, args.dtype, workdir)
     gflops = isolated(matmul_gflops, DTYPES[args.dtype])[0]
     floor = None if on_gpu() else isolated(import_floor, "transformers", "trl", "peft", "selfie.trainer")[1]
-    sizes = {"model": model, "dtype": args.dtype, "workdir": workdir, "pairs": args.pairs, "batch_size": args.batch_size,
-             "max_length": args.max_length, "steps": args.steps}
-    runs = {"TRL DPOTrainer + PEFT LoRA (peft_config), reference = adapter disabled": (run_trl_lora, (sizes,)),
-            "selfie train_iteration, refinement off": (run_selfie, (sizes, False)),
-            "selfie train_iteration, refinement + DND (lambda 0.5)": (run_selfie, (sizes, True))}
+    sizes = {
+        "model": model,
+        "dtype": args.dtype,
+        "workdir": workdir,
+        "pairs": args.pairs,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "steps": args.steps,
+    }
+    runs = {
+        "TRL DPOTrainer + PEFT LoRA (peft_config), reference = adapter disabled": (run_trl_lora, (sizes,)),
+        "selfie train_iteration, refinement off": (run_selfie, (sizes, False)),
+        "selfie train_iteration, refinement + DND (lambda 0.5)": (run_selfie, (sizes, True)),
+    }
     results = {}
     for label, (fn, fn_args) in runs.items():
         result, peak = isolated(fn, *fn_args)
         result["peak_mib"] = peak
         results[label] = result
         logging.info("%s: %.2f s/step, peak %.0f MiB", label, statistics.median(result["step_seconds"]), peak)
-    return {"args": vars(args), "matmul_gflops": gflops, "floor_mib": floor, "peak_label": peak_memory_label(),
-            "results": results, "wall_seconds": time.perf_counter() - started}
+    return {
+        "args": vars(args),
+        "matmul_gflops": gflops,
+        "floor_mib": floor,
+        "peak_label": peak_memory_label(),
+        "results": results,
+        "wall_seconds": time.perf_counter() - started,
+    }
 
 
 def render(raw: dict) -> tuple[str, str]:
@@ -187,28 +253,34 @@ def render(raw: dict) -> tuple[str, str]:
     peak = lambda r: f"{r['peak_mib']:.0f}" + ("" if floor is None else f" ({r['peak_mib'] - floor:.0f})")  # noqa: E731
     table = "\n".join(
         f"| {label} | {r['median_step_seconds']:.3f} | {', '.join(f'{x:.3f}' for x in r['step_seconds'])} | {r['tokens_per_step']:.0f} | {peak(r)} "
-        f"| {r['gflops_per_second']:.0f} ({100 * r['matmul_fraction']:.0f}%) |" for label, r in results.items())
+        f"| {r['gflops_per_second']:.0f} ({100 * r['matmul_fraction']:.0f}%) |"
+        for label, r in results.items()
+    )
     verdicts = "\n".join(
         f"- {label}: **{r['median_step_seconds'] / trl['median_step_seconds']:.2f}x** the step time of TRL + LoRA "
         f"(goal <= {GOAL['time']}x), **{r['peak_mib'] / trl['peak_mib']:.2f}x** its peak memory (goal <= {GOAL['memory']}x)"
-        + ("" if floor is None else f", {(r['peak_mib'] - floor) / (trl['peak_mib'] - floor):.2f}x above the import floor") + "."
-        for label, r in zip(list(results)[1:], ours))
+        + ("" if floor is None else f", {(r['peak_mib'] - floor) / (trl['peak_mib'] - floor):.2f}x above the import floor")
+        + "."
+        for label, r in zip(list(results)[1:], ours)
+    )
     arithmetic = "\n".join(
         f"- {label}: {FLOPS_PER_PARAM_TOKEN} x {r['params'] / 1e6:.0f}M x {r['tokens_per_step']:.0f} tokens / "
         f"{r['median_step_seconds']:.3f} s (the median step) = {r['gflops_per_second']:.0f} GFLOP/s = **{100 * r['matmul_fraction']:.0f}%** of "
-        f"{raw['matmul_gflops']:.0f}." for label, r in results.items())
+        f"{raw['matmul_gflops']:.0f}."
+        for label, r in results.items()
+    )
     body = f"""
-`{raw['command']}` ({raw['machine']}; {a['dtype']}). One DPO optimizer step on {model_label(a['model'])}:
-{a['batch_size']} pairs per step from the first {a['pairs']} pairs of the built-in demo-seed set, max_length {a['max_length']},
+`{raw["command"]}` ({raw["machine"]}; {a["dtype"]}). One DPO optimizer step on {model_label(a["model"])}:
+{a["batch_size"]} pairs per step from the first {a["pairs"]} pairs of the built-in demo-seed set, max_length {a["max_length"]},
 the demo recipe's TRL arguments (beta, learning rate, schedule; no gradient checkpointing) and LoRA (r 16, alpha 32, q/k/v/o)
 for every method. selfie runs iteration {ITERATION} of the demo recipe (`train_iteration`: the previous iteration's adapter
-continued, here a random one; reference pi_{{t-1}} = TRL's frozen copy of it). Seconds per step are the median of {a['steps']}
+continued, here a random one; reference pi_{{t-1}} = TRL's frozen copy of it). Seconds per step are the median of {a["steps"]}
 steps after an untimed pass over the pairs, from the step's start to after the optimizer
 update (on a GPU, synchronised at both ends). Peak memory is each method's own fresh
-process ({raw['peak_label']}){above}. Tokens per step are the step's non-pad tokens, as each method tokenises the pairs
+process ({raw["peak_label"]}){above}. Tokens per step are the step's non-pad tokens, as each method tokenises the pairs
 (selfie renders a response exactly as it was judged).
 
-| method | seconds / step (median) | every timed step (s) | tokens / step | {raw['peak_label']} | GFLOP/s (% of matmul) |
+| method | seconds / step (median) | every timed step (s) | tokens / step | {raw["peak_label"]} | GFLOP/s (% of matmul) |
 |---|---|---|---|---|---|
 {table}
 
@@ -216,7 +288,7 @@ process ({raw['peak_label']}){above}. Tokens per step are the step's non-pad tok
 
 The matmul fraction's arithmetic: FLOPs per step = {FLOPS_PER_PARAM_TOKEN} x base parameters x tokens (6 for the policy's forward
 and backward, 2 for the reference forward; LoRA skips the base weights' gradients, about 2 of the 6, so this is the
-full-fine-tuning-equivalent rate), over the {a['dtype']} matmul rate measured in the same run ({raw['matmul_gflops']:.0f} GFLOP/s):
+full-fine-tuning-equivalent rate), over the {a["dtype"]} matmul rate measured in the same run ({raw["matmul_gflops"]:.0f} GFLOP/s):
 {arithmetic}
 """
     return section_title("Training", raw), body

@@ -38,8 +38,10 @@ def use_quick_docs() -> Path:
 
 
 def machine() -> str:
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-            f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+    )
 
 
 def device() -> str:
@@ -113,8 +115,11 @@ def random_lora(model_name: str, seed: int = 0, dtype: str = "float32"):
 
 # Random-weight models of a real size, built once on the machine (no weights travel): Llama architecture,
 # the built-in model's tokenizer and chat template. 1b: 1.1B parameters (Llama 3.2 1B's shape, a 49k vocabulary).
-RANDOM_MODELS = {"random-llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                         num_attention_heads=32, num_key_value_heads=8)}
+RANDOM_MODELS = {
+    "random-llama-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    )
+}
 # the model whose tokenizer they take: a name or directory; a machine without the built-in model names a copy of its files
 TOKENIZER_FROM = os.environ.get("SELFIE_BENCH_TOKENIZER", "smollm2-135m")
 
@@ -132,9 +137,15 @@ def bench_model(name: str) -> str:
         from selfie.models import load_generation_config, load_tokenizer
 
         tokenizer = load_tokenizer(TOKENIZER_FROM)
-        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **RANDOM_MODELS[name])
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **RANDOM_MODELS[name],
+        )
         torch.manual_seed(0)
         with torch.device(device()):
             model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -150,19 +161,22 @@ def model_label(name: str) -> str:
     if name not in RANDOM_MODELS:
         return name
     shape = RANDOM_MODELS[name]
-    return (f"{name} (random weights: Llama architecture, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
-            f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} KV heads, the built-in model's tokenizer)")
+    return (
+        f"{name} (random weights: Llama architecture, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+        f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} KV heads, the built-in model's tokenizer)"
+    )
 
 
-def end_responses_after(model: torch.nn.Module, stop_id: int, mean_tokens: int, calibration: torch.Tensor,
-                        temperature: float) -> None:
+def end_responses_after(
+    model: torch.nn.Module, stop_id: int, mean_tokens: int, calibration: torch.Tensor, temperature: float
+) -> None:
     """A random model almost never samples its stop token, so every response would run to the limit and every
     batch would finish together. A bias on the stop token's logit (set from one forward pass over `calibration`)
     makes each sampled token a stop with probability 1 / mean_tokens: lengths vary as real responses' do."""
     head = model.get_output_embeddings()
     with torch.no_grad():
         logits = model(calibration.to(head.weight.device)).logits[0].float() / temperature
-        others = torch.cat([logits[:, :stop_id], logits[:, stop_id + 1:]], dim=1).logsumexp(-1)
+        others = torch.cat([logits[:, :stop_id], logits[:, stop_id + 1 :]], dim=1).logsumexp(-1)
         # p = e^(l_stop + b) / (e^others + e^(l_stop + b)) = 1 / mean  <=>  l_stop + b = others - log(mean - 1)
         bias = (others - torch.log(torch.tensor(mean_tokens - 1.0)) - logits[:, stop_id]).median().item() * temperature
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device, dtype=head.weight.dtype)
@@ -209,7 +223,11 @@ def isolated(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 def write_section(title: str, body: str) -> None:
     """Replace (or append) the `## title` section of docs/BENCHMARKS.md."""
     benchmarks = docs_dir() / "BENCHMARKS.md"
-    text = benchmarks.read_text() if benchmarks.exists() else "# Benchmarks\n\nEvery figure is measured by a script in scripts/; each ratio is against a baseline measured in the same run.\n"
+    text = (
+        benchmarks.read_text()
+        if benchmarks.exists()
+        else "# Benchmarks\n\nEvery figure is measured by a script in scripts/; each ratio is against a baseline measured in the same run.\n"
+    )
     section = f"## {title}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     _write(benchmarks, pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section)
@@ -257,8 +275,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and --dtype: the built-in model in float32 on CPU; on a GPU e.g. random-llama-1b in bfloat16."""
-    parser.add_argument("--model", default="smollm2-135m", help="a selfie model name, or one of " + ", ".join(RANDOM_MODELS)
-                        + " (random weights, built on the machine)")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a selfie model name, or one of " + ", ".join(RANDOM_MODELS) + " (random weights, built on the machine)",
+    )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
 

@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from benchlib import bench_model, device, end_responses_after
-
 import selfie.continuous as continuous
 from selfie.data import load_prompts
 from selfie.generate import SAMPLERS, Sampling
 from selfie.models import load_model, load_tokenizer
 from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
+
+from benchlib import bench_model, device, end_responses_after
 
 
 def timed(backend: str, model, items, s: Sampling) -> str:

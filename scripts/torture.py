@@ -34,8 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from selfie.rundir import Manifest, RunContext  # noqa: E402
 from selfie.config import load_recipe  # noqa: E402
+from selfie.rundir import Manifest, RunContext  # noqa: E402
 
 ENV = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ROW_FILES = ["responses.jsonl", "judgments.jsonl", "pairs.jsonl"]
@@ -53,8 +53,14 @@ class Trial:
 
 
 def start(recipe: Path, run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "selfie.cli", "run", str(recipe), "--output_dir", str(run_dir)], cwd=ROOT,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "selfie.cli", "run", str(recipe), "--output_dir", str(run_dir)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_until_started(proc: subprocess.Popen, run_dir: Path) -> bool:
@@ -139,8 +145,12 @@ def compare(reference: Path, run_dir: Path, iterations: int) -> list[str]:
         a, b = (load_file(d / f"iter_{t:03d}" / "adapter" / "adapter_model.safetensors") for d in (reference, run_dir))
         if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
             differences.append(f"iter_{t:03d}/adapter")
-    leftovers = [p for p in run_dir.rglob("*") if "wandb" not in p.relative_to(run_dir).parts
-                 and (p.name.endswith((".tmp", ".partial")) or p.name in ("checkpoints", ".lock"))]
+    leftovers = [
+        p
+        for p in run_dir.rglob("*")
+        if "wandb" not in p.relative_to(run_dir).parts
+        and (p.name.endswith((".tmp", ".partial")) or p.name in ("checkpoints", ".lock"))
+    ]
     differences += [f"left behind: {p.relative_to(run_dir)}" for p in leftovers]
     return differences
 
@@ -168,8 +178,10 @@ def bad_input_lines(directory: Path) -> list[tuple[str, str, str]]:
     import contextlib
     import io
 
-    from selfie.cli import main
     from test_preflight import CASES, make_inputs, with_paths
+
+    from selfie.cli import main
+
     from tiny import build_tiny_model
 
     inputs = make_inputs(directory, str(build_tiny_model(directory / "model")))
@@ -193,13 +205,21 @@ def replace_between(text: str, name: str, body: str) -> str:
 def torture_table(results: list[Trial], window: float, seed: int, seconds: float) -> str:
     kills = [where for r in results for where in r.kills]
     by_stage = Counter(kills)
-    lines = [f"Measured by `python scripts/torture.py --trials {len(results)} --seed {seed}` "
-             f"({time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min; a run took about {window:.1f} s from taking its run "
-             "directory to the end; up to 4 kills a trial):", "",
-             "| trials | kills that landed | kills drawn after the run had ended | identical resumes |", "|---|---|---|---|",
-             f"| {len(results)} | {len(kills)} | {sum(r.missed for r in results)} | "
-             f"{sum(r.identical for r in results)} of {len(results)} |", "", "Where the kills landed (the stage the manifest "
-             "had next):", "", "| next stage | kills |", "|---|---|"]
+    lines = [
+        f"Measured by `python scripts/torture.py --trials {len(results)} --seed {seed}` "
+        f"({time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min; a run took about {window:.1f} s from taking its run "
+        "directory to the end; up to 4 kills a trial):",
+        "",
+        "| trials | kills that landed | kills drawn after the run had ended | identical resumes |",
+        "|---|---|---|---|",
+        f"| {len(results)} | {len(kills)} | {sum(r.missed for r in results)} | "
+        f"{sum(r.identical for r in results)} of {len(results)} |",
+        "",
+        "Where the kills landed (the stage the manifest had next):",
+        "",
+        "| next stage | kills |",
+        "|---|---|",
+    ]
     lines += [f"| {where} | {count} |" for where, count in sorted(by_stage.items())]
     failed = [f"trial {i}: {', '.join(r.differences)}" for i, r in enumerate(results) if r.differences]
     if failed:

@@ -61,14 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = [
         ("run", "run or resume a recipe: RECIPE [--key value ...]", _add_run_args, _run, True),
         ("generate", "sample K responses per prompt", generate.add_generate_args, generate.run_generate_command, False),
-        ("judge", "implicit-reward judgments and pairs", implicit_reward.add_judge_args, implicit_reward.run_judge_command,
-         False),
+        (
+            "judge",
+            "implicit-reward judgments and pairs",
+            implicit_reward.add_judge_args,
+            implicit_reward.run_judge_command,
+            False,
+        ),
         ("status", "where a run directory stands", _add_status_args, _status, False),
         ("edit", "build a representation-edited model (AlignEZ / RAHF)", edit.add_edit_args, edit.run_edit_command, True),
-        ("eval", "win rates, judge accuracy, per-iteration scores", evaluation.add_eval_args, evaluation.run_eval_command,
-         False),
-        ("export", "an iteration's policy as a standalone model or a PEFT adapter, with a model card",
-         export.add_export_args, export.run_export_command, False),
+        ("eval", "win rates, judge accuracy, per-iteration scores", evaluation.add_eval_args, evaluation.run_eval_command, False),
+        (
+            "export",
+            "an iteration's policy as a standalone model or a PEFT adapter, with a model card",
+            export.add_export_args,
+            export.run_export_command,
+            False,
+        ),
     ]
     for name, help_text, add_args, handler, takes_overrides in verbs:
         verb = sub.add_parser(name, help=help_text)

@@ -87,7 +87,9 @@ class DataConfig(Ranged):
     RANGES = {"seed_size": _at_least(0), "iteration_sizes": POSITIVE, "replay": FRACTION}
 
     prompts: str = "demo"  # prompt pool: hub id, .json/.jsonl/.parquet file, saved dataset dir, or "demo"
-    seed_pairs: str | None = None  # labelled preference set for the seed stage, or "alignez" (self-generated, no label); None = labels of the pool's seed slice
+    seed_pairs: str | None = (
+        None  # labelled preference set for the seed stage, or "alignez" (self-generated, no label); None = labels of the pool's seed slice
+    )
     seed_judge: str | None = None  # label the seed slice with this judge instead (2 samples per prompt; evaluation/judges.py)
     seed_size: float = 2000  # a count, or a fraction of the pool when < 1
     iteration_sizes: list[float] = field(default_factory=lambda: [8000, 20000, 30000])
@@ -98,17 +100,23 @@ class DataConfig(Ranged):
     def __post_init__(self):
         super().__post_init__()
         if self.seed_pairs and self.seed_judge:
-            raise SelfieError("recipe keys 'data.seed_pairs' and 'data.seed_judge' exclude each other: "
-                              "the seed labels come from a labelled set or from a judge")
+            raise SelfieError(
+                "recipe keys 'data.seed_pairs' and 'data.seed_judge' exclude each other: "
+                "the seed labels come from a labelled set or from a judge"
+            )
 
 
 @dataclass
 class GenerateConfig(Ranged):
     SECTION = "generate."
-    RANGES = {"num_responses": _at_least(1), "temperature": _at_least(0),
-              "top_p": ((lambda v: 0 < v <= 1), "a value in (0, 1]"), "max_new_tokens": _at_least(1),
-              "batch_size": _at_least(1),
-              "backend": ((lambda v: v in ("auto", "static", "continuous")), "'auto', 'static' or 'continuous'")}
+    RANGES = {
+        "num_responses": _at_least(1),
+        "temperature": _at_least(0),
+        "top_p": ((lambda v: 0 < v <= 1), "a value in (0, 1]"),
+        "max_new_tokens": _at_least(1),
+        "batch_size": _at_least(1),
+        "backend": ((lambda v: v in ("auto", "static", "continuous")), "'auto', 'static' or 'continuous'"),
+    }
 
     num_responses: int = 2
     temperature: float = 0.7
@@ -149,11 +157,19 @@ class JudgeConfig(Ranged):
 @dataclass
 class TrainConfig(Ranged):
     SECTION = "train."
-    RANGES = {"beta": POSITIVE, "learning_rate": POSITIVE, "warmup_ratio": FRACTION, "num_train_epochs": POSITIVE,
-              "seed_epochs": POSITIVE, "per_device_train_batch_size": _at_least(1),
-              "gradient_accumulation_steps": _at_least(1), "max_length": _at_least(1), "save_steps": _at_least(1),
-              "logging_steps": _at_least(1),
-              "adapter_mode": ((lambda v: v in ("continue", "merge")), "'continue' or 'merge'")}
+    RANGES = {
+        "beta": POSITIVE,
+        "learning_rate": POSITIVE,
+        "warmup_ratio": FRACTION,
+        "num_train_epochs": POSITIVE,
+        "seed_epochs": POSITIVE,
+        "per_device_train_batch_size": _at_least(1),
+        "gradient_accumulation_steps": _at_least(1),
+        "max_length": _at_least(1),
+        "save_steps": _at_least(1),
+        "logging_steps": _at_least(1),
+        "adapter_mode": ((lambda v: v in ("continue", "merge")), "'continue' or 'merge'"),
+    }
 
     beta: float = 0.1
     learning_rate: float = 5e-6
@@ -174,9 +190,13 @@ class TrainConfig(Ranged):
 @dataclass
 class RefineConfig(Ranged):
     SECTION = "refine."
-    RANGES = {"alpha": ((lambda v: 0 <= v <= 0.5), "a value in [0, 0.5]"),
-              "quantile": ((lambda v: 0 < v < 1), "a value in (0, 1)"), "window_steps": _at_least(1),
-              "warmup_fraction": ((lambda v: 0 <= v <= 1), "a value in [0, 1]"), "lambdas": _at_least(0)}
+    RANGES = {
+        "alpha": ((lambda v: 0 <= v <= 0.5), "a value in [0, 0.5]"),
+        "quantile": ((lambda v: 0 < v < 1), "a value in (0, 1)"),
+        "window_steps": _at_least(1),
+        "warmup_fraction": ((lambda v: 0 <= v <= 1), "a value in [0, 1]"),
+        "lambdas": _at_least(0),
+    }
 
     alpha: float = 0.1  # label-smoothing strength for low-confidence pairs; 0 = plain DPO
     quantile: float = 0.1  # K: pairs below this quantile of recent margins are smoothed
@@ -248,8 +268,10 @@ class AlignEZConfig(EditConfig):
         if not self.keywords:
             raise SelfieError("init.keywords: need at least one [positive, negative] pair")
         if self.location != "mlp":
-            raise SelfieError(f"init.location '{self.location}': pi_init is a folded standalone model, and only the MLP "
-                              "output ('mlp') folds exactly into the weights (see docs/EDITING.md)")
+            raise SelfieError(
+                f"init.location '{self.location}': pi_init is a folded standalone model, and only the MLP "
+                "output ('mlp') folds exactly into the weights (see docs/EDITING.md)"
+            )
         if self.max_kl < 0:
             raise SelfieError(f"init.max_kl: must be >= 0, got {self.max_kl}")
         if not 0 < self.parallel_cosine <= 1:
@@ -300,8 +322,13 @@ class EvalConfig(Ranged):
     """The `eval:` section: each iteration's policy against a baseline on held-out prompts, scored by a judge."""
 
     SECTION = "eval."
-    RANGES = {"num_prompts": _at_least(0), "max_new_tokens": _at_least(1), "temperature": _at_least(0),
-              "n_boot": _at_least(1), "baseline": ((lambda v: v in BASELINES), f"one of {', '.join(BASELINES)}")}
+    RANGES = {
+        "num_prompts": _at_least(0),
+        "max_new_tokens": _at_least(1),
+        "temperature": _at_least(0),
+        "n_boot": _at_least(1),
+        "baseline": ((lambda v: v in BASELINES), f"one of {', '.join(BASELINES)}"),
+    }
 
     judge: str | None = None  # required: a judge spec (selfie/evaluation/judges.py)
     prompts: str = "demo"  # prompt source; the run's own pool means its held-out slice
@@ -322,9 +349,15 @@ class EvalConfig(Ranged):
 class EvalOptions(Ranged):
     """The options of `selfie eval` (not a recipe section): which prompts, how each model answers, the bootstrap."""
 
-    RANGES = {"num_prompts": _at_least(0), "num_pairs": _at_least(0), "max_new_tokens": _at_least(1),
-              "temperature": _at_least(0), "top_p": GenerateConfig.RANGES["top_p"], "batch_size": _at_least(1),
-              "n_boot": _at_least(1)}
+    RANGES = {
+        "num_prompts": _at_least(0),
+        "num_pairs": _at_least(0),
+        "max_new_tokens": _at_least(1),
+        "temperature": _at_least(0),
+        "top_p": GenerateConfig.RANGES["top_p"],
+        "batch_size": _at_least(1),
+        "n_boot": _at_least(1),
+    }
 
     split: str = "train"  # for hub / saved datasets
     num_prompts: int = 32  # first N prompts (0 = all)
@@ -339,8 +372,13 @@ class EvalOptions(Ranged):
 
     def sampling(self) -> dict[str, Any]:
         """How each model answers: the arguments of selfie.generate.generate_responses."""
-        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-                    batch_size=self.batch_size)
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
 
 
 @dataclass
@@ -362,17 +400,31 @@ class RecipeConfig:
 
     def __post_init__(self):
         if self.generate.num_responses < 2:  # `selfie generate` may sample one; the loop makes pairs
-            raise SelfieError(f"recipe key 'generate.num_responses': expected >= 2 (a pair needs two responses), "
-                              f"got {self.generate.num_responses}")
+            raise SelfieError(
+                f"recipe key 'generate.num_responses': expected >= 2 (a pair needs two responses), "
+                f"got {self.generate.num_responses}"
+            )
         slices = len(self.data.iteration_sizes)
         if not 0 <= self.num_iterations <= slices:
-            raise SelfieError(f"recipe key 'num_iterations': expected 0..{slices} (data.iteration_sizes has {slices} "
-                              f"slices), got {self.num_iterations}")
+            raise SelfieError(
+                f"recipe key 'num_iterations': expected 0..{slices} (data.iteration_sizes has {slices} "
+                f"slices), got {self.num_iterations}"
+            )
 
 
 # Keys whose change does not alter a run's results; a resumed run may differ in these.
-HARMLESS_KEYS = frozenset({"report_to", "run_name", "train.logging_steps", "train.save_steps", "generate.batch_size",
-                           "generate.backend", "judge.token_budget", "train.keep_checkpoints"})
+HARMLESS_KEYS = frozenset(
+    {
+        "report_to",
+        "run_name",
+        "train.logging_steps",
+        "train.save_steps",
+        "generate.batch_size",
+        "generate.backend",
+        "judge.token_budget",
+        "train.keep_checkpoints",
+    }
+)
 # Where the run lives, not what it computes: a moved run directory resumes. Hashes written before it was left out
 # still count it (selfie/rundir.py::made_with accepts them).
 LOCATION_KEYS = frozenset({"output_dir"})
@@ -496,8 +548,12 @@ def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
         section = out.get(key)
-        other_method = key == "init" and isinstance(section, dict) and isinstance(value, dict) \
+        other_method = (
+            key == "init"
+            and isinstance(section, dict)
+            and isinstance(value, dict)
             and value.get("method", section.get("method")) != section.get("method")
+        )
         if isinstance(value, dict) and isinstance(section, dict) and not other_method:
             out[key] = _merge(section, value)
         else:
@@ -551,7 +607,9 @@ def _hash(flat: dict[str, Any], leave_out: frozenset[str], exact_numbers: bool =
     return hashlib.sha256(json.dumps(kept if exact_numbers else _same_numbers(kept), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config_hash(config: RecipeConfig, leave_out: frozenset[str] = HARMLESS_KEYS | LOCATION_KEYS, exact_numbers: bool = False) -> str:
+def config_hash(
+    config: RecipeConfig, leave_out: frozenset[str] = HARMLESS_KEYS | LOCATION_KEYS, exact_numbers: bool = False
+) -> str:
     """Hash of everything that changes results (HARMLESS_KEYS and LOCATION_KEYS left out). `exact_numbers`: as
     earlier versions hashed, telling 2000 from 2000.0."""
     return _hash(flatten(to_dict(config)), leave_out, exact_numbers)
@@ -597,8 +655,7 @@ def _from_text(text: str, tp: Any) -> Any:
     raise argparse.ArgumentTypeError(f"expected {' or '.join(m.__name__ for m in _members(tp))}, got {text!r}")
 
 
-def add_options(parser: argparse.ArgumentParser, section: type, names: Sequence[str],
-                help: dict[str, str] | None = None) -> None:
+def add_options(parser: argparse.ArgumentParser, section: type, names: Sequence[str], help: dict[str, str] | None = None) -> None:
     """A `--flag-name` for each named field of a config dataclass: typed and range-checked as in a recipe,
     its default the field's, so a command and a recipe share each default."""
     hints, fields = _hints(section), {f.name: f for f in dataclasses.fields(section)}
@@ -629,8 +686,11 @@ def from_args(section: type, args: argparse.Namespace) -> Any:
 def changed_values(a: RecipeConfig, b: RecipeConfig) -> dict[str, list[Any]]:
     """{key: [value in a, value in b]} of every results-changing key where they differ."""
     fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
-    return {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb))
-            if fa.get(k) != fb.get(k) and k not in HARMLESS_KEYS | LOCATION_KEYS}
+    return {
+        k: [fa.get(k), fb.get(k)]
+        for k in sorted(set(fa) | set(fb))
+        if fa.get(k) != fb.get(k) and k not in HARMLESS_KEYS | LOCATION_KEYS
+    }
 
 
 def differing_keys(a: RecipeConfig, b: RecipeConfig) -> list[str]:

@@ -83,15 +83,27 @@ def engine_config(prompts: list[list[int]], num_responses: int, max_new_tokens: 
     longest = max(len(p) for p in prompts)
     pages = math.ceil((longest + max_new_tokens) / PAGE_SIZE)
     return ContinuousBatchingConfig(
-        page_size=PAGE_SIZE, num_blocks=batch_size * pages + 1, max_requests_per_batch=batch_size,
+        page_size=PAGE_SIZE,
+        num_blocks=batch_size * pages + 1,
+        max_requests_per_batch=batch_size,
         max_batch_tokens=batch_size + longest * max(1, batch_size // num_responses),
         # selfie's sampler runs Python per step: no CUDA graph replay, no step overlapping it
-        use_cuda_graph=False, use_async_batching=False, seed=0)
+        use_cuda_graph=False,
+        use_async_batching=False,
+        seed=0,
+    )
 
 
 def sample_continuous(
-    model: PreTrainedModel, prompts: list[list[int]], generators: list[list[torch.Generator]], *, max_new_tokens: int,
-    temperature: float, top_p: float, stop_ids: set[int], batch_size: int,
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    generators: list[list[torch.Generator]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop_ids: set[int],
+    batch_size: int,
 ) -> Iterator[list[tuple[int, list[tuple[list[int], bool]]]]]:
     """Sample len(generators[p]) continuations of each prompt p; yield, as prompts complete, lists of
     (p, [(token ids without the stop token, finished)] in k order). Close the iterator to stop the engine early."""
@@ -106,15 +118,17 @@ def sample_continuous(
         try:
             manager = engine.init_continuous_batching(
                 generation_config=generation,
-                continuous_batching_config=engine_config(prompts, len(generators[0]), max_new_tokens, batch_size))
+                continuous_batching_config=engine_config(prompts, len(generators[0]), max_new_tokens, batch_size),
+            )
             manager.logit_processor = _Sampling(sampler)  # before start(): the batch processor is built from it
             # Every request is queued before the engine starts, so its first step takes them in one order and the
             # schedule (which requests share a forward pass) is the same on every run.
             for p, gens in enumerate(generators):
                 for k, generator in enumerate(gens):
                     sampler.generators[f"{p}/{k}"] = generator
-                    manager.add_request(prompts[p], request_id=f"{p}/{k}", max_new_tokens=max_new_tokens,
-                                        eos_token_id=sorted(stop_ids))
+                    manager.add_request(
+                        prompts[p], request_id=f"{p}/{k}", max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids)
+                    )
             manager.start()
             try:
                 yield from _collect(manager, generators, stop_ids)

@@ -50,6 +50,7 @@ def prompt_id_of(messages: list[dict]) -> str:
 
 # ---------------------------------------------------------------- reading rows
 
+
 def _read_rows(source: str, split: str) -> tuple[str, list[dict]]:
     """(name to show in errors, raw rows) of a source."""
     if source in BUILTIN:
@@ -132,12 +133,15 @@ def _read_hub(source: str, split: str) -> list[dict]:
             raise SelfieError(f"{source}: no split '{split}' on the Hub dataset; set data.split") from None
         raise SelfieError(f"{source}: cannot load from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
     except Exception as e:  # offline, unknown id, gated repo, ...
-        raise SelfieError(f"{source}: not a local file or directory, and cannot load it from the Hugging Face Hub "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise SelfieError(
+            f"{source}: not a local file or directory, and cannot load it from the Hugging Face Hub "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     return _to_rows(dataset, source)
 
 
 # ---------------------------------------------------------------- normalising one row
+
 
 def _text(value: Any, key: str) -> str:
     if not isinstance(value, str):
@@ -230,7 +234,9 @@ def _normalise(source: str, split: str, preferences: bool) -> list[dict]:
             raise SelfieError(f"{name}: row {number}: {e}") from None
         pid = out["prompt_id"]
         if pid in first_row and first_row[pid][1] != prompt:
-            raise SelfieError(f"{name}: row {number}: 'prompt_id' {pid!r} repeats row {first_row[pid][0]} with a different prompt")
+            raise SelfieError(
+                f"{name}: row {number}: 'prompt_id' {pid!r} repeats row {first_row[pid][0]} with a different prompt"
+            )
         first_row.setdefault(pid, (number, prompt))
         content = json.dumps(out, sort_keys=True)
         if content not in seen:
@@ -259,8 +265,9 @@ def seed_slice_pairs(source: str, split: str, seed_rows: list[dict]) -> list[dic
     try:
         pairs = load_preferences(source, split)
     except SelfieError as e:
-        raise SelfieError(f"with neither data.seed_pairs nor data.seed_judge set, the seed labels come from data.prompts, "
-                          f"but {e}") from None
+        raise SelfieError(
+            f"with neither data.seed_pairs nor data.seed_judge set, the seed labels come from data.prompts, but {e}"
+        ) from None
     ids = {row["prompt_id"] for row in seed_rows}
     pairs = [row for row in pairs if row["prompt_id"] in ids]
     if not pairs:
@@ -269,6 +276,7 @@ def seed_slice_pairs(source: str, split: str, seed_rows: list[dict]) -> list[dic
 
 
 # ---------------------------------------------------------------- splits
+
 
 @dataclass
 class Splits:
@@ -303,18 +311,25 @@ def split_prompts(rows: list[dict], seed_size: float, iteration_sizes: list[floa
     if wanted > n:
         before_last = wanted - sizes[-1] if sizes else wanted
         if before_last >= n:
-            raise SelfieError(f"data.seed_size + data.iteration_sizes = {seed} + {sizes} = {wanted} prompts, "
-                              f"but the pool has only {n}")
-        logger.warning("data.iteration_sizes: the final iteration gets %d prompts, not %d (pool of %d, %d asked)",
-                       n - before_last, sizes[-1], n, wanted)  # its slice below is cut at the end of the pool
+            raise SelfieError(
+                f"data.seed_size + data.iteration_sizes = {seed} + {sizes} = {wanted} prompts, but the pool has only {n}"
+            )
+        logger.warning(
+            "data.iteration_sizes: the final iteration gets %d prompts, not %d (pool of %d, %d asked)",
+            n - before_last,
+            sizes[-1],
+            n,
+            wanted,
+        )  # its slice below is cut at the end of the pool
     seed_rows, start, iterations = pool[:seed], seed, []
     for size in sizes:
-        iterations.append(pool[start:start + size])
+        iterations.append(pool[start : start + size])
         start += size
     return Splits(seed=seed_rows, iterations=iterations, held_out=pool[start:])
 
 
 # ---------------------------------------------------------------- rows of the run's own files and shards
+
 
 def select_shard(rows: Sequence[dict], shard: tuple[int, int]) -> list[dict]:
     """Rows i (in prompt_id order) with i % world == rank."""
@@ -338,8 +353,12 @@ def check_prompt_rows(rows: Sequence[dict], source: str) -> None:
             raise SelfieError(f"{where}: duplicate prompt_id '{row['prompt_id']}'")
         seen.add(row["prompt_id"])
         prompt = row["prompt"]
-        if not isinstance(prompt, list) or not prompt or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        if (
+            not isinstance(prompt, list)
+            or not prompt
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+            )
         ):
             raise SelfieError(f"{where}: key 'prompt' must be a non-empty list of {{role, content}} messages")
 

@@ -39,8 +39,10 @@ def process_state() -> PartialState:
 def check_topology() -> None:
     """Refuse an accelerate config that asks for FSDP on a machine where accelerate would silently run DDP."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and on_cpu():
-        raise SelfieError("the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only (on CPU it falls "
-                          "back to plain data parallelism); here use accelerate_configs/multi_gpu.yaml or deepspeed_zero*.yaml")
+        raise SelfieError(
+            "the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only (on CPU it falls "
+            "back to plain data parallelism); here use accelerate_configs/multi_gpu.yaml or deepspeed_zero*.yaml"
+        )
 
 
 @dataclass

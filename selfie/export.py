@@ -42,8 +42,10 @@ def pick_iteration(ctx: RunContext, iteration: int | None) -> int:
         return done[-1]
     if iteration not in done:
         stage = "train" if iteration else "seed"
-        raise SelfieError(f"{ctx.run_dir}: iteration {iteration} is not complete (no '{stage}' stage done in manifest.json); "
-                          f"completed: {', '.join(map(str, done)) or 'none'}")
+        raise SelfieError(
+            f"{ctx.run_dir}: iteration {iteration} is not complete (no '{stage}' stage done in manifest.json); "
+            f"completed: {', '.join(map(str, done)) or 'none'}"
+        )
     return iteration
 
 
@@ -95,8 +97,7 @@ def write_merged(base: str, adapter: Path, directory: Path, dtype: torch.dtype |
     save_model(merged, path, directory, dtype or _own_dtype(path))
 
 
-def write_adapter(config: RecipeConfig, base: str, adapter: Path, directory: Path, final: Path,
-                  dtype: torch.dtype | None) -> str:
+def write_adapter(config: RecipeConfig, base: str, adapter: Path, directory: Path, final: Path, dtype: torch.dtype | None) -> str:
     """The PEFT adapter, pointed at the hub id or at pi_init exported to `final`/base; returns that reference."""
     from selfie.models import load_model, resolve_model_path
 
@@ -135,9 +136,17 @@ def push(directory: Path, repo_id: str, private: bool, message: str) -> str:
     return str(url)
 
 
-def export_run(run_dir: str | Path, output: str | Path, *, iteration: int | None = None, adapter_only: bool = False,
-               dtype: str | None = None, force: bool = False, push_to_hub: str | None = None,
-               private: bool = False) -> Path:
+def export_run(
+    run_dir: str | Path,
+    output: str | Path,
+    *,
+    iteration: int | None = None,
+    adapter_only: bool = False,
+    dtype: str | None = None,
+    force: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> Path:
     """Export iteration `iteration` (default: the last completed) of a run into `output`; optionally push it."""
     from selfie.model_card import build_card
 
@@ -168,15 +177,24 @@ def export_run(run_dir: str | Path, output: str | Path, *, iteration: int | None
 
 # ---------------------------------------------------------------- command line
 
+
 def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--iteration", type=int, default=None, help="which iteration (default: the last completed one)")
     parser.add_argument("--output", required=True, help="directory to write the export to (must be empty or absent)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--merge", dest="adapter_only", action="store_false",
-                      help="a standalone model: base, edit and adapter merged (the default)")
-    mode.add_argument("--adapter-only", dest="adapter_only", action="store_true",
-                      help="the PEFT adapter, plus the base in DIR/base when it is not a hub model")
+    mode.add_argument(
+        "--merge",
+        dest="adapter_only",
+        action="store_false",
+        help="a standalone model: base, edit and adapter merged (the default)",
+    )
+    mode.add_argument(
+        "--adapter-only",
+        dest="adapter_only",
+        action="store_true",
+        help="the PEFT adapter, plus the base in DIR/base when it is not a hub model",
+    )
     parser.set_defaults(adapter_only=False)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the base model's own)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
@@ -187,5 +205,15 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
 def run_export_command(args: argparse.Namespace) -> None:
     if args.private and not args.push_to_hub:
         raise SelfieError("--private applies only with --push-to-hub")
-    print(export_run(args.run_dir, args.output, iteration=args.iteration, adapter_only=args.adapter_only, dtype=args.dtype,
-                     force=args.force, push_to_hub=args.push_to_hub, private=args.private))
+    print(
+        export_run(
+            args.run_dir,
+            args.output,
+            iteration=args.iteration,
+            adapter_only=args.adapter_only,
+            dtype=args.dtype,
+            force=args.force,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+        )
+    )

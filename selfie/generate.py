@@ -56,8 +56,15 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator], temperature: f
 
 @torch.inference_mode()
 def sample_batch(
-    model: PreTrainedModel, prompts: list[list[int]], generators: list[list[torch.Generator]], *, max_new_tokens: int,
-    temperature: float, top_p: float, stop_ids: set[int], pad_id: int,
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    generators: list[list[torch.Generator]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop_ids: set[int],
+    pad_id: int,
 ) -> list[list[tuple[list[int], bool]]]:
     """Sample len(generators[p]) continuations of each prompt p; returns (token ids without the stop token, finished).
 
@@ -69,8 +76,8 @@ def sample_batch(
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     repeats = torch.tensor([len(g) for g in generators])
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -132,8 +139,13 @@ class Sampling:
     device: torch.device
 
     def generators(self, rows: Sequence[dict]) -> list[list[torch.Generator]]:
-        return [[torch.Generator(self.device).manual_seed(row_seed(self.seed, row["prompt_id"], k))
-                 for k in range(self.num_responses)] for row in rows]
+        return [
+            [
+                torch.Generator(self.device).manual_seed(row_seed(self.seed, row["prompt_id"], k))
+                for k in range(self.num_responses)
+            ]
+            for row in rows
+        ]
 
     @property
     def prompts_per_batch(self) -> int:
@@ -148,10 +160,23 @@ def sample_static(model: PreTrainedModel, items: list[Item], s: Sampling) -> Sam
     """Batches of batch_size // K prompts, shortest prompts first (a batch holds prompts of similar length)."""
     items = sorted(items, key=lambda e: (len(e[0]), e[1]["prompt_id"]))
     for b in range(0, len(items), s.prompts_per_batch):
-        chunk = items[b:b + s.prompts_per_batch]
+        chunk = items[b : b + s.prompts_per_batch]
         rows = [row for _, row in chunk]
-        yield list(zip(rows, sample_batch(model, [ids for ids, _ in chunk], s.generators(rows), max_new_tokens=s.max_new_tokens,
-                                          temperature=s.temperature, top_p=s.top_p, stop_ids=s.stop_ids, pad_id=s.pad_id)))
+        yield list(
+            zip(
+                rows,
+                sample_batch(
+                    model,
+                    [ids for ids, _ in chunk],
+                    s.generators(rows),
+                    max_new_tokens=s.max_new_tokens,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    stop_ids=s.stop_ids,
+                    pad_id=s.pad_id,
+                ),
+            )
+        )
 
 
 def sample_engine(model: PreTrainedModel, items: list[Item], s: Sampling) -> Samples:
@@ -159,8 +184,16 @@ def sample_engine(model: PreTrainedModel, items: list[Item], s: Sampling) -> Sam
     from selfie.continuous import sample_continuous
 
     rows = [row for _, row in items]
-    for done in sample_continuous(model, [ids for ids, _ in items], s.generators(rows), max_new_tokens=s.max_new_tokens,
-                                  temperature=s.temperature, top_p=s.top_p, stop_ids=s.stop_ids, batch_size=s.batch_size):
+    for done in sample_continuous(
+        model,
+        [ids for ids, _ in items],
+        s.generators(rows),
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        stop_ids=s.stop_ids,
+        batch_size=s.batch_size,
+    ):
         yield [(rows[p], outs) for p, outs in done]
 
 
@@ -168,10 +201,19 @@ SAMPLERS = {"static": sample_static, "continuous": sample_engine}
 
 
 def generate_responses(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[dict], output: str | Path, *,
-    num_responses: int = GenerateConfig.num_responses, max_new_tokens: int = GenerateConfig.max_new_tokens,
-    temperature: float = GenerateConfig.temperature, top_p: float = GenerateConfig.top_p, seed: int = RecipeConfig.seed,
-    batch_size: int = GenerateConfig.batch_size, shard: tuple[int, int] = (0, 1), backend: str = GenerateConfig.backend,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[dict],
+    output: str | Path,
+    *,
+    num_responses: int = GenerateConfig.num_responses,
+    max_new_tokens: int = GenerateConfig.max_new_tokens,
+    temperature: float = GenerateConfig.temperature,
+    top_p: float = GenerateConfig.top_p,
+    seed: int = RecipeConfig.seed,
+    batch_size: int = GenerateConfig.batch_size,
+    shard: tuple[int, int] = (0, 1),
+    backend: str = GenerateConfig.backend,
 ) -> dict:
     """Write responses.jsonl rows {prompt_id, prompt, responses, finished} for this shard's prompts; return metrics.
 
@@ -193,22 +235,40 @@ def generate_responses(
         logger.info("resuming %s: %d of %d prompts already done", output, len(mine) - len(todo), len(mine))
 
     items = [(chat_ids(tokenizer, row["prompt"], True), row) for row in todo]
-    s = Sampling(num_responses, max_new_tokens, temperature, top_p, seed, batch_size, stop_token_ids(model, tokenizer),
-                 pad_token_id(tokenizer), next(model.parameters()).device)
+    s = Sampling(
+        num_responses,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        batch_size,
+        stop_token_ids(model, tokenizer),
+        pad_token_id(tokenizer),
+        next(model.parameters()).device,
+    )
     model.eval()
     done: set[str] = set()
     new_tokens, start, metrics = 0, time.perf_counter(), {}
     try:
         with tqdm(total=len(items), desc="generate", unit="prompt", disable=None) as bar:
+
             def write(samples: Samples) -> int:
                 """Write each group of finished prompts as it comes; the new tokens written."""
                 tokens = 0
                 with contextlib.closing(samples):  # an error here stops a continuous engine's thread too
                     for group in samples:
                         tokens += sum(len(t) + stopped for _, outs in group for t, stopped in outs)  # stop token counts
-                        writer.append([{"prompt_id": row["prompt_id"], "prompt": row["prompt"],
-                                        "responses": [tokenizer.decode(t, skip_special_tokens=True) for t, _ in outs],
-                                        "finished": [stopped for _, stopped in outs]} for row, outs in group])
+                        writer.append(
+                            [
+                                {
+                                    "prompt_id": row["prompt_id"],
+                                    "prompt": row["prompt"],
+                                    "responses": [tokenizer.decode(t, skip_special_tokens=True) for t, _ in outs],
+                                    "finished": [stopped for _, stopped in outs],
+                                }
+                                for row, outs in group
+                            ]
+                        )
                         done.update(row["prompt_id"] for row, _ in group)
                         bar.update(len(group))
                 return tokens
@@ -226,11 +286,24 @@ def generate_responses(
     atomic_write_jsonl(output, rows)
     writer.partial.unlink()
     finished = [f for row in rows for f in row["finished"]]
-    metrics = {"prompts": len(rows), "responses": len(finished), "finished_fraction": sum(finished) / len(finished) if finished else None,
-               "new_tokens": new_tokens, "seconds": round(seconds, 3), "tokens_per_second": new_tokens / seconds if seconds else None,
-               "backend": backend, **metrics}
-    logger.info("generated %d responses for %d prompts (%.1f tokens/s, %s backend) -> %s", len(finished), len(rows),
-                metrics["tokens_per_second"] or 0.0, backend, output)
+    metrics = {
+        "prompts": len(rows),
+        "responses": len(finished),
+        "finished_fraction": sum(finished) / len(finished) if finished else None,
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": new_tokens / seconds if seconds else None,
+        "backend": backend,
+        **metrics,
+    }
+    logger.info(
+        "generated %d responses for %d prompts (%.1f tokens/s, %s backend) -> %s",
+        len(finished),
+        len(rows),
+        metrics["tokens_per_second"] or 0.0,
+        backend,
+        output,
+    )
     return metrics
 
 
@@ -245,26 +318,46 @@ def choose_backend(model: PreTrainedModel, items: list[Item], s: Sampling, write
     for i, name in enumerate(SAMPLERS):
         start = time.perf_counter()
         try:
-            sampled = write(SAMPLERS[name](model, items[i * probe:(i + 1) * probe], s))
+            sampled = write(SAMPLERS[name](model, items[i * probe : (i + 1) * probe], s))
         except Exception as e:  # noqa: BLE001 - an engine that cannot run this model leaves the static backend
-            logger.warning("generate backend auto: %s failed (%s); using static", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            logger.warning(
+                "generate backend auto: %s failed (%s); using static",
+                name,
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+            )
             return "static", {"probe_tokens": tokens}
         rates[name], tokens = sampled / (time.perf_counter() - start), tokens + sampled
     choice = max(rates, key=rates.get)
-    logger.info("generate backend auto on %s: %s new tokens/s -> %s", s.device,
-                ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()), choice)
+    logger.info(
+        "generate backend auto on %s: %s new tokens/s -> %s",
+        s.device,
+        ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()),
+        choice,
+    )
     return choice, {"probe_tokens": tokens, **{f"auto_{name}_tokens_per_second": rate for name, rate in rates.items()}}
 
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
-    add_policy_args(parser, model="hub id, local directory, .gguf file or built-in alias",
-                    adapter="PEFT adapter directory to sample from (default: the bare model)", adapter_required=False,
-                    reads=("--prompts", ".jsonl/.json/.parquet file, saved dataset dir, hub id or 'demo'"),
-                    writes="responses.jsonl to write")
+    add_policy_args(
+        parser,
+        model="hub id, local directory, .gguf file or built-in alias",
+        adapter="PEFT adapter directory to sample from (default: the bare model)",
+        adapter_required=False,
+        reads=("--prompts", ".jsonl/.json/.parquet file, saved dataset dir, hub id or 'demo'"),
+        writes="responses.jsonl to write",
+    )
     # the recipe's generate: section, seed and model.dtype, with their defaults
-    add_options(parser, GenerateConfig, [f.name for f in dataclasses.fields(GenerateConfig)],
-                {"num_responses": "responses per prompt (K)", "temperature": "0 = greedy", "batch_size": "sequences decoded together",
-                 "backend": "static batches, transformers' continuous batching, or auto: measure both, keep the faster"})
+    add_options(
+        parser,
+        GenerateConfig,
+        [f.name for f in dataclasses.fields(GenerateConfig)],
+        {
+            "num_responses": "responses per prompt (K)",
+            "temperature": "0 = greedy",
+            "batch_size": "sequences decoded together",
+            "backend": "static batches, transformers' continuous batching, or auto: measure both, keep the faster",
+        },
+    )
     add_options(parser, RecipeConfig, ["seed"])
 
 
@@ -279,6 +372,16 @@ def run_generate_command(args: argparse.Namespace) -> None:
         model, tokenizer = load_policy(args.model, args.adapter, args.dtype)
         if torch.cuda.is_available():
             model.to("cuda")
-        generate_responses(model, tokenizer, prompts, args.output, num_responses=g.num_responses,
-                           max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=args.seed,
-                           batch_size=g.batch_size, backend=g.backend)
+        generate_responses(
+            model,
+            tokenizer,
+            prompts,
+            args.output,
+            num_responses=g.num_responses,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=args.seed,
+            batch_size=g.batch_size,
+            backend=g.backend,
+        )

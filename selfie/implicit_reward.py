@@ -82,9 +82,9 @@ def _pack(batch: list[_Tree], pad_id: int, dtype: torch.dtype, device: torch.dev
         for k, resp in enumerate(tree.responses, 1):
             r = len(resp)
             if r:
-                ids[b, start:start + r] = torch.tensor(resp)
-                positions[b, start:start + r] = torch.arange(p, p + r)
-                segment[b, start:start + r] = k
+                ids[b, start : start + r] = torch.tensor(resp)
+                positions[b, start : start + r] = torch.arange(p, p + r)
+                segment[b, start : start + r] = k
                 rows += [b] * r
                 sources += [p - 1] + list(range(start, start + r - 1))
                 targets += resp
@@ -97,15 +97,26 @@ def _pack(batch: list[_Tree], pad_id: int, dtype: torch.dtype, device: torch.dev
     allowed = causal & ((segment.unsqueeze(2) == segment.unsqueeze(1)) | (segment.unsqueeze(1) == 0))
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    return {"input_ids": ids.to(device), "position_ids": positions.to(device), "attention_mask": mask.to(device),
-            "rows": as_tensor(rows), "sources": as_tensor(sources), "targets": as_tensor(targets),
-            "sequence": as_tensor(sequence), "num_sequences": n_seq}
+    return {
+        "input_ids": ids.to(device),
+        "position_ids": positions.to(device),
+        "attention_mask": mask.to(device),
+        "rows": as_tensor(rows),
+        "sources": as_tensor(sources),
+        "targets": as_tensor(targets),
+        "sequence": as_tensor(sequence),
+        "num_sequences": n_seq,
+    }
 
 
 def _sequence_logps(model: PreTrainedModel, packed: dict) -> torch.Tensor:
     """Summed log-prob of every response in the packed batch (float64, on CPU)."""
-    hidden = model.get_decoder()(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                                 attention_mask=packed["attention_mask"], use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(
+        input_ids=packed["input_ids"],
+        position_ids=packed["position_ids"],
+        attention_mask=packed["attention_mask"],
+        use_cache=False,
+    ).last_hidden_state
     states = hidden[packed["rows"], packed["sources"]]
     head = output_layer(model)
     logps = token_logps([(1.0, states)], packed["targets"], head.weight, head.bias, logit_softcap(model))
@@ -116,9 +127,17 @@ def _sequence_logps(model: PreTrainedModel, packed: dict) -> torch.Tensor:
 
 @torch.inference_mode()
 def judge_responses(
-    policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, responses: list[dict], output: str | Path,
-    pairs_output: str | Path | None, *, beta: float = TrainConfig.beta, length_normalize: bool = JudgeConfig.length_normalize,
-    rules: PairRules = PairRules(), token_budget: int = JudgeConfig.token_budget, shard: tuple[int, int] = (0, 1),
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    responses: list[dict],
+    output: str | Path,
+    pairs_output: str | Path | None,
+    *,
+    beta: float = TrainConfig.beta,
+    length_normalize: bool = JudgeConfig.length_normalize,
+    rules: PairRules = PairRules(),
+    token_budget: int = JudgeConfig.token_budget,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Write judgments.jsonl (and pairs.jsonl, made by `rules`) for this shard's rows of `responses`; return metrics.
 
@@ -132,8 +151,10 @@ def judge_responses(
     rows = select_shard(responses, shard)
     model = unwrap_peft(policy)
     stop_ids, pad_id = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
-    trees = [_Tree(i, *response_token_ids(tokenizer, row["prompt"], row["responses"], row["finished"], stop_ids))
-             for i, row in enumerate(rows)]
+    trees = [
+        _Tree(i, *response_token_ids(tokenizer, row["prompt"], row["responses"], row["finished"], stop_ids))
+        for i, row in enumerate(rows)
+    ]
     param = next(model.parameters())
     policy.eval()
 
@@ -152,7 +173,7 @@ def judge_responses(
             n = 0
             for tree in batch:
                 k = len(tree.responses)
-                logps[tree.row] = (policy_logps[n:n + k].tolist(), reference_logps[n:n + k].tolist())
+                logps[tree.row] = (policy_logps[n : n + k].tolist(), reference_logps[n : n + k].tolist())
                 n += k
             tokens += sum(len(tree) for tree in batch)
             padded += packed["input_ids"].numel()
@@ -166,12 +187,25 @@ def judge_responses(
         if length_normalize:
             pol = [v / max(c, 1) for v, c in zip(pol, counts)]
             ref = [v / max(c, 1) for v, c in zip(ref, counts)]
-        judgments.append({"prompt_id": row["prompt_id"], "rewards": [beta * (p - r) for p, r in zip(pol, ref)],
-                          "policy_logps": pol, "reference_logps": ref, "num_tokens": counts})
+        judgments.append(
+            {
+                "prompt_id": row["prompt_id"],
+                "rewards": [beta * (p - r) for p, r in zip(pol, ref)],
+                "policy_logps": pol,
+                "reference_logps": ref,
+                "num_tokens": counts,
+            }
+        )
     atomic_write_jsonl(output, judgments)
-    metrics = {"prompts": len(rows), "responses": sum(len(j["rewards"]) for j in judgments),
-               "response_tokens": sum(sum(j["num_tokens"]) for j in judgments), "tokens": tokens, "padded_tokens": padded,
-               "seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None}
+    metrics = {
+        "prompts": len(rows),
+        "responses": sum(len(j["rewards"]) for j in judgments),
+        "response_tokens": sum(sum(j["num_tokens"]) for j in judgments),
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": tokens / seconds if seconds else None,
+    }
     if pairs_output is not None:
         pairs, label_metrics = select_pairs(rows, judgments, rules)
         atomic_write_jsonl(pairs_output, pairs)
@@ -181,18 +215,29 @@ def judge_responses(
 
 
 def add_judge_args(parser: argparse.ArgumentParser) -> None:
-    add_policy_args(parser, model="the initial model pi_init (also the judge reference)",
-                    adapter="PEFT adapter of the policy that generated the responses", adapter_required=True,
-                    reads=("--responses", "responses.jsonl from `selfie generate`"), writes="judgments.jsonl to write")
+    add_policy_args(
+        parser,
+        model="the initial model pi_init (also the judge reference)",
+        adapter="PEFT adapter of the policy that generated the responses",
+        adapter_required=True,
+        reads=("--responses", "responses.jsonl from `selfie generate`"),
+        writes="judgments.jsonl to write",
+    )
     parser.add_argument("--pairs", default=None, help="pairs.jsonl to write (TRL conversational preference format)")
     # the recipe's own keys and defaults, so `selfie judge` labels as `selfie run` does
     add_options(parser, TrainConfig, ["beta"], {"beta": "the implicit reward's beta (the recipe's train.beta)"})
-    add_options(parser, JudgeConfig, ["length_normalize", "truncated", "truncation_penalty", "length_penalty", "token_budget"], {
-        "length_normalize": "divide log-probs by the response length",
-        "truncated": f"a response cut at the length limit: never chosen (drop), scored minus --truncation-penalty "
-                     f"(penalize), or like any other (keep); one of {', '.join(TRUNCATION_POLICIES)}",
-        "length_penalty": "alpha per response token subtracted from the reward, or 'auto'",
-        "token_budget": "padded tokens per batch"})
+    add_options(
+        parser,
+        JudgeConfig,
+        ["length_normalize", "truncated", "truncation_penalty", "length_penalty", "token_budget"],
+        {
+            "length_normalize": "divide log-probs by the response length",
+            "truncated": f"a response cut at the length limit: never chosen (drop), scored minus --truncation-penalty "
+            f"(penalize), or like any other (keep); one of {', '.join(TRUNCATION_POLICIES)}",
+            "length_penalty": "alpha per response token subtracted from the reward, or 'auto'",
+            "token_budget": "padded tokens per batch",
+        },
+    )
     parser.add_argument("--metrics", default=None, help="write the metrics as JSON here")
 
 
@@ -209,7 +254,16 @@ def run_judge_command(args: argparse.Namespace) -> None:
         policy, tokenizer = load_policy(args.model, args.adapter, args.dtype)
         if torch.cuda.is_available():
             policy.to("cuda")
-        metrics = judge_responses(policy, tokenizer, responses, args.output, args.pairs, beta=args.beta,
-                                  length_normalize=judge.length_normalize, rules=judge.rules, token_budget=judge.token_budget)
+        metrics = judge_responses(
+            policy,
+            tokenizer,
+            responses,
+            args.output,
+            args.pairs,
+            beta=args.beta,
+            length_normalize=judge.length_normalize,
+            rules=judge.rules,
+            token_budget=judge.token_budget,
+        )
         if args.metrics:
             atomic_write_json(args.metrics, metrics)

@@ -52,8 +52,10 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
     except BaseException as e:
         tracker.finish(failed=True)  # now, so that wandb's closing lines come before the error line
         if isinstance(e, (OSError, RuntimeError)) and out_of_space(e, ctx.run_dir):
-            raise SelfieError(f"{ctx.run_dir}: no space left on device during {where}; free some space and run "
-                              "the same command again: it resumes from the last completed step") from e
+            raise SelfieError(
+                f"{ctx.run_dir}: no space left on device during {where}; free some space and run "
+                "the same command again: it resumes from the last completed step"
+            ) from e
         raise
     finally:
         lock.release()

@@ -31,32 +31,43 @@ def hub_datasets(config: RecipeConfig) -> list[str]:
 
 def card_data(config: RecipeConfig, adapter_only: bool) -> ModelCardData:
     tags = ["selfie", "spa", "dpo", "self-generated-preferences", "lora"] + ([config.init.method] if config.init else [])
-    return ModelCardData(base_model=base_model_id(config), library_name="peft" if adapter_only else "transformers",
-                         pipeline_tag="text-generation", tags=tags, datasets=hub_datasets(config) or None)
+    return ModelCardData(
+        base_model=base_model_id(config),
+        library_name="peft" if adapter_only else "transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=hub_datasets(config) or None,
+    )
 
 
 def usage(location: str, on_hub: bool, adapter_reference: str | None) -> str:
     """How to load the export from `location` (a hub repo id when `on_hub`, else the export directory)."""
     if adapter_reference is None:
-        return ("A standalone model (pi_init and the adapter merged); it needs no selfie code:\n\n```python\n"
-                "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f'model = AutoModelForCausalLM.from_pretrained("{location}")\n'
-                f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n```')
+        return (
+            "A standalone model (pi_init and the adapter merged); it needs no selfie code:\n\n```python\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{location}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")\n```'
+        )
     if not Path(adapter_reference).is_absolute():
-        return (f"A PEFT LoRA adapter on the hub model `{adapter_reference}` (its `base_model_name_or_path`):\n\n```python\n"
-                "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-                f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")\n'
-                f'tokenizer = AutoTokenizer.from_pretrained("{adapter_reference}")\n```')
+        return (
+            f"A PEFT LoRA adapter on the hub model `{adapter_reference}` (its `base_model_name_or_path`):\n\n```python\n"
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{adapter_reference}")\n```'
+        )
     # transformers finds the adapter at the top of the repo even when asked for subfolder="base", so load by path
     fetch = f'path = snapshot_download("{location}")' if on_hub else f'path = "{location}"'
-    return ("A PEFT LoRA adapter; its base (the run's pi_init) is in `base/`. `base_model_name_or_path` names it by "
-            f"absolute path, `{adapter_reference}`, so `AutoPeftModelForCausalLM.from_pretrained` works while the "
-            "export stays there; anywhere else load the base from `base/`:\n\n```python\n"
-            + ("from huggingface_hub import snapshot_download\n" if on_hub else "")
-            + "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"{fetch}\n"
-            'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(f"{path}/base"), path)\n'
-            'tokenizer = AutoTokenizer.from_pretrained(f"{path}/base")\n```')
+    return (
+        "A PEFT LoRA adapter; its base (the run's pi_init) is in `base/`. `base_model_name_or_path` names it by "
+        f"absolute path, `{adapter_reference}`, so `AutoPeftModelForCausalLM.from_pretrained` works while the "
+        "export stays there; anywhere else load the base from `base/`:\n\n```python\n"
+        + ("from huggingface_hub import snapshot_download\n" if on_hub else "")
+        + "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"{fetch}\n"
+        'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(f"{path}/base"), path)\n'
+        'tokenizer = AutoTokenizer.from_pretrained(f"{path}/base")\n```'
+    )
 
 
 def base_description(config: RecipeConfig) -> str:
@@ -86,8 +97,10 @@ def refinement_description(config: RecipeConfig, iteration: int, metrics: dict[i
     r = config.refine
     used = [metrics.get(t, {}).get("train", {}).get("lambda", "?") for t in range(1, iteration + 1)]
     lambdas = ", ".join(f"{value} (iteration {t})" for t, value in enumerate(used, 1))
-    return (f"label smoothing {r.alpha} for pairs below the {r.quantile} quantile of the margins of the last {r.window_steps} "
-            f"steps (none in the first {r.warmup_fraction} of steps); de-coupled noise detection lambda {lambdas}")
+    return (
+        f"label smoothing {r.alpha} for pairs below the {r.quantile} quantile of the margins of the last {r.window_steps} "
+        f"steps (none in the first {r.warmup_fraction} of steps); de-coupled noise detection lambda {lambdas}"
+    )
 
 
 def training(config: RecipeConfig, iteration: int, metrics: dict[int, dict]) -> str:
@@ -116,8 +129,9 @@ def evaluation(rows: list[dict]) -> str | None:
     return "\n".join(results) if results else None
 
 
-def build_card(ctx: RunContext, iteration: int, *, adapter_reference: str | None, output: Path,
-               repo_id: str | None = None) -> ModelCard:
+def build_card(
+    ctx: RunContext, iteration: int, *, adapter_reference: str | None, output: Path, repo_id: str | None = None
+) -> ModelCard:
     """The card of iteration `iteration` of a run, exported to `output` (and pushed to `repo_id` when given)."""
     config, run_dir = ctx.config, ctx.run_dir
     metrics = {t: read_json(ctx.metrics(t)) for t in range(iteration + 1) if ctx.metrics(t).is_file()}

@@ -19,8 +19,15 @@ import torch
 from filelock import FileLock
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from selfie.config import LoraConfig, ModelConfig, add_options
 from selfie.errors import SelfieError
@@ -163,14 +170,23 @@ def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
 
 def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
     config = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 
 
-def save_adapter(model: PeftModel, directory: str | Path, base: PreTrainedModel | None = None, *,
-                 state_dict: dict[str, torch.Tensor] | None = None, fingerprint: str | None = None) -> None:
+def save_adapter(
+    model: PeftModel,
+    directory: str | Path,
+    base: PreTrainedModel | None = None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    fingerprint: str | None = None,
+) -> None:
     """Save the default adapter (safetensors) with the base fingerprint, atomically.
 
     `state_dict` and `fingerprint` stand in for the model's own when its parameters are sharded (FSDP, ZeRO-3).
@@ -190,7 +206,9 @@ def check_adapter(model: PreTrainedModel, adapter: str | Path) -> None:
     if stamp.is_file():
         expected = read_json(stamp).get("fingerprint")
         if expected != base_fingerprint(model):
-            raise SelfieError(f"{adapter}: adapter was made for another base model (fingerprint {expected} != {base_fingerprint(model)})")
+            raise SelfieError(
+                f"{adapter}: adapter was made for another base model (fingerprint {expected} != {base_fingerprint(model)})"
+            )
 
 
 def load_adapter(model: PreTrainedModel, adapter: str | Path, trainable: bool = False) -> PeftModel:
@@ -201,8 +219,9 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path, trainable: bool = 
         raise SelfieError(f"{adapter}: adapter does not fit this base model ({str(e).splitlines()[0][:200]})") from None
 
 
-def add_policy_args(parser: argparse.ArgumentParser, *, model: str, adapter: str, adapter_required: bool,
-                    reads: tuple[str, str], writes: str) -> None:
+def add_policy_args(
+    parser: argparse.ArgumentParser, *, model: str, adapter: str, adapter_required: bool, reads: tuple[str, str], writes: str
+) -> None:
     """The flags of a command that runs a policy (`load_policy`) over a file: `--model`, `--adapter`, `--dtype`
     (model.dtype's default), the file it reads (flag, help) and `--output`."""
     parser.add_argument("--model", required=True, help=model)

@@ -40,8 +40,14 @@ class PairRules:
             raise SelfieError(f"judge.length_penalty: expected a number or 'auto', got '{self.length_penalty}'")
 
 
-def _pick(scores: Sequence[float], lengths: Sequence[int], finished: Sequence[bool], texts: Sequence[str],
-          rules: PairRules, alpha: float) -> tuple[int, int] | str:
+def _pick(
+    scores: Sequence[float],
+    lengths: Sequence[int],
+    finished: Sequence[bool],
+    texts: Sequence[str],
+    rules: PairRules,
+    alpha: float,
+) -> tuple[int, int] | str:
     """(chosen, rejected) indices of one prompt's responses, or the reason it gives no pair."""
     if len(texts) < 2:
         return "single_response"
@@ -75,8 +81,13 @@ def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], ru
     lengths = [j["num_tokens"] for j in judgments]
 
     def gap(alpha: float) -> float:
-        return _length_gap([_pick(j["rewards"], j["num_tokens"], r["finished"], r["responses"], rules, alpha)
-                            for r, j in zip(responses, judgments)], lengths)
+        return _length_gap(
+            [
+                _pick(j["rewards"], j["num_tokens"], r["finished"], r["responses"], rules, alpha)
+                for r, j in zip(responses, judgments)
+            ],
+            lengths,
+        )
 
     if gap(0.0) == 0:
         return 0.0
@@ -95,8 +106,7 @@ def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], ru
     return far if floor else min((near, far), key=lambda a: (abs(gap(a)), abs(a)))
 
 
-def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules = PairRules()
-                 ) -> tuple[list[dict], dict]:
+def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules = PairRules()) -> tuple[list[dict], dict]:
     """Pairs of one iteration and their label diagnostics.
 
     `responses` are responses.jsonl rows, `judgments` rows with `rewards` and `num_tokens` in the same order.
@@ -114,25 +124,40 @@ def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: Pa
             continue
         chosen, rejected = pick
         by_truncation += pick != _pick(scores, lengths, finished, texts, PairRules("keep"), alpha)
-        pairs.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"],
-                      "chosen": [{"role": "assistant", "content": texts[chosen]}],
-                      "rejected": [{"role": "assistant", "content": texts[rejected]}],
-                      "margin": scores[chosen] - scores[rejected],
-                      "chosen_finished": finished[chosen], "rejected_finished": finished[rejected],
-                      "chosen_tokens": lengths[chosen], "rejected_tokens": lengths[rejected]})
-    return pairs, {"pairs": len(pairs), "dropped": {reason: dropped[reason] for reason in DROP_REASONS},
-                   "length_penalty": alpha, **label_diagnostics(pairs, by_truncation)}
+        pairs.append(
+            {
+                "prompt_id": row["prompt_id"],
+                "prompt": row["prompt"],
+                "chosen": [{"role": "assistant", "content": texts[chosen]}],
+                "rejected": [{"role": "assistant", "content": texts[rejected]}],
+                "margin": scores[chosen] - scores[rejected],
+                "chosen_finished": finished[chosen],
+                "rejected_finished": finished[rejected],
+                "chosen_tokens": lengths[chosen],
+                "rejected_tokens": lengths[rejected],
+            }
+        )
+    return pairs, {
+        "pairs": len(pairs),
+        "dropped": {reason: dropped[reason] for reason in DROP_REASONS},
+        "length_penalty": alpha,
+        **label_diagnostics(pairs, by_truncation),
+    }
 
 
 def label_diagnostics(pairs: Sequence[dict], decided_by_truncation: int) -> dict:
     """What decided the labels: lengths of chosen vs rejected, the truncation rule, negative raw margins."""
     n = len(pairs)
     mean = lambda key: sum(p[key] for p in pairs) / n if n else None  # noqa: E731
-    return {"margin_mean": mean("margin"), "negative_margin": sum(p["margin"] < 0 for p in pairs),
-            "chosen_tokens_mean": mean("chosen_tokens"), "rejected_tokens_mean": mean("rejected_tokens"),
-            "chosen_truncated": sum(not p["chosen_finished"] for p in pairs),
-            "rejected_truncated": sum(not p["rejected_finished"] for p in pairs),
-            "decided_by_truncation": decided_by_truncation / n if n else None}
+    return {
+        "margin_mean": mean("margin"),
+        "negative_margin": sum(p["margin"] < 0 for p in pairs),
+        "chosen_tokens_mean": mean("chosen_tokens"),
+        "rejected_tokens_mean": mean("rejected_tokens"),
+        "chosen_truncated": sum(not p["chosen_finished"] for p in pairs),
+        "rejected_truncated": sum(not p["rejected_finished"] for p in pairs),
+        "decided_by_truncation": decided_by_truncation / n if n else None,
+    }
 
 
 def with_replay(pairs: list[dict], seed_pairs: Sequence[dict], fraction: float, seed: int) -> list[dict]:

@@ -58,8 +58,7 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
         sizes["eval"] = check_eval(config, inputs)
     if splits is not None:
         sizes.update({t: len(rows) for t, rows in enumerate(splits.iterations, 1)})
-    return Plan(config, [Step(t, stage, work(config, t, stage, sizes), (t, stage) in done) for t, stage in steps],
-                inputs, splits)
+    return Plan(config, [Step(t, stage, work(config, t, stage, sizes), (t, stage) in done) for t, stage in steps], inputs, splits)
 
 
 def dry_run(config: RecipeConfig, force: bool) -> str:
@@ -97,8 +96,10 @@ def check_model(config: RecipeConfig) -> str:
         if not any(isinstance(m, adaptable) for m in matched):
             known = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, torch.nn.Linear)})
             what = f"is a {type(matched[0]).__name__}, which LoRA cannot adapt," if matched else "matches no module"
-            raise SelfieError(f"recipe key 'lora.target_modules': '{target}' {what} in model '{config.model.name}' "
-                              f"(its linear layers: {', '.join(known)})")
+            raise SelfieError(
+                f"recipe key 'lora.target_modules': '{target}' {what} in model '{config.model.name}' "
+                f"(its linear layers: {', '.join(known)})"
+            )
     return f"model      {config.model.name} ({model_config.model_type}), LoRA r {config.lora.r} on {', '.join(targets)}"
 
 
@@ -113,12 +114,21 @@ def check_trainer(config: RecipeConfig) -> None:
         SchedulerType(config.train.lr_scheduler_type)
     except ValueError:
         known = ", ".join(s.value for s in SchedulerType)
-        raise SelfieError(f"recipe key 'train.lr_scheduler_type': unknown scheduler '{config.train.lr_scheduler_type}' "
-                          f"(known: {known})") from None
+        raise SelfieError(
+            f"recipe key 'train.lr_scheduler_type': unknown scheduler '{config.train.lr_scheduler_type}' (known: {known})"
+        ) from None
     try:
         for t in (0, 1):
-            build_dpo_config(config.train, config.refine, RunContext.for_recipe(config).checkpoints(t), lambda_=dnd_lambda(config.refine, t),
-                             refine_on=t > 0, report_to=config.report_to, run_name=None, seed=config.seed)
+            build_dpo_config(
+                config.train,
+                config.refine,
+                RunContext.for_recipe(config).checkpoints(t),
+                lambda_=dnd_lambda(config.refine, t),
+                refine_on=t > 0,
+                report_to=config.report_to,
+                run_name=None,
+                seed=config.seed,
+            )
     except ValueError as e:
         raise SelfieError(f"the trainer refuses the recipe's train: / refine: settings: {str(e).splitlines()[0]}") from None
 
@@ -143,8 +153,10 @@ def prompt_pool(config: RecipeConfig, inputs: list[str]) -> Splits:
     for t, rows_t in enumerate(splits.iterations[: config.num_iterations], 1):
         if not rows_t:
             raise SelfieError(f"data.prompts '{d.prompts}': no prompts left for iteration {t}'s slice")
-    inputs.append(f"prompts    {d.prompts}: {len(rows)} prompts -> seed slice {len(splits.seed)}, iteration slices "
-                  f"{', '.join(str(len(s)) for s in splits.iterations)}, held out {len(splits.held_out)}")
+    inputs.append(
+        f"prompts    {d.prompts}: {len(rows)} prompts -> seed slice {len(splits.seed)}, iteration slices "
+        f"{', '.join(str(len(s)) for s in splits.iterations)}, held out {len(splits.held_out)}"
+    )
     return splits
 
 
@@ -218,8 +230,10 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
         n = sizes.get("seed")
         epochs = seed_epochs(config.train, n) if n is not None else None
         if d.seed_judge and n is not None:
-            return (f"{n} seed prompts x 2 samples (<= {n * 2 * g.max_new_tokens} new tokens) labelled by {d.seed_judge} "
-                    f"-> <= {n} pairs; DPO of a new LoRA adapter, {_training(config, n, epochs)}")
+            return (
+                f"{n} seed prompts x 2 samples (<= {n * 2 * g.max_new_tokens} new tokens) labelled by {d.seed_judge} "
+                f"-> <= {n} pairs; DPO of a new LoRA adapter, {_training(config, n, epochs)}"
+            )
         return f"DPO of a new LoRA adapter on {n if n is not None else 'the'} seed pairs, {_training(config, n, epochs)}"
     if prompts is None:
         return "-"
@@ -243,13 +257,22 @@ def describe(plan: Plan, exists: bool) -> str:
     ctx = RunContext.for_recipe(config)
     done = sum(step.done for step in steps)
     state = f"exists, {done} of {len(steps)} stages done" if exists else "new"
-    lines = [f"run        {config.output_dir} ({state})", *plan.inputs, "",
-             f"{'iter':>4}  {'stage':<8}  {'status':<6}  {'work':<72}  writes (in {config.output_dir})"]
+    lines = [
+        f"run        {config.output_dir} ({state})",
+        *plan.inputs,
+        "",
+        f"{'iter':>4}  {'stage':<8}  {'status':<6}  {'work':<72}  writes (in {config.output_dir})",
+    ]
     for step in steps:
-        lines.append(f"{step.iteration:>4}  {step.stage:<8}  {'done' if step.done else 'to do':<6}  {step.work:<72}  "
-                     f"{', '.join(ctx.relative(path) for path in ctx.artifacts(step.iteration, step.stage))}")
+        lines.append(
+            f"{step.iteration:>4}  {step.stage:<8}  {'done' if step.done else 'to do':<6}  {step.work:<72}  "
+            f"{', '.join(ctx.relative(path) for path in ctx.artifacts(step.iteration, step.stage))}"
+        )
     keep = "kept (train.keep_checkpoints)" if config.train.keep_checkpoints else "deleted once the stage's adapter is recorded"
-    lines += ["", f"trainer checkpoints go to {CHECKPOINTS}/ beside each adapter ({keep}); metrics to each iteration's "
-                  f"{ctx.metrics(0).name}; {ctx.summary_file.name}, {ctx.summary_plot.name} and wandb/ at the top",
-              "dry run: nothing was written"]
+    lines += [
+        "",
+        f"trainer checkpoints go to {CHECKPOINTS}/ beside each adapter ({keep}); metrics to each iteration's "
+        f"{ctx.metrics(0).name}; {ctx.summary_file.name}, {ctx.summary_plot.name} and wandb/ at the top",
+        "dry run: nothing was written",
+    ]
     return "\n".join(lines)

@@ -47,8 +47,13 @@ def _mixed(terms: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
     return total
 
 
-def token_logps(terms: Sequence[tuple[float, torch.Tensor]], targets: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+def token_logps(
+    terms: Sequence[tuple[float, torch.Tensor]],
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """log softmax(sum_k c_k * cap(W h_k + b))[target] at each position, float32, for terms (c_k, h_k [N, H]).
 
     One term (1.0, h) is the model's own log-prob; DND's extrapolated log-prob is the two terms
@@ -65,19 +70,19 @@ def token_logps(terms: Sequence[tuple[float, torch.Tensor]], targets: torch.Tens
     n = len(terms[0][1])
     out = []
     for i in range(0, n, POSITION_BLOCK):
-        blocks = [(c, h[i:i + POSITION_BLOCK]) for c, h in terms]
+        blocks = [(c, h[i : i + POSITION_BLOCK]) for c, h in terms]
         size = len(blocks[0][1])
         device = blocks[0][1].device
         width = max(1, (PROJECTION_ELEMENTS if device.type == "cpu" else GPU_PROJECTION_ELEMENTS) // size)
         running_max = torch.full((size, 1), float("-inf"), device=device)
         running_sum = torch.zeros((size, 1), device=device)
         for j in range(0, weight.shape[0], width):
-            tile, tile_bias = weight[j:j + width], None if bias is None else bias[j:j + width]
+            tile, tile_bias = weight[j : j + width], None if bias is None else bias[j : j + width]
             logits = _mixed([(c, _capped(nn.functional.linear(h, tile, tile_bias).float(), softcap)) for c, h in blocks])
             new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
             running_sum = running_sum * (running_max - new_max).exp() + logits.sub_(new_max).exp_().sum(-1, keepdim=True)
             running_max = new_max
-        target = targets[i:i + POSITION_BLOCK]
+        target = targets[i : i + POSITION_BLOCK]
         rows, row_bias = weight[target].float(), 0.0 if bias is None else bias[target].float()
         picked = _mixed([(c, _capped((h.float() * rows).sum(-1) + row_bias, softcap)) for c, h in blocks])
         out.append(picked - (running_max + running_sum.log()).squeeze(1))

@@ -25,8 +25,16 @@ from pathlib import Path
 
 import yaml
 
-from selfie.config import (HARMLESS_KEYS, RecipeConfig, _build, changed_values, config_hash, dump_recipe, earlier_config_hash,
-                           upgrade_run_values)
+from selfie.config import (
+    HARMLESS_KEYS,
+    RecipeConfig,
+    _build,
+    changed_values,
+    config_hash,
+    dump_recipe,
+    earlier_config_hash,
+    upgrade_run_values,
+)
 from selfie.errors import SelfieError
 from selfie.io import TMP_SUFFIX, atomic_write_text, count_lines, file_sha256, read_json
 
@@ -121,8 +129,14 @@ class RunContext:
 
     def artifacts(self, t: int, stage: str) -> list[Path]:
         """What a completed stage leaves; the manifest records them (relative to RUN) with their checksums."""
-        return {"init": [self.init_model], "seed": [self.pairs(t), self.adapter(t)], "generate": [self.responses(t)],
-                "judge": [self.judgments(t), self.pairs(t)], "train": [self.adapter(t)], "eval": [self.eval_report(t)]}[stage]
+        return {
+            "init": [self.init_model],
+            "seed": [self.pairs(t), self.adapter(t)],
+            "generate": [self.responses(t)],
+            "judge": [self.judgments(t), self.pairs(t)],
+            "train": [self.adapter(t)],
+            "eval": [self.eval_report(t)],
+        }[stage]
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.run_dir).as_posix()
@@ -138,8 +152,11 @@ class RunContext:
 
     def finished_adapters(self) -> dict[int, Path]:
         """{iteration: adapter directory} of every adapter written so far."""
-        return {t: self.adapter(t) for t in range(self.config.num_iterations + 1)
-                if (self.adapter(t) / "adapter_config.json").is_file()}
+        return {
+            t: self.adapter(t)
+            for t in range(self.config.num_iterations + 1)
+            if (self.adapter(t) / "adapter_config.json").is_file()
+        }
 
     def read_metrics(self, t: int) -> dict:
         return read_json(self.metrics(t)) if self.metrics(t).exists() else {}
@@ -221,12 +238,17 @@ class Manifest:
     def record(self, iteration: int, stage: str, artifacts: list[str]) -> None:
         """The stage is done: its artifacts (paths relative to RUN), each with its checksum."""
         checksums = {rel: checksum(self.path.parent / rel) for rel in artifacts}
-        self.stages.append({"iteration": iteration, "stage": stage, "status": "done", "artifacts": artifacts, "checksums": checksums})
+        self.stages.append(
+            {"iteration": iteration, "stage": stage, "status": "done", "artifacts": artifacts, "checksums": checksums}
+        )
         self.save()
 
     def save(self) -> None:
-        _write_if_changed(self.path, json.dumps({"config_hash": self.config_hash, "config_history": self.config_history,
-                                                 "stages": self.stages}, indent=2) + "\n")
+        _write_if_changed(
+            self.path,
+            json.dumps({"config_hash": self.config_hash, "config_history": self.config_history, "stages": self.stages}, indent=2)
+            + "\n",
+        )
 
     def verify(self, record_new: bool = True) -> int:
         """Check every recorded artifact against its checksum, stopping at the first that is missing or changed.
@@ -239,8 +261,10 @@ class Manifest:
                 path = self.path.parent / rel
                 problem = artifact_problem(path, checksums.get(rel))
                 if problem:
-                    raise SelfieError(f"{path}: {problem}; the manifest records it as the output of iteration "
-                                      f"{entry['iteration']}'s {entry['stage']} stage. Restore it, or run into a new output_dir")
+                    raise SelfieError(
+                        f"{path}: {problem}; the manifest records it as the output of iteration "
+                        f"{entry['iteration']}'s {entry['stage']} stage. Restore it, or run into a new output_dir"
+                    )
                 if rel not in checksums:
                     first_seen += 1
                     if record_new:
@@ -308,12 +332,20 @@ def check_recipe(run_dir: Path, config: RecipeConfig, manifest: Manifest, force:
     current = config_hash(config)
     if not force:
         if changed:
-            raise SelfieError(f"{run_dir}: recipe differs from the run's own config.yaml in {', '.join(changed)}; "
-                              "use the same recipe, a new output_dir, or --force")
-        raise SelfieError(f"{manifest.path}: made by a different recipe (config_hash {manifest.config_hash} != {current}); "
-                          "use --force")
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": manifest.config_hash if manifest.path.exists() else None,
-            "to": current, "changed": changed, "stages_done": len(manifest.stages)}
+            raise SelfieError(
+                f"{run_dir}: recipe differs from the run's own config.yaml in {', '.join(changed)}; "
+                "use the same recipe, a new output_dir, or --force"
+            )
+        raise SelfieError(
+            f"{manifest.path}: made by a different recipe (config_hash {manifest.config_hash} != {current}); use --force"
+        )
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "from": manifest.config_hash if manifest.path.exists() else None,
+        "to": current,
+        "changed": changed,
+        "stages_done": len(manifest.stages),
+    }
 
 
 def open_run(ctx: RunContext, force: bool) -> Manifest:
@@ -328,8 +360,12 @@ def open_run(ctx: RunContext, force: bool) -> Manifest:
     change = check_recipe(run_dir, config, manifest, force)
     if change:
         manifest.config_history.append(change)
-        logger.warning("%s: --force: continuing with a changed recipe (%s); the %d stages done stand", run_dir,
-                       ", ".join(change["changed"]) or "config_hash", len(manifest.stages))
+        logger.warning(
+            "%s: --force: continuing with a changed recipe (%s); the %d stages done stand",
+            run_dir,
+            ", ".join(change["changed"]) or "config_hash",
+            len(manifest.stages),
+        )
     manifest.config_hash = config_hash(config)
     first_seen = manifest.verify()
     if first_seen:

@@ -30,5 +30,7 @@ def describe(run_dir: str | Path) -> str:
         lines.append("  complete")
     else:
         partial = ctx.partial_outputs()
-        lines.append(f"  next  iter {following[0]:>2}  {following[1]}" + (f"  (in progress: {', '.join(partial)})" if partial else ""))
+        lines.append(
+            f"  next  iter {following[0]:>2}  {following[1]}" + (f"  (in progress: {', '.join(partial)})" if partial else "")
+        )
     return "\n".join(lines)

@@ -15,7 +15,9 @@ from selfie.errors import SelfieError
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     """Token ids of a conversation rendered by the chat template (the way TRL's DPO tokenizes it)."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+    )
     return list(encoded["input_ids"])
 
 
@@ -44,7 +46,7 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def response_token_ids(
-    tokenizer: PreTrainedTokenizerBase, prompt: list[dict], responses: Sequence[str], finished: Sequence[bool], stop_ids: set[int],
+    tokenizer: PreTrainedTokenizerBase, prompt: list[dict], responses: Sequence[str], finished: Sequence[bool], stop_ids: set[int]
 ) -> tuple[list[int], list[list[int]]]:
     """(shared prompt ids, scored ids of each response) exactly as the chat template renders them.
 
@@ -54,7 +56,9 @@ def response_token_ids(
     the template adds after it (ChatML's trailing newline) is not part of the response.
     """
     prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    full = [chat_ids(tokenizer, prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False) for text in responses]
+    full = [
+        chat_ids(tokenizer, prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False) for text in responses
+    ]
     prefix = min(common_prefix_length(prompt_ids, ids) for ids in full)
     if prefix == 0:
         raise SelfieError("judge: the chat template renders prompt and prompt + response with no common start")
@@ -65,5 +69,5 @@ def response_token_ids(
         if end is None:  # a template that writes no end-of-turn token: the model stopped on EOS
             scored.append(tail + [tokenizer.eos_token_id] if done else tail)
         else:
-            scored.append(tail[:end + 1] if done else tail[:end])
+            scored.append(tail[: end + 1] if done else tail[:end])
     return prompt_ids[:prefix], scored

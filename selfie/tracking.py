@@ -59,9 +59,13 @@ class Tracker:
         import wandb
 
         wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "selfie"), group=self.run_name,
-            name=f"{self.run_name}-iter{iteration:03d}", job_type=f"iteration_{iteration}",
-            config={**self.config, "iteration": iteration}, dir=os.environ["WANDB_DIR"], reinit="finish_previous",
+            project=os.environ.get("WANDB_PROJECT", "selfie"),
+            group=self.run_name,
+            name=f"{self.run_name}-iter{iteration:03d}",
+            job_type=f"iteration_{iteration}",
+            config={**self.config, "iteration": iteration},
+            dir=os.environ["WANDB_DIR"],
+            reinit="finish_previous",
         )
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -83,10 +87,18 @@ class Tracker:
 
 
 SUMMARY_COLUMNS = [
-    ("iteration", "iter"), ("pairs", "pairs kept"), ("dropped", "dropped (by reason)"), ("margin_mean", "mean margin"),
-    ("lengths", "chosen vs rejected tokens"), ("decided_by_truncation", "decided by truncation"),
-    ("negative_margin", "negative margins"), ("agreement", "agree with eval judge"),
-    ("smoothed_fraction", "smoothed frac"), ("loss", "loss"), ("times", "time per stage (s)"), ("tokens_per_second", "gen tok/s"),
+    ("iteration", "iter"),
+    ("pairs", "pairs kept"),
+    ("dropped", "dropped (by reason)"),
+    ("margin_mean", "mean margin"),
+    ("lengths", "chosen vs rejected tokens"),
+    ("decided_by_truncation", "decided by truncation"),
+    ("negative_margin", "negative margins"),
+    ("agreement", "agree with eval judge"),
+    ("smoothed_fraction", "smoothed frac"),
+    ("loss", "loss"),
+    ("times", "time per stage (s)"),
+    ("tokens_per_second", "gen tok/s"),
 ]
 
 
@@ -95,24 +107,29 @@ def summary_rows(per_iteration: dict[int, dict]) -> list[dict]:
     rows = []
     for iteration, m in sorted(per_iteration.items()):
         judge, train, gen = m.get("judge", {}), m.get("train") or m.get("seed", {}), m.get("generate", {})
-        rows.append({
-            "iteration": iteration,
-            "pairs": judge.get("pairs", train.get("pairs")),
-            "dropped": judge.get("dropped"),
-            "margin_mean": judge.get("margin_mean"),
-            "chosen_tokens": judge.get("chosen_tokens_mean"),
-            "rejected_tokens": judge.get("rejected_tokens_mean"),
-            "lengths": (f"{judge['chosen_tokens_mean']:.0f} vs {judge['rejected_tokens_mean']:.0f}"
-                        if judge.get("chosen_tokens_mean") is not None else None),
-            "decided_by_truncation": judge.get("decided_by_truncation"),
-            "negative_margin": judge.get("negative_margin"),
-            "agreement": judge.get("eval_judge_agreement"),
-            "smoothed_fraction": train.get("refine/smoothed_fraction"),
-            "loss": train.get("train_loss"),
-            "times": m.get("times", {}),
-            "tokens_per_second": gen.get("tokens_per_second"),
-            "eval": m.get("eval"),
-        })
+        rows.append(
+            {
+                "iteration": iteration,
+                "pairs": judge.get("pairs", train.get("pairs")),
+                "dropped": judge.get("dropped"),
+                "margin_mean": judge.get("margin_mean"),
+                "chosen_tokens": judge.get("chosen_tokens_mean"),
+                "rejected_tokens": judge.get("rejected_tokens_mean"),
+                "lengths": (
+                    f"{judge['chosen_tokens_mean']:.0f} vs {judge['rejected_tokens_mean']:.0f}"
+                    if judge.get("chosen_tokens_mean") is not None
+                    else None
+                ),
+                "decided_by_truncation": judge.get("decided_by_truncation"),
+                "negative_margin": judge.get("negative_margin"),
+                "agreement": judge.get("eval_judge_agreement"),
+                "smoothed_fraction": train.get("refine/smoothed_fraction"),
+                "loss": train.get("train_loss"),
+                "times": m.get("times", {}),
+                "tokens_per_second": gen.get("tokens_per_second"),
+                "eval": m.get("eval"),
+            }
+        )
     return rows
 
 
@@ -140,8 +157,10 @@ def summary_markdown(rows: list[dict]) -> str:
     columns = SUMMARY_COLUMNS + ([("eval", "eval")] if any(row.get("eval") for row in rows) else [])
     header = "| " + " | ".join(title for _, title in columns) + " |"
     lines = [header, "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(eval_headline(row.get(key)) if key == "eval" else _cell(row.get(key)) for key, _ in columns) + " |"
-              for row in rows]
+    lines += [
+        "| " + " | ".join(eval_headline(row.get(key)) if key == "eval" else _cell(row.get(key)) for key, _ in columns) + " |"
+        for row in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -154,10 +173,12 @@ def plot_summary(rows: list[dict], path: Path) -> None:
 
     eval_score = [{**r, "eval_score": (r.get("eval") or {}).get("score_mean")} for r in rows]
     panels = [  # (title, [(key, label)]): one line per key
-        ("pairs kept", [("pairs", None)]), ("mean judge margin", [("margin_mean", None)]),
+        ("pairs kept", [("pairs", None)]),
+        ("mean judge margin", [("margin_mean", None)]),
         ("mean tokens", [("chosen_tokens", "chosen"), ("rejected_tokens", "rejected")]),
         ("label diagnostics", [("decided_by_truncation", "decided by truncation"), ("agreement", "agree with eval judge")]),
-        ("train loss", [("loss", None)]), ("smoothed fraction", [("smoothed_fraction", None)]),
+        ("train loss", [("loss", None)]),
+        ("smoothed fraction", [("smoothed_fraction", None)]),
         ("eval score", [("eval_score", None)]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))

@@ -65,10 +65,18 @@ class NoiseAwareDPOConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss_type != ["sigmoid"] or self.loss_weights not in (None, [1.0]) or self.ld_alpha is not None \
-                or self.f_divergence_type != "reverse_kl" or self.use_weighting or self.label_smoothing:
-            raise ValueError("NoiseAwareDPOConfig builds on TRL's plain sigmoid loss; leave loss_type, loss_weights, "
-                             "ld_alpha, f_divergence_type, use_weighting and label_smoothing at their defaults")
+        if (
+            self.loss_type != ["sigmoid"]
+            or self.loss_weights not in (None, [1.0])
+            or self.ld_alpha is not None
+            or self.f_divergence_type != "reverse_kl"
+            or self.use_weighting
+            or self.label_smoothing
+        ):
+            raise ValueError(
+                "NoiseAwareDPOConfig builds on TRL's plain sigmoid loss; leave loss_type, loss_weights, "
+                "ld_alpha, f_divergence_type, use_weighting and label_smoothing at their defaults"
+            )
         if self.precompute_ref_log_probs:
             raise ValueError("precompute_ref_log_probs: the reference pass is needed for DND (and costs no copy with LoRA)")
         if not 0.0 <= self.refine_alpha <= 0.5:
@@ -116,9 +124,15 @@ class RefinementWindow:
         self.step, self.current = state["step"], list(state["current"])
 
 
-def extrapolated_logps(policy_hidden: torch.Tensor, ref_hidden: torch.Tensor, lm_head: torch.nn.Module,
-                       input_ids: torch.Tensor, completion_mask: torch.Tensor, lam: float,
-                       softcap: float | None = None) -> torch.Tensor:
+def extrapolated_logps(
+    policy_hidden: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    lam: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Sum over each sequence's completion tokens of log_softmax((1 + lam) h_theta - lam h_ref)[next token].
 
     `*_hidden` are the backbone's last hidden states [N, T, H]; logits are built only where the next token
@@ -201,8 +215,15 @@ class NoiseAwareDPOTrainer(DPOTrainer):
         if not lam:
             return self.beta * z.detach()
         unwrapped = self.accelerator.unwrap_model(self.model)
-        logps = extrapolated_logps(hidden[0], hidden[1], output_layer(unwrapped), inputs["input_ids"],
-                                   inputs["completion_mask"], lam, logit_softcap(unwrapped))
+        logps = extrapolated_logps(
+            hidden[0],
+            hidden[1],
+            output_layer(unwrapped),
+            inputs["input_ids"],
+            inputs["completion_mask"],
+            lam,
+            logit_softcap(unwrapped),
+        )
         chosen, rejected = logps.chunk(2)
         return self.beta * ((chosen - rejected) - ref_logratio.detach().float())
 
@@ -265,7 +286,9 @@ class NoiseAwareDPOTrainer(DPOTrainer):
         if resume_from_checkpoint:
             state_file = Path(resume_from_checkpoint) / REFINE_STATE
             if not state_file.is_file():
-                raise SelfieError(f"{state_file}: missing; this checkpoint was not written by NoiseAwareDPOTrainer or is incomplete")
+                raise SelfieError(
+                    f"{state_file}: missing; this checkpoint was not written by NoiseAwareDPOTrainer or is incomplete"
+                )
             self.load_refine_state(read_json(state_file))
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
 
@@ -275,8 +298,11 @@ def last_checkpoint(directory: str | Path) -> str | None:
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    steps = [int(m.group(1)) for p in directory.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
-             and (p / REFINE_STATE).is_file()]
+    steps = [
+        int(m.group(1))
+        for p in directory.iterdir()
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / REFINE_STATE).is_file()
+    ]
     return str(directory / f"checkpoint-{max(steps)}") if steps else None
 
 
@@ -299,28 +325,48 @@ def seed_epochs(train: TrainConfig, num_pairs: int) -> float:
     return 3.0 if num_pairs < 2000 else 1.0
 
 
-def build_dpo_config(train: TrainConfig, refine: RefineConfig, output_dir: str | Path, *, lambda_: float,
-                     refine_on: bool, report_to: list[str], run_name: str | None, seed: int,
-                     epochs: float | None = None, **overrides: Any) -> NoiseAwareDPOConfig:
+def build_dpo_config(
+    train: TrainConfig,
+    refine: RefineConfig,
+    output_dir: str | Path,
+    *,
+    lambda_: float,
+    refine_on: bool,
+    report_to: list[str],
+    run_name: str | None,
+    seed: int,
+    epochs: float | None = None,
+    **overrides: Any,
+) -> NoiseAwareDPOConfig:
     """The recipe's train/refine sections as TRL arguments; `overrides` go straight to NoiseAwareDPOConfig."""
     cuda = not on_cpu()
     distributed_cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
     values = dict(
-        output_dir=str(output_dir), run_name=run_name, seed=seed, report_to=list(report_to) or "none",
-        beta=train.beta, learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler_type,
+        output_dir=str(output_dir),
+        run_name=run_name,
+        seed=seed,
+        report_to=list(report_to) or "none",
+        beta=train.beta,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
         warmup_steps=train.warmup_ratio,  # transformers 5: a float below 1 is a ratio
         num_train_epochs=train.num_train_epochs if epochs is None else epochs,
         per_device_train_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps, max_length=train.max_length,
-        gradient_checkpointing=train.gradient_checkpointing, logging_steps=train.logging_steps,
-        save_strategy="steps", save_steps=train.save_steps,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        max_length=train.max_length,
+        gradient_checkpointing=train.gradient_checkpointing,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
         save_total_limit=2,  # the newest checkpoint may be cut by a kill; the one before it is then complete
         bf16=cuda and torch.cuda.is_bf16_supported(),  # float32 on CPU: bf16 matmul there is ~400x slower
         dataloader_pin_memory=cuda,
         ddp_backend="gloo" if distributed_cpu else None,  # DeepSpeed on CPU needs it named to see all ranks
         use_cpu=not cuda and not uses_deepspeed(),  # else CPU ranks run unsynchronised (see selfie.dist)
-        refine_alpha=refine.alpha if refine_on else 0.0, refine_quantile=refine.quantile,
-        refine_window_steps=refine.window_steps, refine_warmup_fraction=refine.warmup_fraction,
+        refine_alpha=refine.alpha if refine_on else 0.0,
+        refine_quantile=refine.quantile,
+        refine_window_steps=refine.window_steps,
+        refine_warmup_fraction=refine.warmup_fraction,
         dnd_lambda=lambda_,
     )
     values.update(overrides)
@@ -333,8 +379,13 @@ def build_dpo_config(train: TrainConfig, refine: RefineConfig, output_dir: str |
 def _peft_config(lora: LoraConfig) -> PeftLoraConfig:
     # Handed to TRL unattached (unlike selfie.models.attach_lora): TRL then wraps the model itself and takes
     # "adapters disabled" as the reference, with no copy of the adapter.
-    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
 
 
 def _pairs_dataset(pairs: list[dict] | Dataset, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> Dataset:
@@ -373,8 +424,9 @@ def _gathered(params: list[torch.nn.Parameter]):
         yield
 
 
-def _export_adapter(trainer: NoiseAwareDPOTrainer, directory: Path, fingerprint: str, base_name: str | None,
-                    stack_on: Path | None, dtype: str) -> None:
+def _export_adapter(
+    trainer: NoiseAwareDPOTrainer, directory: Path, fingerprint: str, base_name: str | None, stack_on: Path | None, dtype: str
+) -> None:
     """Write the trained adapter "default" to `directory` (main process), atomically.
 
     Its weights are gathered whole on every rank first (ZeRO-3 and FSDP shard them). With `stack_on` (merge
@@ -399,27 +451,43 @@ def _export_adapter(trainer: NoiseAwareDPOTrainer, directory: Path, fingerprint:
     trainer.accelerator.wait_for_everyone()
 
 
-def _summary(trainer: NoiseAwareDPOTrainer, num_pairs: int, seconds: float, adapter: Path,
-             resumed_from: str | None) -> dict[str, Any]:
+def _summary(
+    trainer: NoiseAwareDPOTrainer, num_pairs: int, seconds: float, adapter: Path, resumed_from: str | None
+) -> dict[str, Any]:
     history = trainer.state.log_history  # restored from the checkpoint on resume, so it covers the whole run
     logged = [h for h in history if "loss" in h]
     last = logged[-1] if logged else {}
     totals = trainer.refine_totals
     return {
-        "pairs": num_pairs, "steps": trainer.state.global_step, "epochs": trainer.args.num_train_epochs,
+        "pairs": num_pairs,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.args.num_train_epochs,
         "train_loss": sum(h["loss"] for h in logged) / len(logged) if logged else None,
-        "lambda": trainer.args.dnd_lambda, "refine_alpha": trainer.args.refine_alpha,
+        "lambda": trainer.args.dnd_lambda,
+        "refine_alpha": trainer.args.refine_alpha,
         "refine/smoothed_fraction": totals["smoothed"] / totals["samples"] if totals["samples"] else 0.0,
         **{k: last[k] for k in ("refine/tau", "refine/margin_mean", "rewards/accuracies", "rewards/margins") if k in last},
-        "seconds": seconds, "adapter": str(adapter), "resumed_from": resumed_from,
-        "distributed": trainer.accelerator.distributed_type.value, "processes": trainer.accelerator.num_processes,
+        "seconds": seconds,
+        "adapter": str(adapter),
+        "resumed_from": resumed_from,
+        "distributed": trainer.accelerator.distributed_type.value,
+        "processes": trainer.accelerator.num_processes,
     }
 
 
-def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, output_dir: str | Path,
-                  config: RecipeConfig, *, iteration: int = 0, prev_adapter: str | Path | None = None,
-                  tokenizer: PreTrainedTokenizerBase | None = None, adapter_mode: str | None = None,
-                  callbacks: list[TrainerCallback] | None = None, **overrides: Any) -> dict[str, Any]:
+def train_adapter(
+    model: str | PreTrainedModel,
+    pairs: list[dict] | Dataset,
+    output_dir: str | Path,
+    config: RecipeConfig,
+    *,
+    iteration: int = 0,
+    prev_adapter: str | Path | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    adapter_mode: str | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Train one stage's adapter into `<output_dir>/adapter`; checkpoints go to `<output_dir>/checkpoints`.
 
     iteration 0 (seed): a fresh adapter on `model`, reference = `model`, plain DPO (no refinement).
@@ -459,14 +527,29 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
     fingerprint = base_fingerprint(unwrap_peft(model))
     try:
         args = build_dpo_config(
-            config.train, config.refine, output_dir / CHECKPOINTS, lambda_=dnd_lambda(config.refine, iteration),
-            refine_on=iteration > 0, report_to=config.report_to, run_name=f"{config.run_name or output_dir.parent.name}-{output_dir.name}",
-            seed=config.seed, epochs=seed_epochs(config.train, len(dataset)) if iteration == 0 else None, **overrides)
-        trainer = NoiseAwareDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                       peft_config=peft_config, callbacks=callbacks)
+            config.train,
+            config.refine,
+            output_dir / CHECKPOINTS,
+            lambda_=dnd_lambda(config.refine, iteration),
+            refine_on=iteration > 0,
+            report_to=config.report_to,
+            run_name=f"{config.run_name or output_dir.parent.name}-{output_dir.name}",
+            seed=config.seed,
+            epochs=seed_epochs(config.train, len(dataset)) if iteration == 0 else None,
+            **overrides,
+        )
+        trainer = NoiseAwareDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
     except ValueError as e:  # TRL, transformers or PEFT refusing a value that got past the recipe's own checks
-        raise SelfieError(f"iteration {iteration}: the trainer refused the recipe's train / lora settings: "
-                          f"{str(e).splitlines()[0]}") from e
+        raise SelfieError(
+            f"iteration {iteration}: the trainer refused the recipe's train / lora settings: {str(e).splitlines()[0]}"
+        ) from e
     checkpoint = last_checkpoint(args.output_dir)
     if checkpoint:
         logger.info("resuming training from %s", checkpoint)
@@ -478,18 +561,42 @@ def train_adapter(model: str | PreTrainedModel, pairs: list[dict] | Dataset, out
     return _summary(trainer, len(dataset), seconds, adapter, checkpoint)
 
 
-def train_seed(model: str | PreTrainedModel, pairs: list[dict] | Dataset, output_dir: str | Path, config: RecipeConfig,
-               *, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any) -> dict[str, Any]:
+def train_seed(
+    model: str | PreTrainedModel,
+    pairs: list[dict] | Dataset,
+    output_dir: str | Path,
+    config: RecipeConfig,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Stage 0: DPO of a fresh LoRA adapter on the seed pairs, reference pi_init. Returns the stage metrics."""
     return train_adapter(model, pairs, output_dir, config, iteration=0, tokenizer=tokenizer, **overrides)
 
 
-def train_iteration(model: str | PreTrainedModel, prev_adapter: str | Path, pairs: list[dict] | Dataset,
-                    output_dir: str | Path, config: RecipeConfig, iteration: int, *,
-                    tokenizer: PreTrainedTokenizerBase | None = None, adapter_mode: str | None = None,
-                    **overrides: Any) -> dict[str, Any]:
+def train_iteration(
+    model: str | PreTrainedModel,
+    prev_adapter: str | Path,
+    pairs: list[dict] | Dataset,
+    output_dir: str | Path,
+    config: RecipeConfig,
+    iteration: int,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    adapter_mode: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Stage t >= 1: noise-aware DPO from pi_{t-1} = model + prev_adapter, reference pi_{t-1}. Returns the stage metrics."""
     if iteration < 1:
         raise ValueError(f"iteration must be >= 1, got {iteration}")
-    return train_adapter(model, pairs, output_dir, config, iteration=iteration, prev_adapter=prev_adapter,
-                         tokenizer=tokenizer, adapter_mode=adapter_mode, **overrides)
+    return train_adapter(
+        model,
+        pairs,
+        output_dir,
+        config,
+        iteration=iteration,
+        prev_adapter=prev_adapter,
+        tokenizer=tokenizer,
+        adapter_mode=adapter_mode,
+        **overrides,
+    )

@@ -15,8 +15,14 @@ from selfie.cli import main
 
 from test_loop import write_inputs, write_recipe
 
-RESPONSES = [{"prompt_id": "a", "prompt": [{"role": "user", "content": "hello world"}],
-              "responses": ["good morning", "yes thank you"], "finished": [True, False]}]
+RESPONSES = [
+    {
+        "prompt_id": "a",
+        "prompt": [{"role": "user", "content": "hello world"}],
+        "responses": ["good morning", "yes thank you"],
+        "finished": [True, False],
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +35,40 @@ def commands(tiny_model, prev_adapter, tmp_path_factory):
     (directory / "verb_judges.py").write_text("def length(prompt, response):\n    return float(len(response))\n")
     return {
         "run": lambda out: ["run", str(recipe), "--output_dir", str(out)],
-        "generate": lambda out: ["generate", "--model", tiny_model, "--prompts", "demo", "--output", str(out / "responses.jsonl"),
-                                 "--max-new-tokens", "2"],
-        "judge": lambda out: ["judge", "--model", tiny_model, "--adapter", str(prev_adapter), "--responses", str(responses),
-                              "--output", str(out / "judgments.jsonl")],
-        "eval": lambda out: ["eval", "accuracy", "--judge", "callable:verb_judges:length", "--preferences", "demo-seed",
-                             "--num-pairs", "2", "--output", str(out)],
+        "generate": lambda out: [
+            "generate",
+            "--model",
+            tiny_model,
+            "--prompts",
+            "demo",
+            "--output",
+            str(out / "responses.jsonl"),
+            "--max-new-tokens",
+            "2",
+        ],
+        "judge": lambda out: [
+            "judge",
+            "--model",
+            tiny_model,
+            "--adapter",
+            str(prev_adapter),
+            "--responses",
+            str(responses),
+            "--output",
+            str(out / "judgments.jsonl"),
+        ],
+        "eval": lambda out: [
+            "eval",
+            "accuracy",
+            "--judge",
+            "callable:verb_judges:length",
+            "--preferences",
+            "demo-seed",
+            "--num-pairs",
+            "2",
+            "--output",
+            str(out),
+        ],
         "dir": directory,
     }
 
@@ -89,9 +123,16 @@ def test_a_second_command_on_the_same_output_is_refused(verb, commands, tmp_path
     monkeypatch.syspath_prepend(str(commands["dir"]))
     argv = commands[verb](tmp_path / "out")
     output = argv[argv.index("--output") + 1]
-    holder = subprocess.Popen([sys.executable, "-c", f"from selfie.rundir import output_lock; import time\n"
-                               f"with output_lock({output!r}):\n    print('locked', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from selfie.rundir import output_lock; import time\n"
+            f"with output_lock({output!r}):\n    print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         err = one_line_error(argv, capsys)
@@ -102,18 +143,56 @@ def test_a_second_command_on_the_same_output_is_refused(verb, commands, tmp_path
     assert not Path(output).exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["eval", "accuracy", "--judge", "callable:m:f", "--preferences", "demo-seed", "--output", "o", "--n-boot", "0"],
-     "argument --n-boot: expected >= 1, got 0"),
-    (["eval", "winrate", "--judge", "callable:m:f", "--model-a", "a", "--model-b", "b", "--output", "o", "--num-prompts", "-1"],
-     "argument --num-prompts: expected >= 0, got -1"),
-    (["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--top-p", "0"], r"argument --top-p: expected a value in (0, 1], got 0"),
-    (["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--max-new-tokens", "0"], "argument --max-new-tokens: expected >= 1"),
-    (["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--temperature", "-1"], "argument --temperature: expected >= 0"),
-    (["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--num-responses", "two"], "argument --num-responses: expected int, got 'two'"),
-    (["judge", "--model", "m", "--adapter", "a", "--responses", "r", "--output", "o", "--beta", "0"], "argument --beta: expected > 0"),
-    (["judge", "--model", "m", "--adapter", "a", "--responses", "r", "--output", "o", "--token-budget", "0"], "argument --token-budget: expected >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["eval", "accuracy", "--judge", "callable:m:f", "--preferences", "demo-seed", "--output", "o", "--n-boot", "0"],
+            "argument --n-boot: expected >= 1, got 0",
+        ),
+        (
+            [
+                "eval",
+                "winrate",
+                "--judge",
+                "callable:m:f",
+                "--model-a",
+                "a",
+                "--model-b",
+                "b",
+                "--output",
+                "o",
+                "--num-prompts",
+                "-1",
+            ],
+            "argument --num-prompts: expected >= 0, got -1",
+        ),
+        (
+            ["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--top-p", "0"],
+            r"argument --top-p: expected a value in (0, 1], got 0",
+        ),
+        (
+            ["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--max-new-tokens", "0"],
+            "argument --max-new-tokens: expected >= 1",
+        ),
+        (
+            ["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--temperature", "-1"],
+            "argument --temperature: expected >= 0",
+        ),
+        (
+            ["generate", "--model", "m", "--prompts", "demo", "--output", "o", "--num-responses", "two"],
+            "argument --num-responses: expected int, got 'two'",
+        ),
+        (
+            ["judge", "--model", "m", "--adapter", "a", "--responses", "r", "--output", "o", "--beta", "0"],
+            "argument --beta: expected > 0",
+        ),
+        (
+            ["judge", "--model", "m", "--adapter", "a", "--responses", "r", "--output", "o", "--token-budget", "0"],
+            "argument --token-budget: expected >= 1",
+        ),
+    ],
+)
 def test_out_of_range_numbers_are_one_line_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

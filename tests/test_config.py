@@ -78,28 +78,31 @@ def test_hash_ignores_harmless_keys():
     assert differing_keys(base, changed) == ["train.beta"]
 
 
-@pytest.mark.parametrize("override, message", [
-    (["--lora.r", "0"], "'lora.r': expected >= 1, got 0"),
-    (["--train.per_device_train_batch_size", "0"], "'train.per_device_train_batch_size': expected >= 1"),
-    (["--train.learning_rate", "-1"], "'train.learning_rate': expected > 0, got -1.0"),
-    (["--generate.temperature", "-1"], "'generate.temperature': expected >= 0"),
-    (["--generate.top_p", "0"], "'generate.top_p': expected a value in \\(0, 1\\]"),
-    (["--generate.max_new_tokens", "0"], "'generate.max_new_tokens': expected >= 1"),
-    (["--generate.num_responses", "1"], "'generate.num_responses': expected >= 2"),
-    (["--generate.backend", "vllm"], "'generate.backend': expected 'auto', 'static' or 'continuous', got 'vllm'"),
-    (["--data.iteration_sizes", "[10, -5]"], "'data.iteration_sizes': expected each > 0"),
-    (["--num_iterations", "4"], "'num_iterations': expected 0..3"),
-    (["--refine.alpha", "0.9"], "'refine.alpha': expected a value in \\[0, 0.5\\]"),
-    (["--judge.truncated", "sometimes"], "judge.truncated: expected one of drop, penalize, keep"),
-    (["--judge.allow_truncated_chosen", "true"], "'judge.allow_truncated_chosen' was replaced by judge.truncated"),
-    (["--judge.beta", "0.2"], "'judge.beta' was replaced by train.beta"),
-    (["--init", "{method: alignez, n_layer: 3}"], "unknown recipe key 'init.n_layer'"),
-    (["--init.method", "steer"], "'init.method': expected one of alignez, rahf, got 'steer'"),
-    (["--init", "{method: rahf, steps: many}"], "'init.steps': expected int, got 'many'"),
-    (["--eval", "{num_prompts: 3}"], "'eval.judge' is required"),
-    (["--eval", "{judge: 'callable:m:f', baseline: best}"], "'eval.baseline': expected one of init, seed, previous, none"),
-    (["--eval", "{judge: 'callable:m:f', num_prompt: 3}"], "unknown recipe key 'eval.num_prompt'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--lora.r", "0"], "'lora.r': expected >= 1, got 0"),
+        (["--train.per_device_train_batch_size", "0"], "'train.per_device_train_batch_size': expected >= 1"),
+        (["--train.learning_rate", "-1"], "'train.learning_rate': expected > 0, got -1.0"),
+        (["--generate.temperature", "-1"], "'generate.temperature': expected >= 0"),
+        (["--generate.top_p", "0"], "'generate.top_p': expected a value in \\(0, 1\\]"),
+        (["--generate.max_new_tokens", "0"], "'generate.max_new_tokens': expected >= 1"),
+        (["--generate.num_responses", "1"], "'generate.num_responses': expected >= 2"),
+        (["--generate.backend", "vllm"], "'generate.backend': expected 'auto', 'static' or 'continuous', got 'vllm'"),
+        (["--data.iteration_sizes", "[10, -5]"], "'data.iteration_sizes': expected each > 0"),
+        (["--num_iterations", "4"], "'num_iterations': expected 0..3"),
+        (["--refine.alpha", "0.9"], "'refine.alpha': expected a value in \\[0, 0.5\\]"),
+        (["--judge.truncated", "sometimes"], "judge.truncated: expected one of drop, penalize, keep"),
+        (["--judge.allow_truncated_chosen", "true"], "'judge.allow_truncated_chosen' was replaced by judge.truncated"),
+        (["--judge.beta", "0.2"], "'judge.beta' was replaced by train.beta"),
+        (["--init", "{method: alignez, n_layer: 3}"], "unknown recipe key 'init.n_layer'"),
+        (["--init.method", "steer"], "'init.method': expected one of alignez, rahf, got 'steer'"),
+        (["--init", "{method: rahf, steps: many}"], "'init.steps': expected int, got 'many'"),
+        (["--eval", "{num_prompts: 3}"], "'eval.judge' is required"),
+        (["--eval", "{judge: 'callable:m:f', baseline: best}"], "'eval.baseline': expected one of init, seed, previous, none"),
+        (["--eval", "{judge: 'callable:m:f', num_prompt: 3}"], "unknown recipe key 'eval.num_prompt'"),
+    ],
+)
 def test_out_of_range_values_are_refused_at_load_naming_the_key(override, message):
     with pytest.raises(SelfieError, match=message):
         load_recipe(None, override)
@@ -109,7 +112,11 @@ def test_init_and_eval_are_typed_sections_merged_key_by_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("init: {method: alignez, n_layers: 2}\neval: {judge: 'callable:m:f', num_prompts: 4}\n")
     config = load_recipe(recipe, ["--init.alpha", "2", "--eval.baseline", "seed"])
-    assert isinstance(config.init, AlignEZConfig) and (config.init.n_layers, config.init.alpha, config.init.finder) == (2, 2.0, "svd")
+    assert isinstance(config.init, AlignEZConfig) and (config.init.n_layers, config.init.alpha, config.init.finder) == (
+        2,
+        2.0,
+        "svd",
+    )
     assert (config.eval.judge, config.eval.num_prompts, config.eval.baseline) == ("callable:m:f", 4, "seed")
     switched = load_recipe(recipe, ["--init", "{method: rahf}"])
     assert isinstance(switched.init, RAHFConfig)  # another method replaces the section: its keys are that method's
@@ -131,7 +138,10 @@ def test_command_flags_take_their_defaults_from_the_config_dataclasses():
     assert {k: judge[k] for k in expected} == expected and judge["beta"] == TrainConfig.beta
     for verb in (["winrate", "--model-a", "a", "--model-b", "b"], ["run", "RUN"]):
         options = _defaults("eval", *verb, "--judge", "j", "--output", "o")
-        assert {k: options[k] for k in asdict(EvalOptions()) if k != "num_pairs"} == \
-            {k: v for k, v in asdict(EvalOptions()).items() if k != "num_pairs"}
-    assert _defaults("eval", "accuracy", "--judge", "j", "--output", "o", "--preferences", "p")["num_pairs"] == EvalOptions.num_pairs
+        assert {k: options[k] for k in asdict(EvalOptions()) if k != "num_pairs"} == {
+            k: v for k, v in asdict(EvalOptions()).items() if k != "num_pairs"
+        }
+    assert (
+        _defaults("eval", "accuracy", "--judge", "j", "--output", "o", "--preferences", "p")["num_pairs"] == EvalOptions.num_pairs
+    )
     assert _defaults("edit", "--model", "m", "--output", "o")["seed"] == RecipeConfig.seed

@@ -23,14 +23,27 @@ def write_jsonl(path, rows):
 
 
 def test_ultrafeedback_layout_strips_the_user_turn(tmp_path):
-    src = write_jsonl(tmp_path / "uf.jsonl", [{
-        "prompt_id": "abc", "prompt": "Name a colour.", "score_chosen": 8.0,
-        "chosen": [USER("Name a colour."), ASSISTANT("Blue.")],
-        "rejected": [USER("Name a colour."), ASSISTANT("Seven.")],
-        "messages": [USER("Name a colour."), ASSISTANT("Blue.")],
-    }])
-    assert load_preferences(src) == [{"prompt_id": "abc", "prompt": [USER("Name a colour.")],
-                                      "chosen": [ASSISTANT("Blue.")], "rejected": [ASSISTANT("Seven.")]}]
+    src = write_jsonl(
+        tmp_path / "uf.jsonl",
+        [
+            {
+                "prompt_id": "abc",
+                "prompt": "Name a colour.",
+                "score_chosen": 8.0,
+                "chosen": [USER("Name a colour."), ASSISTANT("Blue.")],
+                "rejected": [USER("Name a colour."), ASSISTANT("Seven.")],
+                "messages": [USER("Name a colour."), ASSISTANT("Blue.")],
+            }
+        ],
+    )
+    assert load_preferences(src) == [
+        {
+            "prompt_id": "abc",
+            "prompt": [USER("Name a colour.")],
+            "chosen": [ASSISTANT("Blue.")],
+            "rejected": [ASSISTANT("Seven.")],
+        }
+    ]
     assert load_prompts(src) == [{"prompt_id": "abc", "prompt": [USER("Name a colour.")]}]
 
 
@@ -44,20 +57,24 @@ def test_string_pairs_and_message_list_prompt(tmp_path):
 
 def test_implicit_prompt_from_full_conversations(tmp_path):
     """TRL's implicit-prompt layout: no prompt column, chosen/rejected share the conversation before the response."""
-    src = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": [USER("Hi"), ASSISTANT("Hello!")],
-                                               "rejected": [USER("Hi"), ASSISTANT("Go away.")]}])
+    src = write_jsonl(
+        tmp_path / "hh.jsonl", [{"chosen": [USER("Hi"), ASSISTANT("Hello!")], "rejected": [USER("Hi"), ASSISTANT("Go away.")]}]
+    )
     (row,) = load_preferences(src)
     assert row["prompt"] == [USER("Hi")] and row["chosen"] == [ASSISTANT("Hello!")]
 
 
 def test_alpaca_and_chat_layouts(tmp_path):
-    src = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
-        {"instruction": "Say hi.", "input": ""},
-        {"messages": [USER("Q1"), ASSISTANT("A1"), USER("Q2"), ASSISTANT("A2")]},
-        {"messages": [USER("Only a question")]},
-        {"id": 17, "prompt": "Has an integer id."},
-    ])
+    src = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+            {"instruction": "Say hi.", "input": ""},
+            {"messages": [USER("Q1"), ASSISTANT("A1"), USER("Q2"), ASSISTANT("A2")]},
+            {"messages": [USER("Only a question")]},
+            {"id": 17, "prompt": "Has an integer id."},
+        ],
+    )
     rows = load_prompts(src)
     assert [r["prompt"] for r in rows] == [
         [USER("Translate to French.\n\ncat")],
@@ -70,8 +87,10 @@ def test_alpaca_and_chat_layouts(tmp_path):
 
 
 def test_json_parquet_and_saved_datasets_load_the_same(tmp_path):
-    rows = [{"prompt": f"Question {i}?", "chosen": [USER(f"Question {i}?"), ASSISTANT(f"Answer {i}.")],
-             "rejected": f"No idea {i}."} for i in range(5)]
+    rows = [
+        {"prompt": f"Question {i}?", "chosen": [USER(f"Question {i}?"), ASSISTANT(f"Answer {i}.")], "rejected": f"No idea {i}."}
+        for i in range(5)
+    ]
     expected = load_preferences(write_jsonl(tmp_path / "a.jsonl", rows))
     (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
     ds = datasets.Dataset.from_list(rows)
@@ -100,8 +119,10 @@ def test_prompt_id_is_stable_and_content_based():
 
 
 def test_identical_rows_are_deduplicated_keeping_the_first(tmp_path, caplog):
-    src = write_jsonl(tmp_path / "dup.jsonl", [{"prompt": "A"}, {"prompt": "B"}, {"prompt": "A"},
-                                               {"prompt_id": "x", "prompt": "C"}, {"prompt_id": "x", "prompt": "C"}])
+    src = write_jsonl(
+        tmp_path / "dup.jsonl",
+        [{"prompt": "A"}, {"prompt": "B"}, {"prompt": "A"}, {"prompt_id": "x", "prompt": "C"}, {"prompt_id": "x", "prompt": "C"}],
+    )
     with caplog.at_level(logging.INFO, logger="selfie.data"):
         rows = load_prompts(src)
     assert [r["prompt"][0]["content"] for r in rows] == ["A", "B", "C"]
@@ -109,9 +130,14 @@ def test_identical_rows_are_deduplicated_keeping_the_first(tmp_path, caplog):
 
 
 def test_several_pairs_for_one_prompt_are_kept(tmp_path):
-    src = write_jsonl(tmp_path / "multi.jsonl", [{"prompt": "Q", "chosen": "good", "rejected": "bad"},
-                                                 {"prompt": "Q", "chosen": "good", "rejected": "worse"},
-                                                 {"prompt": "Q", "chosen": "good", "rejected": "bad"}])
+    src = write_jsonl(
+        tmp_path / "multi.jsonl",
+        [
+            {"prompt": "Q", "chosen": "good", "rejected": "bad"},
+            {"prompt": "Q", "chosen": "good", "rejected": "worse"},
+            {"prompt": "Q", "chosen": "good", "rejected": "bad"},
+        ],
+    )
     assert [r["rejected"][0]["content"] for r in load_preferences(src)] == ["bad", "worse"]
     assert len(load_prompts(src)) == 1
 
@@ -119,19 +145,22 @@ def test_several_pairs_for_one_prompt_are_kept(tmp_path):
 # ------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "  "}, "row 2: 'prompt' is empty"),
-    ({"prompt": 5}, "row 2: 'prompt' must be a string or a list of messages, got int"),
-    ({"prompt": []}, "row 2: 'prompt' is empty"),
-    ({"prompt": [{"role": "user"}]}, "row 2: 'prompt[0]' must be a message"),
-    ({"prompt": [USER("Q"), ASSISTANT("A")]}, "row 2: 'prompt': the prompt must end with a user message"),
-    ({"prompt": [USER(3)]}, "row 2: 'prompt[0].content' must be a string, got int"),
-    ({"text": "Q"}, "row 2: no prompt: expected a 'prompt', 'instruction' or 'messages' column (columns: 'text')"),
-    ({"instruction": "Q", "input": 4}, "row 2: 'input' must be a string, got int"),
-    ({"messages": [ASSISTANT("A")]}, "row 2: 'messages': the prompt must end with a user message"),
-    ({"prompt_id": "p1", "prompt": "Different"}, "row 2: 'prompt_id' 'p1' repeats row 1 with a different prompt"),
-    ({"prompt_id": 1.5, "prompt": "Q"}, "row 2: 'prompt_id' must be a string or an integer, got float"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "  "}, "row 2: 'prompt' is empty"),
+        ({"prompt": 5}, "row 2: 'prompt' must be a string or a list of messages, got int"),
+        ({"prompt": []}, "row 2: 'prompt' is empty"),
+        ({"prompt": [{"role": "user"}]}, "row 2: 'prompt[0]' must be a message"),
+        ({"prompt": [USER("Q"), ASSISTANT("A")]}, "row 2: 'prompt': the prompt must end with a user message"),
+        ({"prompt": [USER(3)]}, "row 2: 'prompt[0].content' must be a string, got int"),
+        ({"text": "Q"}, "row 2: no prompt: expected a 'prompt', 'instruction' or 'messages' column (columns: 'text')"),
+        ({"instruction": "Q", "input": 4}, "row 2: 'input' must be a string, got int"),
+        ({"messages": [ASSISTANT("A")]}, "row 2: 'messages': the prompt must end with a user message"),
+        ({"prompt_id": "p1", "prompt": "Different"}, "row 2: 'prompt_id' 'p1' repeats row 1 with a different prompt"),
+        ({"prompt_id": 1.5, "prompt": "Q"}, "row 2: 'prompt_id' must be a string or an integer, got float"),
+    ],
+)
 def test_bad_prompt_rows_name_file_row_and_key(tmp_path, row, message):
     src = write_jsonl(tmp_path / "bad.jsonl", [{"prompt_id": "p1", "prompt": "Fine"}, row])
     with pytest.raises(SelfieError) as e:
@@ -139,12 +168,15 @@ def test_bad_prompt_rows_name_file_row_and_key(tmp_path, row, message):
     assert str(e.value).startswith(f"{src}: {message}")
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "Q", "rejected": "no"}, "row 1: no 'chosen' column"),
-    ({"prompt": "Q", "chosen": "", "rejected": "no"}, "row 1: 'chosen' is empty"),
-    ({"prompt": "Q", "chosen": "yes", "rejected": 0}, "row 1: 'rejected' must be a string or a list of messages, got int"),
-    ({"prompt": "Q", "chosen": [USER("Q")], "rejected": "no"}, "row 1: 'chosen' must end with an assistant message"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "Q", "rejected": "no"}, "row 1: no 'chosen' column"),
+        ({"prompt": "Q", "chosen": "", "rejected": "no"}, "row 1: 'chosen' is empty"),
+        ({"prompt": "Q", "chosen": "yes", "rejected": 0}, "row 1: 'rejected' must be a string or a list of messages, got int"),
+        ({"prompt": "Q", "chosen": [USER("Q")], "rejected": "no"}, "row 1: 'chosen' must end with an assistant message"),
+    ],
+)
 def test_bad_preference_rows(tmp_path, row, message):
     src = write_jsonl(tmp_path / "prefs.jsonl", [row])
     with pytest.raises(SelfieError, match="^" + re.escape(f"{src}: {message}")):
@@ -208,8 +240,11 @@ def test_spa_scheme_on_a_60900_prompt_pool():
 def test_splits_are_pinned_to_the_shuffle():
     """random.Random(seed).shuffle of the input order, then consecutive slices."""
     s = split_prompts(pool(10), 2, [3, 3], shuffle_seed=42)
-    assert s == Splits(seed=[pool(10)[i] for i in (7, 3)], iterations=[[pool(10)[i] for i in (2, 8, 5)],
-                       [pool(10)[i] for i in (6, 9, 4)]], held_out=[pool(10)[i] for i in (0, 1)])
+    assert s == Splits(
+        seed=[pool(10)[i] for i in (7, 3)],
+        iterations=[[pool(10)[i] for i in (2, 8, 5)], [pool(10)[i] for i in (6, 9, 4)]],
+        held_out=[pool(10)[i] for i in (0, 1)],
+    )
 
 
 def test_fraction_sizes_round_down():
@@ -232,8 +267,10 @@ def test_only_the_final_iteration_may_come_up_short(caplog):
         split_prompts(pool(100), 200, [])
 
 
-@pytest.mark.parametrize("seed_size, sizes, key", [(-1, [1], "data.seed_size"), (1, [2.5], r"data.iteration_sizes\[0\]"),
-                                                   (1, [1, "3"], r"data.iteration_sizes\[1\]")])
+@pytest.mark.parametrize(
+    "seed_size, sizes, key",
+    [(-1, [1], "data.seed_size"), (1, [2.5], r"data.iteration_sizes\[0\]"), (1, [1, "3"], r"data.iteration_sizes\[1\]")],
+)
 def test_bad_sizes(seed_size, sizes, key):
     with pytest.raises(SelfieError, match=key):
         split_prompts(pool(10), seed_size, sizes)

@@ -53,6 +53,7 @@ def planted_pairs(n: int = 64, hidden: int = 16, seed: int = 0) -> tuple[torch.T
 
 # ---------------------------------------------------------------- directions
 
+
 @pytest.mark.parametrize("name", ["svd", "mean_diff", "ccs"])
 def test_finder_recovers_planted_direction_with_sign(name):
     pos, neg, u = planted_pairs(n=256)  # CCS overfits small samples (0.87 at n=64), as any 17-parameter probe would
@@ -173,6 +174,7 @@ def test_distinct_directions_keep_the_residual_rule():
 
 # ---------------------------------------------------------------- the edit
 
+
 def random_edit(hidden: int, layer: int = 0, alpha: float = 1.5, seed: int = 0) -> Edit:
     g = torch.Generator().manual_seed(seed)
     minus = unit(torch.randn(1, hidden, generator=g))
@@ -239,6 +241,7 @@ def test_folding_the_residual_stream_is_refused(tiny_model):
 
 # ---------------------------------------------------------------- hidden states
 
+
 @pytest.mark.parametrize("location", ["layer", "mlp"])
 def test_states_do_not_depend_on_padding_or_batching(tiny_model, location):
     tokenizer = load_tokenizer(tiny_model)
@@ -271,19 +274,25 @@ def test_layer_states_are_the_decoder_layer_outputs(tiny_model):
 
 # ---------------------------------------------------------------- AlignEZ data
 
+
 def test_alignez_prompts_are_the_papers():
     prompt = [{"role": "user", "content": "How do I boil an egg?"}]
-    assert characteristics_prompt(prompt, "helpful", "positive") == [{"role": "user", "content":
-        "How do I boil an egg?\nYou are a helpful assistant. Your answer to this query should: "}]
+    assert characteristics_prompt(prompt, "helpful", "positive") == [
+        {"role": "user", "content": "How do I boil an egg?\nYou are a helpful assistant. Your answer to this query should: "}
+    ]
     assert characteristics_prompt(prompt, "harmful", "negative")[0]["content"] == (
-        "How do I boil an egg?\nPretend you are a harmful assistant. Your response to this query should: ")
+        "How do I boil an egg?\nPretend you are a harmful assistant. Your response to this query should: "
+    )
     assert response_prompt(prompt, "helpful", "positive", "be clear")[0]["content"] == (
-        "You are a helpful assistant. Your answer should be clear.\nHow do I boil an egg?")
+        "You are a helpful assistant. Your answer should be clear.\nHow do I boil an egg?"
+    )
     assert response_prompt(prompt, "harmful", "negative", "mislead")[0]["content"] == (
-        "Pretend you are a harmful assistant. Your answer should mislead.\nHow do I boil an egg?")
+        "Pretend you are a harmful assistant. Your answer should mislead.\nHow do I boil an egg?"
+    )
 
 
 # ---------------------------------------------------------------- RAHF
+
 
 def test_rahf_default_layers_scale_with_depth():
     assert default_target_layers(32) == [10, 12, 14, 16, 18]
@@ -332,7 +341,13 @@ def test_build_alignez_end_to_end(tiny_model, tmp_path, caplog):
 
     pairs_file = out.with_name("edited.work") / "pairs.jsonl"
     pairs = load_preferences(str(pairs_file))  # the seed-DPO preference format
-    assert pairs and set(json.loads(pairs_file.read_text().splitlines()[0])) == {"prompt_id", "prompt", "chosen", "rejected", "margin"}
+    assert pairs and set(json.loads(pairs_file.read_text().splitlines()[0])) == {
+        "prompt_id",
+        "prompt",
+        "chosen",
+        "rejected",
+        "margin",
+    }
 
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert build_edited_model(init, tiny_model, out, seed=0) == out  # complete: returned as is
@@ -360,7 +375,11 @@ def test_alignez_chooses_layers_and_alpha_on_held_out_pairs_and_the_saved_model_
     margin = result["held_out_margin"]
     if best and best["held_out_margin"] > margin["unedited"]:
         assert (result["layers"], result["alpha"], margin["edited"], result["kl"]) == (
-            best["layers"], best["alpha"], best["held_out_margin"], best["kl"])
+            best["layers"],
+            best["alpha"],
+            best["held_out_margin"],
+            best["kl"],
+        )
     else:
         assert result["layers"] == [] and margin["edited"] == margin["unedited"]
 
@@ -431,8 +450,21 @@ def test_cli_edit(tiny_model, tmp_path, capsys):
     config = tmp_path / "init.yaml"
     config.write_text("init:\n  method: rahf\n  steps: 2\n  num_prompts: 3\n")
     out = tmp_path / "cli"
-    argv = ["edit", "--model", tiny_model, "--output", str(out), "--config", str(config), "--seed", "1",
-            "--max_new_tokens_resp", "5", "--dtype", "float32"]
+    argv = [
+        "edit",
+        "--model",
+        tiny_model,
+        "--output",
+        str(out),
+        "--config",
+        str(config),
+        "--seed",
+        "1",
+        "--max_new_tokens_resp",
+        "5",
+        "--dtype",
+        "float32",
+    ]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1] == str(out) and printed[0].startswith("RAHF:")

@@ -16,22 +16,22 @@ from selfie.errors import SelfieError
 from selfie.evaluation.compare import INIT, compare_models, run_scores
 from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import judge_accuracy, pair_agreement, score_responses
-from selfie.rundir import RunContext
 from selfie.evaluation.report import write_report
 from selfie.evaluation.stats import length_controlled, win_rate
 from selfie.models import attach_lora, load_model, load_tokenizer, save_adapter
 from selfie.pairs import select_pairs
+from selfie.rundir import RunContext
 
 from tiny import build_tokenizer
 
-PROMPTS = [[{"role": "user", "content": "write a short poem about the sea"}],
-           [{"role": "user", "content": "list three fruits"}]]
+PROMPTS = [[{"role": "user", "content": "write a short poem about the sea"}], [{"role": "user", "content": "list three fruits"}]]
 
 
 @pytest.fixture
 def length_judge(tmp_path, monkeypatch):
     """A callable judge from a module on sys.path: the score is the response length in characters."""
-    (tmp_path / "my_judges.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_judges.py").write_text(
+        textwrap.dedent("""
         def length(prompt, response):
             assert isinstance(prompt, list) and prompt[0]["role"] == "user"
             return len(response)
@@ -43,7 +43,8 @@ def length_judge(tmp_path, monkeypatch):
             if len(response) > 5:
                 raise KeyError("score")
             return 0.0
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return load_judge("callable:my_judges:length")
 
@@ -75,20 +76,46 @@ def test_callable_judge_rejects_a_non_number(length_judge):
 def test_a_judge_that_raises_is_one_line_naming_the_spec_and_the_row(length_judge, tmp_path, capsys):
     from selfie.cli import main
 
-    with pytest.raises(SelfieError, match=r"judge 'callable:my_judges:raises' raised KeyError: 'score' on row 1 "
-                                          r"\(prompt 'list three fruits', response 'too long'\)"):
+    with pytest.raises(
+        SelfieError,
+        match=r"judge 'callable:my_judges:raises' raised KeyError: 'score' on row 1 "
+        r"\(prompt 'list three fruits', response 'too long'\)",
+    ):
         load_judge("callable:my_judges:raises").score(PROMPTS, ["ok", "too long"])
-    code = main(["eval", "accuracy", "--judge", "callable:my_judges:raises", "--preferences", "demo-seed", "--output", str(tmp_path / "o")])
+    code = main(
+        [
+            "eval",
+            "accuracy",
+            "--judge",
+            "callable:my_judges:raises",
+            "--preferences",
+            "demo-seed",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and err.startswith("selfie: error: judge 'callable:my_judges:raises' raised KeyError")
+    assert (
+        code == 2 and err.count("\n") == 1 and err.startswith("selfie: error: judge 'callable:my_judges:raises' raised KeyError")
+    )
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("spec", [
-    "nonsense", "gpt4:judge", "callable:", "callable:no_such_module_xyz:f", "callable:json:no_such_function",
-    "implicit:", "implicit:MODEL@ADAPTER?gamma=1", "implicit:MODEL?beta=abc", "implicit:MODEL?beta=-1",
-    "reward-model:/no/such/reward/model",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "nonsense",
+        "gpt4:judge",
+        "callable:",
+        "callable:no_such_module_xyz:f",
+        "callable:json:no_such_function",
+        "implicit:",
+        "implicit:MODEL@ADAPTER?gamma=1",
+        "implicit:MODEL?beta=abc",
+        "implicit:MODEL?beta=-1",
+        "reward-model:/no/such/reward/model",
+    ],
+)
 def test_bad_specs_name_the_spec(spec):
     with pytest.raises(SelfieError) as err:
         load_judge(spec)
@@ -99,8 +126,16 @@ def tiny_reward_model(path: Path, chat_template: bool = True, num_labels: int = 
     tokenizer = build_tokenizer()
     if not chat_template:
         tokenizer.chat_template = None
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -145,7 +180,7 @@ def hand_logp(model: LlamaForCausalLM, tokenizer, prompt: list[dict], response: 
     with torch.no_grad():
         logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
     targets = ids[0, 1:]
-    token_logps = logps[torch.arange(len(targets)), targets][len(prompt_ids) - 1:]
+    token_logps = logps[torch.arange(len(targets)), targets][len(prompt_ids) - 1 :]
     assert len(token_logps) == len(response_ids)
     return token_logps.sum().item()
 
@@ -204,13 +239,21 @@ def test_bootstrap_interval_covers_the_true_rate():
 
 
 def preference(prompt: list[dict], chosen: str, rejected: str) -> dict:
-    return {"prompt_id": chosen, "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
+    return {
+        "prompt_id": chosen,
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
 
 
 def test_judge_accuracy(length_judge):
-    prefs = [preference(PROMPTS[0], "long answer", "short"), preference(PROMPTS[1], "longer one", "tiny"),
-             preference(PROMPTS[0], "no", "a longer rejected"), preference(PROMPTS[1], "same", "size")]
+    prefs = [
+        preference(PROMPTS[0], "long answer", "short"),
+        preference(PROMPTS[1], "longer one", "tiny"),
+        preference(PROMPTS[0], "no", "a longer rejected"),
+        preference(PROMPTS[1], "same", "size"),
+    ]
     report = judge_accuracy(length_judge, prefs)
     assert (report["accuracy"], report["n"], report["ties"]) == (0.5, 4, 1)
     assert report["ci95"][0] <= 0.5 <= report["ci95"][1]
@@ -258,7 +301,9 @@ def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
     a_scores, b_scores = [s["score_a"] for s in scored], [s["score_b"] for s in scored]
     lengths = [[len(s[f"response_{x}"]) for s in scored] for x in "ab"]
     assert report == win_rate(a_scores, b_scores, seed=3) | length_controlled(a_scores, b_scores, *lengths, seed=3) | {
-        "a": report["a"], "b": report["b"]}
+        "a": report["a"],
+        "b": report["b"],
+    }
     assert report["a"]["length_mean"] == np.mean(lengths[0])
     assert report["a"]["adapter"] == str(adapter) and report["b"]["adapter"] is None
     assert report["a"]["score_mean"] == pytest.approx(np.mean([s["score_a"] for s in scored]))
@@ -284,8 +329,15 @@ def test_run_scores(tiny_model, adapter, length_judge, tmp_path):
     assert list(scores) == [INIT, 0, 1]
     assert scores[0] == scores[1]  # same adapter, same sampling seed
     assert all(s["n"] == 2 for s in scores.values())
-    write_report(tmp_path / "rep", {"kind": "run", "judge": "len", "run_dir": str(run),
-                                    "rows": [{"iteration": k, "label": str(k), **v} for k, v in scores.items()]})
+    write_report(
+        tmp_path / "rep",
+        {
+            "kind": "run",
+            "judge": "len",
+            "run_dir": str(run),
+            "rows": [{"iteration": k, "label": str(k), **v} for k, v in scores.items()],
+        },
+    )
     assert (tmp_path / "rep" / "report.png").is_file()
     shutil.rmtree(run / "iter_000")
     shutil.rmtree(run / "iter_001")

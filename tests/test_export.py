@@ -27,20 +27,35 @@ from selfie.rundir import RunContext
 
 from test_loop import ROOT, recipe_args, selfie_cmd, write_inputs, write_recipe
 
-ALIGNEZ = {"method": "alignez", "num_prompts": 4, "max_new_tokens_resp": 8, "batch_size": 4, "max_new_tokens_char": 6,
-           "n_layers": 1, "alpha": 2.0}
+ALIGNEZ = {
+    "method": "alignez",
+    "num_prompts": 4,
+    "max_new_tokens_resp": 8,
+    "batch_size": 4,
+    "max_new_tokens_char": 6,
+    "n_layers": 1,
+    "alpha": 2.0,
+}
 # plain: seed + 1 iteration with an eval stage; alignez: init + seed only (iteration 0 is its last complete one)
 RUNS = {
-    "plain": ["--num_iterations", "1", "--data.iteration_sizes", "[4]",
-              "--eval", json.dumps({"judge": "callable:export_judges:length", "num_prompts": 2, "max_new_tokens": 4})],
+    "plain": [
+        "--num_iterations",
+        "1",
+        "--data.iteration_sizes",
+        "[4]",
+        "--eval",
+        json.dumps({"judge": "callable:export_judges:length", "num_prompts": 2, "max_new_tokens": 4}),
+    ],
     "alignez": ["--num_iterations", "0", "--init", json.dumps(ALIGNEZ)],
 }
 # a large learning rate, so that the adapter moves the logits well past the 1e-5 tolerance
 COMMON = ["--report_to", "[]", "--train.learning_rate", "2e-2"]
 LAST = {"plain": 1, "alignez": 0}
 JUDGES = "def length(prompt, response):\n    return len(response)\n"
-BATCH = [[{"role": "user", "content": "write a short poem about the sea"}],
-         [{"role": "user", "content": "list three fruits please"}]]
+BATCH = [
+    [{"role": "user", "content": "write a short poem about the sea"}],
+    [{"role": "user", "content": "list three fruits please"}],
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +72,17 @@ def runs(tiny_model, judges_dir, tmp_path_factory) -> dict[str, Path]:
     recipe = write_recipe(directory, tiny_model, *write_inputs(directory))
     env = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(judges_dir)}
     run_dirs = {name: tmp_path_factory.mktemp(name) / "run" for name in RUNS}
-    procs = {name: subprocess.Popen(selfie_cmd("run", *recipe_args(recipe, run_dirs[name], *COMMON, *RUNS[name])), cwd=ROOT,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in RUNS}
+    procs = {
+        name: subprocess.Popen(
+            selfie_cmd("run", *recipe_args(recipe, run_dirs[name], *COMMON, *RUNS[name])),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in RUNS
+    }
     for name, proc in procs.items():
         _, err = proc.communicate()
         assert proc.returncode == 0, f"{name}: {err[-4000:]}"
@@ -71,7 +95,9 @@ def exports(runs, tmp_path_factory) -> dict[tuple[str, str], Path]:
     out = {}
     for name, run_dir in runs.items():
         for mode in ("merge", "adapter"):
-            out[name, mode] = export_run(run_dir, tmp_path_factory.mktemp(f"{name}-{mode}") / "export", adapter_only=mode == "adapter")
+            out[name, mode] = export_run(
+                run_dir, tmp_path_factory.mktemp(f"{name}-{mode}") / "export", adapter_only=mode == "adapter"
+            )
     return out
 
 
@@ -123,16 +149,17 @@ def test_merged_export_loads_without_selfie(exports, policy_logits, tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained({str(exports['plain', 'merge'])!r}, padding_side="left")
+        tokenizer = AutoTokenizer.from_pretrained({str(exports["plain", "merge"])!r}, padding_side="left")
         texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in {BATCH!r}]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            out = AutoModelForCausalLM.from_pretrained({str(exports['plain', 'merge'])!r})(**inputs).logits
-        torch.save(out * inputs["attention_mask"][..., None], {str(tmp_path / 'logits.pt')!r})
+            out = AutoModelForCausalLM.from_pretrained({str(exports["plain", "merge"])!r})(**inputs).logits
+        torch.save(out * inputs["attention_mask"][..., None], {str(tmp_path / "logits.pt")!r})
         assert not any(m == "selfie" or m.startswith("selfie.") for m in sys.modules)
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), policy_logits["plain"], rtol=0, atol=1e-5)
 
@@ -145,10 +172,13 @@ def test_adapter_only_export_loads_with_plain_peft(exports, policy_logits, name,
     assert adapter_config["base_model_name_or_path"] == str(directory.resolve() / "base")
     base = AutoModelForCausalLM.from_pretrained(directory / "base")  # as the card says
     tokenizer = AutoTokenizer.from_pretrained(directory / "base")
-    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, directory), tokenizer), policy_logits[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits(PeftModel.from_pretrained(base, directory), tokenizer), policy_logits[name], rtol=0, atol=1e-5
+    )
     monkeypatch.chdir(tmp_path)  # base_model_name_or_path must not depend on the working directory
-    torch.testing.assert_close(logits(AutoPeftModelForCausalLM.from_pretrained(directory), tokenizer), policy_logits[name],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits(AutoPeftModelForCausalLM.from_pretrained(directory), tokenizer), policy_logits[name], rtol=0, atol=1e-5
+    )
     adapter = runs[name] / f"iter_{LAST[name]:03d}" / "adapter"
     assert load_file(directory / "adapter_model.safetensors").keys() == load_file(adapter / "adapter_model.safetensors").keys()
 
@@ -183,8 +213,12 @@ def test_card_names_hub_base_and_datasets(runs, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(runs["plain"], run_dir)
-    config = load_recipe(run_dir / "config.yaml", {"model": {"name": "smollm2-135m"}, "data": {"prompts": "HuggingFaceH4/ultrafeedback_binarized"}})
-    card = ModelCard(str(build_card(RunContext(config, run_dir), 1, adapter_reference=None, output=tmp_path / "out", repo_id="me/model")))
+    config = load_recipe(
+        run_dir / "config.yaml", {"model": {"name": "smollm2-135m"}, "data": {"prompts": "HuggingFaceH4/ultrafeedback_binarized"}}
+    )
+    card = ModelCard(
+        str(build_card(RunContext(config, run_dir), 1, adapter_reference=None, output=tmp_path / "out", repo_id="me/model"))
+    )
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert card.data.datasets == ["HuggingFaceH4/ultrafeedback_binarized"]
     assert 'from_pretrained("me/model")' in card.text
@@ -206,7 +240,9 @@ def test_incomplete_iteration_is_refused_in_one_line(runs, tmp_path, capsys):
     shutil.copytree(runs["plain"] / "iter_000", run_dir / "iter_000")
     assert main(["export", str(run_dir), "--iteration", "1", "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"selfie: error: {run_dir}: iteration 1 is not complete (no 'train' stage done in manifest.json); completed: 0"]
+    assert err == [
+        f"selfie: error: {run_dir}: iteration 1 is not complete (no 'train' stage done in manifest.json); completed: 0"
+    ]
     assert not (tmp_path / "out").exists()
     assert main(["export", str(run_dir), "--output", str(tmp_path / "out")]) == 0  # default: the last completed, 0
     assert "# run, iteration 0" in (tmp_path / "out" / "README.md").read_text()
@@ -243,7 +279,8 @@ def test_push_to_hub_offline_fails_before_any_work(tmp_path, capsys, monkeypatch
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     assert main(["export", str(tmp_path / "no-run"), "--output", str(out), "--push-to-hub", "me/model", "--private"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "selfie: error: --push-to-hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN"]
+        "selfie: error: --push-to-hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN"
+    ]
     assert not out.exists()
 
 
@@ -251,9 +288,33 @@ def test_eval_accepts_an_exported_directory(exports, runs, judges_dir, tmp_path,
     """The merged export against pi_init + adapter, greedy: the same responses, so every prompt ties."""
     monkeypatch.syspath_prepend(str(judges_dir))
     adapter = runs["plain"] / "iter_001" / "adapter"
-    assert main(["eval", "winrate", "--model-a", str(exports["plain", "merge"]), "--model-b", pi_init(runs["plain"]),
-                 "--adapter-b", str(adapter), "--judge", "callable:export_judges:length", "--output", str(tmp_path / "rep"),
-                 "--num-prompts", "3", "--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "winrate",
+                "--model-a",
+                str(exports["plain", "merge"]),
+                "--model-b",
+                pi_init(runs["plain"]),
+                "--adapter-b",
+                str(adapter),
+                "--judge",
+                "callable:export_judges:length",
+                "--output",
+                str(tmp_path / "rep"),
+                "--num-prompts",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     scored = [json.loads(line) for line in (tmp_path / "rep" / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == 3 and all(s["response_a"] == s["response_b"] for s in scored)
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["ties"] == 3

@@ -144,8 +144,9 @@ def test_finished_only_when_a_stop_token_is_drawn(policy, backend):
 
 def test_tiny_top_p_is_greedy(policy, tmp_path, backend):
     prompts = make_prompts(3)
-    assert run(policy, tmp_path / "a.jsonl", prompts, top_p=1e-6, backend=backend) == \
-        run(policy, tmp_path / "b.jsonl", prompts, temperature=0.0, backend=backend)
+    assert run(policy, tmp_path / "a.jsonl", prompts, top_p=1e-6, backend=backend) == run(
+        policy, tmp_path / "b.jsonl", prompts, temperature=0.0, backend=backend
+    )
 
 
 def slowed(real, seconds: float):
@@ -153,6 +154,7 @@ def slowed(real, seconds: float):
         for group in real(model, items, s):
             time.sleep(seconds)
             yield group
+
     return sampler
 
 
@@ -162,8 +164,9 @@ def test_auto_measures_both_backends_and_keeps_the_faster(policy, tmp_path, monk
     reference = run(policy, tmp_path / "ref.jsonl", prompts, batch_size=2)
     monkeypatch.setitem(gen.SAMPLERS, slow, slowed(gen.SAMPLERS[slow], 1.0))
     model, tokenizer = policy
-    metrics = gen.generate_responses(model, tokenizer, prompts, tmp_path / "r.jsonl", num_responses=2, max_new_tokens=12,
-                                     batch_size=2, backend="auto")
+    metrics = gen.generate_responses(
+        model, tokenizer, prompts, tmp_path / "r.jsonl", num_responses=2, max_new_tokens=12, batch_size=2, backend="auto"
+    )
     assert metrics["backend"] == expected
     assert metrics[f"auto_{slow}_tokens_per_second"] < metrics[f"auto_{expected}_tokens_per_second"]
     assert read_jsonl(tmp_path / "r.jsonl") == reference
@@ -171,8 +174,9 @@ def test_auto_measures_both_backends_and_keeps_the_faster(policy, tmp_path, monk
 
 def test_auto_without_enough_prompts_or_a_working_engine_samples_static(policy, tmp_path, monkeypatch):
     model, tokenizer = policy
-    few = gen.generate_responses(model, tokenizer, make_prompts(7), tmp_path / "few.jsonl", num_responses=2,
-                                 max_new_tokens=4, batch_size=2, backend="auto")
+    few = gen.generate_responses(
+        model, tokenizer, make_prompts(7), tmp_path / "few.jsonl", num_responses=2, max_new_tokens=4, batch_size=2, backend="auto"
+    )
     assert few["backend"] == "static" and "auto_static_tokens_per_second" not in few
 
     def broken(model, items, s):
@@ -180,8 +184,9 @@ def test_auto_without_enough_prompts_or_a_working_engine_samples_static(policy, 
 
     monkeypatch.setitem(gen.SAMPLERS, "continuous", broken)
     prompts = make_prompts(8)
-    metrics = gen.generate_responses(model, tokenizer, prompts, tmp_path / "r.jsonl", num_responses=2, max_new_tokens=4,
-                                     batch_size=2, backend="auto")
+    metrics = gen.generate_responses(
+        model, tokenizer, prompts, tmp_path / "r.jsonl", num_responses=2, max_new_tokens=4, batch_size=2, backend="auto"
+    )
     assert metrics["backend"] == "static" and metrics["prompts"] == 8
     assert read_jsonl(tmp_path / "r.jsonl") == run(policy, tmp_path / "ref.jsonl", prompts, batch_size=2, max_new_tokens=4)
 
@@ -201,12 +206,15 @@ def test_draw_follows_the_distribution():
     assert set(nucleus.tolist()) == {2, 3}  # 0.6 alone is under 0.65, so 0.3 joins; 0.1 never does
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"prompt": [{"role": "user", "content": "x"}]}, "row 2: missing key 'prompt_id'"),
-    ({"prompt_id": "p00", "prompt": [{"role": "user", "content": "x"}]}, "row 2: duplicate prompt_id 'p00'"),
-    ({"prompt_id": "b", "prompt": "just text"}, "row 2: key 'prompt' must be"),
-    ({"prompt_id": 3, "prompt": [{"role": "user", "content": "x"}]}, "row 2: key 'prompt_id' must be a string"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"prompt": [{"role": "user", "content": "x"}]}, "row 2: missing key 'prompt_id'"),
+        ({"prompt_id": "p00", "prompt": [{"role": "user", "content": "x"}]}, "row 2: duplicate prompt_id 'p00'"),
+        ({"prompt_id": "b", "prompt": "just text"}, "row 2: key 'prompt' must be"),
+        ({"prompt_id": 3, "prompt": [{"role": "user", "content": "x"}]}, "row 2: key 'prompt_id' must be a string"),
+    ],
+)
 def test_bad_prompt_rows_are_refused_before_writing(policy, tmp_path, bad, message, backend):
     with pytest.raises(SelfieError, match=message):
         run(policy, tmp_path / "r.jsonl", make_prompts(1) + [bad], backend=backend)
@@ -220,8 +228,9 @@ def test_smollm2_batch_size_does_not_change_the_text(tmp_path, backend):
     questions = ["Say hello.", "Write a haiku about autumn.", "Give me two tips for sleeping better.", "What is 2 + 2?"]
     prompts = [{"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": q}]} for i, q in enumerate(questions)]
     one = run(policy, tmp_path / "1.jsonl", prompts, batch_size=1, max_new_tokens=24, backend=backend)
-    four = run(policy, tmp_path / "4.jsonl", random.Random(0).sample(prompts, 4), batch_size=4, max_new_tokens=24,
-               backend=backend)
+    four = run(
+        policy, tmp_path / "4.jsonl", random.Random(0).sample(prompts, 4), batch_size=4, max_new_tokens=24, backend=backend
+    )
     assert one == four, json.dumps([one, four], indent=1)
     finished = [f for row in one for f in row["finished"]]
     assert any(finished) and not all(finished)  # both ways of ending are exercised
@@ -235,9 +244,30 @@ def cli(*argv: str) -> None:
 
 def test_cli_samples_a_prompt_file(tiny_model, tmp_path):
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in make_prompts(3)))
-    cli("--model", tiny_model, "--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "r.jsonl"),
-        "--num-responses", "3", "--max-new-tokens", "5", "--temperature", "0.9", "--top-p", "0.9", "--seed", "1",
-        "--batch-size", "2", "--dtype", "float32", "--backend", "continuous")
+    cli(
+        "--model",
+        tiny_model,
+        "--prompts",
+        str(tmp_path / "prompts.jsonl"),
+        "--output",
+        str(tmp_path / "r.jsonl"),
+        "--num-responses",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float32",
+        "--backend",
+        "continuous",
+    )
     rows = read_jsonl(tmp_path / "r.jsonl")
     assert [r["prompt_id"] for r in rows] == ["p00", "p01", "p02"] and all(len(r["responses"]) == 3 for r in rows)
 

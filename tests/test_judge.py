@@ -18,13 +18,27 @@ from selfie.models import attach_lora, load_model, load_policy, load_tokenizer, 
 from selfie.tokens import response_token_ids
 
 ROWS = [
-    {"prompt_id": "b", "prompt": [{"role": "system", "content": "You are a helpful assistant."},
-                                  {"role": "user", "content": "list three fruits please"}],
-     "responses": ["apple, banana, cherry", "no", "the quick brown fox jumps"], "finished": [True, True, False]},
-    {"prompt_id": "a", "prompt": [{"role": "user", "content": "hello world"}],
-     "responses": ["good morning", "yes thank you, hello"], "finished": [True, False]},
-    {"prompt_id": "c", "prompt": [{"role": "user", "content": "why does the sun rise in the east"}],
-     "responses": ["", "because the world turns"], "finished": [True, True]},
+    {
+        "prompt_id": "b",
+        "prompt": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "list three fruits please"},
+        ],
+        "responses": ["apple, banana, cherry", "no", "the quick brown fox jumps"],
+        "finished": [True, True, False],
+    },
+    {
+        "prompt_id": "a",
+        "prompt": [{"role": "user", "content": "hello world"}],
+        "responses": ["good morning", "yes thank you, hello"],
+        "finished": [True, False],
+    },
+    {
+        "prompt_id": "c",
+        "prompt": [{"role": "user", "content": "why does the sun rise in the east"}],
+        "responses": ["", "because the world turns"],
+        "finished": [True, True],
+    },
 ]
 
 
@@ -32,8 +46,10 @@ ROWS = [
 def policy(tiny_model):
     """The tiny base with a random (non-zero) LoRA adapter: policy and reference differ."""
     torch.manual_seed(0)
-    model = get_peft_model(load_model(tiny_model, "float32"),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        load_model(tiny_model, "float32"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
+    )
     return model.eval(), load_tokenizer(tiny_model)
 
 
@@ -84,8 +100,9 @@ def test_batching_does_not_change_logps(policy, tmp_path):
 def test_scored_tokens_stop_at_the_end_of_turn(policy):
     _, tokenizer = policy
     prompt = [{"role": "user", "content": "hello"}]
-    prefix, (done, cut, empty) = response_token_ids(tokenizer, prompt, ["good bad", "good bad", ""], [True, False, True],
-                                                         {tokenizer.eos_token_id})
+    prefix, (done, cut, empty) = response_token_ids(
+        tokenizer, prompt, ["good bad", "good bad", ""], [True, False, True], {tokenizer.eos_token_id}
+    )
     assert tokenizer.decode(prefix).endswith("<|im_start|>assistant\n")
     assert tokenizer.decode(done) == "good bad<|im_end|>"  # EOS scored, the template's trailing newline not
     assert tokenizer.decode(cut) == "good bad"
@@ -149,20 +166,38 @@ def write_rows(path, rows) -> None:
 
 def test_cli_writes_judgments_pairs_and_metrics(tiny_model, adapters, tmp_path):
     write_rows(tmp_path / "responses.jsonl", ROWS)
-    cli("--model", tiny_model, "--adapter", str(adapters[0]), "--responses", str(tmp_path / "responses.jsonl"),
-        "--output", str(tmp_path / "j.jsonl"), "--pairs", str(tmp_path / "p.jsonl"), "--beta", "0.2",
-        "--metrics", str(tmp_path / "m.json"), "--dtype", "float32")
+    cli(
+        "--model",
+        tiny_model,
+        "--adapter",
+        str(adapters[0]),
+        "--responses",
+        str(tmp_path / "responses.jsonl"),
+        "--output",
+        str(tmp_path / "j.jsonl"),
+        "--pairs",
+        str(tmp_path / "p.jsonl"),
+        "--beta",
+        "0.2",
+        "--metrics",
+        str(tmp_path / "m.json"),
+        "--dtype",
+        "float32",
+    )
     assert len(read_jsonl(tmp_path / "j.jsonl")) == 3
     assert json.loads((tmp_path / "m.json").read_text())["pairs"] == len(read_jsonl(tmp_path / "p.jsonl")) == 3
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing file", "nope.jsonl: file not found"),
-    ("malformed", "responses.jsonl:2: not valid JSON"),
-    ("no responses key", "responses.jsonl: row 2: missing key 'responses'"),
-    ("finished mismatch", "responses.jsonl: row 1: 'responses' and 'finished' have different lengths"),
-    ("other base", "other: adapter was made for another base model"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing file", "nope.jsonl: file not found"),
+        ("malformed", "responses.jsonl:2: not valid JSON"),
+        ("no responses key", "responses.jsonl: row 2: missing key 'responses'"),
+        ("finished mismatch", "responses.jsonl: row 1: 'responses' and 'finished' have different lengths"),
+        ("other base", "other: adapter was made for another base model"),
+    ],
+)
 def test_cli_refuses_bad_input_and_leaves_nothing(tiny_model, adapters, tmp_path, case, message):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -179,8 +214,20 @@ def test_cli_refuses_bad_input_and_leaves_nothing(tiny_model, adapters, tmp_path
     adapter = adapters[1] if case == "other base" else adapters[0]
     out = tmp_path / "out"
     with pytest.raises(SelfieError, match=message):
-        cli("--model", tiny_model, "--adapter", str(adapter), "--responses", str(responses),
-            "--output", str(out / "j.jsonl"), "--pairs", str(out / "p.jsonl"), "--metrics", str(out / "m.json"))
+        cli(
+            "--model",
+            tiny_model,
+            "--adapter",
+            str(adapter),
+            "--responses",
+            str(responses),
+            "--output",
+            str(out / "j.jsonl"),
+            "--pairs",
+            str(out / "p.jsonl"),
+            "--metrics",
+            str(out / "m.json"),
+        )
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -197,17 +244,44 @@ def test_smollm2_generate_then_judge(tmp_path):
             torch.nn.init.normal_(param, std=0.02)  # a trained-looking adapter: rewards are not all zero
     save_adapter(policy, tmp_path / "adapter")
     questions = ["What is the capital of France?", "Name a primary colour.", "Say hello in French.", "What is 2 + 2?"]
-    write_rows(tmp_path / "prompts.jsonl",
-               [{"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": q}]} for i, q in enumerate(questions)])
+    write_rows(
+        tmp_path / "prompts.jsonl",
+        [{"prompt_id": f"q{i}", "prompt": [{"role": "user", "content": q}]} for i, q in enumerate(questions)],
+    )
 
     parser = argparse.ArgumentParser()
     gen.add_generate_args(parser)
-    args = parser.parse_args(["--model", "smollm2-135m", "--adapter", str(tmp_path / "adapter"), "--prompts",
-                              str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "responses.jsonl"),
-                              "--max-new-tokens", "16", "--dtype", "float32"])
+    args = parser.parse_args(
+        [
+            "--model",
+            "smollm2-135m",
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--prompts",
+            str(tmp_path / "prompts.jsonl"),
+            "--output",
+            str(tmp_path / "responses.jsonl"),
+            "--max-new-tokens",
+            "16",
+            "--dtype",
+            "float32",
+        ]
+    )
     gen.run_generate_command(args)
-    cli("--model", "smollm2-135m", "--adapter", str(tmp_path / "adapter"), "--responses", str(tmp_path / "responses.jsonl"),
-        "--output", str(tmp_path / "judgments.jsonl"), "--pairs", str(tmp_path / "pairs.jsonl"), "--dtype", "float32")
+    cli(
+        "--model",
+        "smollm2-135m",
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--responses",
+        str(tmp_path / "responses.jsonl"),
+        "--output",
+        str(tmp_path / "judgments.jsonl"),
+        "--pairs",
+        str(tmp_path / "pairs.jsonl"),
+        "--dtype",
+        "float32",
+    )
 
     responses, judgments, pairs = (read_jsonl(tmp_path / f) for f in ("responses.jsonl", "judgments.jsonl", "pairs.jsonl"))
     ids = [f"q{i}" for i in range(4)]
@@ -220,8 +294,17 @@ def test_smollm2_generate_then_judge(tmp_path):
         assert j["rewards"] == pytest.approx([0.1 * (p - q) for p, q in zip(j["policy_logps"], j["reference_logps"])])
     assert any(r != 0 for j in judgments for r in j["rewards"])
     for p in pairs:
-        assert set(p) == {"prompt_id", "prompt", "chosen", "rejected", "margin", "chosen_finished", "rejected_finished",
-                          "chosen_tokens", "rejected_tokens"}
+        assert set(p) == {
+            "prompt_id",
+            "prompt",
+            "chosen",
+            "rejected",
+            "margin",
+            "chosen_finished",
+            "rejected_finished",
+            "chosen_tokens",
+            "rejected_tokens",
+        }
         assert p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant"
         source = next(r for r in responses if r["prompt_id"] == p["prompt_id"])
         assert source["finished"][source["responses"].index(p["chosen"][0]["content"])] == p["chosen_finished"]

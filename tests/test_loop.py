@@ -31,25 +31,48 @@ STAGE_FILES = ["responses.jsonl", "judgments.jsonl", "pairs.jsonl"]
 
 def write_inputs(directory: Path) -> tuple[Path, Path]:
     prompts = directory / "prompts.jsonl"
-    topics = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", "numbers", "fruit", "a poem", "morning", "why"]
+    topics = [
+        "the sea",
+        "a fox",
+        "the sun",
+        "apples",
+        "the sky",
+        "a dog",
+        "hello",
+        "numbers",
+        "fruit",
+        "a poem",
+        "morning",
+        "why",
+    ]
     prompts.write_text("".join(json.dumps({"prompt": f"write about {t} please"}) + "\n" for t in topics))
     seed = directory / "seed.jsonl"
-    seed.write_text("".join(
-        json.dumps({"prompt": f"say something about {t}", "chosen": "yes, thank you", "rejected": "no bad"}) + "\n"
-        for t in topics[:8]))
+    seed.write_text(
+        "".join(
+            json.dumps({"prompt": f"say something about {t}", "chosen": "yes, thank you", "rejected": "no bad"}) + "\n"
+            for t in topics[:8]
+        )
+    )
     return prompts, seed
 
 
 def write_recipe(directory: Path, model: str, prompts: Path, seed: Path) -> Path:
     recipe = {
-        "num_iterations": 2, "report_to": ["wandb"],
+        "num_iterations": 2,
+        "report_to": ["wandb"],
         "model": {"name": model},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"prompts": str(prompts), "seed_pairs": str(seed), "seed_size": 0, "iteration_sizes": [6, 6]},
         "generate": {"max_new_tokens": 12, "batch_size": 2},
         "judge": {"truncated": "keep", "length_penalty": 0.0},  # a random tiny model rarely stops within 12 tokens
-        "train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-                  "seed_epochs": 1, "save_steps": 1, "max_length": 128},
+        "train": {
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-3,
+            "seed_epochs": 1,
+            "save_steps": 1,
+            "max_length": 128,
+        },
     }
     path = directory / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -65,7 +88,9 @@ def selfie_cmd(*args: str) -> list[str]:
 
 
 def run_selfie(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(selfie_cmd(*args), capture_output=True, text=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"})
+    result = subprocess.run(
+        selfie_cmd(*args), capture_output=True, text=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"}
+    )
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-4000:])
     return result
@@ -104,7 +129,14 @@ def test_full_run_writes_the_run_directory_contract(reference_run):
     run_dir, stdout = reference_run
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [(s["iteration"], s["stage"]) for s in manifest["stages"]] == [
-        (0, "seed"), (1, "generate"), (1, "judge"), (1, "train"), (2, "generate"), (2, "judge"), (2, "train")]
+        (0, "seed"),
+        (1, "generate"),
+        (1, "judge"),
+        (1, "train"),
+        (2, "generate"),
+        (2, "judge"),
+        (2, "train"),
+    ]
     assert all(s["status"] == "done" for s in manifest["stages"])
     for t in (1, 2):
         it = run_dir / f"iter_{t:03d}"
@@ -113,8 +145,17 @@ def test_full_run_writes_the_run_directory_contract(reference_run):
         judgments = read_jsonl(it / "judgments.jsonl")
         assert all(set(r) == {"prompt_id", "rewards", "policy_logps", "reference_logps", "num_tokens"} for r in judgments)
         for pair in read_jsonl(it / "pairs.jsonl"):
-            assert set(pair) == {"prompt_id", "prompt", "chosen", "rejected", "margin", "chosen_finished",
-                                 "rejected_finished", "chosen_tokens", "rejected_tokens"}
+            assert set(pair) == {
+                "prompt_id",
+                "prompt",
+                "chosen",
+                "rejected",
+                "margin",
+                "chosen_finished",
+                "rejected_finished",
+                "chosen_tokens",
+                "rejected_tokens",
+            }
             assert pair["chosen"][0]["role"] == "assistant" and pair["margin"] >= 0
         assert (it / "adapter" / "adapter_config.json").is_file()
         metrics = json.loads((it / "metrics.json").read_text())
@@ -173,8 +214,14 @@ KILL_POINTS = {
 def test_sigkill_then_rerun_matches_the_uninterrupted_run(point, recipe, reference_run, tmp_path):
     run_dir = tmp_path / "run"
     args = ["run", *recipe_args(recipe, run_dir)]
-    proc = subprocess.Popen(selfie_cmd(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"WANDB_MODE": "offline"})
+    proc = subprocess.Popen(
+        selfie_cmd(*args),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"WANDB_MODE": "offline"},
+    )
     _wait_for(proc, lambda: KILL_POINTS[point](run_dir))
     assert proc.returncode == -signal.SIGKILL
     run_selfie(*args)
@@ -220,7 +267,7 @@ def test_a_run_directory_written_before_checksums_resumes_and_gets_them(recipe, 
     moved = copy_run(run_dir, tmp_path)
     manifest = json.loads((moved / "manifest.json").read_text())
     # the manifest as the previous version wrote it: its hash counted output_dir, no checksums, no history
-    old_hash = config_hash(load_recipe(recipe, ["--output_dir", str(run_dir)]), leave_out=HARMLESS_KEYS)
+    old_hash = config_hash(load_recipe(recipe, ["--output_dir", str(run_dir)]), leave_out=HARMLESS_KEYS, exact_numbers=True)
     stages = [{k: v for k, v in entry.items() if k != "checksums"} for entry in manifest["stages"]]
     (moved / "manifest.json").write_text(json.dumps({"config_hash": old_hash, "stages": stages}))
     code, _, err = selfie_main(capsys, "run", str(recipe), "--output_dir", str(moved), "--report_to", "[]")
@@ -248,9 +295,16 @@ def test_config_mismatch_and_lock_are_refused(recipe, reference_run, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("use the same recipe, a new output_dir, or --force")
     assert "train.beta" in result.stderr
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from selfie.rundir import RunLock; "
-                               f"RunLock(Path({str(run_dir)!r})).acquire(); print('ok', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from selfie.rundir import RunLock; "
+            f"RunLock(Path({str(run_dir)!r})).acquire(); print('ok', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ok"
         result = run_selfie("run", *recipe_args(recipe, run_dir), check=False)
@@ -262,8 +316,15 @@ def test_config_mismatch_and_lock_are_refused(recipe, reference_run, tmp_path):
 
 def test_two_process_run_matches_the_single_process_responses(recipe, reference_run, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_gpu.yaml"),
-           str(ROOT / "scripts" / "run_spa.py"), *recipe_args(recipe, run_dir, "--train.per_device_train_batch_size", "1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "multi_gpu.yaml"),
+        str(ROOT / "scripts" / "run_spa.py"),
+        *recipe_args(recipe, run_dir, "--train.per_device_train_batch_size", "1"),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-4000:]
     ref = reference_run[0]
@@ -281,15 +342,20 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes_to_the_same_artifacts(rec
     disk, after = tmp_path / "disk", tmp_path / "after"
     disk.mkdir()
     run = " ".join(shlex.quote(arg) for arg in selfie_cmd("run", *recipe_args(recipe, disk / "run")))
-    script = (f"mount -t tmpfs -o size=400k tmpfs {disk} && {{ {run} >/dev/null 2>{tmp_path}/full.err; echo $? >{tmp_path}/full.rc; "
-              f"mount -o remount,size=16m {disk} && {run} >/dev/null 2>{tmp_path}/rerun.err; echo $? >{tmp_path}/rerun.rc; "
-              f"cp -r {disk}/run {after}; }}")
+    script = (
+        f"mount -t tmpfs -o size=400k tmpfs {disk} && {{ {run} >/dev/null 2>{tmp_path}/full.err; echo $? >{tmp_path}/full.rc; "
+        f"mount -o remount,size=16m {disk} && {run} >/dev/null 2>{tmp_path}/rerun.err; echo $? >{tmp_path}/rerun.rc; "
+        f"cp -r {disk}/run {after}; }}"
+    )
     subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"}, check=True)
     err = (tmp_path / "full.err").read_text()
     errors = [line for line in err.splitlines() if line.startswith("selfie: error:")]
     assert (tmp_path / "full.rc").read_text().strip() == "2" and len(errors) == 1, err[-3000:]
-    assert re.fullmatch(rf"selfie: error: {re.escape(str(disk))}/run: no space left on device during .*; free some space and run the same "
-                        r"command again: it resumes from the last completed step", errors[0])
+    assert re.fullmatch(
+        rf"selfie: error: {re.escape(str(disk))}/run: no space left on device during .*; free some space and run the same "
+        r"command again: it resumes from the last completed step",
+        errors[0],
+    )
     assert "Traceback" not in err and "Logging error" not in err  # wandb's threads included
     assert (tmp_path / "rerun.rc").read_text().strip() == "0", (tmp_path / "rerun.err").read_text()[-3000:]
     assert_same_run(reference_run[0], after)

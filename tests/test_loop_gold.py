@@ -14,23 +14,47 @@ import yaml
 from selfie.io import read_jsonl
 
 ROOT = Path(__file__).parent.parent
-TOPICS = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", "numbers", "fruit", "a poem",
-          "morning", "why", "rain", "a song", "bread", "stars"]
+TOPICS = [
+    "the sea",
+    "a fox",
+    "the sun",
+    "apples",
+    "the sky",
+    "a dog",
+    "hello",
+    "numbers",
+    "fruit",
+    "a poem",
+    "morning",
+    "why",
+    "rain",
+    "a song",
+    "bread",
+    "stars",
+]
 
 
 def run_with_gold_judge(tiny_model: str, tmp_path: Path, *, iteration_size: int, **sections: dict) -> Path:
     """`selfie run` of a one-iteration tiny recipe whose seed is labelled by the callable judge gold:vowels."""
-    (tmp_path / "gold.py").write_text(textwrap.dedent("""
+    (tmp_path / "gold.py").write_text(
+        textwrap.dedent("""
         def vowels(prompt, response):
             return sum(ch in "aeiou" for ch in response)
-    """))
+    """)
+    )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"write about {t} please"}) + "\n" for t in TOPICS))
     values = {
-        "num_iterations": 1, "report_to": [], "model": {"name": tiny_model},
+        "num_iterations": 1,
+        "report_to": [],
+        "model": {"name": tiny_model},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"prompts": str(prompts), "seed_judge": "callable:gold:vowels", "seed_size": 6,
-                 "iteration_sizes": [iteration_size]},
+        "data": {
+            "prompts": str(prompts),
+            "seed_judge": "callable:gold:vowels",
+            "seed_size": 6,
+            "iteration_sizes": [iteration_size],
+        },
         "generate": {"max_new_tokens": 12, "batch_size": 4},
         "train": {"per_device_train_batch_size": 2, "learning_rate": 1e-3, "seed_epochs": 1, "max_length": 128},
     }
@@ -49,10 +73,19 @@ def run_with_gold_judge(tiny_model: str, tmp_path: Path, *, iteration_size: int,
 def test_gold_labelled_seed_then_self_labelled_iteration_with_eval(tiny_model, tmp_path):
     prompts = str(tmp_path / "prompts.jsonl")
     run_dir = run_with_gold_judge(
-        tiny_model, tmp_path, iteration_size=6,
+        tiny_model,
+        tmp_path,
+        iteration_size=6,
         judge={"truncated": "keep"},  # a random tiny model rarely stops within 12 tokens
-        eval={"judge": "callable:gold:vowels", "prompts": prompts, "num_prompts": 4, "max_new_tokens": 12,
-              "baseline": "init", "n_boot": 200})
+        eval={
+            "judge": "callable:gold:vowels",
+            "prompts": prompts,
+            "num_prompts": 4,
+            "max_new_tokens": 12,
+            "baseline": "init",
+            "n_boot": 200,
+        },
+    )
 
     seed = run_dir / "iter_000"
     responses = {row["prompt_id"]: row for row in read_jsonl(seed / "responses.jsonl")}
@@ -82,9 +115,12 @@ def test_gold_labelled_seed_then_self_labelled_iteration_with_eval(tiny_model, t
 
 def test_iterations_labelled_by_a_judge_with_length_control_and_replay(tiny_model, tmp_path):
     run_dir = run_with_gold_judge(
-        tiny_model, tmp_path, iteration_size=8, data={"replay": 0.5},
-        judge={"labeller": "callable:gold:vowels", "truncated": "penalize", "truncation_penalty": 0.5,
-               "length_penalty": "auto"})
+        tiny_model,
+        tmp_path,
+        iteration_size=8,
+        data={"replay": 0.5},
+        judge={"labeller": "callable:gold:vowels", "truncated": "penalize", "truncation_penalty": 0.5, "length_penalty": "auto"},
+    )
 
     it = run_dir / "iter_001"
     responses = {row["prompt_id"]: row for row in read_jsonl(it / "responses.jsonl")}
@@ -97,7 +133,9 @@ def test_iterations_labelled_by_a_judge_with_length_control_and_replay(tiny_mode
     by_id = {j["prompt_id"]: j for j in judgments}
     for pair in pairs:  # chosen has the highest shaped score: vowels - alpha * tokens - 0.5 if cut off
         row, judged = responses[pair["prompt_id"]], by_id[pair["prompt_id"]]
-        shaped = [s - alpha * n - 0.5 * (not done) for s, n, done in zip(judged["rewards"], judged["num_tokens"], row["finished"])]
+        shaped = [
+            s - alpha * n - 0.5 * (not done) for s, n, done in zip(judged["rewards"], judged["num_tokens"], row["finished"])
+        ]
         assert shaped[row["responses"].index(pair["chosen"][0]["content"])] == max(shaped)
     assert metrics["train"]["replayed"] == len(pairs) == metrics["train"]["pairs"] / 2  # half the training set replayed
     assert "decided by truncation" in (run_dir / "summary.md").read_text()

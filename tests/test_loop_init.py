@@ -31,7 +31,9 @@ def start_run(recipe: Path, run_dir: Path, method: str) -> subprocess.Popen:
     args = recipe_args(recipe, run_dir, *SMALLER, *SEED[method], "--init", json.dumps(INITS[method]))
     # one thread each: the two runs go side by side on two cores, and a tiny model gains nothing from threads
     env = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(selfie_cmd("run", *args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        selfie_cmd("run", *args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -110,4 +112,6 @@ def test_alignez_self_generated_pairs_are_the_seed(runs):
     run_dir, _, _ = runs["alignez"]
     seed = read_jsonl(run_dir / "iter_000" / "pairs.jsonl")
     assert seed == read_jsonl(run_dir / "init" / "model.work" / "pairs.jsonl")  # the init stage's data, not sampled again
-    assert len(seed) == TINY["num_prompts"] and all(set(p) == {"prompt_id", "prompt", "chosen", "rejected", "margin"} for p in seed)
+    assert len(seed) == TINY["num_prompts"] and all(
+        set(p) == {"prompt_id", "prompt", "chosen", "rejected", "margin"} for p in seed
+    )

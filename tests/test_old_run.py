@@ -34,8 +34,9 @@ def digests(run_dir: Path) -> dict[str, str]:
 
 def selfie_run(work: Path, *args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT}{os.pathsep}{work}"}  # gold.py is in `work`
-    return subprocess.run([sys.executable, "-m", "selfie.cli", "run", "recipe.yaml", *args], cwd=work, env=env,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "selfie.cli", "run", "recipe.yaml", *args], cwd=work, env=env, capture_output=True, text=True
+    )
 
 
 @pytest.fixture(scope="module")

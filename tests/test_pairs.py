@@ -21,13 +21,20 @@ def texts(pair):
 
 
 def test_drop_rule_and_drop_counts():
-    rows = [row("top-truncated", ["x", "y", "z"], [False, True, True]),
-            row("all-truncated", ["x", "y"], [False, False]),
-            row("identical", ["same", "same"], [True, True]),
-            row("dup-of-chosen", ["a", "a", "b"], [True, True, True]),
-            row("single", ["only"], [True])]
-    judgments = [judged([5.0, 1.0, -2.0], [3, 3, 3]), judged([1.0, 0.0], [1, 1]), judged([0.3, 0.3], [1, 1]),
-                 judged([2.0, 2.0, 1.0], [1, 1, 1]), judged([0.0], [1])]
+    rows = [
+        row("top-truncated", ["x", "y", "z"], [False, True, True]),
+        row("all-truncated", ["x", "y"], [False, False]),
+        row("identical", ["same", "same"], [True, True]),
+        row("dup-of-chosen", ["a", "a", "b"], [True, True, True]),
+        row("single", ["only"], [True]),
+    ]
+    judgments = [
+        judged([5.0, 1.0, -2.0], [3, 3, 3]),
+        judged([1.0, 0.0], [1, 1]),
+        judged([0.3, 0.3], [1, 1]),
+        judged([2.0, 2.0, 1.0], [1, 1, 1]),
+        judged([0.0], [1]),
+    ]
     pairs, metrics = select_pairs(rows, judgments)
     assert metrics["dropped"] == {"all_truncated": 1, "identical": 1, "single_response": 1}
     first, dup = pairs
@@ -75,9 +82,11 @@ def test_auto_length_penalty_equalises_mean_lengths():
     assert alpha > 0 and alpha == auto_length_penalty(rows, judgments, PairRules(length_penalty="auto"))
     gap = metrics["chosen_tokens_mean"] - metrics["rejected_tokens_mean"]
     # as near zero as the data allows: no alpha on a fine grid does better
-    best = min(abs(m["chosen_tokens_mean"] - m["rejected_tokens_mean"])
-               for a in [k * 1e-4 for k in range(0, 2000)]
-               for m in [select_pairs(rows, judgments, PairRules(length_penalty=a))[1]])
+    best = min(
+        abs(m["chosen_tokens_mean"] - m["rejected_tokens_mean"])
+        for a in [k * 1e-4 for k in range(0, 2000)]
+        for m in [select_pairs(rows, judgments, PairRules(length_penalty=a))[1]]
+    )
     assert abs(gap) <= best + 1e-9 and abs(gap) < 1.0
 
 

@@ -13,10 +13,10 @@ from selfie.cli import main
 
 from test_loop import write_inputs, write_recipe
 
-JUDGES = '''
+JUDGES = """
 def length(prompt, response):
     return float(len(response))
-'''
+"""
 
 
 def make_inputs(directory: Path, model: str) -> dict[str, Path]:
@@ -51,22 +51,35 @@ CASES = {  # name: (overrides, where <x> is an input path, what the one line say
     "missing prompts": (["--data.prompts", "<dir>/nope.jsonl"], r"nope.jsonl: file not found"),
     "slices beyond the pool": (["--data.iteration_sizes", "[12, 4]"], r"= 16 prompts, but the pool has only 12"),
     "seed pairs without labels": (["--data.seed_pairs", "<prompts>"], r"prompts.jsonl: row 1: no 'chosen' column"),
-    "pool without labels": (["--data.seed_pairs", "null", "--data.seed_size", "2"],
-                            r"the seed labels come from data.prompts, but .*prompts.jsonl: row 1: no 'chosen' column"),
-    "labeller module missing": (["--judge.labeller", "callable:no_such_module:score"],
-                                r"recipe key 'judge.labeller': judge 'callable:no_such_module:score': cannot import module"),
-    "seed judge function missing": (["--data.seed_pairs", "null", "--data.seed_size", "2", "--data.seed_judge",
-                                     "callable:preflight_judges:nope"], r"'data.seed_judge': .* has no callable 'nope'"),
-    "eval judge missing": (["--eval", "{judge: 'reward-model:/nonexistent/rm'}"],
-                           r"'eval.judge': judge 'reward-model:/nonexistent/rm': .*model directory not found"),
+    "pool without labels": (
+        ["--data.seed_pairs", "null", "--data.seed_size", "2"],
+        r"the seed labels come from data.prompts, but .*prompts.jsonl: row 1: no 'chosen' column",
+    ),
+    "labeller module missing": (
+        ["--judge.labeller", "callable:no_such_module:score"],
+        r"recipe key 'judge.labeller': judge 'callable:no_such_module:score': cannot import module",
+    ),
+    "seed judge function missing": (
+        ["--data.seed_pairs", "null", "--data.seed_size", "2", "--data.seed_judge", "callable:preflight_judges:nope"],
+        r"'data.seed_judge': .* has no callable 'nope'",
+    ),
+    "eval judge missing": (
+        ["--eval", "{judge: 'reward-model:/nonexistent/rm'}"],
+        r"'eval.judge': judge 'reward-model:/nonexistent/rm': .*model directory not found",
+    ),
     "unknown eval key": (["--eval", "{judge: 'callable:preflight_judges:length', bogus: 1}"], r"unknown recipe key 'eval.bogus'"),
-    "init asks too much": (["--init", "{method: alignez, num_prompts: 500}"], r"init.num_prompts: 500 requested, but 'demo' has 300"),
+    "init asks too much": (
+        ["--init", "{method: alignez, num_prompts: 500}"],
+        r"init.num_prompts: 500 requested, but 'demo' has 300",
+    ),
     "unknown init key": (["--init", "{method: rahf, stepz: 3}"], r"unknown recipe key 'init.stepz'"),
     "lora target typo": (["--lora.target_modules", "[q_prj]"], r"'lora.target_modules': 'q_prj' matches no module"),
     "lora target not a layer": (["--lora.target_modules", "[model]"], r"'model' is a LlamaModel, which LoRA cannot adapt"),
     "unknown scheduler": (["--train.lr_scheduler_type", "cosin"], r"'train.lr_scheduler_type': unknown scheduler 'cosin'"),
-    "scheduler TRL refuses": (["--train.lr_scheduler_type", "reduce_lr_on_plateau"],
-                              r"the trainer refuses the recipe's train: / refine: settings: .*requires an eval strategy"),
+    "scheduler TRL refuses": (
+        ["--train.lr_scheduler_type", "reduce_lr_on_plateau"],
+        r"the trainer refuses the recipe's train: / refine: settings: .*requires an eval strategy",
+    ),
     "missing model": (["--model.name", "/nonexistent/model"], r"/nonexistent/model: model directory not found"),
     "unknown dtype": (["--model.dtype", "float17"], r"model.dtype: unknown dtype 'float17'"),
     "bad generation value": (["--generate.top_p", "0"], r"'generate.top_p': expected a value in \(0, 1\]"),
@@ -93,8 +106,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(inputs, tmp_path, capsys):
     assert code == 0 and not run_dir.exists()
     rows = [line.split() for line in out.splitlines() if line[:4].strip().isdigit()]
     assert [(int(r[0]), r[1], r[2]) for r in rows] == [
-        (0, "seed", "to"), (1, "generate", "to"), (1, "judge", "to"), (1, "train", "to"),
-        (2, "generate", "to"), (2, "judge", "to"), (2, "train", "to")]
+        (0, "seed", "to"),
+        (1, "generate", "to"),
+        (1, "judge", "to"),
+        (1, "train", "to"),
+        (2, "generate", "to"),
+        (2, "judge", "to"),
+        (2, "train", "to"),
+    ]
     assert f"{run_dir} (new)" in out and "12 prompts -> seed slice 0, iteration slices 6, 6, held out 0" in out
     assert "seed.jsonl: 8 pairs" in out
     assert "DPO of a new LoRA adapter on 8 seed pairs, 1 epoch, <= 4 optimizer steps" in out  # batch 2, accumulation 1
@@ -107,10 +126,24 @@ def test_dry_run_prints_the_plan_and_writes_nothing(inputs, tmp_path, capsys):
 def test_dry_run_plans_gold_labels_and_eval(inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(inputs["dir"]))
     judge = "callable:preflight_judges:length"
-    code, out, err = run(inputs, tmp_path / "run", ["--data.seed_pairs", "null", "--data.seed_judge", judge, "--data.seed_size", "4",
-                                                    "--data.iteration_sizes", "[4, 4]",
-                                                    "--eval", json.dumps({"judge": judge, "num_prompts": 3, "max_new_tokens": 5})],
-                         capsys, dry_run=True)
+    code, out, err = run(
+        inputs,
+        tmp_path / "run",
+        [
+            "--data.seed_pairs",
+            "null",
+            "--data.seed_judge",
+            judge,
+            "--data.seed_size",
+            "4",
+            "--data.iteration_sizes",
+            "[4, 4]",
+            "--eval",
+            json.dumps({"judge": judge, "num_prompts": 3, "max_new_tokens": 5}),
+        ],
+        capsys,
+        dry_run=True,
+    )
     assert code == 0, err
     assert f"4 seed prompts x 2 samples (<= 96 new tokens) labelled by {judge} -> <= 4 pairs" in out
     assert f"3 prompts x 2 models (<= 30 new tokens), scored by {judge}" in out

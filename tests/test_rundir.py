@@ -22,7 +22,9 @@ def test_manifest_records_atomically_and_rejects_corruption(tmp_path):
     (tmp_path / "manifest.json").write_text('{"config_hash": "abc", "stages": [{"iteration": 0}]')
     with pytest.raises(SelfieError, match=r"manifest.json: not valid JSON"):
         Manifest.load(tmp_path / "manifest.json", "abc")
-    (tmp_path / "manifest.json").write_text('{"config_hash": "abc", "stages": [{"iteration": 0, "stage": "bake", "status": "done"}]}')
+    (tmp_path / "manifest.json").write_text(
+        '{"config_hash": "abc", "stages": [{"iteration": 0, "stage": "bake", "status": "done"}]}'
+    )
     with pytest.raises(SelfieError, match=r"corrupt manifest entry stages\[0\]"):
         Manifest.load(tmp_path / "manifest.json", "abc")
 
@@ -77,7 +79,11 @@ def test_a_manifest_hashed_before_equal_numbers_hashed_alike_resumes_and_takes_t
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "config_hash": config_hash(config, exact_numbers=True)}))
     assert open_run_at(tmp_path, config, force=False).is_done(0, "seed")
-    assert json.loads((tmp_path / "manifest.json").read_text())["config_hash"] == config_hash(config) != config_hash(config, exact_numbers=True)
+    assert (
+        json.loads((tmp_path / "manifest.json").read_text())["config_hash"]
+        == config_hash(config)
+        != config_hash(config, exact_numbers=True)
+    )
 
 
 def test_a_moved_run_directory_resumes_and_an_old_hash_with_output_dir_is_accepted(tmp_path):
@@ -121,17 +127,27 @@ def test_a_changed_artifact_is_named_and_old_entries_get_checksums_once(tmp_path
     with pytest.raises(SelfieError, match=r"responses.jsonl: changed since it was recorded \(6 rows, sha256 \w+ then, 3 rows"):
         manifest.verify()
     responses.unlink()
-    with pytest.raises(SelfieError, match=r"responses.jsonl: missing; the manifest records it as the output of iteration 1's generate"):
+    with pytest.raises(
+        SelfieError, match=r"responses.jsonl: missing; the manifest records it as the output of iteration 1's generate"
+    ):
         manifest.verify()
 
 
 def test_resume_removes_what_killed_runs_left_and_the_checkpoints_of_recorded_stages(tmp_path):
     config = recipe(tmp_path)
-    leftovers = [tmp_path / "iter_001" / ".responses.jsonl.k2j3.tmp", tmp_path / "iter_001" / ".adapter.x8y7.tmp",
-                 tmp_path / "iter_002" / ".adapter.ab12cd34", tmp_path / ".summary.png.tmp",
-                 tmp_path / "iter_002" / "checkpoints" / "checkpoint-3"]  # cut before its refine_state.json
-    kept = [tmp_path / "iter_002" / "responses.jsonl.partial", tmp_path / "wandb" / ".x.tmp",
-            tmp_path / "iter_002" / "checkpoints" / "checkpoint-2" / "refine_state.json", tmp_path / "iter_002" / ".note"]
+    leftovers = [
+        tmp_path / "iter_001" / ".responses.jsonl.k2j3.tmp",
+        tmp_path / "iter_001" / ".adapter.x8y7.tmp",
+        tmp_path / "iter_002" / ".adapter.ab12cd34",
+        tmp_path / ".summary.png.tmp",
+        tmp_path / "iter_002" / "checkpoints" / "checkpoint-3",
+    ]  # cut before its refine_state.json
+    kept = [
+        tmp_path / "iter_002" / "responses.jsonl.partial",
+        tmp_path / "wandb" / ".x.tmp",
+        tmp_path / "iter_002" / "checkpoints" / "checkpoint-2" / "refine_state.json",
+        tmp_path / "iter_002" / ".note",
+    ]
     for path in leftovers + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir() if path.name.startswith((".adapter", "checkpoint")) else path.write_text("x")
@@ -140,7 +156,9 @@ def test_resume_removes_what_killed_runs_left_and_the_checkpoints_of_recorded_st
     open_run_at(tmp_path, config, force=False)
     assert not [p for p in leftovers if p.exists()] and all(p.exists() for p in kept)
     assert not (tmp_path / "iter_001" / "checkpoints").exists()  # iteration 1's adapter is recorded
-    RunContext(recipe(tmp_path, "--train.keep_checkpoints", "true"), tmp_path).drop_checkpoints(open_run_at(tmp_path, config, force=False))
+    RunContext(recipe(tmp_path, "--train.keep_checkpoints", "true"), tmp_path).drop_checkpoints(
+        open_run_at(tmp_path, config, force=False)
+    )
     (tmp_path / "iter_001" / "checkpoints").mkdir()
     open_run_at(tmp_path, recipe(tmp_path, "--train.keep_checkpoints", "true"), force=False)
     assert (tmp_path / "iter_001" / "checkpoints").exists()
@@ -148,9 +166,15 @@ def test_resume_removes_what_killed_runs_left_and_the_checkpoints_of_recorded_st
 
 def test_lock_refuses_a_second_holder_and_recovers_from_a_killed_one(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from selfie.rundir import RunLock; from pathlib import Path; import time; "
-                               f"RunLock(Path({str(tmp_path)!r})).acquire(); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            f"from selfie.rundir import RunLock; from pathlib import Path; import time; "
+            f"RunLock(Path({str(tmp_path)!r})).acquire(); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(SelfieError, match=rf"in use by pid {holder.pid}"):
         RunLock(tmp_path).acquire()
@@ -167,9 +191,15 @@ def test_lock_refuses_a_second_holder_and_recovers_from_a_killed_one(tmp_path):
 def test_an_output_lock_refuses_a_second_writer_and_leaves_no_file(tmp_path):
     output = tmp_path / "out" / "responses.jsonl"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from selfie.rundir import output_lock; import time\n"
-                               f"with output_lock({str(output)!r}):\n    print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            f"from selfie.rundir import output_lock; import time\n"
+            f"with output_lock({str(output)!r}):\n    print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SelfieError, match=rf"responses.jsonl: output is in use by pid {holder.pid}"):
@@ -188,9 +218,26 @@ def test_an_output_directory_under_a_file_is_one_line_and_exit_2(tmp_path, capsy
 
     (tmp_path / "a-file").write_text("not a directory")
     (tmp_path / "recipe.yaml").write_text("num_iterations: 0\n")
-    code = main(["run", str(tmp_path / "recipe.yaml"), "--output_dir", str(tmp_path / "a-file" / "run"), "--report_to", "[]", "--num_iterations", "0",
-                 "--data.iteration_sizes", "[]", "--data.seed_pairs", "demo-seed", "--data.seed_size", "0",
-                 "--model.name", "/nonexistent-model-never-loaded"])
+    code = main(
+        [
+            "run",
+            str(tmp_path / "recipe.yaml"),
+            "--output_dir",
+            str(tmp_path / "a-file" / "run"),
+            "--report_to",
+            "[]",
+            "--num_iterations",
+            "0",
+            "--data.iteration_sizes",
+            "[]",
+            "--data.seed_pairs",
+            "demo-seed",
+            "--data.seed_size",
+            "0",
+            "--model.name",
+            "/nonexistent-model-never-loaded",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("selfie: error: ") and "a-file is a file, not a directory" in err

@@ -37,23 +37,45 @@ from tiny import perturb_adapter, toy_pairs
 
 
 def recipe(**sections) -> RecipeConfig:
-    base = {"report_to": [], "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-                      "save_steps": 100, "max_length": 128}}
+    base = {
+        "report_to": [],
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-3,
+            "save_steps": 100,
+            "max_length": 128,
+        },
+    }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return load_recipe(None, base)
 
 
-def make_trainer(tiny_model, prev_adapter, tmp_path, cls=NoiseAwareDPOTrainer, *, lam=0.5, alpha=0.1, quantile=0.5,
-                 window=3, n=4):
+def make_trainer(
+    tiny_model, prev_adapter, tmp_path, cls=NoiseAwareDPOTrainer, *, lam=0.5, alpha=0.1, quantile=0.5, window=3, n=4
+):
     """A trainer for iteration t >= 1 (continued adapter, TRL's "ref" copy as reference), policy moved off it."""
     model = load_adapter(load_model(tiny_model), prev_adapter, trainable=True)
     refine = RefineConfig(alpha=alpha, quantile=quantile, window_steps=window, warmup_fraction=0.2)
-    args = build_dpo_config(TrainConfig(per_device_train_batch_size=n), refine, tmp_path, lambda_=lam, refine_on=True,
-                            report_to=[], run_name=None, seed=0, max_steps=10)
-    trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(toy_pairs(n)).select_columns(["prompt", "chosen", "rejected"]),
-                  processing_class=load_tokenizer(tiny_model))
+    args = build_dpo_config(
+        TrainConfig(per_device_train_batch_size=n),
+        refine,
+        tmp_path,
+        lambda_=lam,
+        refine_on=True,
+        report_to=[],
+        run_name=None,
+        seed=0,
+        max_steps=10,
+    )
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(toy_pairs(n)).select_columns(["prompt", "chosen", "rejected"]),
+        processing_class=load_tokenizer(tiny_model),
+    )
     perturb_adapter(trainer.model, seed=2)
     trainer.model.train()
     trainer.state.global_step, trainer.state.max_steps = 5, 10  # past the warm-up (20% of 10 steps)
@@ -141,10 +163,13 @@ class KeepLogs(TrainerCallback):
 
 def test_short_run_learns_the_toy_preference_and_smooths_about_k(tiny_model, prev_adapter, tmp_path):
     logs = KeepLogs()
-    config = recipe(train={"per_device_train_batch_size": 8, "learning_rate": 3e-3, "num_train_epochs": 1},
-                    refine={"quantile": 0.25, "window_steps": 4, "warmup_fraction": 0.2})
-    metrics = train_iteration(tiny_model, prev_adapter, toy_pairs(24), tmp_path / "iter_001", config, 1,
-                              callbacks=[logs], max_steps=30)
+    config = recipe(
+        train={"per_device_train_batch_size": 8, "learning_rate": 3e-3, "num_train_epochs": 1},
+        refine={"quantile": 0.25, "window_steps": 4, "warmup_fraction": 0.2},
+    )
+    metrics = train_iteration(
+        tiny_model, prev_adapter, toy_pairs(24), tmp_path / "iter_001", config, 1, callbacks=[logs], max_steps=30
+    )
     assert metrics["steps"] == 30 and metrics["lambda"] == 0.5 and metrics["refine_alpha"] == 0.1
     first, last = logs.logs[0], logs.logs[-1]
     assert first["rewards/margins"] == 0.0  # step 1: policy == reference == pi_{t-1}
@@ -220,7 +245,12 @@ def test_schedules_and_config_mapping(tmp_path):
     train = TrainConfig(beta=0.2, learning_rate=1e-4, per_device_train_batch_size=3, gradient_accumulation_steps=5)
     args = build_dpo_config(train, refine, tmp_path, lambda_=0.25, refine_on=True, report_to=[], run_name="r", seed=7)
     assert isinstance(args, NoiseAwareDPOConfig)
-    assert (args.beta, args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (0.2, 1e-4, 3, 5)
+    assert (args.beta, args.learning_rate, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
+        0.2,
+        1e-4,
+        3,
+        5,
+    )
     assert (args.refine_alpha, args.refine_quantile, args.refine_window_steps, args.dnd_lambda) == (0.1, 0.1, 50, 0.25)
     assert args.bf16 is False and args.seed == 7 and args.warmup_steps == 0.1 and args.loss_type == ["sigmoid"]
     off = build_dpo_config(train, refine, tmp_path, lambda_=0.0, refine_on=False, report_to=[], run_name=None, seed=7, epochs=3)
@@ -246,8 +276,14 @@ def test_trainer_trains_a_truncated_response_exactly_as_the_judge_scored_it(tiny
     model = load_adapter(load_model(tiny_model, "float32"), prev_adapter).eval()
     tokenizer = load_tokenizer(tiny_model)
     prompt = [{"role": "user", "content": "list three fruits please"}]
-    responses = [{"prompt_id": "x", "prompt": prompt, "responses": ["apple, banana, cherry", "the quick brown fox"],
-                  "finished": [False, True]}]
+    responses = [
+        {
+            "prompt_id": "x",
+            "prompt": prompt,
+            "responses": ["apple, banana, cherry", "the quick brown fox"],
+            "finished": [False, True],
+        }
+    ]
     judge_responses(model, tokenizer, responses, tmp_path / "j.jsonl", tmp_path / "p.jsonl", rules=PairRules("keep"))
     (judged,), pairs = read_jsonl(tmp_path / "j.jsonl"), read_jsonl(tmp_path / "p.jsonl")
     stop_ids = stop_token_ids(model.get_base_model(), tokenizer)
@@ -257,8 +293,17 @@ def test_trainer_trains_a_truncated_response_exactly_as_the_judge_scored_it(tiny
     finished_ids = dataset[0]["rejected_ids" if chosen_is_first else "chosen_ids"]
     assert truncated_ids[-1] not in stop_ids and finished_ids[-1] in stop_ids  # no end-of-turn after a cut response
 
-    args = build_dpo_config(TrainConfig(), RefineConfig(), tmp_path / "ckpt", lambda_=0.0, refine_on=False,
-                            report_to=[], run_name=None, seed=0, max_steps=1)
+    args = build_dpo_config(
+        TrainConfig(),
+        RefineConfig(),
+        tmp_path / "ckpt",
+        lambda_=0.0,
+        refine_on=False,
+        report_to=[],
+        run_name=None,
+        seed=0,
+        max_steps=1,
+    )
     trainer = NoiseAwareDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[0]])
     with torch.no_grad():

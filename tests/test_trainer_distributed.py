@@ -22,15 +22,40 @@ from tiny import toy_pairs
 ROOT = Path(__file__).parent.parent
 CONFIGS = ROOT / "accelerate_configs"
 STAGE = [
-    "--train.learning_rate", "3e-3", "--train.max_length", "128", "--train.save_steps", "2",
-    "--lora.r", "4", "--lora.alpha", "8", "--lora.dropout", "0.0",
-    "--refine.quantile", "0.25", "--refine.window_steps", "2", "--refine.warmup_fraction", "0.2",
+    "--train.learning_rate",
+    "3e-3",
+    "--train.max_length",
+    "128",
+    "--train.save_steps",
+    "2",
+    "--lora.r",
+    "4",
+    "--lora.alpha",
+    "8",
+    "--lora.dropout",
+    "0.0",
+    "--refine.quantile",
+    "0.25",
+    "--refine.window_steps",
+    "2",
+    "--refine.warmup_fraction",
+    "0.2",
 ]
 
 
 def launch(config: str, *args: str, processes: int = 1, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-           "--num_processes", str(processes), *extra, str(ROOT / "tests" / "train_stage.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--num_processes",
+        str(processes),
+        *extra,
+        str(ROOT / "tests" / "train_stage.py"),
+        *args,
+    ]
     env = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
 
@@ -64,8 +89,12 @@ def iteration_args(tiny_model: str, pairs: Path, out: Path, prev_adapter: Path, 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_training_step_on_cpu(stage, tiny_model, pairs, prev_adapter, tmp_path):
     out = tmp_path / "iter_001"
-    check(launch(f"deepspeed_zero{stage}.yaml", *iteration_args(tiny_model, pairs, out, prev_adapter, "--max_steps", "2",
-                                                                   "--train.per_device_train_batch_size", "4")))
+    check(
+        launch(
+            f"deepspeed_zero{stage}.yaml",
+            *iteration_args(tiny_model, pairs, out, prev_adapter, "--max_steps", "2", "--train.per_device_train_batch_size", "4"),
+        )
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["train_loss"] > 0
     trained, before = adapter(out), load_file(prev_adapter / "adapter_model.safetensors")
@@ -77,11 +106,41 @@ def test_deepspeed_zero_training_step_on_cpu(stage, tiny_model, pairs, prev_adap
 def test_two_processes_share_tau_and_match_one_process(tiny_model, pairs, prev_adapter, tmp_path):
     """2 ranks x 2 pairs against 1 rank x 4 pairs: the same global batches, so the same training."""
     single, double = tmp_path / "single", tmp_path / "double"
-    check(launch("cpu.yaml", *iteration_args(tiny_model, pairs, single, prev_adapter, "--max_steps", "8",
-                                             "--train.per_device_train_batch_size", "4", "--trace", str(tmp_path / "t1"))))
-    check(launch("multi_gpu.yaml", *iteration_args(tiny_model, pairs, double, prev_adapter, "--max_steps", "8",
-                                                   "--train.per_device_train_batch_size", "2", "--trace", str(tmp_path / "t2")),
-                 processes=2))
+    check(
+        launch(
+            "cpu.yaml",
+            *iteration_args(
+                tiny_model,
+                pairs,
+                single,
+                prev_adapter,
+                "--max_steps",
+                "8",
+                "--train.per_device_train_batch_size",
+                "4",
+                "--trace",
+                str(tmp_path / "t1"),
+            ),
+        )
+    )
+    check(
+        launch(
+            "multi_gpu.yaml",
+            *iteration_args(
+                tiny_model,
+                pairs,
+                double,
+                prev_adapter,
+                "--max_steps",
+                "8",
+                "--train.per_device_train_batch_size",
+                "2",
+                "--trace",
+                str(tmp_path / "t2"),
+            ),
+            processes=2,
+        )
+    )
     rank0, rank1 = read_jsonl(tmp_path / "t2.rank0"), read_jsonl(tmp_path / "t2.rank1")
     assert len(rank0) == 8 and rank0 == rank1  # every rank logs the same tau and smoothed fraction at every step
     assert any(row["refine/smoothed_fraction"] > 0 for row in rank0)  # refinement really acted after the warm-up
@@ -107,6 +166,8 @@ def test_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tiny_mode
 
 
 def test_fsdp_on_cpu_is_refused_rather_than_run_as_ddp(tiny_model, pairs, prev_adapter, tmp_path):
-    result = launch("fsdp.yaml", *iteration_args(tiny_model, pairs, tmp_path / "out", prev_adapter, "--max_steps", "1"), processes=2)
+    result = launch(
+        "fsdp.yaml", *iteration_args(tiny_model, pairs, tmp_path / "out", prev_adapter, "--max_steps", "1"), processes=2
+    )
     assert result.returncode != 0 and "accelerate runs FSDP on GPUs only" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -35,8 +35,12 @@ def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>",
-        chat_template=CHAT_TEMPLATE, padding_side="left",
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
     )
 
 
@@ -46,9 +50,16 @@ def build_tiny_model(path: str | Path, hidden_size: int = 32, num_layers: int = 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
@@ -62,10 +73,16 @@ TOPICS = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", 
 
 def toy_pairs(n: int = 8) -> list[dict]:
     """A learnable preference: chosen always agrees, rejected always refuses. Extra columns as in pairs.jsonl."""
-    return [{"prompt_id": f"p{i}", "margin": 0.5,
-             "prompt": [{"role": "user", "content": f"say something about {TOPICS[i % len(TOPICS)]} {i}"}],
-             "chosen": [{"role": "assistant", "content": "yes, thank you" + " please" * (i % 3)}],
-             "rejected": [{"role": "assistant", "content": "no bad" + " no" * (i % 4)}]} for i in range(n)]
+    return [
+        {
+            "prompt_id": f"p{i}",
+            "margin": 0.5,
+            "prompt": [{"role": "user", "content": f"say something about {TOPICS[i % len(TOPICS)]} {i}"}],
+            "chosen": [{"role": "assistant", "content": "yes, thank you" + " please" * (i % 3)}],
+            "rejected": [{"role": "assistant", "content": "no bad" + " no" * (i % 4)}],
+        }
+        for i in range(n)
+    ]
 
 
 def perturb_adapter(model: torch.nn.Module, seed: int, scale: float = 0.3) -> None:

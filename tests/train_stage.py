@@ -67,8 +67,16 @@ def main(argv: list[str]) -> int:
     callbacks = [TraceRefine(Path(f"{args.trace}.rank{rank}"))] if args.trace else []
     if args.kill_after_checkpoint:
         callbacks.append(KillAfterCheckpoint(args.kill_after_checkpoint))
-    metrics = train_adapter(args.model, read_jsonl(args.pairs), args.output_dir, config, iteration=args.iteration,
-                            prev_adapter=args.prev_adapter, callbacks=callbacks, max_steps=args.max_steps)
+    metrics = train_adapter(
+        args.model,
+        read_jsonl(args.pairs),
+        args.output_dir,
+        config,
+        iteration=args.iteration,
+        prev_adapter=args.prev_adapter,
+        callbacks=callbacks,
+        max_steps=args.max_steps,
+    )
     if rank == 0:
         atomic_write_json(Path(args.output_dir) / "metrics.json", metrics)
     return 0

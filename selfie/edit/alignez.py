@@ -67,22 +67,32 @@ def orthogonalize(rows: torch.Tensor, against: torch.Tensor, tol: float = 1e-6) 
             basis.append(row / norm)
             kept.append(row / norm)
     if len(kept) < len(rows):
-        logger.warning("%d of %d helpful direction(s) lie in the harmful subspace and were dropped", len(rows) - len(kept), len(rows))
+        logger.warning(
+            "%d of %d helpful direction(s) lie in the harmful subspace and were dropped", len(rows) - len(kept), len(rows)
+        )
     return torch.stack(kept).float() if kept else rows.new_zeros((0, rows.shape[1]))
 
 
-def pair_states(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: AlignEZData, config: AlignEZConfig
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_states(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: AlignEZData, config: AlignEZConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Last-token states [N, L, H] of q + y+, q + y-, and q + y0 (the plain answer to the pair's query)."""
     items = [encode(tokenizer, p["prompt"], p["chosen"][0]["content"]) for p in data.pairs]
     items += [encode(tokenizer, p["prompt"], p["rejected"][0]["content"]) for p in data.pairs]
     items += [encode(tokenizer, row["prompt"], row["responses"][0]) for row in data.plain]
-    states = collect_states(model, items, pad_token_id(tokenizer), location=config.location, mode="last",
-                            batch_size=config.batch_size, desc="alignez states")
+    states = collect_states(
+        model,
+        items,
+        pad_token_id(tokenizer),
+        location=config.location,
+        mode="last",
+        batch_size=config.batch_size,
+        desc="alignez states",
+    )
     n = len(data.pairs)
     plain_row = {row["prompt_id"]: i for i, row in enumerate(data.plain)}
-    plain = states[2 * n:][torch.tensor([plain_row[p["prompt_id"]] for p in data.pairs])]
-    return states[:n], states[n:2 * n], plain
+    plain = states[2 * n :][torch.tensor([plain_row[p["prompt_id"]] for p in data.pairs])]
+    return states[:n], states[n : 2 * n], plain
 
 
 class LayerDirections(NamedTuple):
@@ -98,12 +108,13 @@ def split_half_agreement(fit: Callable[[torch.Tensor], torch.Tensor], n: int, se
     """|cos| between the top directions `fit(indices)` gives on two disjoint halves of n pairs: near 1 a direction
     the data agree on, near 0 noise (in H dimensions two random unit vectors have |cos| ~ 1/sqrt(H))."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    first, second = fit(perm[:n // 2]), fit(perm[n // 2:])
+    first, second = fit(perm[: n // 2]), fit(perm[n // 2 :])
     return abs(float(first[0] @ second[0])) if len(first) and len(second) else 0.0
 
 
-def layer_directions(pos: torch.Tensor, neg: torch.Tensor, plain: torch.Tensor, finder: Finder, parallel_cosine: float,
-                     seed: int = 0) -> LayerDirections:
+def layer_directions(
+    pos: torch.Tensor, neg: torch.Tensor, plain: torch.Tensor, finder: Finder, parallel_cosine: float, seed: int = 0
+) -> LayerDirections:
     """The edit's directions at one layer (the states are [N, H]).
 
     The residual rule unless u+ and u- are nearly parallel, or two halves of the pairs agree on the remainder
@@ -113,7 +124,9 @@ def layer_directions(pos: torch.Tensor, neg: torch.Tensor, plain: torch.Tensor, 
     minus, plus, separating = finder(neg, plain), finder(pos, plain), finder(pos, neg)
     cosine = float(plus[0] @ minus[0])
     agreement = {
-        "residual": split_half_agreement(lambda h: orthogonalize(finder(pos[h], plain[h]), finder(neg[h], plain[h])), len(pos), seed),
+        "residual": split_half_agreement(
+            lambda h: orthogonalize(finder(pos[h], plain[h]), finder(neg[h], plain[h])), len(pos), seed
+        ),
         "separating": split_half_agreement(lambda h: finder(pos[h], neg[h]), len(pos), seed),
     }
     if abs(cosine) > parallel_cosine or agreement["residual"] < min(MIN_AGREEMENT, agreement["separating"]):
@@ -132,19 +145,27 @@ def candidates(config: AlignEZConfig, ranked: list[int]) -> list[tuple[list[int]
     return [(list(layers), alpha) for layers in layer_sets for alpha in alphas]
 
 
-def held_out_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict], plain: list[dict],
-                    edits: list[Edit], batch_size: int) -> tuple[float, float]:
+def held_out_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[dict],
+    plain: list[dict],
+    edits: list[Edit],
+    batch_size: int,
+) -> tuple[float, float]:
     """With `edits` hooked in (equal to the folded model): the mean margin logp(y+|x) - logp(y-|x) over `pairs`, and the
     mean log-prob per token of the model's own plain answers `plain`."""
     with EditHooks(model, edits, "mlp"):
         margin = float(pair_margins(model, tokenizer, pairs, batch_size).mean())
-        own = per_token_logp(model, tokenizer, [row["prompt"] for row in plain], [row["responses"][0] for row in plain],
-                             batch_size)
+        own = per_token_logp(
+            model, tokenizer, [row["prompt"] for row in plain], [row["responses"][0] for row in plain], batch_size
+        )
     return margin, own
 
 
-def alignez_edits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: AlignEZData, config: AlignEZConfig,
-                  seed: int = 0) -> tuple[list[Edit], dict]:
+def alignez_edits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: AlignEZData, config: AlignEZConfig, seed: int = 0
+) -> tuple[list[Edit], dict]:
     """The edits chosen on the held-out pairs (possibly none), and what was measured on the way."""
     pos, neg, plain = pair_states(model, tokenizer, data, config)
     num_layers = pos.shape[1]
@@ -153,8 +174,10 @@ def alignez_edits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, da
             raise SelfieError(f"init.layers: layer {layer} is outside 0..{num_layers - 1}")
     finder = get_finder(config.finder, config.finder_options)
     fit, held = held_out_split(len(pos), config.held_out, seed)
-    per_layer = [layer_directions(pos[fit, layer], neg[fit, layer], plain[fit, layer], finder, config.parallel_cosine, seed)
-                 for layer in range(num_layers)]
+    per_layer = [
+        layer_directions(pos[fit, layer], neg[fit, layer], plain[fit, layer], finder, config.parallel_cosine, seed)
+        for layer in range(num_layers)
+    ]
     scores = score_layers([d.separating for d in per_layer], pos[held], neg[held])
 
     def edits_for(layers: list[int], alpha: float) -> list[Edit]:
@@ -166,23 +189,44 @@ def alignez_edits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, da
     unedited, own = held_out_scores(model, tokenizer, held_pairs, held_plain, [], config.batch_size)
     tried = []
     for layers, alpha in candidates(config, rank_layers(scores)):
-        margin, edited_own = held_out_scores(model, tokenizer, held_pairs, held_plain, edits_for(layers, alpha), config.batch_size)
+        margin, edited_own = held_out_scores(
+            model, tokenizer, held_pairs, held_plain, edits_for(layers, alpha), config.batch_size
+        )
         tried.append({"layers": layers, "alpha": alpha, "held_out_margin": round(margin, 4), "kl": round(own - edited_own, 4)})
     allowed = [c for c in tried if c["kl"] <= config.max_kl] if len(tried) > 1 else tried
     best = max(allowed, key=lambda c: c["held_out_margin"], default=None)
     chosen = best if best and (best["held_out_margin"] > unedited or len(tried) == 1) else None
     if chosen is None:
-        logger.warning("AlignEZ: no edit within init.max_kl raised the held-out margin above the unedited model's (%.3f nats); "
-                       "nothing is edited", unedited)
+        logger.warning(
+            "AlignEZ: no edit within init.max_kl raised the held-out margin above the unedited model's (%.3f nats); "
+            "nothing is edited",
+            unedited,
+        )
     layers = chosen["layers"] if chosen else []
-    info = {"pairs": len(data.pairs), "fit_pairs": len(fit), "held_out_pairs": len(held),
-            "layer_scores": [round(s, 4) for s in scores], "layers": layers, "alpha": chosen["alpha"] if chosen else None,
-            "parallel_cosine": config.parallel_cosine, "max_kl": config.max_kl, "kl": chosen["kl"] if chosen else 0.0,
-            "cosine_plus_minus": [round(d.cosine, 4) for d in per_layer],  # every layer, before orthogonalising
-            "agreement": {rule: [round(d.agreement[rule], 4) for d in per_layer] for rule in ("residual", "separating")},
-            "rule": {layer: per_layer[layer].rule for layer in layers},
-            "held_out_margin": {"unedited": round(unedited, 4), "edited": chosen["held_out_margin"] if chosen else round(unedited, 4)},
-            "candidates": tried}
-    logger.info("AlignEZ: layers %s, alpha %s; held-out margin %.3f -> %.3f nats", layers, info["alpha"], unedited,
-                info["held_out_margin"]["edited"])
+    info = {
+        "pairs": len(data.pairs),
+        "fit_pairs": len(fit),
+        "held_out_pairs": len(held),
+        "layer_scores": [round(s, 4) for s in scores],
+        "layers": layers,
+        "alpha": chosen["alpha"] if chosen else None,
+        "parallel_cosine": config.parallel_cosine,
+        "max_kl": config.max_kl,
+        "kl": chosen["kl"] if chosen else 0.0,
+        "cosine_plus_minus": [round(d.cosine, 4) for d in per_layer],  # every layer, before orthogonalising
+        "agreement": {rule: [round(d.agreement[rule], 4) for d in per_layer] for rule in ("residual", "separating")},
+        "rule": {layer: per_layer[layer].rule for layer in layers},
+        "held_out_margin": {
+            "unedited": round(unedited, 4),
+            "edited": chosen["held_out_margin"] if chosen else round(unedited, 4),
+        },
+        "candidates": tried,
+    }
+    logger.info(
+        "AlignEZ: layers %s, alpha %s; held-out margin %.3f -> %.3f nats",
+        layers,
+        info["alpha"],
+        unedited,
+        info["held_out_margin"]["edited"],
+    )
     return edits_for(layers, chosen["alpha"]) if chosen else [], info

@@ -51,35 +51,79 @@ class AlignEZData:
     characteristics: list[dict]  # {"prompt_id", "keywords", "positive", "negative"}
 
 
-def generate_alignez_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[dict],
-                          keywords: Sequence[Sequence[str]], *, max_new_tokens_char: int, max_new_tokens_resp: int,
-                          temperature: float, seed: int, batch_size: int) -> AlignEZData:
+def generate_alignez_data(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[dict],
+    keywords: Sequence[Sequence[str]],
+    *,
+    max_new_tokens_char: int,
+    max_new_tokens_resp: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+) -> AlignEZData:
     """Characteristics, then persona responses and plain responses, for prompt rows {"prompt_id", "prompt"}."""
     jobs = [(row, tuple(kw)) for row in prompts for kw in keywords]
-    char_prompts = [characteristics_prompt(row["prompt"], kw[i], polarity)
-                    for row, kw in jobs for i, polarity in enumerate(("positive", "negative"))]
-    chars = [text.rstrip(".") for text, _ in sample(model, tokenizer, char_prompts, max_new_tokens=max_new_tokens_char,
-                                                       temperature=temperature, seed=seed, batch_size=batch_size,
-                                                       desc="characteristics")]
-    resp_prompts = [response_prompt(row["prompt"], kw[i], polarity, chars[2 * j + i])
-                    for j, (row, kw) in enumerate(jobs) for i, polarity in enumerate(("positive", "negative"))]
+    char_prompts = [
+        characteristics_prompt(row["prompt"], kw[i], polarity)
+        for row, kw in jobs
+        for i, polarity in enumerate(("positive", "negative"))
+    ]
+    chars = [
+        text.rstrip(".")
+        for text, _ in sample(
+            model,
+            tokenizer,
+            char_prompts,
+            max_new_tokens=max_new_tokens_char,
+            temperature=temperature,
+            seed=seed,
+            batch_size=batch_size,
+            desc="characteristics",
+        )
+    ]
+    resp_prompts = [
+        response_prompt(row["prompt"], kw[i], polarity, chars[2 * j + i])
+        for j, (row, kw) in enumerate(jobs)
+        for i, polarity in enumerate(("positive", "negative"))
+    ]
     resp_prompts += [row["prompt"] for row in prompts]
-    responses = sample(model, tokenizer, resp_prompts, max_new_tokens=max_new_tokens_resp, temperature=temperature,
-                       seed=seed + 1, batch_size=batch_size, desc="responses")
+    responses = sample(
+        model,
+        tokenizer,
+        resp_prompts,
+        max_new_tokens=max_new_tokens_resp,
+        temperature=temperature,
+        seed=seed + 1,
+        batch_size=batch_size,
+        desc="responses",
+    )
     pairs, characteristics = [], []
     for j, (row, kw) in enumerate(jobs):
         (chosen, _), (rejected, _) = responses[2 * j], responses[2 * j + 1]
-        characteristics.append({"prompt_id": row["prompt_id"], "keywords": list(kw), "positive": chars[2 * j],
-                                "negative": chars[2 * j + 1]})
+        characteristics.append(
+            {"prompt_id": row["prompt_id"], "keywords": list(kw), "positive": chars[2 * j], "negative": chars[2 * j + 1]}
+        )
         if not chosen or not rejected or chosen == rejected:  # no usable pair (empty or identical text)
             continue
-        pairs.append({"prompt_id": row["prompt_id"], "prompt": row["prompt"],
-                      "chosen": [{"role": "assistant", "content": chosen}],
-                      "rejected": [{"role": "assistant", "content": rejected}], "margin": 0.0})
-    plain = [{"prompt_id": row["prompt_id"], "prompt": row["prompt"], "responses": [text], "finished": [done]}
-             for row, (text, done) in zip(prompts, responses[2 * len(jobs):])]
+        pairs.append(
+            {
+                "prompt_id": row["prompt_id"],
+                "prompt": row["prompt"],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "margin": 0.0,
+            }
+        )
+    plain = [
+        {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "responses": [text], "finished": [done]}
+        for row, (text, done) in zip(prompts, responses[2 * len(jobs) :])
+    ]
     logger.info("self-generated %d preference pairs from %d prompts x %d keyword pairs", len(pairs), len(prompts), len(keywords))
     if len(pairs) < 2:
-        raise SelfieError(f"AlignEZ: only {len(pairs)} usable self-generated pairs (empty or identical responses); "
-                          "raise init.num_prompts or init.max_new_tokens_resp")
+        raise SelfieError(
+            f"AlignEZ: only {len(pairs)} usable self-generated pairs (empty or identical responses); "
+            "raise init.num_prompts or init.max_new_tokens_resp"
+        )
     return AlignEZData(pairs, plain, characteristics)

@@ -61,7 +61,9 @@ class EditHooks:
         # "last" edits only the newest position of each forward: in cached generation that is the
         # prompt's last token, then every generated token (the AlignEZ reference code's choice);
         # it assumes left padding, so that the last column is a real token in every row.
-        self.handles = [edit_point(model, edit.layer, location).register_forward_hook(self._hook(edit, positions)) for edit in edits]
+        self.handles = [
+            edit_point(model, edit.layer, location).register_forward_hook(self._hook(edit, positions)) for edit in edits
+        ]
 
     @staticmethod
     def _hook(edit: Edit, positions: str):
@@ -98,8 +100,9 @@ def writer_of(model: nn.Module, layer: int, location: str) -> nn.Linear:
     mlp = edit_point(model, layer, "mlp")
     down = getattr(mlp, "down_proj", None)
     if not isinstance(down, nn.Linear):
-        raise SelfieError(f"layer {layer}: folding needs an nn.Linear `mlp.down_proj` that writes the MLP output, "
-                          f"found {type(down).__name__}")
+        raise SelfieError(
+            f"layer {layer}: folding needs an nn.Linear `mlp.down_proj` that writes the MLP output, found {type(down).__name__}"
+        )
     return down
 
 
@@ -117,7 +120,8 @@ def fold_edits(model: PreTrainedModel, edits: Sequence[Edit], location: str = "m
 
 def is_saved_model(directory: Path) -> bool:
     return (directory / "config.json").is_file() and any(
-        (directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+        (directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    )
 
 
 def save_standalone(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path, provenance: dict) -> Path:
@@ -129,4 +133,3 @@ def save_standalone(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         atomic_write_json(tmp / EDIT_FILE, provenance)
     logger.info("saved the edited model to %s", output_dir)
     return output_dir
-

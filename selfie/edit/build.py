@@ -57,18 +57,33 @@ def _prompts(config: EditConfig, seed: int) -> list[dict]:
 def _data_settings(model_name: str, config: EditConfig, seed: int, keys: tuple[str, ...]) -> dict:
     """What the self-generated data depends on (so that changing e.g. alpha reuses it)."""
     settings = dataclasses.asdict(config)
-    return {"model": model_name, "seed": seed, **{k: settings[k] for k in ("prompts", "num_prompts", "max_new_tokens_resp",
-                                                                          "temperature", "batch_size", "dtype", *keys)}}
+    return {
+        "model": model_name,
+        "seed": seed,
+        **{
+            k: settings[k] for k in ("prompts", "num_prompts", "max_new_tokens_resp", "temperature", "batch_size", "dtype", *keys)
+        },
+    }
 
 
-def _alignez_data(load: Callable[[], tuple[Any, Any]], config: AlignEZConfig, model_name: str, work: Path, seed: int
-                  ) -> AlignEZData:
+def _alignez_data(
+    load: Callable[[], tuple[Any, Any]], config: AlignEZConfig, model_name: str, work: Path, seed: int
+) -> AlignEZData:
     """The self-generated AlignEZ data from `work` if made there with these settings, else made by the model `load()` gives."""
+
     def make() -> dict[str, list[dict]]:
         model, tokenizer = load()
-        data = generate_alignez_data(model, tokenizer, _prompts(config, seed), config.keywords,
-                                     max_new_tokens_char=config.max_new_tokens_char, max_new_tokens_resp=config.max_new_tokens_resp,
-                                     temperature=config.temperature, seed=seed, batch_size=config.batch_size)
+        data = generate_alignez_data(
+            model,
+            tokenizer,
+            _prompts(config, seed),
+            config.keywords,
+            max_new_tokens_char=config.max_new_tokens_char,
+            max_new_tokens_resp=config.max_new_tokens_resp,
+            temperature=config.temperature,
+            seed=seed,
+            batch_size=config.batch_size,
+        )
         return {"pairs": data.pairs, "plain": data.plain, "characteristics": data.characteristics}
 
     settings = _data_settings(model_name, config, seed, ("keywords", "max_new_tokens_char"))
@@ -103,10 +118,22 @@ def _build_alignez(model, tokenizer, config: AlignEZConfig, model_name: str, wor
 def _build_rahf(model, tokenizer, config: RAHFConfig, model_name: str, work: Path, seed: int) -> tuple[Any, dict]:
     def make() -> dict[str, list[dict]]:
         prompts = _prompts(config, seed)
-        samples = sample(model, tokenizer, [row["prompt"] for row in prompts], max_new_tokens=config.max_new_tokens_resp,
-                         temperature=config.temperature, seed=seed, batch_size=config.batch_size, desc="rahf responses")
-        return {"responses": [{"prompt_id": row["prompt_id"], "prompt": row["prompt"], "responses": [text], "finished": [done]}
-                              for row, (text, done) in zip(prompts, samples)]}
+        samples = sample(
+            model,
+            tokenizer,
+            [row["prompt"] for row in prompts],
+            max_new_tokens=config.max_new_tokens_resp,
+            temperature=config.temperature,
+            seed=seed,
+            batch_size=config.batch_size,
+            desc="rahf responses",
+        )
+        return {
+            "responses": [
+                {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "responses": [text], "finished": [done]}
+                for row, (text, done) in zip(prompts, samples)
+            ]
+        }
 
     start = time.perf_counter()
     rows = cached_rows(work, "rahf_data", _data_settings(model_name, config, seed, ()), make)["responses"]
@@ -147,11 +174,14 @@ def _check_provenance(output_dir: Path, provenance: dict) -> None:
     found = {**saved.get("init", {}), "method": saved.get("method"), "model": saved.get("model"), "seed": saved.get("seed")}
     differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
     if differing:
-        raise SelfieError(f"{output_dir}: was built with other settings (init.{differing[0]}: {found.get(differing[0])!r} there, "
-                          f"{expected.get(differing[0])!r} now); remove it or choose another output directory")
+        raise SelfieError(
+            f"{output_dir}: was built with other settings (init.{differing[0]}: {found.get(differing[0])!r} there, "
+            f"{expected.get(differing[0])!r} now); remove it or choose another output directory"
+        )
 
 
 # ---------------------------------------------------------------- command line
+
 
 def add_edit_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="the model to edit: hub id, local directory, .gguf file or built-in alias")
@@ -182,19 +212,26 @@ def describe(provenance: dict) -> list[str]:
     r = provenance["result"]
     if provenance["method"] == "rahf":
         loss = r["held_out_loss"]
-        return [f"RAHF: layers {r['target_layers']}, {r['examples']} training / {r['held_out_examples']} held-out responses",
-                f"held-out representation loss {loss['before']} -> {loss['after']}",
-                f"training loss by tenths of the steps: {r['loss_curve']}"]
+        return [
+            f"RAHF: layers {r['target_layers']}, {r['examples']} training / {r['held_out_examples']} held-out responses",
+            f"held-out representation loss {loss['before']} -> {loss['after']}",
+            f"training loss by tenths of the steps: {r['loss_curve']}",
+        ]
     margin = r["held_out_margin"]
-    lines = [f"AlignEZ: {r['fit_pairs']} pairs fit the directions, {r['held_out_pairs']} held-out pairs choose the edit",
-             f"held-out margin logp(y+) - logp(y-): {margin['unedited']} unedited -> {margin['edited']} edited (nats); "
-             f"KL estimate {r['kl']} nats/token (budget {r['max_kl']})"]
+    lines = [
+        f"AlignEZ: {r['fit_pairs']} pairs fit the directions, {r['held_out_pairs']} held-out pairs choose the edit",
+        f"held-out margin logp(y+) - logp(y-): {margin['unedited']} unedited -> {margin['edited']} edited (nats); "
+        f"KL estimate {r['kl']} nats/token (budget {r['max_kl']})",
+    ]
     if not r["layers"]:
-        return lines + ["no candidate within the KL budget beat the unedited model on the held-out pairs: the model is left "
-                        "as it was"]
+        return lines + [
+            "no candidate within the KL budget beat the unedited model on the held-out pairs: the model is left as it was"
+        ]
     cosines = {layer: r["cosine_plus_minus"][layer] for layer in r["layers"]}
-    return lines + [f"layers {r['layers']}, alpha {r['alpha']}; cos(u+, u-) {cosines} (near-parallel above "
-                    f"{r['parallel_cosine']}: boost the y+ vs y- direction instead); rule {r['rule']}"]
+    return lines + [
+        f"layers {r['layers']}, alpha {r['alpha']}; cos(u+, u-) {cosines} (near-parallel above "
+        f"{r['parallel_cosine']}: boost the y+ vs y- direction instead); rule {r['rule']}"
+    ]
 
 
 def run_edit_command(args: argparse.Namespace, overrides: list[str] | None = None) -> None:

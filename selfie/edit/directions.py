@@ -38,7 +38,9 @@ def get_finder(name: str, options: dict | None = None) -> Callable[[torch.Tensor
     accepted = list(inspect.signature(fn).parameters)[2:]
     for key in options:
         if key not in accepted:
-            raise SelfieError(f"init.finder_options.{key}: not an option of finder '{name}' (options: {', '.join(accepted) or 'none'})")
+            raise SelfieError(
+                f"init.finder_options.{key}: not an option of finder '{name}' (options: {', '.join(accepted) or 'none'})"
+            )
     return lambda pos, neg: fn(pos, neg, **options)
 
 
@@ -54,8 +56,9 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 
 @register("svd")
-def svd_directions(pos: torch.Tensor, neg: torch.Tensor, variance: float | None = None, max_cosine: float = 0.8,
-                   min_pairs: int = 2) -> torch.Tensor:
+def svd_directions(
+    pos: torch.Tensor, neg: torch.Tensor, variance: float | None = None, max_cosine: float = 0.8, min_pairs: int = 2
+) -> torch.Tensor:
     """Top right singular vector(s) of the differences H+ - H- (AlignEZ).
 
     Pairs whose two states are nearly the same (cosine > `max_cosine`) carry little signal and are
@@ -65,8 +68,13 @@ def svd_directions(pos: torch.Tensor, neg: torch.Tensor, variance: float | None 
     cosine = torch.nn.functional.cosine_similarity(pos, neg, dim=-1)
     keep = cosine <= max_cosine
     if int(keep.sum()) < min(min_pairs, len(pos)):
-        logger.debug("svd: %d of %d pairs have cosine <= %.2f; keeping the %d least similar", int(keep.sum()), len(pos),
-                     max_cosine, min_pairs)
+        logger.debug(
+            "svd: %d of %d pairs have cosine <= %.2f; keeping the %d least similar",
+            int(keep.sum()),
+            len(pos),
+            max_cosine,
+            min_pairs,
+        )
         keep = torch.zeros_like(keep)
         keep[cosine.argsort()[:min_pairs]] = True
     diffs = (pos - neg)[keep].double()
@@ -84,8 +92,9 @@ def mean_diff_direction(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 
 @register("ccs")
-def ccs_direction(pos: torch.Tensor, neg: torch.Tensor, steps: int = 1000, lr: float = 1e-2, restarts: int = 4,
-                  seed: int = 0) -> torch.Tensor:
+def ccs_direction(
+    pos: torch.Tensor, neg: torch.Tensor, steps: int = 1000, lr: float = 1e-2, restarts: int = 4, seed: int = 0
+) -> torch.Tensor:
     """Contrast-consistent search (Burns et al.): a linear probe p = sigmoid(w.h + b) trained with
     L = mean(min(p+, p-)^2) + mean((p+ - (1 - p-))^2), best of `restarts`; the direction is w / |w|.
 

@@ -87,7 +87,9 @@ class Batch:
         return torch.cat(rows).to(device), torch.cat(cols).to(device)
 
     def last_index(self, items: Sequence[Encoded]) -> torch.Tensor:
-        return torch.tensor([offset + len(item.ids) - 1 for item, offset in zip(items, self.offsets)], device=self.input_ids.device)
+        return torch.tensor(
+            [offset + len(item.ids) - 1 for item, offset in zip(items, self.offsets)], device=self.input_ids.device
+        )
 
 
 def pad_batch(items: Sequence[Encoded], pad_id: int, side: str = "left", device: torch.device | str | None = None) -> Batch:
@@ -99,9 +101,9 @@ def pad_batch(items: Sequence[Encoded], pad_id: int, side: str = "left", device:
     for b, item in enumerate(items):
         n = len(item.ids)
         start = width - n if side == "left" else 0
-        ids[b, start:start + n] = torch.tensor(item.ids)
-        mask[b, start:start + n] = 1
-        positions[b, start:start + n] = torch.arange(n)
+        ids[b, start : start + n] = torch.tensor(item.ids)
+        mask[b, start : start + n] = 1
+        positions[b, start : start + n] = torch.arange(n)
         offsets.append(start)
     return Batch(ids.to(device), mask.to(device), positions.to(device), offsets)
 
@@ -111,7 +113,9 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[int], location: str = "layer", stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+def capture(
+    model: nn.Module, layers: Sequence[int], location: str = "layer", stop: bool = False
+) -> Iterator[dict[int, torch.Tensor]]:
     """Record the output of each layer's edit point during a forward (with its graph when grad is on).
 
     With `stop`, the forward is cut after the last requested layer (use `run_to_layers`).
@@ -139,7 +143,9 @@ def run_to_layers(model: nn.Module, batch: Batch, layers: Sequence[int], locatio
     """Forward `batch` only as far as the last of `layers`; return {layer: [batch, width, hidden]}."""
     with capture(model, layers, location, stop=True) as store:
         try:
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+            model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+            )
         except _StopForward:
             pass
     return store
@@ -151,8 +157,16 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def collect_states(
-    model: PreTrainedModel, items: Sequence[Encoded], pad_id: int, *, layers: Sequence[int] | None = None,
-    location: str = "layer", mode: str = "last", batch_size: int = 8, padding_side: str = "left", desc: str = "states",
+    model: PreTrainedModel,
+    items: Sequence[Encoded],
+    pad_id: int,
+    *,
+    layers: Sequence[int] | None = None,
+    location: str = "layer",
+    mode: str = "last",
+    batch_size: int = 8,
+    padding_side: str = "left",
+    desc: str = "states",
 ) -> torch.Tensor | list[torch.Tensor]:
     """States of `items` at `layers` (default: all), float32 on the CPU.
 
@@ -167,7 +181,7 @@ def collect_states(
     order = sorted(range(len(items)), key=lambda i: len(items[i].ids))  # similar lengths share a batch: less padding
     results: list = [None] * len(items)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=None):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         chunk = [items[i] for i in idx]
         batch = pad_batch(chunk, pad_id, padding_side, _device(model))
         store = run_to_layers(model, batch, layers, location)
@@ -179,6 +193,6 @@ def collect_states(
             continue
         for b, (i, item) in enumerate(zip(idx, chunk)):
             begin = batch.offsets[b] + item.prompt_len
-            tokens = states[b, :, begin:batch.offsets[b] + len(item.ids)].cpu()
+            tokens = states[b, :, begin : batch.offsets[b] + len(item.ids)].cpu()
             results[i] = tokens.mean(dim=1) if mode == "mean" else tokens
     return torch.stack(results) if mode != "tokens" else results

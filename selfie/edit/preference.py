@@ -19,8 +19,13 @@ from selfie.projection import logit_softcap, output_layer, token_logps
 
 
 @torch.no_grad()
-def response_logps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]],
-                   responses: Sequence[str], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict]],
+    responses: Sequence[str],
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each response's tokens (as generated, no end-of-turn token) after its prompt, float64,
     and each response's token count.
 
@@ -32,19 +37,21 @@ def response_logps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     head, softcap = output_layer(model), logit_softcap(model)
     out = torch.zeros(len(items), dtype=torch.float64)
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         batch = pad_batch(chunk, tokenizer.pad_token_id, "right", device)
-        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        hidden = model.get_decoder()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        ).last_hidden_state
         rows, cols = batch.response_index(chunk)
         logps = token_logps([(1.0, hidden[rows, cols - 1])], batch.input_ids[rows, cols], head.weight, head.bias, softcap)
         sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, logps.double())
-        out[start:start + len(chunk)] = sums.cpu()
+        out[start : start + len(chunk)] = sums.cpu()
     return out, torch.tensor([len(item.ids) - item.prompt_len for item in items])
 
 
-def pair_margins(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict],
-                 batch_size: int = 8) -> torch.Tensor:
+def pair_margins(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[dict], batch_size: int = 8
+) -> torch.Tensor:
     """logp(chosen | prompt) - logp(rejected | prompt) of each pairs.jsonl row, in nats."""
     prompts = [p["prompt"] for p in pairs]
     chosen, _ = response_logps(model, tokenizer, prompts, [p["chosen"][0]["content"] for p in pairs], batch_size)
@@ -52,8 +59,13 @@ def pair_margins(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pai
     return chosen - rejected
 
 
-def per_token_logp(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]],
-                   responses: Sequence[str], batch_size: int = 8) -> float:
+def per_token_logp(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict]],
+    responses: Sequence[str],
+    batch_size: int = 8,
+) -> float:
     """Mean log-prob per response token over all the responses.
 
     For responses the unedited model sampled, its value there minus the edited model's estimates the

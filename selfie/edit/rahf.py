@@ -55,22 +55,37 @@ def instructed(prompt: list[dict], instruction: str) -> list[dict]:
     return with_user_text(prompt, f"{prompt[-1]['content']}\n\n{instruction}")
 
 
-def rahf_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]],
-                 responses: Sequence[str], layers: Sequence[int], alpha: float, batch_size: int = 8
-                 ) -> tuple[list[Encoded], list[torch.Tensor]]:
+def rahf_targets(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict]],
+    responses: Sequence[str],
+    layers: Sequence[int],
+    alpha: float,
+    batch_size: int = 8,
+) -> tuple[list[Encoded], list[torch.Tensor]]:
     """The plain (prompt, response) items and, per item, its target states [len(layers), T, H]."""
     plain = [encode(tokenizer, p, y) for p, y in zip(prompts, responses)]
     good = [encode(tokenizer, instructed(p, GOOD_INSTRUCTION), y) for p, y in zip(prompts, responses)]
     bad = [encode(tokenizer, instructed(p, BAD_INSTRUCTION), y) for p, y in zip(prompts, responses)]
-    states = collect_states(model, plain + good + bad, pad_token_id(tokenizer), layers=layers, location="layer",
-                            mode="tokens", batch_size=batch_size, desc="rahf targets")
+    states = collect_states(
+        model,
+        plain + good + bad,
+        pad_token_id(tokenizer),
+        layers=layers,
+        location="layer",
+        mode="tokens",
+        batch_size=batch_size,
+        desc="rahf targets",
+    )
     n = len(plain)
-    targets = [h + alpha * (g - b) for h, g, b in zip(states[:n], states[n:2 * n], states[2 * n:])]
+    targets = [h + alpha * (g - b) for h, g, b in zip(states[:n], states[n : 2 * n], states[2 * n :])]
     return plain, targets
 
 
-def rahf_loss(model: torch.nn.Module, items: Sequence[Encoded], targets: Sequence[torch.Tensor], layers: Sequence[int],
-              pad_id: int) -> torch.Tensor:
+def rahf_loss(
+    model: torch.nn.Module, items: Sequence[Encoded], targets: Sequence[torch.Tensor], layers: Sequence[int], pad_id: int
+) -> torch.Tensor:
     """Mean over response tokens and target layers of ||h_l - target_l||_2 for one batch."""
     device = next(model.parameters()).device
     batch = pad_batch(items, pad_id, "right", device)
@@ -81,8 +96,18 @@ def rahf_loss(model: torch.nn.Module, items: Sequence[Encoded], targets: Sequenc
     return torch.linalg.vector_norm(h - target, dim=-1).mean()
 
 
-def train_rahf(model: PeftModel, items: Sequence[Encoded], targets: Sequence[torch.Tensor], layers: Sequence[int], pad_id: int,
-               *, steps: int, learning_rate: float, batch_size: int, seed: int = 0) -> list[float]:
+def train_rahf(
+    model: PeftModel,
+    items: Sequence[Encoded],
+    targets: Sequence[torch.Tensor],
+    layers: Sequence[int],
+    pad_id: int,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int = 0,
+) -> list[float]:
     """AdamW on the adapter's parameters, constant learning rate, gradient norm clipped at 1; returns the losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -107,12 +132,18 @@ def train_rahf(model: PeftModel, items: Sequence[Encoded], targets: Sequence[tor
 
 
 @torch.no_grad()
-def representation_loss(model: torch.nn.Module, items: Sequence[Encoded], targets: Sequence[torch.Tensor], layers: Sequence[int],
-                        pad_id: int, batch_size: int) -> float:
+def representation_loss(
+    model: torch.nn.Module,
+    items: Sequence[Encoded],
+    targets: Sequence[torch.Tensor],
+    layers: Sequence[int],
+    pad_id: int,
+    batch_size: int,
+) -> float:
     """`rahf_loss` over a whole set, batch by batch, weighted by response tokens (the same mean as one big batch)."""
     total, tokens = 0.0, 0
     for start in range(0, len(items), batch_size):
-        chunk, chunk_targets = items[start:start + batch_size], targets[start:start + batch_size]
+        chunk, chunk_targets = items[start : start + batch_size], targets[start : start + batch_size]
         n = sum(t.shape[1] for t in chunk_targets)
         total += float(rahf_loss(model, chunk, chunk_targets, layers, pad_id)) * n
         tokens += n
@@ -125,28 +156,43 @@ def loss_curve(losses: Sequence[float], points: int = 10) -> list[float]:
     return [round(sum(losses[a:b]) / (b - a), 4) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def rahf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]],
-               responses: Sequence[str], config: RAHFConfig, seed: int = 0) -> tuple[PreTrainedModel, dict]:
+def rahf_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict]],
+    responses: Sequence[str],
+    config: RAHFConfig,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, dict]:
     """Train the RAHF adapter on the fit share of the (prompt, response) pairs; return the merged model and what was
     measured: the representation loss on the held-out share (`init.held_out`) before and after, and the loss curve."""
     keep = [i for i, y in enumerate(responses) if y]  # an empty response has no positions to align
     if len(keep) < 2:
-        raise SelfieError("RAHF: fewer than 2 self-generated responses are non-empty; raise init.max_new_tokens_resp or "
-                          "init.num_prompts")
+        raise SelfieError(
+            "RAHF: fewer than 2 self-generated responses are non-empty; raise init.max_new_tokens_resp or init.num_prompts"
+        )
     num_layers = len(decoder_layers(model))
     layers = default_target_layers(num_layers) if config.target_layers == "auto" else sorted(config.target_layers)
     if not all(0 <= layer < num_layers for layer in layers):
         raise SelfieError(f"init.target_layers: {layers} outside 0..{num_layers - 1}")
-    lora = LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules))
+    lora = LoraConfig(
+        r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=list(config.target_modules)
+    )
     try:
         peft_model = attach_lora(model, lora)
     except ValueError as e:
         raise SelfieError(f"init.target_modules: {str(e).splitlines()[0]}") from None
     peft_model.eval()
     with peft_model.disable_adapter():
-        items, targets = rahf_targets(peft_model, tokenizer, [prompts[i] for i in keep], [responses[i] for i in keep],
-                                      layers, config.alpha, config.batch_size)
+        items, targets = rahf_targets(
+            peft_model,
+            tokenizer,
+            [prompts[i] for i in keep],
+            [responses[i] for i in keep],
+            layers,
+            config.alpha,
+            config.batch_size,
+        )
     fit, held = (idx.tolist() for idx in held_out_split(len(items), config.held_out, seed))
     held_items, held_targets = [items[i] for i in held], [targets[i] for i in held]
     pad_id = pad_token_id(tokenizer)
@@ -155,11 +201,25 @@ def rahf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, promp
         return round(representation_loss(peft_model, held_items, held_targets, layers, pad_id, config.batch_size), 4)
 
     before = held_out_loss()
-    losses = train_rahf(peft_model, [items[i] for i in fit], [targets[i] for i in fit], layers, pad_id, steps=config.steps,
-                        learning_rate=config.learning_rate, batch_size=config.train_batch_size, seed=seed)
+    losses = train_rahf(
+        peft_model,
+        [items[i] for i in fit],
+        [targets[i] for i in fit],
+        layers,
+        pad_id,
+        steps=config.steps,
+        learning_rate=config.learning_rate,
+        batch_size=config.train_batch_size,
+        seed=seed,
+    )
     after = held_out_loss()
-    info = {"target_layers": layers, "examples": len(fit), "held_out_examples": len(held),
-            "response_tokens": sum(targets[i].shape[1] for i in fit),
-            "held_out_loss": {"before": before, "after": after}, "loss_curve": loss_curve(losses)}
+    info = {
+        "target_layers": layers,
+        "examples": len(fit),
+        "held_out_examples": len(held),
+        "response_tokens": sum(targets[i].shape[1] for i in fit),
+        "held_out_loss": {"before": before, "after": after},
+        "loss_curve": loss_curve(losses),
+    }
     logger.info("RAHF: %d steps on %d examples; held-out representation loss %.4f -> %.4f", len(losses), len(fit), before, after)
     return merge_adapter(peft_model), info

@@ -17,8 +17,17 @@ from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
 
 @torch.no_grad()
-def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]], *, max_new_tokens: int,
-           temperature: float, seed: int, batch_size: int, desc: str = "sample") -> list[tuple[str, bool]]:
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    desc: str = "sample",
+) -> list[tuple[str, bool]]:
     """(text, finished) for each prompt: one sample, temperature only (top-k and top-p off)."""
     stop, pad_id = sorted(stop_token_ids(model, tokenizer)), pad_token_id(tokenizer)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -27,11 +36,19 @@ def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     out: list[tuple[str, bool]] = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=None):
-            ids = [chat_ids(tokenizer, p, add_generation_prompt=True) for p in prompts[start:start + batch_size]]
+            ids = [chat_ids(tokenizer, p, add_generation_prompt=True) for p in prompts[start : start + batch_size]]
             inputs = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
-            generated = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-                                       max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id)
-            for row in generated[:, inputs["input_ids"].shape[1]:].tolist():
+            generated = model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop,
+                pad_token_id=pad_id,
+            )
+            for row in generated[:, inputs["input_ids"].shape[1] :].tolist():
                 end = next((i for i, t in enumerate(row) if t in stop), None)
                 out.append((tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None))
     finally:

@@ -7,14 +7,22 @@ from pathlib import Path
 
 from selfie.config import EvalOptions, add_options, from_args
 
-HELP = {"dtype": "auto, float32, bfloat16 or float16", "n_boot": "bootstrap resamples for the 95%% interval",
-        "seed": "sampling and bootstrap seed", "split": "split for hub / saved datasets",
-        "num_prompts": "first N prompts (0 = all)", "num_pairs": "first N pairs (0 = all)", "temperature": "0 = greedy",
-        "batch_size": "sequences decoded together"}
+HELP = {
+    "dtype": "auto, float32, bfloat16 or float16",
+    "n_boot": "bootstrap resamples for the 95%% interval",
+    "seed": "sampling and bootstrap seed",
+    "split": "split for hub / saved datasets",
+    "num_prompts": "first N prompts (0 = all)",
+    "num_pairs": "first N pairs (0 = all)",
+    "temperature": "0 = greedy",
+    "batch_size": "sequences decoded together",
+}
 
 
 def _common(p: argparse.ArgumentParser, prompts: bool = True) -> None:
-    p.add_argument("--judge", required=True, help="reward-model:PATH | callable:module:function | implicit:MODEL@ADAPTER[?beta=B]")
+    p.add_argument(
+        "--judge", required=True, help="reward-model:PATH | callable:module:function | implicit:MODEL@ADAPTER[?beta=B]"
+    )
     p.add_argument("--output", required=True, help="directory for report.json, report.md, report.png")
     add_options(p, EvalOptions, ["dtype", "n_boot", "seed"], HELP)
     if prompts:
@@ -71,8 +79,13 @@ def _report(args: argparse.Namespace, output: Path) -> dict:
     elif args.eval_command == "winrate":
         prompts = eval_prompts(args.prompts, options.split, options.num_prompts)
         judge = load_judge(args.judge, dtype=options.dtype)
-        report = {**common, "prompts": args.prompts, **compare_models(
-            judge, args.model_a, args.adapter_a, args.model_b, args.adapter_b, prompts, options, output_dir=output)}
+        report = {
+            **common,
+            "prompts": args.prompts,
+            **compare_models(
+                judge, args.model_a, args.adapter_a, args.model_b, args.adapter_b, prompts, options, output_dir=output
+            ),
+        }
     else:
         from selfie.rundir import RunContext
 

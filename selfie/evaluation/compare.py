@@ -42,8 +42,9 @@ def eval_prompts(source: str, split: str, num_prompts: int | None, config: Recip
     return prompts[:num_prompts] if num_prompts else prompts
 
 
-def generate_one(model: str, adapter: str | Path | None, prompts: list[dict], output: Path, *, dtype: str = "auto",
-                 **sampling: Any) -> list[str]:
+def generate_one(
+    model: str, adapter: str | Path | None, prompts: list[dict], output: Path, *, dtype: str = "auto", **sampling: Any
+) -> list[str]:
     """One response per prompt from `model` (+ `adapter`), written to `output`; returns the texts in prompt order."""
     from selfie.generate import generate_responses
     from selfie.models import load_policy
@@ -71,12 +72,25 @@ def score_unique(judge: Judge, prompts: list[list[dict]], responses: list[str]) 
 
 def _summary(scores: list[float], texts: list[str], n_boot: int, seed: int) -> dict:
     values = np.asarray(scores, dtype=float)
-    return {"score_mean": float(values.mean()), "ci95": bootstrap_ci(values, n_boot, seed), "n": len(values),
-            "length_mean": float(np.mean([len(t) for t in texts]))}
+    return {
+        "score_mean": float(values.mean()),
+        "ci95": bootstrap_ci(values, n_boot, seed),
+        "n": len(values),
+        "length_mean": float(np.mean([len(t) for t in texts])),
+    }
 
 
-def compare_models(judge: Judge, model_a: str, adapter_a: str | None, model_b: str, adapter_b: str | None,
-                   prompts: list[dict], options: EvalOptions = EvalOptions(), *, output_dir: str | Path | None = None) -> dict:
+def compare_models(
+    judge: Judge,
+    model_a: str,
+    adapter_a: str | None,
+    model_b: str,
+    adapter_b: str | None,
+    prompts: list[dict],
+    options: EvalOptions = EvalOptions(),
+    *,
+    output_dir: str | Path | None = None,
+) -> dict:
     """Win rate of A over B: one response per prompt from each (same sampling seed), scored by `judge`.
 
     Responses go to `output_dir` (responses_a.jsonl, responses_b.jsonl, scores.jsonl), else to a temporary directory.
@@ -90,11 +104,15 @@ def compare_models(judge: Judge, model_a: str, adapter_a: str | None, model_b: s
         texts_b = generate_one(model_b, adapter_b, prompts, out / "responses_b.jsonl", dtype=options.dtype, **options.sampling())
         messages = [row["prompt"] for row in prompts]
         scores = score_unique(judge, messages + messages, texts_a + texts_b)
-        scores_a, scores_b = scores[: len(prompts)], scores[len(prompts):]
+        scores_a, scores_b = scores[: len(prompts)], scores[len(prompts) :]
         if output_dir is not None:
-            atomic_write_jsonl(out / "scores.jsonl", (
-                {"prompt_id": row["prompt_id"], "response_a": ta, "response_b": tb, "score_a": sa, "score_b": sb}
-                for row, ta, tb, sa, sb in zip(prompts, texts_a, texts_b, scores_a, scores_b)))
+            atomic_write_jsonl(
+                out / "scores.jsonl",
+                (
+                    {"prompt_id": row["prompt_id"], "response_a": ta, "response_b": tb, "score_a": sa, "score_b": sb}
+                    for row, ta, tb, sa, sb in zip(prompts, texts_a, texts_b, scores_a, scores_b)
+                ),
+            )
     report = win_rate(scores_a, scores_b, n_boot=n_boot, seed=seed)
     report.update(length_controlled(scores_a, scores_b, [len(t) for t in texts_a], [len(t) for t in texts_b], n_boot, seed))
     report["a"] = {"model": model_a, "adapter": adapter_a and str(adapter_a), **_summary(scores_a, texts_a, n_boot, seed)}
@@ -102,8 +120,15 @@ def compare_models(judge: Judge, model_a: str, adapter_a: str | None, model_b: s
     return report
 
 
-def run_scores(ctx: RunContext, judge: Judge, prompts: list[dict], options: EvalOptions = EvalOptions(), *,
-               output_dir: str | Path | None = None, include_init: bool = True) -> dict[int, dict]:
+def run_scores(
+    ctx: RunContext,
+    judge: Judge,
+    prompts: list[dict],
+    options: EvalOptions = EvalOptions(),
+    *,
+    output_dir: str | Path | None = None,
+    include_init: bool = True,
+) -> dict[int, dict]:
     """Mean judge score of each iteration's policy of a run on `prompts`: {iteration: {score_mean, ci95, n}}.
 
     Key INIT (-1) is pi_init itself (no adapter) when `include_init`. Responses go to
@@ -119,8 +144,9 @@ def run_scores(ctx: RunContext, judge: Judge, prompts: list[dict], options: Eval
         out = Path(output_dir) if output_dir is not None else Path(tmp)
         for iteration, adapter in models.items():
             label = iteration_label(ctx, iteration)
-            texts = generate_one(ctx.pi_init, adapter, prompts, out / f"responses_{label}.jsonl", dtype=options.dtype,
-                                 **options.sampling())
+            texts = generate_one(
+                ctx.pi_init, adapter, prompts, out / f"responses_{label}.jsonl", dtype=options.dtype, **options.sampling()
+            )
             results[iteration] = _summary(score_unique(judge, messages, texts), texts, options.n_boot, options.seed)
             logger.info("%s: mean score %.4f", label, results[iteration]["score_mean"])
     return results
@@ -150,20 +176,42 @@ def evaluate_iteration(ctx: RunContext, t: int) -> dict:
     prompts = eval_prompts(eval_cfg.prompts, eval_cfg.split or config.data.split, eval_cfg.num_prompts, config)
     judge = load_judge(eval_cfg.judge, dtype=config.model.dtype)
     temperature = config.generate.temperature if eval_cfg.temperature is None else eval_cfg.temperature
-    options = EvalOptions(max_new_tokens=eval_cfg.max_new_tokens, temperature=temperature, top_p=config.generate.top_p,
-                          seed=config.seed, batch_size=config.generate.batch_size, dtype=config.model.dtype,
-                          n_boot=eval_cfg.n_boot)
+    options = EvalOptions(
+        max_new_tokens=eval_cfg.max_new_tokens,
+        temperature=temperature,
+        top_p=config.generate.top_p,
+        seed=config.seed,
+        batch_size=config.generate.batch_size,
+        dtype=config.model.dtype,
+        n_boot=eval_cfg.n_boot,
+    )
     out = ctx.eval_dir(t)
     if eval_cfg.baseline == "none":
         texts = generate_one(pi_init, adapter, prompts, out / "responses_a.jsonl", dtype=options.dtype, **options.sampling())
         summary = _summary(score_unique(judge, [row["prompt"] for row in prompts], texts), texts, options.n_boot, options.seed)
-        metrics = {"score_mean": summary["score_mean"], "score_ci95": summary["ci95"], "n": summary["n"],
-                   "length_mean": summary["length_mean"]}
+        metrics = {
+            "score_mean": summary["score_mean"],
+            "score_ci95": summary["ci95"],
+            "n": summary["n"],
+            "length_mean": summary["length_mean"],
+        }
     else:
         baseline = baseline_iteration(eval_cfg.baseline, t)
-        report = compare_models(judge, pi_init, str(adapter), pi_init, None if baseline is None else ctx.adapter(baseline),
-                                prompts, options, output_dir=out)
-        metrics = {"score_mean": report["a"]["score_mean"], "baseline_score_mean": report["b"]["score_mean"],
-                   "length_mean": report["a"]["length_mean"], "baseline_length_mean": report["b"]["length_mean"],
-                   **{k: report[k] for k in ("win_rate", "ci95", "lc_win_rate", "lc_ci95", "wins", "ties", "losses", "n")}}
+        report = compare_models(
+            judge,
+            pi_init,
+            str(adapter),
+            pi_init,
+            None if baseline is None else ctx.adapter(baseline),
+            prompts,
+            options,
+            output_dir=out,
+        )
+        metrics = {
+            "score_mean": report["a"]["score_mean"],
+            "baseline_score_mean": report["b"]["score_mean"],
+            "length_mean": report["a"]["length_mean"],
+            "baseline_length_mean": report["b"]["length_mean"],
+            **{k: report[k] for k in ("win_rate", "ci95", "lc_win_rate", "lc_ci95", "wins", "ties", "losses", "n")},
+        }
     return {"judge": eval_cfg.judge, "baseline": eval_cfg.baseline, **metrics, "seconds": round(time.perf_counter() - start, 2)}

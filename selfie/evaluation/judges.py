@@ -32,7 +32,6 @@ from selfie.io import read_jsonl
 logger = logging.getLogger(__name__)
 
 
-
 class Judge(Protocol):
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]: ...
 
@@ -82,9 +81,15 @@ class RewardModelJudge:
         scores = [0.0] * len(texts)
         special = not self.tokenizer.chat_template  # a chat template writes its own special tokens
         for start in tqdm(range(0, len(order), self.batch_size), desc="reward model", unit="batch", disable=None):
-            idx = order[start:start + self.batch_size]
-            batch = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                                   max_length=self.max_length, add_special_tokens=special).to(self.model.device)
+            idx = order[start : start + self.batch_size]
+            batch = self.tokenizer(
+                [texts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=special,
+            ).to(self.model.device)
             logits = self.model(**batch).logits[:, 0].float().cpu().tolist()
             for i, value in zip(idx, logits):
                 scores[i] = value
@@ -112,8 +117,10 @@ class CallableJudge:
             try:
                 value = self.fn(prompt, response)
             except Exception as e:  # the user's code: its failure is bad input, reported in one line (-v: traceback)
-                raise SelfieError(f"judge '{self.spec}' raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                                  f"on row {i} (prompt {prompt[-1]['content'][:60]!r}, response {response[:60]!r})") from e
+                raise SelfieError(
+                    f"judge '{self.spec}' raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                    f"on row {i} (prompt {prompt[-1]['content'][:60]!r}, response {response[:60]!r})"
+                ) from e
             try:
                 value = float(value)
             except (TypeError, ValueError):
@@ -131,8 +138,14 @@ class ImplicitJudge:
     given here counts as finished) and the packing of a prompt's responses are the loop's own.
     """
 
-    def __init__(self, model_name: str, adapter: str | None, beta: float = TrainConfig.beta, dtype: str = "auto",
-                 token_budget: int = JudgeConfig.token_budget):
+    def __init__(
+        self,
+        model_name: str,
+        adapter: str | None,
+        beta: float = TrainConfig.beta,
+        dtype: str = "auto",
+        token_budget: int = JudgeConfig.token_budget,
+    ):
         from selfie.models import load_policy
 
         self.model, self.tokenizer = load_policy(model_name, adapter, dtype)
@@ -146,8 +159,15 @@ class ImplicitJudge:
         groups: dict[str, list[int]] = {}  # one row per distinct prompt: its responses share the prompt's forward pass
         for i, prompt in enumerate(prompts):
             groups.setdefault(json.dumps(prompt, sort_keys=True), []).append(i)
-        rows = [{"prompt_id": f"{n:08d}", "prompt": prompts[idx[0]], "responses": [responses[i] for i in idx],
-                 "finished": [True] * len(idx)} for n, idx in enumerate(groups.values())]
+        rows = [
+            {
+                "prompt_id": f"{n:08d}",
+                "prompt": prompts[idx[0]],
+                "responses": [responses[i] for i in idx],
+                "finished": [True] * len(idx),
+            }
+            for n, idx in enumerate(groups.values())
+        ]
         if not rows:
             return []
         with tempfile.TemporaryDirectory(prefix="selfie-implicit-") as tmp:
@@ -212,16 +232,27 @@ def _check_implicit(target: str, spec: str) -> None:
 
 def load_judge(spec: str, dtype: str = "auto") -> Judge:
     """Build a judge from its spec string (see the module docstring); a bad spec is an error naming it."""
-    return _by_kind(spec, {"reward-model": lambda target: RewardModelJudge(target, dtype=dtype),
-                           "callable": lambda target: _load_callable(target, spec),
-                           "implicit": lambda target: _load_implicit(target, spec, dtype)})
+    return _by_kind(
+        spec,
+        {
+            "reward-model": lambda target: RewardModelJudge(target, dtype=dtype),
+            "callable": lambda target: _load_callable(target, spec),
+            "implicit": lambda target: _load_implicit(target, spec, dtype),
+        },
+    )
 
 
 def check_judge(spec: str) -> None:
     """What load_judge checks, without loading or running a model: the spec's form, a callable's module and
     function, a reward model's config (one output), an implicit judge's model config and adapter directory."""
-    _by_kind(spec, {"reward-model": check_reward_model, "callable": lambda target: _load_callable(target, spec),
-                    "implicit": lambda target: _check_implicit(target, spec)})
+    _by_kind(
+        spec,
+        {
+            "reward-model": check_reward_model,
+            "callable": lambda target: _load_callable(target, spec),
+            "implicit": lambda target: _check_implicit(target, spec),
+        },
+    )
 
 
 def _by_kind(spec: str, makers: dict[str, Callable[..., object]]):

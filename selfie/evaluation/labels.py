@@ -30,7 +30,7 @@ def _chosen_rejected_scores(judge: Judge, pairs: list[dict]) -> tuple[np.ndarray
     chosen = [_assistant_text(row, "chosen", i) for i, row in enumerate(pairs)]
     rejected = [_assistant_text(row, "rejected", i) for i, row in enumerate(pairs)]
     scores = np.asarray(judge.score(prompts + prompts, chosen + rejected), dtype=float)
-    return scores[: len(pairs)], scores[len(pairs):]
+    return scores[: len(pairs)], scores[len(pairs) :]
 
 
 def judge_accuracy(judge: Judge, preferences: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
@@ -42,12 +42,18 @@ def judge_accuracy(judge: Judge, preferences: list[dict], n_boot: int = 2000, se
         raise SelfieError("judge accuracy: the preference set is empty")
     c, r = _chosen_rejected_scores(judge, preferences)
     correct = (c > r).astype(float)
-    return {"accuracy": float(correct.mean()), "n": len(correct), "ties": int((c == r).sum()),
-            "margin_mean": float((c - r).mean()), "ci95": bootstrap_ci(correct, n_boot, seed)}
+    return {
+        "accuracy": float(correct.mean()),
+        "n": len(correct),
+        "ties": int((c == r).sum()),
+        "margin_mean": float((c - r).mean()),
+        "ci95": bootstrap_ci(correct, n_boot, seed),
+    }
 
 
-def score_responses(judge: Judge, responses_rows: list[dict], tokenizer: PreTrainedTokenizerBase,
-                    stop_ids: set[int]) -> list[dict]:
+def score_responses(
+    judge: Judge, responses_rows: list[dict], tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]
+) -> list[dict]:
     """judgments.jsonl rows from a judge's scores: `rewards` are its scores, `num_tokens` the responses' lengths
     as the loop scores and trains them (so a length penalty means the same whatever the labeller)."""
     from selfie.data import check_response_rows
@@ -60,8 +66,9 @@ def score_responses(judge: Judge, responses_rows: list[dict], tokenizer: PreTrai
     for row in responses_rows:
         k = len(row["responses"])
         _, ids = response_token_ids(tokenizer, row["prompt"], row["responses"], row["finished"], stop_ids)
-        judgments.append({"prompt_id": row["prompt_id"], "rewards": flat_scores[offset:offset + k],
-                          "num_tokens": [len(i) for i in ids]})
+        judgments.append(
+            {"prompt_id": row["prompt_id"], "rewards": flat_scores[offset : offset + k], "num_tokens": [len(i) for i in ids]}
+        )
         offset += k
     return judgments
 

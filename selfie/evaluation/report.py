@@ -22,24 +22,36 @@ def markdown(report: dict) -> str:
     lines = [f"# selfie eval {kind}", "", f"judge: `{report['judge']}`", ""]
     if kind == "winrate":
         a, b = report["a"], report["b"]
-        lines += ["| A | B | win rate of A | 95% CI | length-controlled | 95% CI | wins | ties | losses | n "
-                  "| mean score A | mean score B | mean length A | mean length B |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-                  f"| {_name(a['model'], a['adapter'])} | {_name(b['model'], b['adapter'])} | {report['win_rate']:.3f} "
-                  f"| {_ci(report['ci95'])} | {report['lc_win_rate']:.3f} | {_ci(report['lc_ci95'])} | {report['wins']} "
-                  f"| {report['ties']} | {report['losses']} | {report['n']} | {a['score_mean']:.4f} | {b['score_mean']:.4f} "
-                  f"| {a['length_mean']:.0f} | {b['length_mean']:.0f} |",
-                  "", "Lengths in characters; the length-controlled win rate is the fitted win rate at equal length "
-                  "(AlpacaEval 2.0's regression on the length difference)."]
+        lines += [
+            "| A | B | win rate of A | 95% CI | length-controlled | 95% CI | wins | ties | losses | n "
+            "| mean score A | mean score B | mean length A | mean length B |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {_name(a['model'], a['adapter'])} | {_name(b['model'], b['adapter'])} | {report['win_rate']:.3f} "
+            f"| {_ci(report['ci95'])} | {report['lc_win_rate']:.3f} | {_ci(report['lc_ci95'])} | {report['wins']} "
+            f"| {report['ties']} | {report['losses']} | {report['n']} | {a['score_mean']:.4f} | {b['score_mean']:.4f} "
+            f"| {a['length_mean']:.0f} | {b['length_mean']:.0f} |",
+            "",
+            "Lengths in characters; the length-controlled win rate is the fitted win rate at equal length "
+            "(AlpacaEval 2.0's regression on the length difference).",
+        ]
     elif kind == "accuracy":
-        lines += ["| preferences | accuracy | 95% CI | ties | n | mean margin |", "|---|---|---|---|---|---|",
-                  f"| {report['preferences']} | {report['accuracy']:.3f} | {_ci(report['ci95'])} | {report['ties']} "
-                  f"| {report['n']} | {report['margin_mean']:.4f} |"]
+        lines += [
+            "| preferences | accuracy | 95% CI | ties | n | mean margin |",
+            "|---|---|---|---|---|---|",
+            f"| {report['preferences']} | {report['accuracy']:.3f} | {_ci(report['ci95'])} | {report['ties']} "
+            f"| {report['n']} | {report['margin_mean']:.4f} |",
+        ]
     else:
-        lines += [f"run: `{report['run_dir']}`", "", "| model | mean score | 95% CI | n | mean length (chars) |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {row['label']} | {row['score_mean']:.4f} | {_ci(row['ci95'])} | {row['n']} | {row['length_mean']:.0f} |"
-                  for row in report["rows"]]
+        lines += [
+            f"run: `{report['run_dir']}`",
+            "",
+            "| model | mean score | 95% CI | n | mean length (chars) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['label']} | {row['score_mean']:.4f} | {_ci(row['ci95'])} | {row['n']} | {row['length_mean']:.0f} |"
+            for row in report["rows"]
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -31,8 +31,12 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], n_boot: int =
     """How often A beats B item by item, ties counting half, with a 95% bootstrap interval over items."""
     o = outcomes(scores_a, scores_b)
     return {
-        "win_rate": float(o.mean()), "wins": int((o == 1).sum()), "ties": int((o == 0.5).sum()),
-        "losses": int((o == 0).sum()), "n": len(o), "ci95": bootstrap_ci(o, n_boot, seed),
+        "win_rate": float(o.mean()),
+        "wins": int((o == 1).sum()),
+        "ties": int((o == 0.5).sum()),
+        "losses": int((o == 0).sum()),
+        "n": len(o),
+        "ci95": bootstrap_ci(o, n_boot, seed),
     }
 
 
@@ -63,13 +67,21 @@ def length_controlled_win_rate(outcome: np.ndarray, length_diff: np.ndarray) -> 
     return float(1.0 / (1.0 + np.exp(-_logistic_fit(x, outcome)[0])))
 
 
-def length_controlled(scores_a: Sequence[float], scores_b: Sequence[float], lengths_a: Sequence[int],
-                      lengths_b: Sequence[int], n_boot: int = 2000, seed: int = 0) -> dict:
+def length_controlled(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    lengths_a: Sequence[int],
+    lengths_b: Sequence[int],
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Length-controlled win rate of A over B with a 95% bootstrap interval over items."""
     o = outcomes(scores_a, scores_b)
     diff = np.asarray(lengths_a, dtype=float) - np.asarray(lengths_b, dtype=float)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(o), size=(n_boot, len(o)))
     boots = [length_controlled_win_rate(o[d], diff[d]) for d in draws]
-    return {"lc_win_rate": length_controlled_win_rate(o, diff),
-            "lc_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
+    return {
+        "lc_win_rate": length_controlled_win_rate(o, diff),
+        "lc_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+    }
