@@ -57,29 +57,11 @@ def generate(ctx: StageContext, t: int) -> dict:
 def judge(ctx: StageContext, t: int) -> dict:
     """Score the responses (implicit reward of pi_{t-1} against pi_init, or `judge.labeller`), then pairs by the
     judge rules on rank 0."""
-    from selfie.evaluation.judges import load_judge
-    from selfie.evaluation.labels import score_responses
-    from selfie.implicit_reward import judge_responses
-    from selfie.models import load_policy
-
-    c, j = ctx.config, ctx.config.judge
+    labeller = ctx.config.judge.labeller
     responses = read_jsonl(ctx.responses(t))
-    if j.labeller == "implicit":
-        policy, tokenizer = load_policy(ctx.pi_init, ctx.adapter(t - 1), c.model.dtype)
-        policy.to(ctx.ranks.device)
-        metrics = ctx.ranks.sharded(ctx.judgments(t), lambda out, shard: judge_responses(
-            policy, tokenizer, responses, out, None, beta=c.train.beta, length_normalize=j.length_normalize,
-            token_budget=j.token_budget, shard=shard))
-    else:
-        def score() -> dict:
-            start = time.perf_counter()
-            rows = score_responses(load_judge(j.labeller, c.model.dtype), responses, *_tokenizer_and_stops(ctx))
-            atomic_write_jsonl(ctx.judgments(t), rows)
-            return {"prompts": len(responses), "seconds": round(time.perf_counter() - start, 3)}
-
-        metrics = ctx.ranks.on_main(score)
+    metrics = (_implicit_rewards if labeller == "implicit" else _labeller_scores)(ctx, t, responses)
     labels = ctx.ranks.on_main(lambda: _write_pairs(ctx, t, responses))
-    return {**metrics, **labels, "labeller": j.labeller}
+    return {**metrics, **labels, "labeller": labeller}
 
 
 def train(ctx: StageContext, t: int) -> dict:
@@ -122,9 +104,61 @@ def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | No
     c, g = ctx.config, ctx.config.generate
     model, tokenizer = load_policy(ctx.pi_init, adapter, c.model.dtype)
     model.to(ctx.ranks.device)
-    return ctx.ranks.sharded(ctx.responses(t), lambda out, shard: generate_responses(
-        model, tokenizer, prompts, out, num_responses=num_responses, max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature, top_p=g.top_p, seed=c.seed + t, batch_size=g.batch_size, shard=shard, backend=g.backend))
+    return ctx.ranks.sharded(
+        ctx.responses(t),
+        lambda out, shard: generate_responses(
+            model,
+            tokenizer,
+            prompts,
+            out,
+            num_responses=num_responses,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=c.seed + t,
+            batch_size=g.batch_size,
+            shard=shard,
+            backend=g.backend,
+        ),
+    )
+
+
+def _implicit_rewards(ctx: StageContext, t: int, responses: list[dict]) -> dict:
+    """Iteration t's judgments by the implicit reward beta * (log pi_{t-1} - log pi_init), sharded over the ranks."""
+    from selfie.implicit_reward import judge_responses
+    from selfie.models import load_policy
+
+    c, j = ctx.config, ctx.config.judge
+    policy, tokenizer = load_policy(ctx.pi_init, ctx.adapter(t - 1), c.model.dtype)
+    policy.to(ctx.ranks.device)
+    return ctx.ranks.sharded(
+        ctx.judgments(t),
+        lambda out, shard: judge_responses(
+            policy,
+            tokenizer,
+            responses,
+            out,
+            None,
+            beta=c.train.beta,
+            length_normalize=j.length_normalize,
+            token_budget=j.token_budget,
+            shard=shard,
+        ),
+    )
+
+
+def _labeller_scores(ctx: StageContext, t: int, responses: list[dict]) -> dict:
+    """Iteration t's judgments by the `judge.labeller` spec (a reward model, a Python callable, ...), on rank 0."""
+    from selfie.evaluation.judges import load_judge
+    from selfie.evaluation.labels import score_responses
+
+    def score() -> dict:
+        start = time.perf_counter()
+        labeller = load_judge(ctx.config.judge.labeller, ctx.config.model.dtype)
+        atomic_write_jsonl(ctx.judgments(t), score_responses(labeller, responses, *_tokenizer_and_stops(ctx)))
+        return {"prompts": len(responses), "seconds": round(time.perf_counter() - start, 3)}
+
+    return ctx.ranks.on_main(score)
 
 
 def seed_pairs(ctx: StageContext) -> list[dict]:
