@@ -28,7 +28,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 
 from selfie.errors import SelfieError
-from selfie.generate import draw
+from selfie.generate import Sampling, draw
 from selfie.models import unwrap_peft
 
 PAGE_SIZE = 64  # tokens per cache page: small pages waste little on short responses
@@ -95,19 +95,12 @@ def engine_config(prompts: list[list[int]], num_responses: int, max_new_tokens: 
 
 
 def sample_continuous(
-    model: PreTrainedModel,
-    prompts: list[list[int]],
-    generators: list[list[torch.Generator]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    stop_ids: set[int],
-    batch_size: int,
+    model: PreTrainedModel, prompts: list[list[int]], generators: list[list[torch.Generator]], s: Sampling
 ) -> Iterator[list[tuple[int, list[tuple[list[int], bool]]]]]:
     """Sample len(generators[p]) continuations of each prompt p; yield, as prompts complete, lists of
     (p, [(token ids without the stop token, finished)] in k order). Close the iterator to stop the engine early."""
-    sampler = SeededSampler(temperature, top_p)
+    sampler = SeededSampler(s.temperature, s.top_p)
+    max_new_tokens, stop_ids = s.max_new_tokens, s.stop_ids
     generation = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids))
     engine = unwrap_peft(model)  # the transformers model the engine drives; a PEFT model's LoRA layers stay active in it
     device, attention = engine.device, engine.config._attn_implementation
@@ -118,7 +111,7 @@ def sample_continuous(
         try:
             manager = engine.init_continuous_batching(
                 generation_config=generation,
-                continuous_batching_config=engine_config(prompts, len(generators[0]), max_new_tokens, batch_size),
+                continuous_batching_config=engine_config(prompts, len(generators[0]), max_new_tokens, s.batch_size),
             )
             manager.logit_processor = _Sampling(sampler)  # before start(): the batch processor is built from it
             # Every request is queued before the engine starts, so its first step takes them in one order and the

@@ -56,15 +56,7 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator], temperature: f
 
 @torch.inference_mode()
 def sample_batch(
-    model: PreTrainedModel,
-    prompts: list[list[int]],
-    generators: list[list[torch.Generator]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    stop_ids: set[int],
-    pad_id: int,
+    model: PreTrainedModel, prompts: list[list[int]], generators: list[list[torch.Generator]], s: Sampling
 ) -> list[list[tuple[list[int], bool]]]:
     """Sample len(generators[p]) continuations of each prompt p; returns (token ids without the stop token, finished).
 
@@ -73,7 +65,7 @@ def sample_batch(
     """
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(prompts), width), s.pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
@@ -91,16 +83,16 @@ def sample_batch(
     tokens: list[list[int]] = [[] for _ in rows_gen]
     finished = [False] * len(rows_gen)
     active = list(range(len(rows_gen)))  # batch position j holds row active[j]
-    for step in range(max_new_tokens):
-        drawn = draw(logits.float(), [rows_gen[r] for r in active], temperature, top_p).tolist()
+    for step in range(s.max_new_tokens):
+        drawn = draw(logits.float(), [rows_gen[r] for r in active], s.temperature, s.top_p).tolist()
         keep = []
         for j, (row, token) in enumerate(zip(active, drawn)):
-            if token in stop_ids:
+            if token in s.stop_ids:
                 finished[row] = True
             else:
                 tokens[row].append(token)
                 keep.append(j)
-        if not keep or step == max_new_tokens - 1:
+        if not keep or step == s.max_new_tokens - 1:
             break
         if len(keep) < len(active):
             select = torch.tensor(keep, device=device)
@@ -162,21 +154,7 @@ def sample_static(model: PreTrainedModel, items: list[Item], s: Sampling) -> Sam
     for b in range(0, len(items), s.prompts_per_batch):
         chunk = items[b : b + s.prompts_per_batch]
         rows = [row for _, row in chunk]
-        yield list(
-            zip(
-                rows,
-                sample_batch(
-                    model,
-                    [ids for ids, _ in chunk],
-                    s.generators(rows),
-                    max_new_tokens=s.max_new_tokens,
-                    temperature=s.temperature,
-                    top_p=s.top_p,
-                    stop_ids=s.stop_ids,
-                    pad_id=s.pad_id,
-                ),
-            )
-        )
+        yield list(zip(rows, sample_batch(model, [ids for ids, _ in chunk], s.generators(rows), s)))
 
 
 def sample_engine(model: PreTrainedModel, items: list[Item], s: Sampling) -> Samples:
@@ -184,16 +162,7 @@ def sample_engine(model: PreTrainedModel, items: list[Item], s: Sampling) -> Sam
     from selfie.continuous import sample_continuous
 
     rows = [row for _, row in items]
-    for done in sample_continuous(
-        model,
-        [ids for ids, _ in items],
-        s.generators(rows),
-        max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        stop_ids=s.stop_ids,
-        batch_size=s.batch_size,
-    ):
+    for done in sample_continuous(model, [ids for ids, _ in items], s.generators(rows), s):
         yield [(rows[p], outs) for p, outs in done]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,14 +100,13 @@ STAGES = {"init": init, "seed": seed, "generate": generate, "judge": judge, "tra
 def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | None, num_responses: int) -> dict:
     """RUN/iter_t's responses from pi_init + adapter, sharded over the ranks."""
     from selfie.generate import generate_responses
-    from selfie.models import load_policy
 
     c, g = ctx.config, ctx.config.generate
-    model, tokenizer = load_policy(ctx.pi_init, adapter, c.model.dtype)
-    model.to(ctx.ranks.device)
-    return ctx.ranks.sharded(
+    return _policy_shards(
+        ctx,
+        adapter,
         ctx.responses(t),
-        lambda out, shard: generate_responses(
+        lambda model, tokenizer, out, shard: generate_responses(
             model,
             tokenizer,
             prompts,
@@ -126,14 +126,13 @@ def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | No
 def _implicit_rewards(ctx: StageContext, t: int, responses: list[dict]) -> dict:
     """Iteration t's judgments by the implicit reward beta * (log pi_{t-1} - log pi_init), sharded over the ranks."""
     from selfie.implicit_reward import judge_responses
-    from selfie.models import load_policy
 
     c, j = ctx.config, ctx.config.judge
-    policy, tokenizer = load_policy(ctx.pi_init, ctx.adapter(t - 1), c.model.dtype)
-    policy.to(ctx.ranks.device)
-    return ctx.ranks.sharded(
+    return _policy_shards(
+        ctx,
+        ctx.adapter(t - 1),
         ctx.judgments(t),
-        lambda out, shard: judge_responses(
+        lambda policy, tokenizer, out, shard: judge_responses(
             policy,
             tokenizer,
             responses,
@@ -145,6 +144,16 @@ def _implicit_rewards(ctx: StageContext, t: int, responses: list[dict]) -> dict:
             shard=shard,
         ),
     )
+
+
+def _policy_shards(ctx: StageContext, adapter: Path | None, final: Path, work: Callable) -> dict:
+    """pi_init + adapter on this rank's device, then `work(model, tokenizer, out, shard)` on this rank's shard of
+    `final` (merged on rank 0); returns the ranks' metrics combined."""
+    from selfie.models import load_policy
+
+    model, tokenizer = load_policy(ctx.pi_init, adapter, ctx.config.model.dtype)
+    model.to(ctx.ranks.device)
+    return ctx.ranks.sharded(final, lambda out, shard: work(model, tokenizer, out, shard))
 
 
 def _labeller_scores(ctx: StageContext, t: int, responses: list[dict]) -> dict:

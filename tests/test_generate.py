@@ -125,10 +125,20 @@ def test_resume_after_interruption_redoes_nothing(policy, tmp_path, monkeypatch,
 
 
 def greedy(backend: str, model, prompt: list[int], stop: set[int], n: int) -> tuple[list[int], bool]:
-    args = {"max_new_tokens": n, "temperature": 0.0, "top_p": 1.0, "stop_ids": stop}
+    s = gen.Sampling(
+        num_responses=1,
+        max_new_tokens=n,
+        temperature=0.0,
+        top_p=1.0,
+        seed=0,
+        batch_size=2,
+        stop_ids=stop,
+        pad_id=0,
+        device=torch.device("cpu"),
+    )
     if backend == "static":
-        return gen.sample_batch(model, [prompt], [[torch.Generator()]], pad_id=0, **args)[0][0]
-    return next(iter(sample_continuous(model, [prompt], [[torch.Generator()]], batch_size=2, **args)))[0][1][0]
+        return gen.sample_batch(model, [prompt], [[torch.Generator()]], s)[0][0]
+    return next(iter(sample_continuous(model, [prompt], [[torch.Generator()]], s)))[0][1][0]
 
 
 def test_finished_only_when_a_stop_token_is_drawn(policy, backend):
