@@ -75,19 +75,20 @@ def is_complete(run_dir: Path) -> bool:
 
 
 def stage_times(run_dir: Path) -> dict[int, dict[str, float]]:
-    """{iteration: {stage: seconds}} from RUN/iter_t/metrics.json."""
-    from selfie.io import read_json
+    """{iteration: {stage: seconds}} from each iteration's metrics.json."""
+    from selfie.rundir import RunContext
 
-    return {
-        int(path.parent.name.removeprefix("iter_")): read_json(path)["times"]
-        for path in sorted(run_dir.glob("iter_*/metrics.json"))
-    }
+    ctx = RunContext.load(run_dir)
+    return {t: ctx.read_metrics(t)["times"] for t in range(ctx.config.num_iterations + 1) if ctx.metrics(t).exists()}
 
 
 def loop_span(run_dir: Path, stage_sum: float) -> float | None:
     """Seconds from the loop writing config.yaml to its last write (summary.md), or None when the run was resumed
     or re-opened (config.yaml rewritten later: the span is then shorter than its stages)."""
-    span = (run_dir / "summary.md").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+    from selfie.rundir import RunContext
+
+    ctx = RunContext.load(run_dir)
+    span = ctx.summary_file.stat().st_mtime - ctx.config_file.stat().st_mtime
     return span if span >= stage_sum - 1.0 else None  # 1 s: the loop rounds each stage's time
 
 

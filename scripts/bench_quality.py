@@ -48,6 +48,7 @@ from selfie.evaluation.labels import pair_agreement  # noqa: E402
 from selfie.evaluation.stats import bootstrap_ci  # noqa: E402
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl  # noqa: E402
 from selfie.loop import run_loop  # noqa: E402
+from selfie.rundir import RunContext  # noqa: E402
 
 from benchlib import docs_dir, machine, parse_args, save_raw, write_marked, write_section  # noqa: E402
 
@@ -101,20 +102,20 @@ def label_rules(config: str) -> dict:
     return {"truncated": policy, "length_penalty": alpha if alpha == "auto" else float(alpha)}
 
 
-def run(values: dict, copy_seed_from: Path | None = None) -> tuple[Path, float]:
+def run(values: dict, copy_seed_from: RunContext | None = None) -> tuple[RunContext, float]:
     """Run (or resume) a recipe; an iterated arm starts from a copy of the shared seed run.
 
-    Returns the run directory and the minutes its stages took (from its metrics, so a rerun of the script
-    over finished runs reports the times they were made in).
+    Returns the run and the seconds its own stages took (from its metrics, so a rerun of the script over
+    finished runs reports the times they were made in).
     """
-    run_dir = Path(values["output_dir"])
-    if copy_seed_from is not None and not run_dir.exists():
-        shutil.copytree(copy_seed_from, run_dir)
-    run_loop(load_recipe(None, values), force=copy_seed_from is not None)
-    seconds = sum(sum(read_json(path)["times"].values()) for path in run_dir.glob("iter_*/metrics.json"))
+    ctx = RunContext.for_recipe(load_recipe(None, values))
+    if copy_seed_from is not None and not ctx.run_dir.exists():
+        shutil.copytree(copy_seed_from.run_dir, ctx.run_dir)
+    run_loop(ctx.config, force=copy_seed_from is not None)
+    seconds = sum(sum(ctx.read_metrics(t).get("times", {}).values()) for t in range(ctx.config.num_iterations + 1))
     if copy_seed_from is not None:
-        seconds -= sum(read_json(copy_seed_from / "iter_000" / "metrics.json")["times"].values())
-    return run_dir, seconds
+        seconds -= sum(copy_seed_from.read_metrics(0)["times"].values())
+    return ctx, seconds
 
 
 def evaluate(
@@ -148,12 +149,11 @@ def paired(arm: dict, baseline: dict, n_boot: int = 2000) -> dict:
     return {"diff": float(diff.mean()), "ci95": bootstrap_ci(diff, n_boot, seed=0)}
 
 
-def label_report(run_dir: Path, judge) -> list[dict]:
+def label_report(ctx: RunContext, judge) -> list[dict]:
     """Per iteration: the judge stage's label diagnostics and how often the self-labels agree with the scorer."""
     rows = []
     for t in (1, 2):
-        metrics = read_json(run_dir / f"iter_{t:03d}" / "metrics.json")
-        pairs = read_jsonl(run_dir / f"iter_{t:03d}" / "pairs.jsonl")
+        metrics, pairs = ctx.read_metrics(t), read_jsonl(ctx.pairs(t))
         both = [p for p in pairs if p["chosen_finished"] and p["rejected_finished"]]
         j = metrics["judge"]
         rows.append(
@@ -210,26 +210,22 @@ def main() -> None:
 
     seed_run, times["seed"] = run(recipe(args, work, "seed"))
     arms["shipped"] = evaluate(work, "shipped", None, held_out, args, judge)
-    arms["seed-only DPO"] = evaluate(work, "seed-only", seed_run / "iter_000" / "adapter", held_out, args, judge)
+    arms["seed-only DPO"] = evaluate(work, "seed-only", seed_run.adapter(0), held_out, args, judge)
     everything = args.seed + sum(args.iterations)
     gold_all, times["all-gold DPO"] = run(recipe(args, work, "all-gold", data={"seed_size": everything, "iteration_sizes": []}))
-    arms["all-gold DPO"] = evaluate(work, "all-gold", gold_all / "iter_000" / "adapter", held_out, args, judge)
+    arms["all-gold DPO"] = evaluate(work, "all-gold", gold_all.adapter(0), held_out, args, judge)
     gold_iter, times["gold-iterative"] = run(
         recipe(args, work, "gold-iterative", num_iterations=2, judge={"labeller": GOLD, "truncated": "keep"}), seed_run
     )
     for t in (1, 2):
-        arms[f"gold-iterative {t}"] = evaluate(
-            work, f"gold-iterative-{t}", gold_iter / f"iter_{t:03d}" / "adapter", held_out, args, judge
-        )
+        arms[f"gold-iterative {t}"] = evaluate(work, f"gold-iterative-{t}", gold_iter.adapter(t), held_out, args, judge)
 
     configs, spa_arms = {}, {}
     for config in dict.fromkeys([*args.configs, EDITED_CONFIG]):  # the editing arms' counterpart is always run
         rules = label_rules(config)
         name = f"spa-{rules['truncated']}-{rules['length_penalty']}"
         spa, seconds = run(recipe(args, work, name, num_iterations=2, judge=rules), seed_run)
-        results = {
-            f"SPA {t}": evaluate(work, f"{name}-{t}", spa / f"iter_{t:03d}" / "adapter", held_out, args, judge) for t in (1, 2)
-        }
+        results = {f"SPA {t}": evaluate(work, f"{name}-{t}", spa.adapter(t), held_out, args, judge) for t in (1, 2)}
         spa_arms[config] = results
         seconds += sum(r["seconds"] for r in results.values())
         configs[config] = {
@@ -310,9 +306,7 @@ def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge,
         ),
         "RAHF, shipped": (evaluate(work, "rahf-shipped", None, held_out, args, judge, str(rahf)), "shipped"),
         f"AlignEZ ({start}) init + seed-only DPO": (
-            evaluate(
-                work, f"{trained.parent.name}-seed-only", seed_run / "iter_000" / "adapter", held_out, args, judge, str(trained)
-            ),
+            evaluate(work, f"{trained.parent.name}-seed-only", seed_run.adapter(0), held_out, args, judge, str(trained)),
             "seed-only DPO",
         ),
     }
@@ -332,15 +326,7 @@ def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge,
         minutes["edited SPA, 2 iterations"] = spa_seconds / 60
         for t in (1, 2):
             arms[f"AlignEZ ({start}) init + SPA {t}"] = (
-                evaluate(
-                    work,
-                    f"{trained.parent.name}-spa-{t}",
-                    spa_run / f"iter_{t:03d}" / "adapter",
-                    held_out,
-                    args,
-                    judge,
-                    str(trained),
-                ),
+                evaluate(work, f"{trained.parent.name}-spa-{t}", spa_run.adapter(t), held_out, args, judge, str(trained)),
                 f"SPA {t} ({EDITED_CONFIG})",
             )
     rows = {}

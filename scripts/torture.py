@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from selfie.config import load_recipe  # noqa: E402
-from selfie.rundir import Manifest, RunContext  # noqa: E402
+from selfie.rundir import RunContext  # noqa: E402
 
 ENV = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-ROW_FILES = ["responses.jsonl", "judgments.jsonl", "pairs.jsonl"]
+ROW_FILES = [RunContext.responses, RunContext.judgments, RunContext.pairs]  # each iteration's, compared byte for byte
 
 
 @dataclass
@@ -92,9 +92,8 @@ def uninterrupted(recipe: Path, run_dir: Path) -> float:
     return time.perf_counter() - began
 
 
-def next_stage(run_dir: Path, steps: list[tuple[int, str]]) -> str:
-    manifest = run_dir / "manifest.json"
-    following = Manifest.load(manifest, "").next_stage(steps) if manifest.exists() else steps[0]
+def next_stage(ctx: RunContext) -> str:
+    following = ctx.manifest("").next_stage(ctx.plan)
     return "after the last stage" if following is None else f"iteration {following[0]} {following[1]}"
 
 
@@ -103,7 +102,7 @@ def trial(recipe: Path, reference: Path, run_dir: Path, window: float, rng: rand
     Each kill falls uniformly in what is left of `window`, the run's expected time (at least a tenth of it).
     Returns the trial and this trial's estimate of the run's time (killed time + the last run's): the machine's
     load changes, and a window too long makes kills come after the run has ended."""
-    steps = RunContext.for_recipe(load_recipe(recipe, ["--output_dir", str(run_dir)])).plan
+    ctx = RunContext.for_recipe(load_recipe(recipe, ["--output_dir", str(run_dir)]))
     result, progress = Trial(), 0.0
     while True:
         proc = start(recipe, run_dir)
@@ -115,7 +114,7 @@ def trial(recipe: Path, reference: Path, run_dir: Path, window: float, rng: rand
                 time.sleep(0.002)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGSTOP)  # frozen: what is on disk now is what the kill leaves
-                where = next_stage(run_dir, steps)
+                where = next_stage(ctx)
                 proc.send_signal(signal.SIGKILL)
                 if proc.wait() != -signal.SIGKILL:
                     raise RuntimeError(f"the stopped run exited with {proc.returncode}, not by the kill")
@@ -134,17 +133,13 @@ def compare(reference: Path, run_dir: Path, iterations: int) -> list[str]:
     import torch
     from safetensors.torch import load_file
 
-    differences = []
-    if not filecmp.cmp(reference / "iter_000" / "pairs.jsonl", run_dir / "iter_000" / "pairs.jsonl", shallow=False):
-        differences.append("iter_000/pairs.jsonl")
-    for t in range(1, iterations + 1):
-        for name in ROW_FILES:
-            if not filecmp.cmp(reference / f"iter_{t:03d}" / name, run_dir / f"iter_{t:03d}" / name, shallow=False):
-                differences.append(f"iter_{t:03d}/{name}")
+    ref, run = RunContext.load(reference), RunContext.load(run_dir)
+    row_files = [(0, RunContext.pairs)] + [(t, f) for t in range(1, iterations + 1) for f in ROW_FILES]
+    differences = [run.relative(f(run, t)) for t, f in row_files if not filecmp.cmp(f(ref, t), f(run, t), shallow=False)]
     for t in range(iterations + 1):
-        a, b = (load_file(d / f"iter_{t:03d}" / "adapter" / "adapter_model.safetensors") for d in (reference, run_dir))
+        a, b = (load_file(ctx.adapter(t) / "adapter_model.safetensors") for ctx in (ref, run))
         if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
-            differences.append(f"iter_{t:03d}/adapter")
+            differences.append(run.relative(run.adapter(t)))
     leftovers = [
         p
         for p in run_dir.rglob("*")
