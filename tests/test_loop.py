@@ -27,30 +27,17 @@ from selfie.rundir import RunContext
 
 ROOT = Path(__file__).parent.parent
 STAGE_FILES = ["responses.jsonl", "judgments.jsonl", "pairs.jsonl"]
+TOPICS = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", "numbers", "fruit", "a poem", "morning", "why"]
 
 
 def write_inputs(directory: Path) -> tuple[Path, Path]:
     prompts = directory / "prompts.jsonl"
-    topics = [
-        "the sea",
-        "a fox",
-        "the sun",
-        "apples",
-        "the sky",
-        "a dog",
-        "hello",
-        "numbers",
-        "fruit",
-        "a poem",
-        "morning",
-        "why",
-    ]
-    prompts.write_text("".join(json.dumps({"prompt": f"write about {t} please"}) + "\n" for t in topics))
+    prompts.write_text("".join(json.dumps({"prompt": f"write about {t} please"}) + "\n" for t in TOPICS))
     seed = directory / "seed.jsonl"
     seed.write_text(
         "".join(
             json.dumps({"prompt": f"say something about {t}", "chosen": "yes, thank you", "rejected": "no bad"}) + "\n"
-            for t in topics[:8]
+            for t in TOPICS[:8]
         )
     )
     return prompts, seed

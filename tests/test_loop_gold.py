@@ -13,25 +13,10 @@ import yaml
 
 from selfie.io import read_jsonl
 
+from test_loop import TOPICS as LOOP_TOPICS
+
 ROOT = Path(__file__).parent.parent
-TOPICS = [
-    "the sea",
-    "a fox",
-    "the sun",
-    "apples",
-    "the sky",
-    "a dog",
-    "hello",
-    "numbers",
-    "fruit",
-    "a poem",
-    "morning",
-    "why",
-    "rain",
-    "a song",
-    "bread",
-    "stars",
-]
+TOPICS = [*LOOP_TOPICS, "rain", "a song", "bread", "stars"]
 
 
 def run_with_gold_judge(tiny_model: str, tmp_path: Path, *, iteration_size: int, **sections: dict) -> Path:
