@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from selfie.config import RecipeConfig, to_dict
+from selfie.data import Splits
 from selfie.dist import Ranks, check_topology, process_state
 from selfie.errors import SelfieError, out_of_space
 from selfie.io import atomic_write_json
@@ -61,7 +62,7 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
         lock.release()
 
 
-def take_over(ctx: StageContext, lock: RunLock, force: bool):
+def take_over(ctx: StageContext, lock: RunLock, force: bool) -> Splits | None:
     """Rank 0: check everything the remaining stages need before writing anything, then take the directory over.
     Returns the prompt slices the preflight loaded."""
     splits = preflight(ctx.config, ctx.manifest("").done_steps()).splits
