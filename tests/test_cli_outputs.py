@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from selfie.cli import main
 
 from test_loop import write_inputs, write_recipe
+from tiny import held_output_lock
 
 RESPONSES = [
     {
@@ -123,22 +123,8 @@ def test_a_second_command_on_the_same_output_is_refused(verb, commands, tmp_path
     monkeypatch.syspath_prepend(str(commands["dir"]))
     argv = commands[verb](tmp_path / "out")
     output = argv[argv.index("--output") + 1]
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"from selfie.rundir import output_lock; import time\n"
-            f"with output_lock({output!r}):\n    print('locked', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with held_output_lock(output) as holder:
         err = one_line_error(argv, capsys)
-    finally:
-        holder.kill()
-        holder.wait()
     assert f"{Path(output).name}: output is in use by pid {holder.pid}; wait for it or stop it" in err
     assert not Path(output).exists()
 

@@ -17,6 +17,8 @@ from selfie.io import read_jsonl
 from selfie.models import attach_lora, load_model, load_policy, load_tokenizer, save_adapter
 from selfie.tokens import response_token_ids
 
+from tiny import PAIR_KEYS
+
 ROWS = [
     {
         "prompt_id": "b",
@@ -294,17 +296,7 @@ def test_smollm2_generate_then_judge(tmp_path):
         assert j["rewards"] == pytest.approx([0.1 * (p - q) for p, q in zip(j["policy_logps"], j["reference_logps"])])
     assert any(r != 0 for j in judgments for r in j["rewards"])
     for p in pairs:
-        assert set(p) == {
-            "prompt_id",
-            "prompt",
-            "chosen",
-            "rejected",
-            "margin",
-            "chosen_finished",
-            "rejected_finished",
-            "chosen_tokens",
-            "rejected_tokens",
-        }
+        assert set(p) == PAIR_KEYS
         assert p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant"
         source = next(r for r in responses if r["prompt_id"] == p["prompt_id"])
         assert source["finished"][source["responses"].index(p["chosen"][0]["content"])] == p["chosen_finished"]

@@ -25,9 +25,10 @@ from selfie.config import HARMLESS_KEYS, config_hash, load_recipe
 from selfie.io import read_jsonl
 from selfie.rundir import RunContext
 
+from tiny import PAIR_KEYS, TOPICS
+
 ROOT = Path(__file__).parent.parent
 STAGE_FILES = ["responses.jsonl", "judgments.jsonl", "pairs.jsonl"]
-TOPICS = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", "numbers", "fruit", "a poem", "morning", "why"]
 
 
 def write_inputs(directory: Path) -> tuple[Path, Path]:
@@ -132,17 +133,7 @@ def test_full_run_writes_the_run_directory_contract(reference_run):
         judgments = read_jsonl(it / "judgments.jsonl")
         assert all(set(r) == {"prompt_id", "rewards", "policy_logps", "reference_logps", "num_tokens"} for r in judgments)
         for pair in read_jsonl(it / "pairs.jsonl"):
-            assert set(pair) == {
-                "prompt_id",
-                "prompt",
-                "chosen",
-                "rejected",
-                "margin",
-                "chosen_finished",
-                "rejected_finished",
-                "chosen_tokens",
-                "rejected_tokens",
-            }
+            assert set(pair) == PAIR_KEYS
             assert pair["chosen"][0]["role"] == "assistant" and pair["margin"] >= 0
         assert (it / "adapter" / "adapter_config.json").is_file()
         metrics = json.loads((it / "metrics.json").read_text())

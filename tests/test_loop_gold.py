@@ -13,10 +13,10 @@ import yaml
 
 from selfie.io import read_jsonl
 
-from test_loop import TOPICS as LOOP_TOPICS
+from tiny import TOPICS as TINY_TOPICS
 
 ROOT = Path(__file__).parent.parent
-TOPICS = [*LOOP_TOPICS, "rain", "a song", "bread", "stars"]
+TOPICS = [*TINY_TOPICS, "rain", "a song", "bread", "stars"]
 
 
 def run_with_gold_judge(tiny_model: str, tmp_path: Path, *, iteration_size: int, **sections: dict) -> Path:

@@ -11,6 +11,8 @@ from selfie.config import HARMLESS_KEYS, config_hash, load_recipe
 from selfie.errors import SelfieError
 from selfie.rundir import Manifest, RunContext, RunLock, load_run_config, open_run, output_lock
 
+from tiny import held_output_lock
+
 
 def test_manifest_records_atomically_and_rejects_corruption(tmp_path):
     manifest = Manifest.load(tmp_path / "manifest.json", "abc")
@@ -190,24 +192,10 @@ def test_lock_refuses_a_second_holder_and_recovers_from_a_killed_one(tmp_path):
 
 def test_an_output_lock_refuses_a_second_writer_and_leaves_no_file(tmp_path):
     output = tmp_path / "out" / "responses.jsonl"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"from selfie.rundir import output_lock; import time\n"
-            f"with output_lock({str(output)!r}):\n    print('locked', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with held_output_lock(output) as holder:
         with pytest.raises(SelfieError, match=rf"responses.jsonl: output is in use by pid {holder.pid}"):
             with output_lock(output):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
     with output_lock(output):
         assert (tmp_path / "out" / ".responses.jsonl.lock").read_text() == str(os.getpid())
     assert list((tmp_path / "out").iterdir()) == []

@@ -5,6 +5,10 @@ Built from nothing but `tokenizers` and `transformers`, so the tests need no hub
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -69,6 +73,31 @@ def build_tiny_model(path: str | Path, hidden_size: int = 32, num_layers: int = 
 
 
 TOPICS = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", "numbers", "fruit", "a poem", "morning", "why"]
+# the keys of a pairs.jsonl row, as `selfie judge` and the loop's judge stage write it
+PAIR_KEYS = {
+    "prompt_id",
+    "prompt",
+    "chosen",
+    "rejected",
+    "margin",
+    "chosen_finished",
+    "rejected_finished",
+    "chosen_tokens",
+    "rejected_tokens",
+}
+
+
+@contextlib.contextmanager
+def held_output_lock(output: str | Path) -> Iterator[subprocess.Popen]:
+    """Another process holding selfie's output lock on `output` for as long as the block runs."""
+    code = f"from selfie.rundir import output_lock; import time\nwith output_lock({str(output)!r}):\n    print('locked', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def toy_pairs(n: int = 8) -> list[dict]:
