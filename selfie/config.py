@@ -115,7 +115,7 @@ class GenerateConfig(Ranged):
         "top_p": ((lambda v: 0 < v <= 1), "a value in (0, 1]"),
         "max_new_tokens": _at_least(1),
         "batch_size": _at_least(1),
-        "backend": ((lambda v: v in ("auto", "static", "continuous")), "'auto', 'static' or 'continuous'"),
+        "backend": ((lambda v: v in ("auto", "static", "continuous", "vllm")), "'auto', 'static', 'continuous' or 'vllm'"),
     }
 
     num_responses: int = 2
@@ -124,7 +124,8 @@ class GenerateConfig(Ranged):
     max_new_tokens: int = 300
     batch_size: int = 8  # sequences decoded together (in flight, for the continuous backend)
     # static: length-sorted batches; continuous: transformers' continuous batching; auto: both sample the first
-    # prompts and the faster samples the rest (selfie/generate.py). The same seeds either way.
+    # prompts and the faster samples the rest (selfie/generate.py). The same seeds either way. vllm: vLLM's engine
+    # in its own environment (selfie/vllm_backend.py): selfie's seeds, vLLM's sampler, so other tokens.
     backend: str = "auto"
 
 
@@ -356,6 +357,7 @@ class EvalOptions(Ranged):
         "temperature": _at_least(0),
         "top_p": GenerateConfig.RANGES["top_p"],
         "batch_size": _at_least(1),
+        "backend": GenerateConfig.RANGES["backend"],
         "n_boot": _at_least(1),
     }
 
@@ -366,6 +368,7 @@ class EvalOptions(Ranged):
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 1.0
     batch_size: int = 8  # sequences decoded together
+    backend: str = GenerateConfig.backend  # generation backend (selfie/generate.py BACKENDS)
     seed: int = 0  # sampling and bootstrap seed
     dtype: str = "auto"
     n_boot: int = 2000  # bootstrap resamples for the 95% interval
@@ -378,6 +381,7 @@ class EvalOptions(Ranged):
             top_p=self.top_p,
             seed=self.seed,
             batch_size=self.batch_size,
+            backend=self.backend,
         )
 
 

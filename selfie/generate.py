@@ -24,12 +24,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from selfie import vllm_backend
 from selfie.config import GenerateConfig, RecipeConfig, add_options, from_args
 from selfie.data import check_prompt_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import ResumableJsonl, atomic_write_jsonl, check_writable, read_jsonl
-from selfie.models import add_policy_args, load_policy
+from selfie.models import add_policy_args, load_policy, load_tokenizer
 from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
+from selfie.vllm_backend import VllmPolicy, vllm_policy
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +132,12 @@ class Sampling:
     pad_id: int
     device: torch.device
 
+    def seeds(self, prompt_id: str) -> list[int]:
+        """The seed of each of a prompt's K responses."""
+        return [row_seed(self.seed, prompt_id, k) for k in range(self.num_responses)]
+
     def generators(self, rows: Sequence[dict]) -> list[list[torch.Generator]]:
-        return [
-            [
-                torch.Generator(self.device).manual_seed(row_seed(self.seed, row["prompt_id"], k))
-                for k in range(self.num_responses)
-            ]
-            for row in rows
-        ]
+        return [[torch.Generator(self.device).manual_seed(seed) for seed in self.seeds(row["prompt_id"])] for row in rows]
 
     @property
     def prompts_per_batch(self) -> int:
@@ -166,11 +166,24 @@ def sample_engine(model: PreTrainedModel, items: list[Item], s: Sampling) -> Sam
         yield [(rows[p], outs) for p, outs in done]
 
 
-SAMPLERS = {"static": sample_static, "continuous": sample_engine}
+SAMPLERS = {"static": sample_static, "continuous": sample_engine}  # selfie's own sampler: `auto` chooses between them
+BACKENDS = ("auto", *SAMPLERS, "vllm")
+SELFIE_SAMPLER = "selfie's own sampler (static | continuous)"
+
+
+def load_generator(
+    name: str, adapter: str | Path | None, dtype: str, backend: str, device: str | torch.device
+) -> tuple[PreTrainedModel | VllmPolicy, PreTrainedTokenizerBase]:
+    """What `generate_responses` samples from: pi_init + adapter on `device`, or, for vLLM, what its worker loads
+    (no weights in this process)."""
+    if backend == "vllm":
+        return vllm_policy(name, adapter, dtype, torch.device(device)), load_tokenizer(name)
+    model, tokenizer = load_policy(name, adapter, dtype)
+    return model.to(device), tokenizer
 
 
 def generate_responses(
-    model: PreTrainedModel,
+    model: PreTrainedModel | VllmPolicy,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[dict],
     output: str | Path,
@@ -186,21 +199,24 @@ def generate_responses(
 ) -> dict:
     """Write responses.jsonl rows {prompt_id, prompt, responses, finished} for this shard's prompts; return metrics.
 
-    `batch_size` counts sequences decoded together (prompts x num_responses); `backend` is 'auto' or a key of SAMPLERS.
-    A rerun after an interruption continues from `<output>.partial` and skips the prompts already done.
+    `batch_size` counts sequences decoded together (prompts x num_responses); `backend` is one of BACKENDS (`vllm`
+    takes the VllmPolicy of `load_generator`). A rerun after an interruption continues from `<output>.partial` and
+    skips the prompts already done, if they were sampled by the same sampler (selfie's own, or vLLM's).
     """
     if num_responses < 1 or max_new_tokens < 1 or batch_size < 1:
         raise SelfieError("generate: num_responses, max_new_tokens and batch_size must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1:
         raise SelfieError(f"generate: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
-    if backend != "auto" and backend not in SAMPLERS:
-        raise SelfieError(f"generate: unknown backend '{backend}' (auto, {', '.join(SAMPLERS)})")
+    if backend not in BACKENDS:
+        raise SelfieError(f"generate: unknown backend '{backend}' ({', '.join(BACKENDS)})")
     check_prompt_rows(prompts, "prompts")
     mine = select_shard(prompts, shard)
     output = Path(output)
     writer = ResumableJsonl(output)
     todo = [row for row in mine if row["prompt_id"] not in writer.done_keys]
+    sampler = vllm_backend.sampler_name(vllm_backend.interpreter()) if backend == "vllm" else None
     if len(todo) < len(mine):
+        check_same_sampler(writer, sampler)
         logger.info("resuming %s: %d of %d prompts already done", output, len(mine) - len(todo), len(mine))
 
     items = [(chat_ids(tokenizer, row["prompt"], True), row) for row in todo]
@@ -213,9 +229,14 @@ def generate_responses(
         batch_size,
         stop_token_ids(model, tokenizer),
         pad_token_id(tokenizer),
-        next(model.parameters()).device,
+        model.device,
     )
-    model.eval()
+    samplers = dict(SAMPLERS)
+    engine: dict = {}  # what the vLLM engine reports: its version, start-up seconds
+    if backend == "vllm":
+        samplers["vllm"] = lambda policy, todo, s: vllm_backend.sample_vllm(policy, todo, s, output, shard, engine)
+    else:
+        model.eval()
     done: set[str] = set()
     new_tokens, start, metrics = 0, time.perf_counter(), {}
     try:
@@ -234,6 +255,7 @@ def generate_responses(
                                     "prompt": row["prompt"],
                                     "responses": [tokenizer.decode(t, skip_special_tokens=True) for t, _ in outs],
                                     "finished": [stopped for _, stopped in outs],
+                                    **({"sampler": sampler} if sampler else {}),
                                 }
                                 for row, outs in group
                             ]
@@ -245,7 +267,7 @@ def generate_responses(
             if backend == "auto":
                 backend, metrics = choose_backend(model, items, s, write)
                 new_tokens += metrics.pop("probe_tokens")
-            new_tokens += write(SAMPLERS[backend](model, [i for i in items if i[1]["prompt_id"] not in done], s))
+            new_tokens += write(samplers[backend](model, [i for i in items if i[1]["prompt_id"] not in done], s))
     finally:
         writer.close()
     seconds = time.perf_counter() - start
@@ -264,6 +286,7 @@ def generate_responses(
         "tokens_per_second": new_tokens / seconds if seconds else None,
         "backend": backend,
         **metrics,
+        **engine,
     }
     logger.info(
         "generated %d responses for %d prompts (%.1f tokens/s, %s backend) -> %s",
@@ -274,6 +297,17 @@ def generate_responses(
         output,
     )
     return metrics
+
+
+def check_same_sampler(writer: ResumableJsonl, sampler: str | None) -> None:
+    """Refuse to continue rows another sampler wrote: vLLM's sampler draws other tokens than selfie's for the same
+    seeds, so a stage's responses come from one of them (rows without a `sampler` key are selfie's own)."""
+    earlier = {row.get("sampler") or SELFIE_SAMPLER for row in read_jsonl(writer.partial)}
+    if earlier != {sampler or SELFIE_SAMPLER}:
+        raise SelfieError(
+            f"{writer.partial}: these responses were sampled by {', '.join(sorted(earlier))}; resuming them with "
+            f"{sampler or SELFIE_SAMPLER} would mix samplers (use the same generate.backend, or delete the .partial file)"
+        )
 
 
 def choose_backend(model: PreTrainedModel, items: list[Item], s: Sampling, write: Callable[[Samples], int]) -> tuple[str, dict]:
@@ -324,7 +358,8 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
             "num_responses": "responses per prompt (K)",
             "temperature": "0 = greedy",
             "batch_size": "sequences decoded together",
-            "backend": "static batches, transformers' continuous batching, or auto: measure both, keep the faster",
+            "backend": "static batches, transformers' continuous batching, auto (measure both, keep the faster), "
+            "or vllm (vLLM's engine in its own environment: $SELFIE_VLLM_PYTHON)",
         },
     )
     add_options(parser, RecipeConfig, ["seed"])
@@ -338,9 +373,8 @@ def run_generate_command(args: argparse.Namespace) -> None:
     check_writable(args.output, directory=False)
     prompts = load_prompts(args.prompts)
     with output_lock(args.output):
-        model, tokenizer = load_policy(args.model, args.adapter, args.dtype)
-        if torch.cuda.is_available():
-            model.to("cuda")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_generator(args.model, args.adapter, args.dtype, g.backend, device)
         generate_responses(
             model,
             tokenizer,

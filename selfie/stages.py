@@ -98,15 +98,14 @@ STAGES = {"init": init, "seed": seed, "generate": generate, "judge": judge, "tra
 
 
 def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | None, num_responses: int) -> dict:
-    """RUN/iter_t's responses from pi_init + adapter, sharded over the ranks."""
-    from selfie.generate import generate_responses
+    """RUN/iter_t's responses from pi_init + adapter, sharded over the ranks (with vLLM: one engine per rank)."""
+    from selfie.generate import generate_responses, load_generator
 
     c, g = ctx.config, ctx.config.generate
-    return _policy_shards(
-        ctx,
-        adapter,
+    model, tokenizer = load_generator(ctx.pi_init, adapter, c.model.dtype, g.backend, ctx.ranks.device)
+    return ctx.ranks.sharded(
         ctx.responses(t),
-        lambda model, tokenizer, out, shard: generate_responses(
+        lambda out, shard: generate_responses(
             model,
             tokenizer,
             prompts,

@@ -16,6 +16,7 @@ HELP = {
     "num_pairs": "first N pairs (0 = all)",
     "temperature": "0 = greedy",
     "batch_size": "sequences decoded together",
+    "backend": "generation backend: auto, static, continuous or vllm",
 }
 
 
@@ -26,7 +27,9 @@ def _common(p: argparse.ArgumentParser, prompts: bool = True) -> None:
     p.add_argument("--output", required=True, help="directory for report.json, report.md, report.png")
     add_options(p, EvalOptions, ["dtype", "n_boot", "seed"], HELP)
     if prompts:
-        add_options(p, EvalOptions, ["split", "num_prompts", "max_new_tokens", "temperature", "top_p", "batch_size"], HELP)
+        add_options(
+            p, EvalOptions, ["split", "num_prompts", "max_new_tokens", "temperature", "top_p", "batch_size", "backend"], HELP
+        )
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:

@@ -46,12 +46,10 @@ def generate_one(
     model: str, adapter: str | Path | None, prompts: list[dict], output: Path, *, dtype: str = "auto", **sampling: Any
 ) -> list[str]:
     """One response per prompt from `model` (+ `adapter`), written to `output`; returns the texts in prompt order."""
-    from selfie.generate import generate_responses
-    from selfie.models import load_policy
+    from selfie.generate import generate_responses, load_generator
 
-    policy, tokenizer = load_policy(model, adapter, dtype)
-    if torch.cuda.is_available():
-        policy.to("cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy, tokenizer = load_generator(model, adapter, dtype, sampling["backend"], device)
     generate_responses(policy, tokenizer, prompts, output, num_responses=1, **sampling)
     del policy
     gc.collect()
@@ -182,6 +180,7 @@ def evaluate_iteration(ctx: RunContext, t: int) -> dict:
         top_p=config.generate.top_p,
         seed=config.seed,
         batch_size=config.generate.batch_size,
+        backend=config.generate.backend,
         dtype=config.model.dtype,
         n_boot=eval_cfg.n_boot,
     )
