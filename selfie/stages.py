@@ -151,8 +151,7 @@ def _policy_shards(ctx: StageContext, adapter: Path | None, final: Path, work: C
     `final` (merged on rank 0); returns the ranks' metrics combined."""
     from selfie.models import load_policy
 
-    model, tokenizer = load_policy(ctx.pi_init, adapter, ctx.config.model.dtype)
-    model.to(ctx.ranks.device)
+    model, tokenizer = load_policy(ctx.pi_init, adapter, ctx.config.model, device=ctx.ranks.device)
     return ctx.ranks.sharded(final, lambda out, shard: work(model, tokenizer, out, shard))
 
 
