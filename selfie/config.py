@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import enum
 import hashlib
 import json
 import types
@@ -64,10 +65,48 @@ class Ranged:
                 raise SelfieError(f"recipe key '{self.SECTION}{name}': {problem}")
 
 
+ADDED = "added"  # field metadata: a key added after run hashes were first written (see config_hash)
+
+
+def added(default: Any) -> Any:
+    """A field added after run hashes were first written: it enters a recipe's hash only when set off `default`,
+    so a recipe that does not use it keeps the hash its run directory records."""
+    return field(default=default, metadata={ADDED: True})
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Ranged):
+    """How every stage that runs the policy loads it (generate, judge, train, eval): from_pretrained's arguments,
+    named as TRL's ModelConfig and transformers' BitsAndBytesConfig name them (selfie/models.py::pretrained_options)."""
+
+    SECTION = "model."
+    RANGES = {
+        "bnb_4bit_quant_type": ((lambda v: v in ("nf4", "fp4")), "'nf4' or 'fp4'"),
+        "bnb_4bit_compute_dtype": (
+            (lambda v: v in ("auto", "float32", "bfloat16", "float16")),
+            "auto, float32, bfloat16 or float16",
+        ),
+    }
+
     name: str = "smollm2-135m"  # hub id, local directory, .gguf file or built-in alias
     dtype: str = "auto"  # auto = bfloat16 on a GPU that has it, float32 otherwise
+    revision: str | None = added(None)  # hub branch, tag or commit of `name` (None: main)
+    trust_remote_code: bool = added(False)  # run the model's own modelling code from the hub
+    attn_implementation: str | None = added(None)  # eager | sdpa | flash_attention_2 | ...; None: transformers' choice
+    load_in_4bit: bool = added(False)  # QLoRA: 4-bit base weights (bitsandbytes), LoRA trained on top
+    load_in_8bit: bool = added(False)
+    bnb_4bit_quant_type: str = added("nf4")
+    bnb_4bit_compute_dtype: str | None = added(None)  # None: model.dtype
+    use_bnb_nested_quant: bool = added(False)  # quantise the 4-bit quantisation constants too (double quantisation)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.load_in_4bit and self.load_in_8bit:
+            raise SelfieError("recipe keys 'model.load_in_4bit' and 'model.load_in_8bit' exclude each other")
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
 
 
 @dataclass
@@ -186,6 +225,27 @@ class TrainConfig(Ranged):
     logging_steps: int = 1
     adapter_mode: str = "continue"  # continue one adapter across iterations, or "merge" and start fresh
     keep_checkpoints: bool = False  # keep iter_t/checkpoints once the stage's adapter is recorded (else deleted)
+    # Every other field of the trainer's arguments (TRL's DPOConfig, transformers' TrainingArguments) a recipe sets,
+    # by its own name beside the keys above (train.optim, train.weight_decay, ...): checked against the dataclass
+    # when the recipe loads (trainer_arguments). Only the fields set are held, so they alone enter the hash.
+    EXTRA: ClassVar[str] = "trainer_args"
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def extra_keys(cls, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """`values`, keys this section does not declare, as trainer arguments; raises naming the first that is not one."""
+        from selfie.trainer import SELFIE_SETS, trainer_fields  # TRL loads only when a recipe sets such a key
+
+        fields = trainer_fields()
+        for key in sorted(values):
+            if key in SELFIE_SETS:
+                raise SelfieError(f"recipe key '{prefix}{key}': selfie sets it itself ({SELFIE_SETS[key]})")
+            if key not in fields:
+                raise SelfieError(
+                    f"unknown recipe key '{prefix}{key}' (known: {', '.join(sorted(_hints(cls)))}, "
+                    "and the fields of TRL's DPOConfig and transformers' TrainingArguments)"
+                )
+        return {key: _coerce(value, fields[key], f"{prefix}{key}") for key, value in sorted(values.items())}
 
 
 @dataclass
@@ -435,13 +495,17 @@ LOCATION_KEYS = frozenset({"output_dir"})
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    """The recipe keys of a section: its dataclass fields (class constants left out)."""
+    """The recipe keys of a section: its dataclass fields (class constants, and the field holding its EXTRA keys, left out)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != getattr(cls, "EXTRA", None)}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _is_enum(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, enum.Enum)
 
 
 def _members(tp: Any) -> list[Any]:
@@ -455,6 +519,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert) a YAML value against a field's type hint."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         members = _members(tp)
+        if any(_is_enum(m) for m in members):  # TrainingArguments' `OptimizerNames | str`: the str is the enum's name
+            members = [m for m in members if m is not str]
         if value is None and len(members) < len(typing.get_args(tp)):
             return None
         if len(members) == 1:  # an optional field: the member's own error names what is wrong
@@ -483,6 +549,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is Any:
         return value
+    if _is_enum(tp):
+        if value not in {m.value for m in tp}:
+            raise SelfieError(f"recipe key '{key}': expected one of {', '.join(str(m.value) for m in tp)}, got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string
@@ -508,10 +578,13 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     for key in unknown:
         if f"{prefix}{key}" in RENAMED_KEYS:
             raise SelfieError(f"recipe key '{prefix}{key}' was replaced by {RENAMED_KEYS[prefix + key]}")
-    if unknown:
+    extra = {}
+    if unknown and hasattr(cls, "extra_keys"):  # a section that takes another dataclass's fields too (train:)
+        extra = {cls.EXTRA: cls.extra_keys({key: values[key] for key in unknown}, prefix)}
+    elif unknown:
         raise SelfieError(f"unknown recipe key '{prefix}{unknown[0]}' (known: {', '.join(sorted(hints))})")
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items()}
-    return cls(**kwargs)
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items() if name in hints}
+    return cls(**kwargs, **extra)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -580,7 +653,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
 
 
 def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain nested values; a section's EXTRA keys (train's trainer arguments) sit beside its own."""
+    values = dataclasses.asdict(config)
+    for f in dataclasses.fields(config):
+        extra = getattr(getattr(config, f.name), "EXTRA", None)
+        if extra:
+            values[f.name].update(values[f.name].pop(extra))
+    return values
 
 
 def flatten(tree: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -606,8 +685,20 @@ def _same_numbers(value: Any) -> Any:
     return value
 
 
+def _added_defaults(cls: type = RecipeConfig, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: default} of the fields made with `added`."""
+    hints, defaults = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get(ADDED):
+            defaults[prefix + f.name] = f.default
+        elif _is_dataclass_type(hints[f.name]):
+            defaults.update(_added_defaults(hints[f.name], f"{prefix}{f.name}."))
+    return defaults
+
+
 def _hash(flat: dict[str, Any], leave_out: frozenset[str], exact_numbers: bool = False) -> str:
-    kept = {k: v for k, v in flat.items() if k not in leave_out}
+    unset = _added_defaults()
+    kept = {k: v for k, v in flat.items() if k not in leave_out and not (k in unset and v == unset[k])}
     return hashlib.sha256(json.dumps(kept if exact_numbers else _same_numbers(kept), sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,7 @@ The export is built in a temporary directory beside DIR and renamed into place.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from selfie.config import RecipeConfig
+from selfie.config import ModelConfig, RecipeConfig
 from selfie.errors import SelfieError
 from selfie.io import atomic_directory, read_json
 from selfie.rundir import RunContext
@@ -88,12 +89,20 @@ def save_model(model: PreTrainedModel, source: str, directory: Path, dtype: torc
     AutoTokenizer.from_pretrained(source).save_pretrained(directory)
 
 
-def write_merged(base: str, adapter: Path, directory: Path, dtype: torch.dtype | None) -> None:
+def full_precision(settings: ModelConfig) -> ModelConfig:
+    """The model: section loading pi_init's own weights in float32: a run trained on a 4-bit / 8-bit base (QLoRA)
+    exports its adapter merged into, or pointed at, the unquantised base."""
+    if settings.quantized:
+        logger.warning("the run trained on a quantised base: exporting against its unquantised float32 weights")
+    return dataclasses.replace(settings, dtype="float32", load_in_4bit=False, load_in_8bit=False)
+
+
+def write_merged(base: str, adapter: Path, directory: Path, dtype: torch.dtype | None, settings: ModelConfig) -> None:
     """pi_init + adapter merged (in float32, then cast to `dtype`, default pi_init's own) as a standalone model."""
     from selfie.models import load_adapter, load_model, merge_adapter, resolve_model_path
 
     path = resolve_model_path(base)
-    merged = merge_adapter(load_adapter(load_model(base, "float32"), adapter))
+    merged = merge_adapter(load_adapter(load_model(base, full_precision(settings)), adapter))
     save_model(merged, path, directory, dtype or _own_dtype(path))
 
 
@@ -104,7 +113,7 @@ def write_adapter(config: RecipeConfig, base: str, adapter: Path, directory: Pat
     reference = hub_base(config)
     if reference is None:
         path = resolve_model_path(base)
-        save_model(load_model(base, "float32"), path, directory / "base", dtype or _own_dtype(path))
+        save_model(load_model(base, full_precision(config.model)), path, directory / "base", dtype or _own_dtype(path))
         reference = str(final.resolve() / "base")
     shutil.copyfile(adapter / "adapter_model.safetensors", directory / "adapter_model.safetensors")
     adapter_config = read_json(adapter / "adapter_config.json")
@@ -165,7 +174,7 @@ def export_run(
         if adapter_only:
             reference = write_adapter(config, base, adapter, tmp, output, target)
         else:
-            write_merged(base, adapter, tmp, target)
+            write_merged(base, adapter, tmp, target, config.model)
             reference = None
         card = build_card(ctx, t, adapter_reference=reference, output=output, repo_id=push_to_hub)
         card.save(tmp / "README.md")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie import vllm_backend
-from selfie.config import GenerateConfig, RecipeConfig, add_options, from_args
+from selfie.config import GenerateConfig, ModelConfig, RecipeConfig, add_options, from_args
 from selfie.data import check_prompt_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import ResumableJsonl, atomic_write_jsonl, check_writable, read_jsonl
@@ -172,14 +172,16 @@ SELFIE_SAMPLER = "selfie's own sampler (static | continuous)"
 
 
 def load_generator(
-    name: str, adapter: str | Path | None, dtype: str, backend: str, device: str | torch.device
+    name: str, adapter: str | Path | None, settings: str | ModelConfig, backend: str, device: str | torch.device
 ) -> tuple[PreTrainedModel | VllmPolicy, PreTrainedTokenizerBase]:
-    """What `generate_responses` samples from: pi_init + adapter on `device`, or, for vLLM, what its worker loads
-    (no weights in this process)."""
+    """What `generate_responses` samples from: pi_init + adapter on `device` (loaded as `settings`, a dtype or the
+    recipe's model: section, says), or, for vLLM, what its worker loads (no weights in this process)."""
     if backend == "vllm":
-        return vllm_policy(name, adapter, dtype, torch.device(device)), load_tokenizer(name)
-    model, tokenizer = load_policy(name, adapter, dtype)
-    return model.to(device), tokenizer
+        model_config = settings if isinstance(settings, ModelConfig) else ModelConfig(dtype=settings)
+        return vllm_policy(name, adapter, model_config.dtype, torch.device(device)), load_tokenizer(
+            name, settings if isinstance(settings, ModelConfig) else None
+        )
+    return load_policy(name, adapter, settings, device=device)
 
 
 def generate_responses(

@@ -14,15 +14,17 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -44,14 +46,56 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SELFIE_CACHE", Path.home() / ".cache" / "selfie"))
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
+def resolve_dtype(dtype: str, key: str = "model.dtype") -> torch.dtype:
     """`auto` is bfloat16 on a GPU that supports it and float32 elsewhere (bf16 matmul is ~400x slower on CPU)."""
     if dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
-        raise SelfieError(f"model.dtype: unknown dtype '{dtype}' (auto, float32, bfloat16, float16)") from None
+        raise SelfieError(f"{key}: unknown dtype '{dtype}' (auto, float32, bfloat16, float16)") from None
+
+
+def hub_options(settings: ModelConfig | None) -> dict[str, Any]:
+    """Which files from_pretrained reads and runs: model.revision and model.trust_remote_code, where set."""
+    if settings is None:
+        return {}
+    return {
+        **({"revision": settings.revision} if settings.revision else {}),
+        **({"trust_remote_code": True} if settings.trust_remote_code else {}),
+    }
+
+
+def quantization_config(settings: ModelConfig) -> BitsAndBytesConfig | None:
+    """The bitsandbytes quantisation of the model: section, as TRL's get_quantization_config builds it (None: none)."""
+    if settings.load_in_4bit:
+        compute = settings.bnb_4bit_compute_dtype
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=resolve_dtype(compute, "model.bnb_4bit_compute_dtype")
+            if compute
+            else resolve_dtype(settings.dtype),
+            bnb_4bit_use_double_quant=settings.use_bnb_nested_quant,
+        )
+    if settings.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def pretrained_options(settings: ModelConfig) -> dict[str, Any]:
+    """from_pretrained's arguments for the model: section (those left unset are not passed)."""
+    options = {"dtype": resolve_dtype(settings.dtype), **hub_options(settings)}
+    if settings.attn_implementation:
+        options["attn_implementation"] = settings.attn_implementation
+    if settings.quantized:
+        options["quantization_config"] = quantization_config(settings)
+    return options
+
+
+def default_device() -> torch.device:
+    """This process's accelerator (TRL's get_kbit_device_map), else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def builtin_gguf_path(alias: str) -> Path:
@@ -113,19 +157,19 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id
 
 
-def load_model_config(name: str) -> PretrainedConfig:
+def load_model_config(name: str, settings: ModelConfig | None = None) -> PretrainedConfig:
     """The model's config, without its weights (a GGUF model not converted yet: read from the GGUF file)."""
     gguf = _gguf_source(name)
     try:
         if gguf is not None and not (gguf[1] / "config.json").is_file():
             return AutoConfig.from_pretrained(str(gguf[0].parent), gguf_file=gguf[0].name)
-        return AutoConfig.from_pretrained(resolve_model_path(name))
+        return AutoConfig.from_pretrained(resolve_model_path(name), **hub_options(settings))
     except (OSError, ValueError) as e:
         raise SelfieError(f"model '{name}': cannot load its config ({str(e).splitlines()[0][:200]})") from None
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+def load_tokenizer(name: str, settings: ModelConfig | None = None) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **hub_options(settings))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
@@ -142,15 +186,41 @@ def load_generation_config(name: str) -> GenerationConfig | None:
         return None
 
 
-def load_model(name: str, dtype: str = "auto", device: str | torch.device | None = None) -> PreTrainedModel:
-    path = resolve_model_path(name)
+def load_model(name: str, settings: str | ModelConfig = "auto", device: str | torch.device | None = None) -> PreTrainedModel:
+    """The model `name`, loaded as the recipe's model: section says (or just in the dtype `settings` names).
+
+    A quantised model is placed on `device` (default: this process's accelerator) as its weights load: bitsandbytes
+    weights cannot be moved afterwards.
+    """
+    settings = settings if isinstance(settings, ModelConfig) else ModelConfig(dtype=settings)
+    options = pretrained_options(settings)
+    if "quantization_config" in options:
+        options["device_map"] = {"": torch.device(device) if device is not None else default_device()}
+        device = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **options)
     except OSError as e:
         raise SelfieError(f"model '{name}': cannot load ({str(e).splitlines()[0]})") from None
     if device is not None:
         model.to(device)
     return model
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether the model's (base) weights are bitsandbytes-quantised."""
+    model = unwrap_peft(model)
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def prepare_for_training(
+    model: PreTrainedModel, gradient_checkpointing: bool, checkpointing_kwargs: dict | None
+) -> PreTrainedModel:
+    """PEFT's k-bit preparation of a quantised base before LoRA trains on it (QLoRA); other models as they are."""
+    if not is_quantized(model):
+        return model
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs
+    )
 
 
 def base_fingerprint(model: PreTrainedModel) -> str:
@@ -231,10 +301,17 @@ def add_policy_args(
     add_options(parser, ModelConfig, ["dtype"], {"dtype": "auto, float32, bfloat16 or float16"})
 
 
-def load_policy(name: str, adapter: str | Path | None = None, dtype: str = "auto", trainable: bool = False):
-    """Model plus optional adapter, and its tokenizer: what `generate` and `judge` run."""
-    tokenizer = load_tokenizer(name)
-    model = load_model(name, dtype)
+def load_policy(
+    name: str,
+    adapter: str | Path | None = None,
+    settings: str | ModelConfig = "auto",
+    trainable: bool = False,
+    device: str | torch.device | None = None,
+):
+    """Model (as `load_model` loads it, on `device`) plus optional adapter, and its tokenizer: what `generate` and
+    `judge` run."""
+    tokenizer = load_tokenizer(name, settings if isinstance(settings, ModelConfig) else None)
+    model = load_model(name, settings, device)
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=trainable)
     if not trainable:

@@ -1,7 +1,8 @@
 """What `selfie run` checks before it writes anything, and the plan `selfie run --dry-run` prints.
 
 For the stages the manifest does not hold yet: the output directory can be written; the model's config loads
-(no weights) and holds every LoRA target module; the dtype is known and TRL takes the trainer settings; the `init:`
+(no weights) and holds every LoRA target module; the dtype is known, the attention implementation and the
+quantisation can run here (their packages, this device), and TRL takes the trainer settings; the `init:`
 and `eval:` sections are valid; every data source a remaining stage reads loads and is well formed, with
 prompts for every slice; every judge spec (data.seed_judge, judge.labeller, eval.judge) imports and loads
 without a model being run. Only then does the run write config.yaml (selfie/rundir.py::open_run), so a
@@ -10,14 +11,20 @@ failure here leaves no run directory behind.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from selfie.config import AlignEZConfig, RecipeConfig, TrainConfig
+from selfie.config import AlignEZConfig, ModelConfig, RecipeConfig, TrainConfig
 from selfie.data import Splits
 from selfie.errors import SelfieError
 from selfie.io import check_writable
 from selfie.rundir import CHECKPOINTS, RunContext, check_recipe
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -81,15 +88,14 @@ def dry_run(config: RecipeConfig, force: bool) -> str:
 def check_model(config: RecipeConfig) -> str:
     """The model's config loads and every lora.target_modules entry names a module of it (as PEFT matches them)."""
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     from selfie.models import load_model_config, resolve_dtype
 
     resolve_dtype(config.model.dtype)
-    model_config = load_model_config(config.model.name)
-    with torch.device("meta"):  # the module tree without any weights
-        modules = dict(AutoModelForCausalLM.from_config(model_config).named_modules())
+    check_quantization(config.model)
+    model_config = load_model_config(config.model.name, config.model)
+    modules = dict(model_skeleton(config.model, model_config).named_modules())
     targets = config.lora.target_modules
     if not targets:
         raise SelfieError("recipe key 'lora.target_modules': the list is empty")
@@ -103,7 +109,53 @@ def check_model(config: RecipeConfig) -> str:
                 f"recipe key 'lora.target_modules': '{target}' {what} in model '{config.model.name}' "
                 f"(its linear layers: {', '.join(known)})"
             )
-    return f"model      {config.model.name} ({model_config.model_type}), LoRA r {config.lora.r} on {', '.join(targets)}"
+    quantized = " (4-bit base: QLoRA)" if config.model.load_in_4bit else " (8-bit base)" if config.model.load_in_8bit else ""
+    return (
+        f"model      {config.model.name} ({model_config.model_type}), LoRA r {config.lora.r} on {', '.join(targets)}{quantized}"
+    )
+
+
+def model_skeleton(settings: ModelConfig, model_config: PretrainedConfig) -> torch.nn.Module:
+    """The model's module tree without weights, built as model.attn_implementation and model.trust_remote_code say
+    (transformers refuses an attention implementation this machine cannot run: flash-attn not installed, ...)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfie.models import pretrained_options
+
+    options = {k: v for k, v in pretrained_options(settings).items() if k in ("attn_implementation", "trust_remote_code")}
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config, **options)
+    except (ImportError, ValueError) as e:
+        key = "model.attn_implementation" if "attn_implementation" in options else "model.name"
+        raise SelfieError(f"recipe key '{key}': {_first_line(e)}") from None
+
+
+def check_quantization(settings: ModelConfig) -> None:
+    """model.load_in_4bit / load_in_8bit can run here: bitsandbytes is installed and has a backend for this device
+    (transformers' own check of the quantiser, which from_pretrained would run after downloading the weights)."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    from selfie.models import default_device, quantization_config
+
+    if not settings.quantized:
+        return
+    key = "model.load_in_4bit" if settings.load_in_4bit else "model.load_in_8bit"
+    if not installed("bitsandbytes"):
+        raise SelfieError(f"recipe key '{key}': quantised loading needs bitsandbytes (pip install bitsandbytes)")
+    try:
+        AutoHfQuantizer.from_config(quantization_config(settings)).validate_environment(device_map={"": str(default_device())})
+    except (ImportError, RuntimeError, ValueError) as e:
+        raise SelfieError(f"recipe key '{key}': cannot quantise on {default_device()} here: {_first_line(e)}") from None
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def check_trainer(config: RecipeConfig) -> None:

@@ -102,7 +102,7 @@ def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | No
     from selfie.generate import generate_responses, load_generator
 
     c, g = ctx.config, ctx.config.generate
-    model, tokenizer = load_generator(ctx.pi_init, adapter, c.model.dtype, g.backend, ctx.ranks.device)
+    model, tokenizer = load_generator(ctx.pi_init, adapter, c.model, g.backend, ctx.ranks.device)
     return ctx.ranks.sharded(
         ctx.responses(t),
         lambda out, shard: generate_responses(
@@ -150,8 +150,7 @@ def _policy_shards(ctx: StageContext, adapter: Path | None, final: Path, work: C
     `final` (merged on rank 0); returns the ranks' metrics combined."""
     from selfie.models import load_policy
 
-    model, tokenizer = load_policy(ctx.pi_init, adapter, ctx.config.model.dtype)
-    model.to(ctx.ranks.device)
+    model, tokenizer = load_policy(ctx.pi_init, adapter, ctx.config.model, device=ctx.ranks.device)
     return ctx.ranks.sharded(final, lambda out, shard: work(model, tokenizer, out, shard))
 
 

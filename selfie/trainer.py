@@ -22,10 +22,13 @@ fresh one. Only the adapter "default" is ever saved as the result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import re
 import time
+import typing
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +43,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from selfie.config import LoraConfig, RecipeConfig, RefineConfig, TrainConfig
+from selfie.config import LoraConfig, ModelConfig, RecipeConfig, RefineConfig, TrainConfig
 from selfie.dist import check_topology, on_cpu, uses_deepspeed
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, read_json
-from selfie.models import base_fingerprint, load_adapter, load_model, load_tokenizer, merge_adapter, save_adapter, unwrap_peft
+from selfie.models import (
+    base_fingerprint,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    merge_adapter,
+    prepare_for_training,
+    save_adapter,
+    unwrap_peft,
+)
 from selfie.projection import logit_softcap, output_layer, token_logps
 from selfie.rundir import ADAPTER, CHECKPOINTS
 from selfie.tokens import response_token_ids, stop_token_ids
@@ -325,6 +337,47 @@ def seed_epochs(train: TrainConfig, num_pairs: int) -> float:
     return 3.0 if num_pairs < 2000 else 1.0
 
 
+_LOSS = "selfie's noise-aware loss builds on TRL's plain sigmoid DPO loss (docs/METHOD.md section 1.7)"
+_DEVICE = "from the device: bf16 on a GPU that has it, float32 on CPU (see build_dpo_config)"
+# Trainer arguments a recipe may not set under train:, each with why (build_dpo_config sets them, or selfie's loop
+# depends on their value). Every other field of NoiseAwareDPOConfig is a recipe key (TrainConfig.extra_keys).
+SELFIE_SETS = {
+    "output_dir": "each stage's checkpoints go to <output_dir>/iter_t/checkpoints; set the recipe's output_dir",
+    "run_name": "set the recipe's top-level run_name",
+    "seed": "set the recipe's top-level seed",
+    "report_to": "set the recipe's top-level report_to",
+    "max_steps": "each stage trains train.num_train_epochs epochs (train.seed_epochs for the seed stage)",
+    "warmup_steps": "set train.warmup_ratio; selfie passes it as warmup_steps",
+    "save_strategy": "selfie checkpoints every train.save_steps steps to resume a killed stage",
+    "save_total_limit": "selfie keeps the 2 newest checkpoints: a kill may cut the newest one",
+    "resume_from_checkpoint": "selfie resumes each stage from its newest complete checkpoint",
+    "bf16": _DEVICE,
+    "fp16": _DEVICE,
+    "use_cpu": _DEVICE,
+    "dataloader_pin_memory": _DEVICE,
+    "ddp_backend": "from the device and the launcher (selfie/dist.py)",
+    "local_rank": "the launcher sets it",
+    "model_init_kwargs": "selfie loads the model itself; set model.dtype, model.attn_implementation, model.load_in_4bit, ...",
+    "trust_remote_code": "set model.trust_remote_code",
+    "precompute_ref_log_probs": "the reference pass runs live: DND needs its hidden states (and with LoRA it costs no copy)",
+    "sync_ref_model": "the reference is pi_{t-1}, fixed for the stage (docs/METHOD.md)",
+    "ref_model_mixup_alpha": "the reference is pi_{t-1}, fixed for the stage (docs/METHOD.md)",
+    "ref_model_sync_steps": "the reference is pi_{t-1}, fixed for the stage (docs/METHOD.md)",
+    **{
+        name: _LOSS for name in ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "use_weighting", "label_smoothing")
+    },
+    **{f"refine_{name}": f"set refine.{name}" for name in ("alpha", "quantile", "window_steps", "warmup_fraction")},
+    "dnd_lambda": "set refine.lambdas",
+}
+
+
+@functools.cache
+def trainer_fields() -> dict[str, Any]:
+    """{field: type hint} of the trainer's arguments: what `train:` takes besides TrainConfig's own keys."""
+    hints = typing.get_type_hints(NoiseAwareDPOConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(NoiseAwareDPOConfig) if f.init}
+
+
 def build_dpo_config(
     train: TrainConfig,
     refine: RefineConfig,
@@ -338,7 +391,8 @@ def build_dpo_config(
     epochs: float | None = None,
     **overrides: Any,
 ) -> NoiseAwareDPOConfig:
-    """The recipe's train/refine sections as TRL arguments; `overrides` go straight to NoiseAwareDPOConfig."""
+    """The recipe's train/refine sections as TRL arguments (train's other trainer fields as set); `overrides` go
+    straight to NoiseAwareDPOConfig."""
     cuda = not on_cpu()
     distributed_cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
     values = dict(
@@ -369,6 +423,7 @@ def build_dpo_config(
         refine_warmup_fraction=refine.warmup_fraction,
         dnd_lambda=lambda_,
     )
+    values.update(train.trainer_args)  # TrainConfig.extra_keys refuses those set above
     values.update(overrides)
     return NoiseAwareDPOConfig(**values)
 
@@ -425,7 +480,12 @@ def _gathered(params: list[torch.nn.Parameter]):
 
 
 def _export_adapter(
-    trainer: NoiseAwareDPOTrainer, directory: Path, fingerprint: str, base_name: str | None, stack_on: Path | None, dtype: str
+    trainer: NoiseAwareDPOTrainer,
+    directory: Path,
+    fingerprint: str,
+    base_name: str | None,
+    stack_on: Path | None,
+    settings: ModelConfig,
 ) -> None:
     """Write the trained adapter "default" to `directory` (main process), atomically.
 
@@ -442,7 +502,7 @@ def _export_adapter(
             save_adapter(model, directory, state_dict=state, fingerprint=fingerprint)
         else:
             trained = get_peft_model_state_dict(model, state_dict=state, adapter_name="default")
-            stacked = PeftModel.from_pretrained(load_model(base_name, dtype), str(stack_on), adapter_name="previous")
+            stacked = PeftModel.from_pretrained(load_model(base_name, settings), str(stack_on), adapter_name="previous")
             stacked.add_adapter("trained", model.peft_config["default"])
             set_peft_model_state_dict(stacked, trained, adapter_name="trained")
             stacked.add_weighted_adapter(["previous", "trained"], [1.0, 1.0], "default", combination_type="cat")
@@ -505,14 +565,16 @@ def train_adapter(
     if tokenizer is None:
         if not isinstance(model, str):
             raise ValueError("pass the tokenizer along with a model object")
-        tokenizer = load_tokenizer(model)
+        tokenizer = load_tokenizer(model, config.model)
     if isinstance(model, str):
-        base_name, model = model, load_model(model, config.model.dtype)
+        base_name, model = model, load_model(model, config.model)
     elif mode == "merge" and iteration > 0:
         raise ValueError("adapter_mode 'merge' needs the base model's name or path (it reloads it to stack the adapters)")
     else:
         base_name = None
     dataset = _pairs_dataset(pairs, tokenizer, stop_token_ids(model, tokenizer))  # a PeftModel shows its base's config
+    train = config.train
+    model = prepare_for_training(model, train.gradient_checkpointing, train.trainer_args.get("gradient_checkpointing_kwargs"))
 
     peft_config, stack_on = None, None
     if iteration == 0:
@@ -557,7 +619,7 @@ def train_adapter(
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     adapter = output_dir / ADAPTER
-    _export_adapter(trainer, adapter, fingerprint, base_name, stack_on, config.model.dtype)
+    _export_adapter(trainer, adapter, fingerprint, base_name, stack_on, config.model)
     return _summary(trainer, len(dataset), seconds, adapter, checkpoint)
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from selfie.config import EvalOptions
+from selfie.config import EvalOptions, ModelConfig
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge, load_judge
 from selfie.evaluation.stats import bootstrap_ci, length_controlled, win_rate
@@ -43,9 +43,16 @@ def eval_prompts(source: str, split: str, num_prompts: int | None, config: Recip
 
 
 def generate_one(
-    model: str, adapter: str | Path | None, prompts: list[dict], output: Path, *, dtype: str = "auto", **sampling: Any
+    model: str,
+    adapter: str | Path | None,
+    prompts: list[dict],
+    output: Path,
+    *,
+    dtype: str | ModelConfig = "auto",
+    **sampling: Any,
 ) -> list[str]:
-    """One response per prompt from `model` (+ `adapter`), written to `output`; returns the texts in prompt order."""
+    """One response per prompt from `model` (+ `adapter`; `dtype`, or a run's model: section, says how it loads),
+    written to `output`; returns the texts in prompt order."""
     from selfie.generate import generate_responses, load_generator
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,18 +95,20 @@ def compare_models(
     options: EvalOptions = EvalOptions(),
     *,
     output_dir: str | Path | None = None,
+    model_settings: ModelConfig | None = None,
 ) -> dict:
     """Win rate of A over B: one response per prompt from each (same sampling seed), scored by `judge`.
 
     Responses go to `output_dir` (responses_a.jsonl, responses_b.jsonl, scores.jsonl), else to a temporary directory.
+    `model_settings` (a run's model: section) loads both models, else options.dtype.
     """
     if not prompts:
         raise SelfieError("compare: no prompts")
-    seed, n_boot = options.seed, options.n_boot
+    seed, n_boot, settings = options.seed, options.n_boot, model_settings or options.dtype
     with tempfile.TemporaryDirectory(prefix="selfie-eval-") as tmp:
         out = Path(output_dir) if output_dir is not None else Path(tmp)
-        texts_a = generate_one(model_a, adapter_a, prompts, out / "responses_a.jsonl", dtype=options.dtype, **options.sampling())
-        texts_b = generate_one(model_b, adapter_b, prompts, out / "responses_b.jsonl", dtype=options.dtype, **options.sampling())
+        texts_a = generate_one(model_a, adapter_a, prompts, out / "responses_a.jsonl", dtype=settings, **options.sampling())
+        texts_b = generate_one(model_b, adapter_b, prompts, out / "responses_b.jsonl", dtype=settings, **options.sampling())
         messages = [row["prompt"] for row in prompts]
         scores = score_unique(judge, messages + messages, texts_a + texts_b)
         scores_a, scores_b = scores[: len(prompts)], scores[len(prompts) :]
@@ -186,7 +195,7 @@ def evaluate_iteration(ctx: RunContext, t: int) -> dict:
     )
     out = ctx.eval_dir(t)
     if eval_cfg.baseline == "none":
-        texts = generate_one(pi_init, adapter, prompts, out / "responses_a.jsonl", dtype=options.dtype, **options.sampling())
+        texts = generate_one(pi_init, adapter, prompts, out / "responses_a.jsonl", dtype=config.model, **options.sampling())
         summary = _summary(score_unique(judge, [row["prompt"] for row in prompts], texts), texts, options.n_boot, options.seed)
         metrics = {
             "score_mean": summary["score_mean"],
@@ -205,6 +214,7 @@ def evaluate_iteration(ctx: RunContext, t: int) -> dict:
             prompts,
             options,
             output_dir=out,
+            model_settings=config.model,
         )
         metrics = {
             "score_mean": report["a"]["score_mean"],
