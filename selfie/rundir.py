@@ -164,7 +164,7 @@ class RunContext:
         return read_json(self.metrics(t)) if self.metrics(t).exists() else {}
 
     def partial_outputs(self) -> list[str]:
-        """Generation's resume points (`*.partial`), relative to RUN."""
+        """The resume points of generation and judge-spec scoring (`*.partial`), relative to RUN."""
         return sorted(self.relative(p) for p in self.run_dir.glob("iter_*/*.partial"))
 
     def drop_checkpoints(self, manifest: Manifest) -> None:
@@ -398,7 +398,7 @@ def _is_leftover(path: Path) -> bool:
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Remove what killed runs leave: temporary files and directories, checkpoints cut before completion.
-    (Partial generation output, `*.partial`, is a resume point and stays; wandb/ is wandb's own.)"""
+    (Partial generation or scoring output, `*.partial`, is a resume point and stays; wandb/ is wandb's own.)"""
     removed = []
     for path in sorted(run_dir.rglob(".*")) + sorted(run_dir.glob(f"iter_*/{CHECKPOINTS}/checkpoint-*")):
         if "wandb" in path.relative_to(run_dir).parts[:1] or not path.exists() or not _is_leftover(path):
@@ -527,8 +527,11 @@ class RunLock:
         logger.warning("%s: taking over the lock of pid %d, which is gone", self.target, holder.pid)
 
     def _in_use(self, holder: Holder | None) -> SelfieError:
-        if holder is None:  # being written this instant, or not a lock this version wrote
-            return SelfieError(f"{self.target}: {self.what} is in use ({self.owner_file}); wait for it or stop it")
+        if holder is None:  # being written this instant, or cut by a kill between its creation and its write
+            return SelfieError(
+                f"{self.target}: {self.what} is in use ({self.owner_file} names no holder yet); if nothing runs on it, "
+                "remove that file"
+            )
         where = (
             "" if holder.host == socket.gethostname() else f" on {holder.host} (if nothing runs there, remove {self.owner_file})"
         )

@@ -94,6 +94,12 @@ def test_without_flock_another_hosts_lock_is_refused_naming_the_file_to_remove(w
     assert owner.read_text() == "4242 gpu-node-17 12345\n"
 
 
+def test_without_flock_an_owner_file_naming_no_holder_is_refused_saying_what_to_do(without_flock, tmp_path):
+    (tmp_path / ".lock.owner").write_text("")  # a holder killed between creating the file and writing it
+    with pytest.raises(SelfieError, match=r"names no holder yet\); if nothing runs on it, remove that file$"):
+        RunLock(tmp_path).acquire()
+
+
 def test_with_flock_a_holder_whose_mount_refuses_flock_is_still_honoured(tmp_path):
     holder = hold(tmp_path, "nolock")
     try:
