@@ -64,31 +64,39 @@ class Ranks:
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run fn on rank 0 only; every rank gets its result, or raises its error (no rank left waiting)."""
-        box: list[Any] = [None, None]
-        if self.is_main:
-            try:
-                box = [fn(), None]
-            except SelfieError as e:
-                box = [None, str(e)]
-            except OSError as e:
-                box = [None, os_error_line(e)]
+        box = outcome(fn) if self.is_main else [None, None]
         if self.state.num_processes > 1:
             broadcast_object_list(box)
-        if box[1] is not None:
-            raise SelfieError(box[1])
-        return box[0]
+        return result_of(box)
 
     def sharded(self, final: Path, work: Callable[[Path, tuple[int, int]], dict]) -> dict:
         """Run `work(out, (rank, world))` on this rank's shard; rank 0 merges the shard files (sorted by prompt_id)
-        into `final`. Returns the ranks' metrics combined."""
+        into `final`. Returns the ranks' metrics combined; a rank's error is every rank's (no rank left waiting)."""
         world, rank = self.state.num_processes, self.state.process_index
         if world == 1:
             return work(final, (0, 1))
-        metrics = gather_object([work(shard_path(final, rank, world), (rank, world))])
+        boxes = gather_object([outcome(lambda: work(shard_path(final, rank, world), (rank, world)))])
+        metrics = [result_of(box) for box in boxes]
         if self.is_main:
             merge_shards(final, world)
         self.barrier()
         return combine_metrics(metrics)
+
+
+def outcome(fn: Callable[[], T]) -> list[Any]:
+    """[fn's result, None], or [None, its error line] for an error that is the user's to fix (to hand to other ranks)."""
+    try:
+        return [fn(), None]
+    except SelfieError as e:
+        return [None, str(e)]
+    except OSError as e:
+        return [None, os_error_line(e)]
+
+
+def result_of(box: list[Any]) -> Any:
+    if box[1] is not None:
+        raise SelfieError(box[1])
+    return box[0]
 
 
 def shard_path(final: Path, rank: int, world: int) -> Path:

@@ -1,15 +1,14 @@
 """The stages of a run (docs/METHOD.md section 1): each is a function (ctx, t) -> metrics that writes the artifacts
 the run's plan names for it (selfie/rundir.py::RunContext.artifacts) and nothing the manifest relies on before.
 
-Every rank calls every stage: generation and implicit-reward judging are sharded over the ranks and merged on
-rank 0; what only rank 0 does (writing pairs, labelling with a judge spec, the edit, evaluation) goes through
+Every rank calls every stage: generation and judging (implicit reward or a judge spec) are sharded over the ranks
+and merged on rank 0; what only rank 0 does (writing pairs, the edit, evaluation) goes through
 `ctx.ranks.on_main`, which hands every rank its result or its error; training is distributed by the trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,17 +154,19 @@ def _policy_shards(ctx: StageContext, adapter: Path | None, final: Path, work: C
 
 
 def _labeller_scores(ctx: StageContext, t: int, responses: list[dict]) -> dict:
-    """Iteration t's judgments by the `judge.labeller` spec (a reward model, a Python callable, ...), on rank 0."""
+    """Iteration t's judgments by the `judge.labeller` spec (a reward model, a Python callable, ...)."""
+    return _spec_scores(ctx, ctx.config.judge.labeller, responses, ctx.judgments(t))
+
+
+def _spec_scores(ctx: StageContext, spec: str, responses: list[dict], final: Path) -> dict:
+    """`final`'s judgments of the responses by the judge `spec`, loaded on every rank and sharded over the ranks;
+    each shard resumes from the prompts it had scored when it was interrupted."""
     from selfie.evaluation.judges import load_judge
-    from selfie.evaluation.labels import score_responses
+    from selfie.evaluation.labels import label_responses
 
-    def score() -> dict:
-        start = time.perf_counter()
-        labeller = load_judge(ctx.config.judge.labeller, ctx.config.model.dtype)
-        atomic_write_jsonl(ctx.judgments(t), score_responses(labeller, responses, *_tokenizer_and_stops(ctx)))
-        return {"prompts": len(responses), "seconds": round(time.perf_counter() - start, 3)}
-
-    return ctx.ranks.on_main(score)
+    judge = load_judge(spec, ctx.config.model.dtype)  # on this rank's device
+    tokenizer, stop_ids = _tokenizer_and_stops(ctx)
+    return ctx.ranks.sharded(final, lambda out, shard: label_responses(judge, responses, out, tokenizer, stop_ids, shard))
 
 
 def seed_pairs(ctx: StageContext) -> list[dict]:
@@ -188,23 +189,22 @@ def gold_labels(ctx: StageContext) -> dict:
     """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
     chosen / rejected by the judge's scores under the truncation policy (no length penalty: these are the gold
     labels). Writes the seed pairs; returns the labelling metrics."""
-    from selfie.evaluation.judges import load_judge
-    from selfie.evaluation.labels import score_responses
     from selfie.pairs import select_pairs
 
     c, spec = ctx.config, ctx.config.data.seed_judge
     if not ctx.splits.seed:
         raise SelfieError("data.seed_judge is set but the seed slice is empty; set data.seed_size")
     generate_metrics = _generate(ctx, 0, ctx.splits.seed, adapter=None, num_responses=2)
+    rows = read_jsonl(ctx.responses(0))
+    score_metrics = _spec_scores(ctx, spec, rows, ctx.judgments(0))
 
     def label() -> dict:
-        rows = read_jsonl(ctx.responses(0))
-        judgments = score_responses(load_judge(spec, c.model.dtype), rows, *_tokenizer_and_stops(ctx))
-        pairs, metrics = select_pairs(rows, judgments, dataclasses.replace(c.judge.rules, length_penalty=0.0))
+        judged, judgments = _judged_rows(rows, read_jsonl(ctx.judgments(0)))
+        pairs, metrics = select_pairs(judged, judgments, dataclasses.replace(c.judge.rules, length_penalty=0.0))
         if not pairs:
             raise SelfieError(f"data.seed_judge '{spec}': no seed pair survived labelling (dropped: {metrics['dropped']})")
         atomic_write_jsonl(ctx.pairs(0), pairs)
-        return {"judge": spec, **metrics, "generate": generate_metrics}
+        return {"judge": spec, **metrics, "generate": generate_metrics, "score": score_metrics}
 
     return ctx.ranks.on_main(label)
 
@@ -221,9 +221,8 @@ def _write_pairs(ctx: StageContext, t: int, responses: list[dict]) -> dict:
     """Iteration t's pairs from its judged responses (rows matched by prompt_id); returns the label metrics."""
     from selfie.pairs import select_pairs
 
-    c, judgments = ctx.config, read_jsonl(ctx.judgments(t))
-    by_id = {row["prompt_id"]: row for row in responses}
-    pairs, metrics = select_pairs([by_id[j["prompt_id"]] for j in judgments], judgments, c.judge.rules)
+    c = ctx.config
+    pairs, metrics = select_pairs(*_judged_rows(responses, read_jsonl(ctx.judgments(t))), c.judge.rules)
     if c.eval:  # how often the self-labels agree with the judge the run is evaluated by
         from selfie.evaluation.judges import load_judge
         from selfie.evaluation.labels import pair_agreement
@@ -231,3 +230,9 @@ def _write_pairs(ctx: StageContext, t: int, responses: list[dict]) -> dict:
         metrics["eval_judge_agreement"] = pair_agreement(load_judge(c.eval.judge, c.model.dtype), pairs)
     atomic_write_jsonl(ctx.pairs(t), pairs)
     return metrics
+
+
+def _judged_rows(responses: list[dict], judgments: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The response rows in the judgments' order (matched by prompt_id), and the judgments."""
+    by_id = {row["prompt_id"]: row for row in responses}
+    return [by_id[j["prompt_id"]] for j in judgments], judgments

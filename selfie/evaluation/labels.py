@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -10,11 +12,14 @@ import numpy as np
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge
 from selfie.evaluation.stats import bootstrap_ci
+from selfie.io import ResumableJsonl
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
+ROWS_PER_WRITE = 32  # prompts scored between two appends to the resume file (each append is fsynced)
 
 
 def _assistant_text(row: dict, key: str, i: int) -> str:
@@ -71,6 +76,35 @@ def score_responses(
         )
         offset += k
     return judgments
+
+
+def label_responses(
+    judge: Judge,
+    responses_rows: list[dict],
+    output: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    stop_ids: set[int],
+    shard: tuple[int, int] = (0, 1),
+    rows_per_write: int = ROWS_PER_WRITE,
+) -> dict:
+    """Write the judgments of this shard's rows of `responses_rows` to `output`; return metrics.
+
+    Scores go to `<output>.partial` `rows_per_write` prompts at a time, so a rerun after an interruption skips the
+    prompts already scored (the judge is called once per response, never twice)."""
+    from selfie.data import select_shard
+
+    mine = select_shard(responses_rows, shard)
+    start, writer = time.perf_counter(), ResumableJsonl(output)
+    todo = [row for row in mine if row["prompt_id"] not in writer.done_keys]
+    if len(todo) < len(mine):
+        logger.info("resuming %s: %d of %d prompts already scored", output, len(mine) - len(todo), len(mine))
+    try:
+        for i in range(0, len(todo), rows_per_write):
+            writer.append(score_responses(judge, todo[i : i + rows_per_write], tokenizer, stop_ids))
+    finally:
+        writer.close()
+    writer.finish()  # the rows are in shard order: the resumed ones, then the rest
+    return {"prompts": len(mine), "resumed": len(mine) - len(todo), "seconds": round(time.perf_counter() - start, 3)}
 
 
 def pair_agreement(judge: Judge, pairs: list[dict]) -> float | None:
