@@ -88,7 +88,7 @@ def test_hash_ignores_harmless_keys():
         (["--generate.top_p", "0"], "'generate.top_p': expected a value in \\(0, 1\\]"),
         (["--generate.max_new_tokens", "0"], "'generate.max_new_tokens': expected >= 1"),
         (["--generate.num_responses", "1"], "'generate.num_responses': expected >= 2"),
-        (["--generate.backend", "vllm"], "'generate.backend': expected 'auto', 'static' or 'continuous', got 'vllm'"),
+        (["--generate.backend", "sglang"], "'generate.backend': expected 'auto', 'static', 'continuous' or 'vllm', got 'sglang'"),
         (["--data.iteration_sizes", "[10, -5]"], "'data.iteration_sizes': expected each > 0"),
         (["--num_iterations", "4"], "'num_iterations': expected 0..3"),
         (["--refine.alpha", "0.9"], "'refine.alpha': expected a value in \\[0, 0.5\\]"),

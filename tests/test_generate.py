@@ -202,8 +202,8 @@ def test_auto_without_enough_prompts_or_a_working_engine_samples_static(policy, 
 
 
 def test_unknown_backend_is_refused_before_writing(policy, tmp_path):
-    with pytest.raises(SelfieError, match="unknown backend 'vllm'"):
-        run(policy, tmp_path / "r.jsonl", make_prompts(2), backend="vllm")
+    with pytest.raises(SelfieError, match="unknown backend 'sglang'"):
+        run(policy, tmp_path / "r.jsonl", make_prompts(2), backend="sglang")
     assert list(tmp_path.iterdir()) == []
 
 
