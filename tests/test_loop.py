@@ -84,6 +84,24 @@ def run_selfie(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def run_two_ranks(recipe: Path, run_dir: Path, *extra: str) -> None:
+    """`selfie run` as 2 processes under accelerate (multi_gpu.yaml, gloo on CPU), 1 pair per rank and step: the
+    single-process tests' global batch of 2."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "multi_gpu.yaml"),
+    ]
+    cmd += [
+        str(ROOT / "scripts" / "run_spa.py"),
+        *recipe_args(recipe, run_dir, *extra, "--train.per_device_train_batch_size", "1"),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def recipe(tiny_model, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("inputs")
@@ -294,17 +312,7 @@ def test_config_mismatch_and_lock_are_refused(recipe, reference_run, tmp_path):
 
 def test_two_process_run_matches_the_single_process_responses(recipe, reference_run, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / "multi_gpu.yaml"),
-        str(ROOT / "scripts" / "run_spa.py"),
-        *recipe_args(recipe, run_dir, "--train.per_device_train_batch_size", "1"),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_ranks(recipe, run_dir)
     ref = reference_run[0]
     # 2 ranks x 1 pair: the reference run's global batch, so the same seed adapter; generation is seeded per
     # prompt, so the responses sampled from it cannot depend on the process count

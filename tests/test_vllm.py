@@ -26,7 +26,7 @@ from selfie.io import read_jsonl
 from selfie.models import attach_lora, load_model, load_policy, save_adapter
 from selfie.tokens import chat_ids
 
-from test_loop import recipe_args, run_selfie, write_inputs, write_recipe
+from test_loop import recipe_args, run_selfie, run_two_ranks, write_inputs, write_recipe
 from tiny import build_tiny_model, perturb_adapter
 
 ROOT = Path(__file__).parent.parent
@@ -202,19 +202,7 @@ def test_the_loop_runs_on_vllm_and_two_ranks_cover_every_prompt_once(loop_recipe
     assert (one / "iter_001" / "adapter" / "adapter_model.safetensors").is_file()
 
     two = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / "multi_gpu.yaml"),
-    ]
-    cmd += [
-        str(ROOT / "scripts" / "run_spa.py"),
-        *recipe_args(loop_recipe, two, *LOOP, "--train.per_device_train_batch_size", "1"),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_ranks(loop_recipe, two, *LOOP)
     merged = read_jsonl(two / "iter_001" / "responses.jsonl")
     assert sorted(r["prompt_id"] for r in merged) == sorted(r["prompt_id"] for r in responses)  # each prompt once
     assert merged == responses  # per-request seeds: a prompt's responses do not depend on its rank's other prompts
