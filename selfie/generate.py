@@ -29,7 +29,7 @@ from selfie.config import GenerateConfig, ModelConfig, RecipeConfig, add_options
 from selfie.data import check_prompt_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import ResumableJsonl, atomic_write_jsonl, check_writable, read_jsonl
-from selfie.models import add_policy_args, load_policy, load_tokenizer
+from selfie.models import add_policy_args, load_policy, load_tokenizer, model_settings
 from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 from selfie.vllm_backend import VllmPolicy, vllm_policy
 
@@ -177,10 +177,7 @@ def load_generator(
     """What `generate_responses` samples from: pi_init + adapter on `device` (loaded as `settings`, a dtype or the
     recipe's model: section, says), or, for vLLM, what its worker loads (no weights in this process)."""
     if backend == "vllm":
-        model_config = settings if isinstance(settings, ModelConfig) else ModelConfig(dtype=settings)
-        return vllm_policy(name, adapter, model_config.dtype, torch.device(device)), load_tokenizer(
-            name, settings if isinstance(settings, ModelConfig) else None
-        )
+        return vllm_policy(name, adapter, settings, torch.device(device)), load_tokenizer(name, model_settings(settings))
     return load_policy(name, adapter, settings, device=device)
 
 

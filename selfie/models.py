@@ -56,6 +56,11 @@ def resolve_dtype(dtype: str, key: str = "model.dtype") -> torch.dtype:
         raise SelfieError(f"{key}: unknown dtype '{dtype}' (auto, float32, bfloat16, float16)") from None
 
 
+def model_settings(settings: str | ModelConfig) -> ModelConfig:
+    """The model: section a loader was given, or one that sets only the dtype it was given."""
+    return settings if isinstance(settings, ModelConfig) else ModelConfig(dtype=settings)
+
+
 def hub_options(settings: ModelConfig | None) -> dict[str, Any]:
     """Which files from_pretrained reads and runs: model.revision and model.trust_remote_code, where set."""
     if settings is None:
@@ -192,7 +197,7 @@ def load_model(name: str, settings: str | ModelConfig = "auto", device: str | to
     A quantised model is placed on `device` (default: this process's accelerator) as its weights load: bitsandbytes
     weights cannot be moved afterwards.
     """
-    settings = settings if isinstance(settings, ModelConfig) else ModelConfig(dtype=settings)
+    settings = model_settings(settings)
     options = pretrained_options(settings)
     if "quantization_config" in options:
         options["device_map"] = {"": torch.device(device) if device is not None else default_device()}
@@ -310,7 +315,7 @@ def load_policy(
 ):
     """Model (as `load_model` loads it, on `device`) plus optional adapter, and its tokenizer: what `generate` and
     `judge` run."""
-    tokenizer = load_tokenizer(name, settings if isinstance(settings, ModelConfig) else None)
+    tokenizer = load_tokenizer(name, model_settings(settings))
     model = load_model(name, settings, device)
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=trainable)

@@ -29,15 +29,17 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PretrainedConfig
 
+from selfie.config import ModelConfig
 from selfie.errors import SelfieError
 from selfie.io import TMP_SUFFIX, read_json
 from selfie.models import (
     cache_dir,
+    hub_options,
     load_generation_config,
     load_model_config,
     load_policy,
-    load_tokenizer,
     merge_adapter,
+    model_settings,
     resolve_dtype,
     resolve_model_path,
 )
@@ -59,6 +61,7 @@ class VllmPolicy:
     model: str
     adapter: Path | None
     dtype: str  # model.dtype, resolved: float32 | bfloat16 | float16
+    settings: ModelConfig  # the recipe's model: section (its revision and trust_remote_code reach vLLM)
     config: PretrainedConfig
     generation_config: GenerationConfig | None
     device: torch.device
@@ -68,15 +71,23 @@ class VllmPolicy:
         return getattr(self.config, "max_position_embeddings", None)
 
 
-def vllm_policy(name: str, adapter: str | Path | None, dtype: str, device: torch.device) -> VllmPolicy:
-    """The worker's policy: `name` resolved to what vLLM reads (a built-in model's safetensors cache), no weights loaded."""
+def vllm_policy(name: str, adapter: str | Path | None, settings: str | ModelConfig, device: torch.device) -> VllmPolicy:
+    """The worker's policy: `name` resolved to what vLLM reads (a built-in model's safetensors cache), loaded as
+    `settings` (a dtype or the recipe's model: section) says, no weights loaded here."""
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise SelfieError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    settings = model_settings(settings)
+    if settings.quantized:  # vLLM's bitsandbytes loading is GPU-only and untested here: say what is sampled from
+        logger.warning(
+            "generate.backend vllm samples from the unquantised weights of %s (model.load_in_4bit / 8bit apply to selfie's own loads)",
+            name,
+        )
     return VllmPolicy(
         model=resolve_model_path(name),
         adapter=Path(adapter) if adapter is not None else None,
-        dtype=str(resolve_dtype(dtype)).removeprefix("torch."),
-        config=load_model_config(name),
+        dtype=str(resolve_dtype(settings.dtype)).removeprefix("torch."),
+        settings=settings,
+        config=load_model_config(name, settings),
         generation_config=load_generation_config(name),
         device=torch.device(device),
     )
@@ -256,10 +267,11 @@ class WorkerError(SelfieError):
 
 def merged_copy(policy: VllmPolicy, directory: Path) -> VllmPolicy:
     """pi_init with the adapter merged in, saved at `directory`: for an adapter vLLM refuses to load."""
-    model, _ = load_policy(policy.model, policy.adapter, policy.dtype)
+    unquantised = dataclasses.replace(policy.settings, dtype=policy.dtype, load_in_4bit=False, load_in_8bit=False)
+    model, tokenizer = load_policy(policy.model, policy.adapter, unquantised)
     merge_adapter(model).save_pretrained(directory, safe_serialization=True)
-    load_tokenizer(policy.model).save_pretrained(directory)
-    return dataclasses.replace(policy, model=str(directory), adapter=None)
+    tokenizer.save_pretrained(directory)
+    return dataclasses.replace(policy, model=str(directory), adapter=None, settings=ModelConfig(dtype=policy.dtype))
 
 
 def sample_vllm(policy: VllmPolicy, items: list, s, output: Path, shard: tuple[int, int], info: dict) -> Iterator:
@@ -277,7 +289,11 @@ def sample_vllm(policy: VllmPolicy, items: list, s, output: Path, shard: tuple[i
     attempt, merged = policy, None
     try:
         while True:
-            request.update(model=attempt.model, adapter=str(attempt.adapter) if attempt.adapter else None)
+            request.update(
+                model=attempt.model,
+                model_options=hub_options(attempt.settings),
+                adapter=str(attempt.adapter) if attempt.adapter else None,
+            )
             request["engine"] = engine_settings(attempt, s.batch_size, max_model_len)
             try:
                 yield from _groups(run_worker(attempt, request, output, shard), rows, s.stop_ids, info)

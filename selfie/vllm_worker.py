@@ -39,6 +39,7 @@ def build_engine(request: dict):
         max_num_seqs=engine["max_num_seqs"],
         enforce_eager=engine["enforce_eager"],
         seed=0,  # every request carries its own seed; this one seeds nothing selfie samples with
+        **request["model_options"],  # revision, trust_remote_code
         **memory,
         **lora,
     )
