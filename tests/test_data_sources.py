@@ -340,3 +340,13 @@ def test_a_max_length_no_prompt_fits_is_refused_by_the_dry_run(tiny_model, tmp_p
     assert "recipe key 'train.max_length': 2 tokens leave no room for a response after any prompt of the seed pairs" in line
     assert line.endswith("so TRL would drop every pair")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_max_length_no_prompt_of_an_iteration_slice_fits_is_refused(tiny_model, tmp_path):
+    """The seed pairs' prompts fit in 40 tokens; none of the 4 prompts of iteration 1's slice does."""
+    from selfie.preflight import preflight
+
+    config = load_recipe(tiny_recipe(tmp_path, tiny_model), ["--train.max_length", "40"])
+    with pytest.raises(SelfieError, match=r"^recipe key 'train.max_length': 40 tokens .* any prompt of iteration 1's slice"):
+        preflight(config)
+    preflight(load_recipe(tiny_recipe(tmp_path, tiny_model), ["--train.max_length", "1024"]))
