@@ -98,6 +98,7 @@ class ModelConfig(Ranged):
     bnb_4bit_quant_type: str = added("nf4")
     bnb_4bit_compute_dtype: str | None = added(None)  # None: model.dtype
     use_bnb_nested_quant: bool = added(False)  # quantise the 4-bit quantisation constants too (double quantisation)
+    chat_template: str | None = added(None)  # a Jinja chat template, or a file holding one; None: the tokenizer's own
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,13 +121,53 @@ class LoraConfig(Ranged):
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+# The columns a source's `columns` may map to: the ones selfie reads (selfie/data.py's layouts).
+SOURCE_COLUMNS = ("prompt_id", "id", "prompt", "instruction", "input", "messages", "chosen", "rejected")
+
+
+@dataclass
+class SourceConfig:
+    """One source of a prompt or preference set (an entry of data.prompts / data.seed_pairs given as a list): what
+    datasets.load_dataset reads, how its columns map to selfie's, and how much of it a mixture takes (drawn with
+    data.shuffle_seed), as alignment-handbook's dataset_mixture entries say."""
+
+    path: str = ""  # hub id, .json/.jsonl/.parquet file, dataset directory (saved or of data files), or a built-in name
+    name: str | None = None  # the dataset's configuration (load_dataset's `name`, the handbook's `config`)
+    revision: str | None = None  # hub branch, tag or commit
+    data_files: str | list[str] | dict[str, Any] | None = None  # files of the hub repo or directory to read
+    data_dir: str | None = None  # a directory inside the hub repo or directory
+    split: str | None = None  # None: data.split
+    columns: dict[str, str] = field(default_factory=dict)  # source column -> selfie column (SOURCE_COLUMNS)
+    weight: float | None = None  # the fraction of the source's rows taken, in (0, 1]
+    count: int | None = None  # or how many of its rows are taken
+
+    def __post_init__(self):
+        where = f"data source '{self.path}'"
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise SelfieError("data source: 'path' is required (a hub id, file or directory)")
+        if self.weight is not None and self.count is not None:
+            raise SelfieError(f"{where}: 'weight' and 'count' exclude each other")
+        if self.weight is not None and not 0 < self.weight <= 1:
+            raise SelfieError(f"{where}: 'weight' is the fraction of its rows taken, in (0, 1], got {self.weight!r}")
+        if self.count is not None and self.count < 1:
+            raise SelfieError(f"{where}: 'count' must be >= 1, got {self.count!r}")
+        for column, target in self.columns.items():
+            if not isinstance(column, str) or target not in SOURCE_COLUMNS:
+                raise SelfieError(
+                    f"{where}: 'columns' maps a source column to one of {', '.join(SOURCE_COLUMNS)}, got {column!r}: {target!r}"
+                )
+
+
+Sources = str | list[SourceConfig]  # a single hub id / file / directory / built-in name, or a mixture of sources
+
+
 @dataclass
 class DataConfig(Ranged):
     SECTION = "data."
     RANGES = {"seed_size": _at_least(0), "iteration_sizes": POSITIVE, "replay": FRACTION}
 
-    prompts: str = "demo"  # prompt pool: hub id, .json/.jsonl/.parquet file, saved dataset dir, or "demo"
-    seed_pairs: str | None = (
+    prompts: Sources = "demo"  # prompt pool: hub id, .json/.jsonl/.parquet file, dataset dir, "demo", or a list of sources
+    seed_pairs: Sources | None = (
         None  # labelled preference set for the seed stage, or "alignez" (self-generated, no label); None = labels of the pool's seed slice
     )
     seed_judge: str | None = None  # label the seed slice with this judge instead (2 samples per prompt; evaluation/judges.py)
@@ -135,6 +176,7 @@ class DataConfig(Ranged):
     shuffle_seed: int = 42
     split: str = "train"  # split name for hub / saved datasets
     replay: float = 0.0  # this fraction of each iteration's training pairs is drawn from the seed pairs (DICE)
+    system_prompt: str | None = added(None)  # the system message of every prompt and seed pair that has none
 
     def __post_init__(self):
         super().__post_init__()
@@ -515,6 +557,13 @@ def _members(tp: Any) -> list[Any]:
     return [tp]
 
 
+def _shape_of(tp: Any) -> type | None:
+    """The container a list or section member of a union holds (data.prompts: a string, or a list of sources)."""
+    if typing.get_origin(tp) is list:
+        return list
+    return dict if _is_dataclass_type(tp) else None
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and gently convert) a YAML value against a field's type hint."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -523,8 +572,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             members = [m for m in members if m is not str]
         if value is None and len(members) < len(typing.get_args(tp)):
             return None
-        if len(members) == 1:  # an optional field: the member's own error names what is wrong
-            return _coerce(value, members[0], key)
+        shaped = [m for m in members if _shape_of(m) is type(value)]
+        if len(members) == 1 or len(shaped) == 1:  # the one member it can be: that member's error names what is wrong
+            return _coerce(value, members[0] if len(members) == 1 else shaped[0], key)
         for arg in members:
             try:
                 return _coerce(value, arg, key)

@@ -1,13 +1,16 @@
 """Load, validate and normalise prompt and preference sets; split a prompt pool deterministically.
 
-A source is a hub id, a local .json / .jsonl / .parquet file, a `save_to_disk` directory, or a
-built-in name: "demo" (300 prompts) or "demo-seed" (40 preference pairs). Rows become chat
-messages ending with a user turn, keyed by a stable `prompt_id`; preference rows follow TRL's
+A source is a hub id, a local .json / .jsonl / .parquet file, a dataset directory (`save_to_disk`'s, or data files
+that `datasets.load_dataset` reads), or a built-in name: "demo" (300 prompts) or "demo-seed" (40 preference pairs).
+A recipe may give a list of sources instead (config.SourceConfig: load_dataset's name / revision / data_files /
+data_dir, a column mapping, and the weight or count of rows taken, drawn with data.shuffle_seed). Rows become
+chat messages ending with a user turn, keyed by a stable `prompt_id`; preference rows follow TRL's
 conversational preference format. Layouts understood, first match wins:
   prompt        a string, or a list of messages
   instruction   a string, with an optional `input` appended (Alpaca)
   messages      a conversation; a final assistant message is dropped
-  chosen        with no prompt column: the conversation before its last message (TRL's implicit prompt)
+  chosen        with `rejected` and no prompt column: TRL's implicit prompt (trl.data_utils.maybe_extract_prompt),
+                conversations (UltraFeedback-style) or strings (hh-rlhf: the prompt is one user message)
 `chosen` / `rejected` are strings or conversations whose last (assistant) message is the response.
 The run's own row files (prompt rows with their ids, responses.jsonl) are checked here too, and
 split over ranks (`select_shard`).
@@ -19,22 +22,27 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from selfie.config import SOURCE_COLUMNS, SourceConfig
 from selfie.errors import SelfieError
-from selfie.io import iter_jsonl
+from selfie.io import iter_jsonl, read_text
+
+if TYPE_CHECKING:
+    from selfie.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
 BUILTIN = {"demo": "demo_prompts.jsonl", "demo-seed": "demo_seed_pairs.jsonl"}
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
-# Columns we read; the rest (scores, metadata, model names) are dropped before converting to Python.
-KNOWN_COLUMNS = ("prompt_id", "id", "prompt", "instruction", "input", "messages", "chosen", "rejected")
 PROMPT_COLUMNS = ("prompt", "instruction", "messages", "chosen")
+LOAD_OPTIONS = ("name", "revision", "data_files", "data_dir")  # what a source hands to datasets.load_dataset
+Numbered = tuple[str, int, dict]  # (source, row number in it, normalised row): where a row came from, for errors
 
 
 class _RowError(Exception):
@@ -48,33 +56,61 @@ def prompt_id_of(messages: list[dict]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def as_sources(value: str | SourceConfig | Sequence[SourceConfig]) -> list[SourceConfig]:
+    """A recipe's data.prompts / data.seed_pairs (a name, or a list of sources) as a list of sources."""
+    if isinstance(value, str):
+        return [SourceConfig(path=value)]
+    return [value] if isinstance(value, SourceConfig) else list(value)
+
+
+def describe_sources(value: str | SourceConfig | Sequence[SourceConfig]) -> str:
+    """How errors and the dry-run plan name a set: its path, or each source with the share a mixture takes."""
+    if isinstance(value, str):
+        return value
+    share = lambda s: f" ({s.weight:g} of it)" if s.weight else f" ({s.count} rows)" if s.count else ""  # noqa: E731
+    return " + ".join(f"{s.path}{share(s)}" for s in as_sources(value))
+
+
 # ---------------------------------------------------------------- reading rows
 
 
-def _read_rows(source: str, split: str) -> tuple[str, list[dict]]:
-    """(name to show in errors, raw rows) of a source."""
-    if source in BUILTIN:
-        path = files("selfie") / "resources" / BUILTIN[source]
-        return source, list(iter_jsonl(Path(str(path))))
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return source, _read_saved(path, split)
-    if path.suffix in FILE_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise SelfieError(f"{source}: file not found")
-        if path.suffix == ".jsonl":
-            return source, list(iter_jsonl(path))
-        if path.suffix == ".json":
-            return source, _read_json(path)
-        if path.suffix == ".parquet":
-            return source, _read_parquet(path)
-        raise SelfieError(f"{source}: unsupported file type (expected {', '.join(FILE_SUFFIXES)} or a saved dataset directory)")
-    return source, _read_hub(source, split)
+def load_options(source: SourceConfig) -> dict[str, Any]:
+    """The datasets.load_dataset arguments a source sets (name, revision, data_files, data_dir)."""
+    return {key: getattr(source, key) for key in LOAD_OPTIONS if getattr(source, key) is not None}
+
+
+def _read_rows(source: SourceConfig, split: str) -> tuple[str, list[dict]]:
+    """(name to show in errors, raw rows with the source's columns mapped) of a source."""
+    name, split, options = source.path, source.split or split, load_options(source)
+    path = Path(name).expanduser()
+    if name in BUILTIN or (not path.is_dir() and (path.suffix in FILE_SUFFIXES or path.exists())):
+        if options:
+            raise SelfieError(f"{name}: {', '.join(options)} apply to hub datasets and dataset directories, not to a file")
+        rows = _read_file(name, path, source.columns)
+    elif path.is_dir() and not options and _is_saved(path):
+        rows = _to_rows(_pick_split(_load_saved(path), name, split), name, source.columns)
+    else:
+        rows = _to_rows(_load_dataset(name, split, options, local=path.is_dir()), name, source.columns)
+    return name, _mapped(rows, source.columns, name)
+
+
+def _read_file(name: str, path: Path, columns: dict[str, str]) -> list[dict]:
+    if name in BUILTIN:
+        return list(iter_jsonl(Path(str(files("selfie") / "resources" / BUILTIN[name]))))
+    if not path.is_file():
+        raise SelfieError(f"{name}: file not found")
+    if path.suffix == ".jsonl":
+        return list(iter_jsonl(path))
+    if path.suffix == ".json":
+        return _read_json(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path, columns)
+    raise SelfieError(f"{name}: unsupported file type (expected {', '.join(FILE_SUFFIXES)} or a dataset directory)")
 
 
 def _read_json(path: Path) -> list[dict]:
     """A JSON array of objects, or JSON Lines under a .json name (what `Dataset.to_json` writes)."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if not text.lstrip().startswith("["):
         return list(iter_jsonl(path))
     try:
@@ -87,20 +123,36 @@ def _read_json(path: Path) -> list[dict]:
     return rows
 
 
-def _to_rows(dataset: Any, name: str) -> list[dict]:
-    if not set(PROMPT_COLUMNS) & set(dataset.column_names):
+def _to_rows(dataset: Any, name: str, columns: dict[str, str]) -> list[dict]:
+    """The rows of a datasets.Dataset, only the columns selfie reads (and those the source maps) converted to Python."""
+    present = set(dataset.column_names)
+    if not set(PROMPT_COLUMNS) & (present | {columns[c] for c in columns if c in present}):
         raise SelfieError(f"{name}: row 1: {_no_prompt(dataset.column_names)}")
-    return dataset.select_columns([c for c in KNOWN_COLUMNS if c in dataset.column_names]).to_list()
+    kept = [c for c in dataset.column_names if c in SOURCE_COLUMNS or c in columns]
+    return dataset.select_columns(kept).to_list()
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _mapped(rows: list[dict], columns: dict[str, str], name: str) -> list[dict]:
+    """Rows with each mapped source column under its selfie name (a column already holding that name gives way)."""
+    if not columns:
+        return rows
+    for column, target in columns.items():
+        if not any(column in row for row in rows):
+            raise SelfieError(f"{name}: no column '{column}' to use as '{target}' (data source columns)")
+    return [
+        {**{k: v for k, v in row.items() if k not in columns.values()}, **{t: row[c] for c, t in columns.items() if c in row}}
+        for row in rows
+    ]
+
+
+def _read_parquet(path: Path, columns: dict[str, str]) -> list[dict]:
     import datasets
 
     try:
         dataset = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise SelfieError(f"{path}: cannot read parquet ({str(e).splitlines()[0]})") from None
-    return _to_rows(dataset, str(path))
+    return _to_rows(dataset, str(path), columns)
 
 
 def _pick_split(dataset: Any, name: str, split: str) -> Any:
@@ -113,31 +165,42 @@ def _pick_split(dataset: Any, name: str, split: str) -> Any:
     return dataset
 
 
-def _read_saved(path: Path, split: str) -> list[dict]:
+def _is_saved(path: Path) -> bool:
+    """Whether `path` is what save_to_disk wrote (a Dataset's state file or a DatasetDict's split list)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _load_saved(path: Path) -> Any:
     import datasets
 
     try:
-        dataset = datasets.load_from_disk(str(path))
+        return datasets.load_from_disk(str(path))
     except FileNotFoundError:
         raise SelfieError(f"{path}: not a saved dataset directory (expected the output of save_to_disk)") from None
-    return _to_rows(_pick_split(dataset, str(path), split), str(path))
 
 
-def _read_hub(source: str, split: str) -> list[dict]:
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _load_dataset(name: str, split: str, options: dict[str, Any], local: bool) -> Any:
+    """datasets.load_dataset of a hub id or a directory of data files, with the source's load options."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(name, split=split, **options)
     except ValueError as e:
         if "split" in str(e).lower():
-            raise SelfieError(f"{source}: no split '{split}' on the Hub dataset; set data.split") from None
-        raise SelfieError(f"{source}: cannot load from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # offline, unknown id, gated repo, ...
+            raise SelfieError(f"{name}: no split '{split}' in the dataset; set data.split") from None
+        raise SelfieError(f"{name}: datasets.load_dataset refuses it ({_first_line(e)})") from None
+    except Exception as e:  # offline, unknown id, gated repo, no data files, ...
+        if local:
+            raise SelfieError(
+                f"{name}: not a saved dataset directory, and datasets.load_dataset cannot read it ({_first_line(e)})"
+            ) from None
         raise SelfieError(
-            f"{source}: not a local file or directory, and cannot load it from the Hugging Face Hub "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            f"{name}: not a local file or directory, and cannot load it from the Hugging Face Hub ({_first_line(e)})"
         ) from None
-    return _to_rows(dataset, source)
 
 
 # ---------------------------------------------------------------- normalising one row
@@ -169,6 +232,38 @@ def _no_prompt(columns: Any) -> str:
     return f"no prompt: expected a 'prompt', 'instruction' or 'messages' column (columns: {present})"
 
 
+def _implicit_prompt(row: dict) -> dict:
+    """A preference row with no prompt column (hh-rlhf, or conversations sharing their first turns): the prompt
+    TRL's maybe_extract_prompt finds, its chosen and rejected what follows it."""
+    from trl.data_utils import is_conversational, maybe_extract_prompt
+
+    pair = {"chosen": row["chosen"], "rejected": row["rejected"]}
+    conversational = [is_conversational({key: value}) for key, value in pair.items()]
+    if conversational[0] != conversational[1]:
+        raise _RowError("'chosen' and 'rejected' must both be strings or both lists of messages")
+    if conversational[0]:
+        pair = {key: _messages(value, key) for key, value in pair.items()}
+    else:
+        pair = {key: _text(value, key) for key, value in pair.items()}
+    extracted = maybe_extract_prompt(pair)
+    if not extracted["prompt"]:
+        raise _RowError("no prompt: no 'prompt' column, and 'chosen' and 'rejected' do not start alike")
+    if not conversational[0]:
+        extracted = _at_word_start(extracted)
+    return {**row, **extracted}
+
+
+def _at_word_start(pair: dict) -> dict:
+    """Text pairs cut where a word starts: TRL's common prefix of "... Sure" and "... Sorry" ends in "S"; the
+    whitespace at the cut belongs to neither side once the prompt is a user message of its own."""
+    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+    word = re.search(r"\S+$", prompt)
+    if word and chosen[:1].strip() and rejected[:1].strip():  # the cut fell inside a word
+        prompt, tail = prompt[: word.start()], prompt[word.start() :]
+        chosen, rejected = tail + chosen, tail + rejected
+    return {"prompt": prompt.strip(), "chosen": chosen.lstrip(), "rejected": rejected.lstrip()}
+
+
 def _prompt(row: dict) -> list[dict]:
     if row.get("prompt") is not None:
         value, key = row["prompt"], "prompt"
@@ -183,7 +278,7 @@ def _prompt(row: dict) -> list[dict]:
         key, messages = "messages", _messages(row["messages"], "messages")
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-    elif isinstance(row.get("chosen"), list):
+    elif isinstance(row.get("chosen"), list):  # a conversation with no rejected one to extract the prompt against
         key, messages = "chosen", _messages(row["chosen"], "chosen")[:-1]
     else:
         raise _RowError(_no_prompt(row))
@@ -218,52 +313,110 @@ def _prompt_id(row: dict, messages: list[dict]) -> str:
     return prompt_id_of(messages)
 
 
-def _normalise(source: str, split: str, preferences: bool) -> list[dict]:
-    """Normalised, validated, de-duplicated rows. For preferences a prompt may carry several pairs."""
+def _normalised_row(row: dict) -> tuple[dict, dict]:
+    """{"prompt_id", "prompt"} of a raw row, plus chosen / rejected where the row is a preference pair."""
+    has_prompt = any(row.get(key) is not None for key in ("prompt", "instruction", "messages"))
+    if not has_prompt and row.get("chosen") is not None and row.get("rejected") is not None:
+        row = _implicit_prompt(row)
+    prompt = _prompt(row)
+    return row, {"prompt_id": _prompt_id(row, prompt), "prompt": prompt}
+
+
+def _normalise(source: SourceConfig, split: str, preferences: bool) -> list[Numbered]:
+    """Normalised, validated, de-duplicated rows of one source. For preferences a prompt may carry several pairs."""
     name, raw = _read_rows(source, split)
-    rows: list[dict] = []
-    first_row: dict[str, tuple[int, list[dict]]] = {}  # prompt_id -> (row number, prompt)
-    seen: set[str] = set()
+    rows: list[Numbered] = []
     for number, row in enumerate(raw, 1):
         try:
-            prompt = _prompt(row)
-            out = {"prompt_id": _prompt_id(row, prompt), "prompt": prompt}
+            row, out = _normalised_row(row)
             if preferences:
                 out["chosen"], out["rejected"] = _response(row, "chosen"), _response(row, "rejected")
         except _RowError as e:
             raise SelfieError(f"{name}: row {number}: {e}") from None
-        pid = out["prompt_id"]
-        if pid in first_row and first_row[pid][1] != prompt:
-            raise SelfieError(
-                f"{name}: row {number}: 'prompt_id' {pid!r} repeats row {first_row[pid][0]} with a different prompt"
-            )
-        first_row.setdefault(pid, (number, prompt))
-        content = json.dumps(out, sort_keys=True)
+        rows.append((name, number, out))
+    distinct = _distinct(rows)
+    if not distinct:
+        raise SelfieError(f"{name}: no rows")
+    if len(distinct) < len(raw):
+        logger.info("%s: dropped %d duplicate rows", name, len(raw) - len(distinct))
+    logger.info("%s: %d %s", name, len(distinct), "preference pairs" if preferences else "prompts")
+    return distinct
+
+
+def _distinct(rows: list[Numbered]) -> list[Numbered]:
+    """The rows with exact repeats dropped; a prompt_id given to two different prompts is an error naming both rows."""
+    first: dict[str, Numbered] = {}
+    seen: set[str] = set()
+    kept = []
+    for name, number, row in rows:
+        pid = row["prompt_id"]
+        other_name, other_number, other = first.setdefault(pid, (name, number, row))
+        if other["prompt"] != row["prompt"]:
+            at = f"row {other_number}" if other_name == name else f"{other_name}: row {other_number}"
+            raise SelfieError(f"{name}: row {number}: 'prompt_id' {pid!r} repeats {at} with a different prompt")
+        content = json.dumps(row, sort_keys=True)
         if content not in seen:
             seen.add(content)
-            rows.append(out)
-    if not rows:
-        raise SelfieError(f"{name}: no rows")
-    if len(rows) < len(raw):
-        logger.info("%s: dropped %d duplicate rows", name, len(raw) - len(rows))
-    logger.info("%s: %d %s", name, len(rows), "preference pairs" if preferences else "prompts")
-    return rows
+            kept.append((name, number, row))
+    return kept
 
 
-def load_prompts(source: str, split: str = "train") -> list[dict]:
-    """Rows {"prompt_id": str, "prompt": [messages ending with a user turn]}, one per distinct prompt."""
-    return _normalise(source, split, preferences=False)
+def _draw(rows: list[Numbered], source: SourceConfig, seed: str) -> list[Numbered]:
+    """The rows a mixture takes from a source: `count` of them, or the `weight` fraction (rounded down), drawn with
+    `seed`, in their own order; all of them when it sets neither."""
+    n = source.count if source.count is not None else int(source.weight * len(rows)) if source.weight else len(rows)
+    if not 1 <= n <= len(rows):
+        asked = f"count {source.count}" if source.count is not None else f"weight {source.weight:g}"
+        raise SelfieError(f"{source.path}: {asked} asks for {n} of its {len(rows)} rows")
+    if n == len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), n))]
 
 
-def load_preferences(source: str, split: str = "train") -> list[dict]:
+def _with_system(row: dict, system_prompt: str) -> dict:
+    """The row's prompt opened by the system message, unless it has one (its prompt_id stays the source's)."""
+    if row["prompt"][0]["role"] == "system":
+        return row
+    return {**row, "prompt": [{"role": "system", "content": system_prompt}, *row["prompt"]]}
+
+
+def _load(sources: Any, split: str, preferences: bool, shuffle_seed: int, system_prompt: str | None) -> list[dict]:
+    """The rows of every source (each its own draw of a mixture, seeded by shuffle_seed and its place), merged."""
+    sources = as_sources(sources)
+    drawn = [
+        row
+        for i, source in enumerate(sources)
+        for row in _draw(_normalise(source, split, preferences), source, f"{shuffle_seed}:{i}")
+    ]
+    rows = [row for _, _, row in (_distinct(drawn) if len(sources) > 1 else drawn)]
+    return [_with_system(row, system_prompt) for row in rows] if system_prompt else rows
+
+
+def load_prompts(source: Any, split: str = "train", *, shuffle_seed: int = 42, system_prompt: str | None = None) -> list[dict]:
+    """Rows {"prompt_id": str, "prompt": [messages ending with a user turn]}, one per distinct prompt, of a source
+    or a list of them (`as_sources`); `system_prompt` opens each prompt that has no system message."""
+    return _load(source, split, False, shuffle_seed, system_prompt)
+
+
+def load_preferences(
+    source: Any, split: str = "train", *, shuffle_seed: int = 42, system_prompt: str | None = None
+) -> list[dict]:
     """Rows {"prompt_id", "prompt", "chosen": [assistant message], "rejected": [assistant message]}."""
-    return _normalise(source, split, preferences=True)
+    return _load(source, split, True, shuffle_seed, system_prompt)
 
 
-def seed_slice_pairs(source: str, split: str, seed_rows: list[dict]) -> list[dict]:
-    """The labelled pairs of the pool's seed slice (SPA's split): the seed set when the recipe names none."""
+def pool_prompts(d: DataConfig) -> list[dict]:
+    """The recipe's prompt pool (data.prompts) as its data: section loads it."""
+    return load_prompts(d.prompts, d.split, shuffle_seed=d.shuffle_seed, system_prompt=d.system_prompt)
+
+
+def seed_preferences(d: DataConfig, seed_rows: list[dict]) -> list[dict]:
+    """The labelled seed pairs: data.seed_pairs, else the labels of the pool's seed slice (SPA's split)."""
+    options = {"shuffle_seed": d.shuffle_seed, "system_prompt": d.system_prompt}
+    if d.seed_pairs:
+        return load_preferences(d.seed_pairs, d.split, **options)
     try:
-        pairs = load_preferences(source, split)
+        pairs = load_preferences(d.prompts, d.split, **options)
     except SelfieError as e:
         raise SelfieError(
             f"with neither data.seed_pairs nor data.seed_judge set, the seed labels come from data.prompts, but {e}"
@@ -271,7 +424,9 @@ def seed_slice_pairs(source: str, split: str, seed_rows: list[dict]) -> list[dic
     ids = {row["prompt_id"] for row in seed_rows}
     pairs = [row for row in pairs if row["prompt_id"] in ids]
     if not pairs:
-        raise SelfieError(f"data.prompts '{source}': no labelled pairs for the seed slice; set data.seed_pairs")
+        raise SelfieError(
+            f"data.prompts '{describe_sources(d.prompts)}': no labelled pairs for the seed slice; set data.seed_pairs"
+        )
     return pairs
 
 

@@ -98,12 +98,22 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file; one in another encoding is an error naming the file and the line (not a traceback)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SelfieError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise SelfieError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise SelfieError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
@@ -113,17 +123,16 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     if not path.is_file():
         raise SelfieError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SelfieError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SelfieError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield row
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SelfieError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise SelfieError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield row
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -182,7 +191,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise SelfieError(f"{path}: {what} file not found")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as e:
         raise SelfieError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):

@@ -33,7 +33,7 @@ from transformers import (
 
 from selfie.config import LoraConfig, ModelConfig, add_options
 from selfie.errors import SelfieError
-from selfie.io import atomic_directory, atomic_write_json, read_json
+from selfie.io import atomic_directory, atomic_write_json, read_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -174,13 +174,33 @@ def load_model_config(name: str, settings: ModelConfig | None = None) -> Pretrai
 
 
 def load_tokenizer(name: str, settings: ModelConfig | None = None) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **hub_options(settings))
+    """The model's tokenizer, with model.chat_template in place of its own where the recipe sets one (a GGUF model not
+    converted yet: read from the GGUF file, as its conversion saves it)."""
+    gguf = _gguf_source(name)
+    if gguf is not None and not (gguf[1] / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf[0].parent), gguf_file=gguf[0].name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **hub_options(settings))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if settings is not None and settings.chat_template:
+        tokenizer.chat_template = chat_template(settings.chat_template)
     if tokenizer.chat_template is None:
-        raise SelfieError(f"model '{name}': its tokenizer has no chat template")
+        raise SelfieError(
+            f"model '{name}': its tokenizer has no chat template; set model.chat_template (a Jinja template or a file holding one)"
+        )
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def chat_template(value: str) -> str:
+    """model.chat_template: a Jinja template as written, or the text of the file it names."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise SelfieError(f"recipe key 'model.chat_template': {value}: no such file, and not a Jinja template (no {{{{ or {{%)")
+    return read_text(path)
 
 
 def load_generation_config(name: str) -> GenerationConfig | None:

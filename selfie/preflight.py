@@ -24,7 +24,7 @@ from selfie.rundir import CHECKPOINTS, RunContext, check_recipe
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -50,8 +50,10 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
     todo = [step for step in steps if step not in done]
     stages = {stage for _, stage in todo}
     inputs, sizes, splits = [], {}, None
+    tokenizer = None
     if todo:
         inputs.append(check_model(config))
+        tokenizer = check_tokenizer(config, inputs)
         check_trainer(config)
     samples = {"generate", "eval"} | ({"seed"} if config.data.seed_judge else set())  # the stages that generate
     if config.generate.backend == "vllm" and stages & samples:
@@ -61,7 +63,11 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
     if stages & {"seed", "generate", "eval"}:
         splits = prompt_pool(config, inputs)
     if (0, "seed") in todo:
-        sizes["seed"] = check_seed(config, splits, inputs)
+        seed_prompts = check_seed(config, splits, inputs)
+        sizes["seed"] = None if seed_prompts is None else len(seed_prompts)
+        check_max_length(config, tokenizer, seed_prompts or [], "the seed pairs")
+    for t in sorted({t for t, stage in todo if stage == "train"} if splits is not None else ()):
+        check_max_length(config, tokenizer, [row["prompt"] for row in splits.iterations[t - 1]], f"iteration {t}'s slice")
     if "judge" in stages and config.judge.labeller != "implicit":
         check_judge_spec(config.judge.labeller, "judge.labeller", inputs)
     if "eval" in stages:
@@ -158,6 +164,46 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+def check_tokenizer(config: RecipeConfig, inputs: list[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer loads with a chat template (model.chat_template, else its own) that renders a conversation."""
+    import jinja2
+
+    from selfie.models import load_tokenizer
+    from selfie.tokens import chat_ids
+
+    tokenizer = load_tokenizer(config.model.name, config.model)
+    key = "model.chat_template" if config.model.chat_template else "model.name"
+    try:
+        chat_ids(tokenizer, [{"role": "user", "content": "Hello?"}], add_generation_prompt=True)
+    except (jinja2.TemplateError, ValueError, TypeError) as e:  # a syntax or render error, raise_exception() on a role
+        raise SelfieError(f"recipe key '{key}': the chat template cannot render a conversation ({_first_line(e)})") from None
+    system = f"; system prompt {config.data.system_prompt!r:.60}" if config.data.system_prompt else ""
+    source = "model.chat_template" if config.model.chat_template else "the tokenizer's own"
+    inputs.append(f"template   {source}{system}")
+    return tokenizer
+
+
+def check_max_length(config: RecipeConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]], what: str) -> None:
+    """Refuse a train.max_length that TRL would drop every pair of a stage for: with keep_start truncation a pair whose
+    prompt alone fills max_length is dropped (trainer.py::_prepare_dataset). Prompts are tried shortest text first,
+    so a fitting max_length costs a few encodings."""
+    from selfie.tokens import chat_ids
+
+    limit = config.train.max_length
+    if limit is None or not prompts or config.train.trainer_args.get("truncation_mode", "keep_start") != "keep_start":
+        return
+    shortest = None
+    for prompt in sorted(prompts, key=lambda p: sum(len(m["content"]) for m in p)):
+        length = len(chat_ids(tokenizer, prompt, add_generation_prompt=True))
+        if length < limit:
+            return
+        shortest = length if shortest is None else min(shortest, length)
+    raise SelfieError(
+        f"recipe key 'train.max_length': {limit} tokens leave no room for a response after any prompt of {what} "
+        f"(the shortest is {shortest} tokens), so TRL would drop every pair"
+    )
+
+
 def check_trainer(config: RecipeConfig) -> None:
     """The scheduler exists, and TRL takes the train: and refine: settings as the seed and iteration stages pass
     them (building its config is cheap and creates nothing)."""
@@ -208,42 +254,39 @@ def check_init(config: RecipeConfig) -> str:
 
 def prompt_pool(config: RecipeConfig, inputs: list[str]) -> Splits:
     """The prompt pool cut into the seed slice, one slice per iteration and the held-out rest (each used slice non-empty)."""
-    from selfie.data import load_prompts, split_prompts
+    from selfie.data import describe_sources, pool_prompts, split_prompts
 
     d = config.data
-    rows = load_prompts(d.prompts, d.split)
+    rows = pool_prompts(d)
     splits = split_prompts(rows, d.seed_size, d.iteration_sizes, d.shuffle_seed)
     for t, rows_t in enumerate(splits.iterations[: config.num_iterations], 1):
         if not rows_t:
-            raise SelfieError(f"data.prompts '{d.prompts}': no prompts left for iteration {t}'s slice")
+            raise SelfieError(f"data.prompts '{describe_sources(d.prompts)}': no prompts left for iteration {t}'s slice")
     inputs.append(
-        f"prompts    {d.prompts}: {len(rows)} prompts -> seed slice {len(splits.seed)}, iteration slices "
+        f"prompts    {describe_sources(d.prompts)}: {len(rows)} prompts -> seed slice {len(splits.seed)}, iteration slices "
         f"{', '.join(str(len(s)) for s in splits.iterations)}, held out {len(splits.held_out)}"
     )
     return splits
 
 
-def check_seed(config: RecipeConfig, splits: Splits, inputs: list[str]) -> int | None:
-    """Where the seed pairs come from, checked; returns how many there will be at most (None: self-generated)."""
-    from selfie.data import load_preferences, seed_slice_pairs
+def check_seed(config: RecipeConfig, splits: Splits, inputs: list[str]) -> list[list[dict]] | None:
+    """Where the seed pairs come from, checked; returns the prompts they will be made of, at most (None: self-generated)."""
+    from selfie.data import describe_sources, seed_preferences
 
     d = config.data
     if d.seed_pairs == "alignez":  # the init stage's own AlignEZ data, else AlignEZ's defaults
         settings = config.init if isinstance(config.init, AlignEZConfig) else AlignEZConfig()
         inputs.append(f"seed pairs AlignEZ's self-generated pairs from {settings.num_prompts} prompts of {settings.prompts}")
         return None
-    if d.seed_pairs:
-        pairs = load_preferences(d.seed_pairs, d.split)
-        inputs.append(f"seed pairs {d.seed_pairs}: {len(pairs)} pairs")
-        return len(pairs)
     if d.seed_judge:
         if not splits.seed:
             raise SelfieError("data.seed_judge is set but the seed slice is empty; set data.seed_size")
         check_judge_spec(d.seed_judge, "data.seed_judge", inputs)
-        return len(splits.seed)
-    pairs = seed_slice_pairs(d.prompts, d.split, splits.seed)
-    inputs.append(f"seed pairs the labels of the seed slice in {d.prompts}: {len(pairs)} pairs")
-    return len(pairs)
+        return [row["prompt"] for row in splits.seed]
+    pairs = seed_preferences(d, splits.seed)
+    where = describe_sources(d.seed_pairs) if d.seed_pairs else f"the labels of the seed slice in {describe_sources(d.prompts)}"
+    inputs.append(f"seed pairs {where}: {len(pairs)} pairs")
+    return [row["prompt"] for row in pairs]
 
 
 def check_judge_spec(spec: str, key: str, inputs: list[str]) -> None:

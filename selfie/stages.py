@@ -170,19 +170,17 @@ def _spec_scores(ctx: StageContext, spec: str, responses: list[dict], final: Pat
 
 
 def seed_pairs(ctx: StageContext) -> list[dict]:
-    """The labelled seed set: `data.seed_pairs` (a file, or AlignEZ's self-generated pairs), else the labels of the
+    """The labelled seed set: `data.seed_pairs` (a set, or AlignEZ's self-generated pairs), else the labels of the
     pool's seed slice (SPA's split)."""
     from selfie.config import AlignEZConfig
-    from selfie.data import load_preferences, seed_slice_pairs
+    from selfie.data import seed_preferences
     from selfie.edit import alignez_seed_pairs, work_dir_for
 
     c, d = ctx.config, ctx.config.data
     if d.seed_pairs == "alignez":  # no human label; an AlignEZ init's own data is reused
         init = c.init if isinstance(c.init, AlignEZConfig) else None
         return alignez_seed_pairs(c.model.name, init, work_dir_for(ctx.init_model), c.seed)
-    if d.seed_pairs:
-        return load_preferences(d.seed_pairs, d.split)
-    return seed_slice_pairs(d.prompts, d.split, ctx.splits.seed)
+    return seed_preferences(d, ctx.splits.seed)
 
 
 def gold_labels(ctx: StageContext) -> dict:
@@ -213,7 +211,7 @@ def _tokenizer_and_stops(ctx: StageContext):
     from selfie.models import load_generation_config, load_tokenizer
     from selfie.tokens import stop_token_ids
 
-    tokenizer = load_tokenizer(ctx.pi_init)
+    tokenizer = load_tokenizer(ctx.pi_init, ctx.config.model)
     return tokenizer, stop_token_ids(load_generation_config(ctx.pi_init), tokenizer)
 
 

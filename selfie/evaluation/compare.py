@@ -30,10 +30,11 @@ INIT = -1  # run_scores key of pi_init (the run's base model, no adapter)
 
 
 def eval_prompts(source: str, split: str, num_prompts: int | None, config: RecipeConfig | None = None) -> list[dict]:
-    """The first `num_prompts` prompts of `source`; for the run's own prompt pool, of its held-out slice."""
+    """The first `num_prompts` prompts of `source`; for the run's own prompt pool, of its held-out slice. A run's
+    data.system_prompt opens them as it opens the prompts the run trains on."""
     from selfie.data import load_prompts, split_prompts
 
-    prompts = load_prompts(source, split)
+    prompts = load_prompts(source, split, system_prompt=config.data.system_prompt if config is not None else None)
     if config is not None and (source, split) == (config.data.prompts, config.data.split):
         d = config.data
         prompts = split_prompts(prompts, d.seed_size, d.iteration_sizes, d.shuffle_seed).held_out
