@@ -157,6 +157,19 @@ def test_a_recipes_mixture_is_drawn_with_data_shuffle_seed_and_round_trips(two_s
     assert again.data.prompts == config.data.prompts and config_hash(again) == config_hash(config)
 
 
+def test_evaluating_a_run_on_its_mixed_pool_uses_the_held_out_slice_of_the_pool_as_the_run_drew_it(two_sources):
+    from selfie.data import pool_prompts, split_prompts
+    from selfie.evaluation.compare import eval_prompts
+
+    a, b = two_sources
+    sources = f"[{{path: {a}, weight: 0.5}}, {{path: {b}, count: 12}}]"
+    overrides = ["--data.prompts", sources, "--data.shuffle_seed", "3", "--data.seed_size", "2"]
+    config = load_recipe(None, [*overrides, "--data.iteration_sizes", "[4]", "--num_iterations", "1"])
+    held_out = split_prompts(pool_prompts(config.data), 2, [4], 3).held_out
+    assert len(held_out) == 17 - 6
+    assert ids(eval_prompts(config.data.prompts, config.data.split, 0, config)) == ids(held_out)
+
+
 @pytest.mark.parametrize(
     "source, message",
     [

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from selfie.config import EvalOptions, ModelConfig
+from selfie.config import EvalOptions, ModelConfig, Sources
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge, load_judge
 from selfie.evaluation.stats import bootstrap_ci, length_controlled, win_rate
@@ -29,17 +29,20 @@ logger = logging.getLogger(__name__)
 INIT = -1  # run_scores key of pi_init (the run's base model, no adapter)
 
 
-def eval_prompts(source: str, split: str, num_prompts: int | None, config: RecipeConfig | None = None) -> list[dict]:
-    """The first `num_prompts` prompts of `source`; for the run's own prompt pool, of its held-out slice. A run's
-    data.system_prompt opens them as it opens the prompts the run trains on."""
-    from selfie.data import load_prompts, split_prompts
+def eval_prompts(source: Sources, split: str, num_prompts: int | None, config: RecipeConfig | None = None) -> list[dict]:
+    """The first `num_prompts` prompts of `source`; for the run's own prompt pool (a mixture drawn as the run drew
+    it), of its held-out slice. A run's data.system_prompt opens them as it opens the prompts the run trains on."""
+    from selfie.data import describe_sources, load_prompts, pool_prompts, split_prompts
 
-    prompts = load_prompts(source, split, system_prompt=config.data.system_prompt if config is not None else None)
     if config is not None and (source, split) == (config.data.prompts, config.data.split):
         d = config.data
-        prompts = split_prompts(prompts, d.seed_size, d.iteration_sizes, d.shuffle_seed).held_out
+        prompts = split_prompts(pool_prompts(d), d.seed_size, d.iteration_sizes, d.shuffle_seed).held_out
         if not prompts:
-            raise SelfieError(f"eval.prompts '{source}': no held-out prompts left after the seed and iteration slices")
+            raise SelfieError(
+                f"eval.prompts '{describe_sources(source)}': no held-out prompts left after the seed and iteration slices"
+            )
+    else:
+        prompts = load_prompts(source, split, system_prompt=config.data.system_prompt if config is not None else None)
     return prompts[:num_prompts] if num_prompts else prompts
 
 
