@@ -33,7 +33,7 @@ def init(ctx: StageContext, t: int) -> dict:
     from selfie.edit import build_edited_model
 
     c = ctx.config
-    ctx.ranks.on_main(lambda: build_edited_model(c.init, c.model.name, ctx.init_model, c.seed))
+    ctx.ranks.on_main(lambda: build_edited_model(c.init, c.model.name, ctx.init_model, c.seed, c.model))
     return {"method": c.init.method}
 
 
@@ -179,7 +179,7 @@ def seed_pairs(ctx: StageContext) -> list[dict]:
     c, d = ctx.config, ctx.config.data
     if d.seed_pairs == "alignez":  # no human label; an AlignEZ init's own data is reused
         init = c.init if isinstance(c.init, AlignEZConfig) else None
-        return alignez_seed_pairs(c.model.name, init, work_dir_for(ctx.init_model), c.seed)
+        return alignez_seed_pairs(c.model.name, init, work_dir_for(ctx.init_model), c.seed, c.model)
     return seed_preferences(d, ctx.splits.seed)
 
 

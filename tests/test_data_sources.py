@@ -347,6 +347,22 @@ def test_a_tokenizer_without_a_chat_template_is_one_line_before_the_run(template
     assert "template   model.chat_template" in result.stdout and not (tmp_path / "run").exists()
 
 
+def test_an_init_edit_loads_pi_init_with_the_recipes_chat_template(templateless_model, tmp_path):
+    from selfie.config import RAHFConfig
+    from selfie.edit import build_edited_model
+
+    init = RAHFConfig(num_prompts=4, max_new_tokens_resp=4, batch_size=4, dtype="float32", steps=1)
+    with pytest.raises(SelfieError, match="has no chat template; set model.chat_template"):
+        build_edited_model(init, templateless_model, tmp_path / "bare", seed=0)
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    settings = ModelConfig(name=templateless_model, chat_template=template)
+    out = build_edited_model(init, templateless_model, tmp_path / "edited", seed=0, model_settings=settings)
+    assert load_tokenizer(str(out)).chat_template == template  # the edited pi_init keeps the template it was built with
+    other = ModelConfig(name=templateless_model, chat_template=template.replace(": ", " -> "))
+    with pytest.raises(SelfieError, match=r"was built with other settings \(model.chat_template: "):
+        build_edited_model(init, templateless_model, out, seed=0, model_settings=other)
+
+
 def test_a_max_length_no_prompt_fits_is_refused_by_the_dry_run(tiny_model, tmp_path):
     recipe = tiny_recipe(tmp_path, tiny_model)
     line = one_line_error(selfie("run", str(recipe), "--dry-run", "--train.max_length", "2", cwd=tmp_path))

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from selfie.config import INIT_METHODS, AlignEZConfig, EditConfig, RAHFConfig, RecipeConfig, add_options, load_init
+from selfie.config import INIT_METHODS, AlignEZConfig, EditConfig, ModelConfig, RAHFConfig, RecipeConfig, add_options, load_init
 from selfie.edit.alignez import alignez_edits
 from selfie.edit.alignez_data import AlignEZData, generate_alignez_data
 from selfie.edit.apply import EDIT_FILE, fold_edits, is_saved_model, save_standalone
@@ -38,11 +38,24 @@ def work_dir_for(model_dir: str | Path) -> Path:
     return model_dir.with_name(model_dir.name + ".work")
 
 
-def _load(model_name: str, dtype: str):
+def _loading(model_name: str, dtype: str, settings: ModelConfig | None) -> ModelConfig:
+    """How pi_init is loaded to be edited: as the recipe's model: section says (revision, remote code, chat template),
+    in init.dtype and unquantised (the edit is folded into full-precision weights)."""
+    return dataclasses.replace(settings or ModelConfig(name=model_name), dtype=dtype, load_in_4bit=False, load_in_8bit=False)
+
+
+def _loading_record(settings: ModelConfig | None) -> dict:
+    """The model: keys besides the name that change what an edit is built from, where set (old builds record none)."""
+    keys = ("revision", "trust_remote_code", "chat_template")
+    return {key: getattr(settings, key) for key in keys if settings is not None and getattr(settings, key)}
+
+
+def _load(model_name: str, dtype: str, settings: ModelConfig | None):
     from selfie.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(model_name)
-    return load_model(model_name, dtype, "cuda" if torch.cuda.is_available() else None).eval(), tokenizer
+    loading = _loading(model_name, dtype, settings)
+    tokenizer = load_tokenizer(model_name, loading)
+    return load_model(model_name, loading, "cuda" if torch.cuda.is_available() else None).eval(), tokenizer
 
 
 def _prompts(config: EditConfig, seed: int) -> list[dict]:
@@ -54,11 +67,15 @@ def _prompts(config: EditConfig, seed: int) -> list[dict]:
     return random.Random(seed).sample(rows, config.num_prompts)
 
 
-def _data_settings(model_name: str, config: EditConfig, seed: int, keys: tuple[str, ...]) -> dict:
+def _data_settings(
+    model_name: str, model_settings: ModelConfig | None, config: EditConfig, seed: int, keys: tuple[str, ...]
+) -> dict:
     """What the self-generated data depends on (so that changing e.g. alpha reuses it)."""
     settings = dataclasses.asdict(config)
+    loading = _loading_record(model_settings)
     return {
         "model": model_name,
+        **({"loading": loading} if loading else {}),
         "seed": seed,
         **{
             k: settings[k] for k in ("prompts", "num_prompts", "max_new_tokens_resp", "temperature", "batch_size", "dtype", *keys)
@@ -67,7 +84,12 @@ def _data_settings(model_name: str, config: EditConfig, seed: int, keys: tuple[s
 
 
 def _alignez_data(
-    load: Callable[[], tuple[Any, Any]], config: AlignEZConfig, model_name: str, work: Path, seed: int
+    load: Callable[[], tuple[Any, Any]],
+    config: AlignEZConfig,
+    model_name: str,
+    model_settings: ModelConfig | None,
+    work: Path,
+    seed: int,
 ) -> AlignEZData:
     """The self-generated AlignEZ data from `work` if made there with these settings, else made by the model `load()` gives."""
 
@@ -86,11 +108,13 @@ def _alignez_data(
         )
         return {"pairs": data.pairs, "plain": data.plain, "characteristics": data.characteristics}
 
-    settings = _data_settings(model_name, config, seed, ("keywords", "max_new_tokens_char"))
+    settings = _data_settings(model_name, model_settings, config, seed, ("keywords", "max_new_tokens_char"))
     return AlignEZData(**cached_rows(work, "alignez_data", settings, make))
 
 
-def alignez_seed_pairs(model_name: str, config: AlignEZConfig | None, work_dir: str | Path, seed: int = 42) -> list[dict]:
+def alignez_seed_pairs(
+    model_name: str, config: AlignEZConfig | None, work_dir: str | Path, seed: int = 42, model_settings: ModelConfig | None = None
+) -> list[dict]:
     """AlignEZ's self-generated (y+, y-) pairs as seed-DPO data with no human label, in pairs.jsonl format.
 
     `config` holds the AlignEZ settings (None: the defaults). Called with the run's own AlignEZ
@@ -103,19 +127,24 @@ def alignez_seed_pairs(model_name: str, config: AlignEZConfig | None, work_dir: 
     config = config or AlignEZConfig()
     if not isinstance(config, AlignEZConfig):
         raise SelfieError(f"AlignEZ seed pairs need AlignEZ settings, got init.method '{config.method}'")
-    return _alignez_data(lambda: _load(model_name, config.dtype), config, model_name, Path(work_dir), seed).pairs
+    load = lambda: _load(model_name, config.dtype, model_settings)  # noqa: E731
+    return _alignez_data(load, config, model_name, model_settings, Path(work_dir), seed).pairs
 
 
-def _build_alignez(model, tokenizer, config: AlignEZConfig, model_name: str, work: Path, seed: int) -> dict:
+def _build_alignez(
+    model, tokenizer, config: AlignEZConfig, model_name: str, model_settings: ModelConfig | None, work: Path, seed: int
+) -> dict:
     start = time.perf_counter()
-    data = _alignez_data(lambda: (model, tokenizer), config, model_name, work, seed)
+    data = _alignez_data(lambda: (model, tokenizer), config, model_name, model_settings, work, seed)
     middle = time.perf_counter()
     edits, info = alignez_edits(model, tokenizer, data, config, seed)
     fold_edits(model, edits, config.location)
     return {**info, "seconds": {"data": round(middle - start, 2), "edit": round(time.perf_counter() - middle, 2)}}
 
 
-def _build_rahf(model, tokenizer, config: RAHFConfig, model_name: str, work: Path, seed: int) -> tuple[Any, dict]:
+def _build_rahf(
+    model, tokenizer, config: RAHFConfig, model_name: str, model_settings: ModelConfig | None, work: Path, seed: int
+) -> tuple[Any, dict]:
     def make() -> dict[str, list[dict]]:
         prompts = _prompts(config, seed)
         samples = sample(
@@ -136,14 +165,17 @@ def _build_rahf(model, tokenizer, config: RAHFConfig, model_name: str, work: Pat
         }
 
     start = time.perf_counter()
-    rows = cached_rows(work, "rahf_data", _data_settings(model_name, config, seed, ()), make)["responses"]
+    rows = cached_rows(work, "rahf_data", _data_settings(model_name, model_settings, config, seed, ()), make)["responses"]
     middle = time.perf_counter()
     model, info = rahf_model(model, tokenizer, [r["prompt"] for r in rows], [r["responses"][0] for r in rows], config, seed)
     return model, {**info, "seconds": {"data": round(middle - start, 2), "edit": round(time.perf_counter() - middle, 2)}}
 
 
-def build_edited_model(config: EditConfig, model_name: str, output_dir: str | Path, seed: int = 42) -> Path:
-    """Build the edited model that `config` (a recipe's `init:`) describes into `output_dir` and return it.
+def build_edited_model(
+    config: EditConfig, model_name: str, output_dir: str | Path, seed: int = 42, model_settings: ModelConfig | None = None
+) -> Path:
+    """Build the edited model that `config` (a recipe's `init:`) describes into `output_dir` and return it, from
+    `model_name` loaded as `model_settings` (the recipe's model: section, if any) says.
 
     The directory is a plain transformers model (safetensors + tokenizer) that needs no selfie code.
     """
@@ -151,17 +183,19 @@ def build_edited_model(config: EditConfig, model_name: str, output_dir: str | Pa
     method = config.method
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "method"}
     provenance = {"method": method, "model": model_name, "seed": seed, "init": settings}
+    if loading := _loading_record(model_settings):
+        provenance["loading"] = loading
     if is_saved_model(output_dir):
         _check_provenance(output_dir, provenance)
         logger.info("%s already holds the edited model; reusing it", output_dir)
         return output_dir
     torch.manual_seed(seed)
-    model, tokenizer = _load(model_name, config.dtype)
+    model, tokenizer = _load(model_name, config.dtype, model_settings)
     work = work_dir_for(output_dir)
     if method == "alignez":
-        provenance["result"] = _build_alignez(model, tokenizer, config, model_name, work, seed)
+        provenance["result"] = _build_alignez(model, tokenizer, config, model_name, model_settings, work, seed)
     else:
-        model, provenance["result"] = _build_rahf(model, tokenizer, config, model_name, work, seed)
+        model, provenance["result"] = _build_rahf(model, tokenizer, config, model_name, model_settings, work, seed)
     return save_standalone(model, tokenizer, output_dir, provenance)
 
 
@@ -170,12 +204,17 @@ def _check_provenance(output_dir: Path, provenance: dict) -> None:
     if not path.is_file():
         raise SelfieError(f"{output_dir}: holds a model that selfie did not build; choose another output directory")
     saved = read_json(path)
-    expected = {**provenance["init"], "method": provenance["method"], "model": provenance["model"], "seed": provenance["seed"]}
-    found = {**saved.get("init", {}), "method": saved.get("method"), "model": saved.get("model"), "seed": saved.get("seed")}
+
+    def keyed(record: dict) -> dict:
+        loading = {f"model.{k}": v for k, v in record.get("loading", {}).items()}
+        return {**record.get("init", {}), **{k: record.get(k) for k in ("method", "model", "seed")}, **loading}
+
+    expected, found = keyed(provenance), keyed(saved)
     differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
     if differing:
+        name = differing[0] if "." in differing[0] else f"init.{differing[0]}"
         raise SelfieError(
-            f"{output_dir}: was built with other settings (init.{differing[0]}: {found.get(differing[0])!r} there, "
+            f"{output_dir}: was built with other settings ({name}: {found.get(differing[0])!r} there, "
             f"{expected.get(differing[0])!r} now); remove it or choose another output directory"
         )
 
