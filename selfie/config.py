@@ -109,6 +109,10 @@ class ModelConfig(Ranged):
     def quantized(self) -> bool:
         return self.load_in_4bit or self.load_in_8bit
 
+    def unquantised(self, dtype: str) -> ModelConfig:
+        """This section loading the full-precision weights in `dtype`: where weights are merged into or edited."""
+        return dataclasses.replace(self, dtype=dtype, load_in_4bit=False, load_in_8bit=False)
+
 
 @dataclass
 class LoraConfig(Ranged):

@@ -11,7 +11,6 @@ The export is built in a temporary directory beside DIR and renamed into place.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -94,7 +93,7 @@ def full_precision(settings: ModelConfig) -> ModelConfig:
     exports its adapter merged into, or pointed at, the unquantised base."""
     if settings.quantized:
         logger.warning("the run trained on a quantised base: exporting against its unquantised float32 weights")
-    return dataclasses.replace(settings, dtype="float32", load_in_4bit=False, load_in_8bit=False)
+    return settings.unquantised("float32")
 
 
 def write_merged(base: str, adapter: Path, directory: Path, dtype: torch.dtype | None, settings: ModelConfig) -> None:

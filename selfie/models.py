@@ -147,6 +147,15 @@ def _gguf_source(name: str) -> tuple[Path, Path] | None:
     return path.resolve(), cache_dir() / "models" / f"{path.stem}-{digest}"
 
 
+def _unconverted_gguf(name: str) -> dict[str, str] | None:
+    """from_pretrained's arguments reading a GGUF model's config or tokenizer from the file itself, where the model is
+    not converted yet (conversion takes seconds that a config or tokenizer does not need); None otherwise."""
+    gguf = _gguf_source(name)
+    if gguf is None or (gguf[1] / "config.json").is_file():
+        return None
+    return {"pretrained_model_name_or_path": str(gguf[0].parent), "gguf_file": gguf[0].name}
+
+
 def resolve_model_path(name: str) -> str:
     """A path or hub id that `from_pretrained` can read directly."""
     gguf = _gguf_source(name)
@@ -164,10 +173,10 @@ def resolve_model_path(name: str) -> str:
 
 def load_model_config(name: str, settings: ModelConfig | None = None) -> PretrainedConfig:
     """The model's config, without its weights (a GGUF model not converted yet: read from the GGUF file)."""
-    gguf = _gguf_source(name)
+    gguf = _unconverted_gguf(name)
     try:
-        if gguf is not None and not (gguf[1] / "config.json").is_file():
-            return AutoConfig.from_pretrained(str(gguf[0].parent), gguf_file=gguf[0].name)
+        if gguf is not None:
+            return AutoConfig.from_pretrained(**gguf)
         return AutoConfig.from_pretrained(resolve_model_path(name), **hub_options(settings))
     except (OSError, ValueError) as e:
         raise SelfieError(f"model '{name}': cannot load its config ({str(e).splitlines()[0][:200]})") from None
@@ -176,9 +185,9 @@ def load_model_config(name: str, settings: ModelConfig | None = None) -> Pretrai
 def load_tokenizer(name: str, settings: ModelConfig | None = None) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with model.chat_template in place of its own where the recipe sets one (a GGUF model not
     converted yet: read from the GGUF file, as its conversion saves it)."""
-    gguf = _gguf_source(name)
-    if gguf is not None and not (gguf[1] / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf[0].parent), gguf_file=gguf[0].name)
+    gguf = _unconverted_gguf(name)
+    if gguf is not None:
+        tokenizer = AutoTokenizer.from_pretrained(**gguf)
     else:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), **hub_options(settings))
     if tokenizer.pad_token is None:

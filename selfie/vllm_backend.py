@@ -267,8 +267,7 @@ class WorkerError(SelfieError):
 
 def merged_copy(policy: VllmPolicy, directory: Path) -> VllmPolicy:
     """pi_init with the adapter merged in, saved at `directory`: for an adapter vLLM refuses to load."""
-    unquantised = dataclasses.replace(policy.settings, dtype=policy.dtype, load_in_4bit=False, load_in_8bit=False)
-    model, tokenizer = load_policy(policy.model, policy.adapter, unquantised)
+    model, tokenizer = load_policy(policy.model, policy.adapter, policy.settings.unquantised(policy.dtype))
     merge_adapter(model).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return dataclasses.replace(policy, model=str(directory), adapter=None, settings=ModelConfig(dtype=policy.dtype))

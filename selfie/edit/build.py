@@ -41,7 +41,7 @@ def work_dir_for(model_dir: str | Path) -> Path:
 def _loading(model_name: str, dtype: str, settings: ModelConfig | None) -> ModelConfig:
     """How pi_init is loaded to be edited: as the recipe's model: section says (revision, remote code, chat template),
     in init.dtype and unquantised (the edit is folded into full-precision weights)."""
-    return dataclasses.replace(settings or ModelConfig(name=model_name), dtype=dtype, load_in_4bit=False, load_in_8bit=False)
+    return (settings or ModelConfig(name=model_name)).unquantised(dtype)
 
 
 def _loading_record(settings: ModelConfig | None) -> dict:
