@@ -66,7 +66,7 @@ def run_benchmark(script: str, args: list[str]) -> tuple[bool, float]:
 
 
 def is_complete(run_dir: Path) -> bool:
-    from selfie.rundir import RunContext
+    from selfie.run.rundir import RunContext
 
     if not (run_dir / "config.yaml").is_file():
         return False
@@ -76,7 +76,7 @@ def is_complete(run_dir: Path) -> bool:
 
 def stage_times(run_dir: Path) -> dict[int, dict[str, float]]:
     """{iteration: {stage: seconds}} from each iteration's metrics.json."""
-    from selfie.rundir import RunContext
+    from selfie.run.rundir import RunContext
 
     ctx = RunContext.load(run_dir)
     return {t: ctx.read_metrics(t)["times"] for t in range(ctx.config.num_iterations + 1) if ctx.metrics(t).exists()}
@@ -85,7 +85,7 @@ def stage_times(run_dir: Path) -> dict[int, dict[str, float]]:
 def loop_span(run_dir: Path, stage_sum: float) -> float | None:
     """Seconds from the loop writing config.yaml to its last write (summary.md), or None when the run was resumed
     or re-opened (config.yaml rewritten later: the span is then shorter than its stages)."""
-    from selfie.rundir import RunContext
+    from selfie.run.rundir import RunContext
 
     ctx = RunContext.load(run_dir)
     span = ctx.summary_file.stat().st_mtime - ctx.config_file.stat().st_mtime
@@ -94,7 +94,16 @@ def loop_span(run_dir: Path, stage_sum: float) -> float | None:
 
 def run_demo(run_dir: Path, quick: bool) -> float:
     """Run the demo recipe into run_dir; the command's wall seconds, process start-up and imports included."""
-    command = [sys.executable, "-m", "selfie.cli", "run", RECIPE, "--output_dir", str(run_dir), *(QUICK_DEMO if quick else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "selfie.cli.main",
+        "run",
+        RECIPE,
+        "--output_dir",
+        str(run_dir),
+        *(QUICK_DEMO if quick else []),
+    ]
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
     return time.perf_counter() - start
@@ -183,7 +192,7 @@ def main() -> None:
         if not ok:
             failed.append(name)
     if "e2e" in chosen:
-        from selfie.config import load_recipe
+        from selfie.config.loader import load_recipe
 
         start = time.perf_counter()
         try:

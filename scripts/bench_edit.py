@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selfie.config import AlignEZConfig, RAHFConfig, load_init  # noqa: E402
+from selfie.config.loader import load_init  # noqa: E402
+from selfie.config.schema import AlignEZConfig, RAHFConfig  # noqa: E402
 from selfie.data import load_prompts  # noqa: E402
 from selfie.edit import build_edited_model  # noqa: E402
 from selfie.edit.alignez_data import generate_alignez_data  # noqa: E402

@@ -113,8 +113,8 @@ def meta_shape(name: str, dtype: str) -> dict:
 
 def vllm_version() -> str | None:
     """vLLM's version in the environment selfie would run it from, None where there is none."""
-    from selfie import vllm_backend
     from selfie.errors import SelfieError
+    from selfie.generation import vllm_backend
 
     try:
         return vllm_backend.version(vllm_backend.interpreter())
@@ -124,8 +124,8 @@ def vllm_version() -> str | None:
 
 
 def run_selfie(args: dict, backend: str, batch_size: int) -> dict:
-    import selfie.generate as gen
-    from selfie import vllm_backend
+    import selfie.generation.generate as gen
+    from selfie.generation import vllm_backend
     from selfie.io import read_jsonl
 
     if backend == "vllm":

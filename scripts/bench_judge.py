@@ -57,7 +57,7 @@ def prepare(model: str, dtype: str, workdir: str, n_prompts: int, max_new_tokens
     if (work / "responses.jsonl").exists():
         return
     from selfie.data import load_prompts
-    from selfie.generate import generate_responses
+    from selfie.generation.generate import generate_responses
     from selfie.models import load_tokenizer, save_adapter
 
     policy = random_lora(model, dtype=dtype)
@@ -86,8 +86,8 @@ def _best_of(repeats: int, fn) -> tuple[float, object]:
 
 
 def run_selfie(model: str, dtype: str, workdir: str, token_budget: int, repeats: int) -> dict:
-    from selfie.implicit_reward import judge_responses
     from selfie.io import read_jsonl
+    from selfie.labelling.implicit_reward import judge_responses
     from selfie.models import load_policy
 
     start = time.perf_counter()
@@ -208,7 +208,7 @@ def measure(args: argparse.Namespace) -> dict:
     workdir = str(Path(args.workdir) / f"{args.model}-{args.prompts}x{args.max_new_tokens}")  # other sizes stay apart
     isolated(prepare, model, args.dtype, workdir, args.prompts, args.max_new_tokens)
     gflops = isolated(matmul_gflops, DTYPES[args.dtype])[0]
-    floor = None if on_gpu() else isolated(import_floor, "transformers", "trl", "selfie.implicit_reward")[1]
+    floor = None if on_gpu() else isolated(import_floor, "transformers", "trl", "selfie.labelling.implicit_reward")[1]
     one_copy = isolated(one_copy_floor, model, args.dtype, workdir)[1]
     budgets = [int(b) for b in args.token_budgets.split(",")]
     runs = [(f"selfie judge, token budget {b}", run_selfie, (model, args.dtype, workdir, b, args.repeats)) for b in budgets]

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selfie.config import load_init, load_recipe  # noqa: E402
+from selfie.config.loader import load_init, load_recipe  # noqa: E402
 from selfie.data import load_prompts, split_prompts  # noqa: E402
 from selfie.edit import build_edited_model, work_dir_for  # noqa: E402
 from selfie.edit.apply import EDIT_FILE  # noqa: E402
@@ -47,8 +47,8 @@ from selfie.evaluation.judges import load_judge  # noqa: E402
 from selfie.evaluation.labels import pair_agreement  # noqa: E402
 from selfie.evaluation.stats import bootstrap_ci  # noqa: E402
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl  # noqa: E402
-from selfie.loop import run_loop  # noqa: E402
-from selfie.rundir import RunContext  # noqa: E402
+from selfie.run.loop import run_loop  # noqa: E402
+from selfie.run.rundir import RunContext  # noqa: E402
 
 from benchlib import docs_dir, machine, parse_args, save_raw, write_marked, write_section  # noqa: E402
 

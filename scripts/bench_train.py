@@ -67,7 +67,7 @@ def prepare(model: str, dtype: str, workdir: str) -> None:
 
 
 def _recipe(sizes: dict, refine: bool = True):
-    from selfie.config import load_recipe
+    from selfie.config.loader import load_recipe
 
     return load_recipe(
         RECIPE,
@@ -145,7 +145,7 @@ def _result(timer, warm: int) -> dict:
 
 
 def run_selfie(sizes: dict, refine: bool) -> dict:
-    from selfie.trainer import train_iteration
+    from selfie.training.trainer import train_iteration
 
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as out:
@@ -167,7 +167,7 @@ def run_trl_lora(sizes: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from selfie.models import load_model, load_tokenizer
-    from selfie.trainer import PAIR_COLUMNS, _peft_config, build_dpo_config
+    from selfie.training.arguments import PAIR_COLUMNS, build_dpo_config, peft_lora_config
 
     recipe = _recipe(sizes)
     timer = _step_timer()
@@ -188,7 +188,7 @@ def run_trl_lora(sizes: dict) -> dict:
         trainer = DPOTrainer(
             model=load_model(sizes["model"], sizes["dtype"]),
             args=args,
-            peft_config=_peft_config(recipe.lora),
+            peft_config=peft_lora_config(recipe.lora),
             processing_class=load_tokenizer(sizes["model"]),
             callbacks=[timer],
             train_dataset=Dataset.from_list(_pairs(sizes["pairs"])).select_columns(PAIR_COLUMNS),
@@ -213,7 +213,7 @@ def measure(args: argparse.Namespace) -> dict:
     workdir = str(Path(args.workdir) / args.model)  # one previous adapter per model
     isolated(prepare, model, args.dtype, workdir)
     gflops = isolated(matmul_gflops, DTYPES[args.dtype])[0]
-    floor = None if on_gpu() else isolated(import_floor, "transformers", "trl", "peft", "selfie.trainer")[1]
+    floor = None if on_gpu() else isolated(import_floor, "transformers", "trl", "peft", "selfie.training.trainer")[1]
     sizes = {
         "model": model,
         "dtype": args.dtype,

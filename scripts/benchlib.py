@@ -100,7 +100,7 @@ def import_floor(*modules: str) -> dict:
 def random_lora(model_name: str, seed: int = 0, dtype: str = "float32"):
     """The model with a fresh LoRA adapter (selfie's defaults, no dropout) whose B matrices are random, so the
     adapter changes the model (a fresh one is the identity)."""
-    from selfie.config import LoraConfig
+    from selfie.config.schema import LoraConfig
     from selfie.models import attach_lora, load_model
 
     torch.manual_seed(seed)

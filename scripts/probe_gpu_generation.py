@@ -3,7 +3,7 @@ and how much of the static backend's time a first pass over new batch shapes tak
 
 On 64 demo prompts x 2 responses, batch size 64 sequences, at most 128 new tokens (the random model of
 bench_generate.py, its responses ending after 128 tokens on average): the continuous backend with paged eager attention (selfie's choice,
-selfie.continuous.ENGINE_ATTENTION), with paged SDPA, and eager again (its first run also warms up); then the static
+selfie.generation.continuous.ENGINE_ATTENTION), with paged SDPA, and eager again (its first run also warms up); then the static
 backend twice on the identical workload.
 
     python scripts/probe_gpu_generation.py [--model random-llama-1b] [--dtype bfloat16]
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-import selfie.continuous as continuous
+import selfie.generation.continuous as continuous
 from selfie.data import load_prompts
-from selfie.generate import SAMPLERS, Sampling
+from selfie.generation.generate import SAMPLERS, Sampling
 from selfie.models import load_model, load_tokenizer
 from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from selfie.cli import main
+from selfie.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

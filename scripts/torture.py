@@ -34,8 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from selfie.config import load_recipe  # noqa: E402
-from selfie.rundir import RunContext  # noqa: E402
+from selfie.config.loader import load_recipe  # noqa: E402
+from selfie.run.rundir import RunContext  # noqa: E402
 
 ENV = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ROW_FILES = [RunContext.responses, RunContext.judgments, RunContext.pairs]  # each iteration's, compared byte for byte
@@ -54,7 +54,7 @@ class Trial:
 
 def start(recipe: Path, run_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "selfie.cli", "run", str(recipe), "--output_dir", str(run_dir)],
+        [sys.executable, "-m", "selfie.cli.main", "run", str(recipe), "--output_dir", str(run_dir)],
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -175,7 +175,7 @@ def bad_input_lines(directory: Path) -> list[tuple[str, str, str]]:
 
     from test_preflight import CASES, make_inputs, with_paths
 
-    from selfie.cli import main
+    from selfie.cli.main import main
 
     from tiny import build_tiny_model
 

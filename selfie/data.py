@@ -29,12 +29,12 @@ from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selfie.config import SOURCE_COLUMNS, SourceConfig
+from selfie.config.schema import SOURCE_COLUMNS, SourceConfig
 from selfie.errors import SelfieError
 from selfie.io import iter_jsonl, read_text
 
 if TYPE_CHECKING:
-    from selfie.config import DataConfig
+    from selfie.config.schema import DataConfig
 
 logger = logging.getLogger(__name__)
 

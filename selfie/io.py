@@ -2,7 +2,7 @@
 
 Every artifact is written to a temporary name in the same directory (`.<name>.<random>.tmp`, a file or a
 directory) and renamed into place, so a reader (or a resumed run) never sees half a file; a killed writer's
-temporary is removed when its run resumes (selfie/rundir.py::remove_leftovers). Long-running stages append
+temporary is removed when its run resumes (selfie/run/rundir.py::remove_leftovers). Long-running stages append
 to `<name>.partial` and rename it when the stage completes; a torn last line from a killed process is
 dropped on resume.
 """

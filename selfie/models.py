@@ -31,7 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from selfie.config import LoraConfig, ModelConfig, add_options
+from selfie.cli.flags import add_options
+from selfie.config.schema import LoraConfig, ModelConfig
 from selfie.errors import SelfieError
 from selfie.io import atomic_directory, atomic_write_json, read_json, read_text
 

@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from selfie.config import LoraConfig  # noqa: E402
+from selfie.config.schema import LoraConfig  # noqa: E402
 from selfie.models import attach_lora, load_model, save_adapter  # noqa: E402
 
 from tiny import build_tiny_model, perturb_adapter  # noqa: E402

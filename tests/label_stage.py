@@ -1,4 +1,4 @@
-"""Score responses with a judge spec as the loop's judge stage does (selfie/stages.py::_labeller_scores): what the
+"""Score responses with a judge spec as the loop's judge stage does (selfie/run/stages.py::_labeller_scores): what the
 cluster tests launch, alone or under `accelerate launch`.
 
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml tests/label_stage.py \
@@ -13,11 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from selfie.config import load_recipe
+from selfie.config.loader import load_recipe
 from selfie.dist import Ranks, process_state
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
-from selfie.stages import StageContext, _labeller_scores
+from selfie.run.stages import StageContext, _labeller_scores
 
 
 def main(model: str, responses: str, run_dir: str, spec: str) -> None:

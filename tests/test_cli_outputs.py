@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from selfie.cli import main
+from selfie.cli.main import main
 
 from test_loop import write_inputs, write_recipe
 from tiny import held_output_lock

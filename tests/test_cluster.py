@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from selfie import rundir
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_jsonl, read_jsonl
-from selfie.rundir import RunLock, process_start
+from selfie.run import rundir
+from selfie.run.rundir import RunLock, process_start
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = ROOT / "accelerate_configs"
@@ -33,7 +33,7 @@ def no_locks(fd, operation):
     raise OSError(errno.ENOLCK, "No locks available")
 if sys.argv[2] == "nolock":
     fcntl.flock = no_locks
-from selfie.rundir import RunLock
+from selfie.run.rundir import RunLock
 RunLock(Path(sys.argv[1])).acquire()
 print("locked", flush=True)
 time.sleep(60)

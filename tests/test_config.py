@@ -3,8 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from selfie.cli import build_parser
-from selfie.config import (
+from selfie.cli.main import build_parser
+from selfie.config.compat import config_hash, differing_keys
+from selfie.config.loader import dump_recipe, load_recipe, parse_overrides
+from selfie.config.schema import (
     AlignEZConfig,
     EvalOptions,
     GenerateConfig,
@@ -13,11 +15,6 @@ from selfie.config import (
     RAHFConfig,
     RecipeConfig,
     TrainConfig,
-    config_hash,
-    differing_keys,
-    dump_recipe,
-    load_recipe,
-    parse_overrides,
 )
 from selfie.errors import SelfieError
 

@@ -13,7 +13,9 @@ import datasets
 import pytest
 import yaml
 
-from selfie.config import ModelConfig, SourceConfig, config_hash, dump_recipe, load_recipe
+from selfie.config.compat import config_hash
+from selfie.config.loader import dump_recipe, load_recipe
+from selfie.config.schema import ModelConfig, SourceConfig
 from selfie.data import load_options, load_preferences, load_prompts
 from selfie.errors import SelfieError
 from selfie.models import load_tokenizer
@@ -43,7 +45,7 @@ def ids(rows: list[dict]) -> list[str]:
 
 def selfie(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "selfie.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "selfie.cli.main", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -348,7 +350,7 @@ def test_a_tokenizer_without_a_chat_template_is_one_line_before_the_run(template
 
 
 def test_an_init_edit_loads_pi_init_with_the_recipes_chat_template(templateless_model, tmp_path):
-    from selfie.config import RAHFConfig
+    from selfie.config.schema import RAHFConfig
     from selfie.edit import build_edited_model
 
     init = RAHFConfig(num_prompts=4, max_new_tokens_resp=4, batch_size=4, dtype="float32", steps=1)
@@ -373,7 +375,7 @@ def test_a_max_length_no_prompt_fits_is_refused_by_the_dry_run(tiny_model, tmp_p
 
 def test_a_max_length_no_prompt_of_an_iteration_slice_fits_is_refused(tiny_model, tmp_path):
     """The seed pairs' prompts fit in 40 tokens; none of the 4 prompts of iteration 1's slice does."""
-    from selfie.preflight import preflight
+    from selfie.run.preflight import preflight
 
     config = load_recipe(tiny_recipe(tmp_path, tiny_model), ["--train.max_length", "40"])
     with pytest.raises(SelfieError, match=r"^recipe key 'train.max_length': 40 tokens .* any prompt of iteration 1's slice"):

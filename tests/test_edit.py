@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selfie.cli import main as cli_main
-from selfie.config import AlignEZConfig, RAHFConfig, load_init
+from selfie.cli.main import main as cli_main
+from selfie.config.loader import load_init
+from selfie.config.schema import AlignEZConfig, RAHFConfig
 from selfie.data import load_preferences, load_prompts
 from selfie.edit import alignez_seed_pairs, build_edited_model, work_dir_for
 from selfie.edit.alignez import ALPHA_GRID, layer_directions, orthogonalize

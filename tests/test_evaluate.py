@@ -11,16 +11,17 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from selfie.config import EvalOptions, LoraConfig, dump_recipe, load_recipe
+from selfie.config.loader import dump_recipe, load_recipe
+from selfie.config.schema import EvalOptions, LoraConfig
 from selfie.errors import SelfieError
 from selfie.evaluation.compare import INIT, compare_models, run_scores
 from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import judge_accuracy, pair_agreement, score_responses
 from selfie.evaluation.report import write_report
 from selfie.evaluation.stats import length_controlled, win_rate
+from selfie.labelling.pairs import select_pairs
 from selfie.models import attach_lora, load_model, load_tokenizer, save_adapter
-from selfie.pairs import select_pairs
-from selfie.rundir import RunContext
+from selfie.run.rundir import RunContext
 
 from tiny import build_tokenizer
 
@@ -74,7 +75,7 @@ def test_callable_judge_rejects_a_non_number(length_judge):
 
 
 def test_a_judge_that_raises_is_one_line_naming_the_spec_and_the_row(length_judge, tmp_path, capsys):
-    from selfie.cli import main
+    from selfie.cli.main import main
 
     with pytest.raises(
         SelfieError,

@@ -19,11 +19,11 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selfie.cli import main
-from selfie.config import load_recipe
-from selfie.export import export_run, hub_base
+from selfie.cli.main import main
+from selfie.config.loader import load_recipe
+from selfie.export.policy import export_run, hub_base
 from selfie.models import load_policy
-from selfie.rundir import RunContext
+from selfie.run.rundir import RunContext
 
 from test_loop import ROOT, recipe_args, selfie_cmd, write_inputs, write_recipe
 
@@ -209,7 +209,7 @@ def test_model_card_parses_as_hub_metadata(exports, runs):
 
 
 def test_card_names_hub_base_and_datasets(runs, tmp_path):
-    from selfie.model_card import build_card
+    from selfie.export.model_card import build_card
 
     run_dir = tmp_path / "run"
     shutil.copytree(runs["plain"], run_dir)
@@ -258,7 +258,7 @@ def test_existing_output_is_refused_and_a_failed_export_leaves_nothing(runs, tmp
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("selfie.export.save_model", fail)
+    monkeypatch.setattr("selfie.export.policy.save_model", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         export_run(runs["plain"], out, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "keep.txt").is_file()  # no temporary directory left

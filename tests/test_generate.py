@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-import selfie.generate as gen
-from selfie.continuous import sample_continuous
+import selfie.generation.generate as gen
 from selfie.errors import SelfieError
+from selfie.generation.continuous import sample_continuous
 from selfie.io import read_jsonl
 from selfie.models import load_policy
 from selfie.tokens import chat_ids

@@ -9,9 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import selfie.generate as gen
-import selfie.implicit_reward as jud
-from selfie.config import LoraConfig as SelfieLora
+import selfie.generation.generate as gen
+import selfie.labelling.implicit_reward as jud
+from selfie.config.schema import LoraConfig as SelfieLora
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
 from selfie.models import attach_lora, load_model, load_policy, load_tokenizer, save_adapter

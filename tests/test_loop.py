@@ -20,10 +20,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from selfie.cli import main
-from selfie.config import HARMLESS_KEYS, config_hash, load_recipe
+from selfie.cli.main import main
+from selfie.config.compat import HARMLESS_KEYS, config_hash
+from selfie.config.loader import load_recipe
 from selfie.io import read_jsonl
-from selfie.rundir import RunContext
+from selfie.run.rundir import RunContext
 
 from tiny import PAIR_KEYS, TOPICS
 
@@ -72,7 +73,7 @@ def recipe_args(recipe: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def selfie_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "selfie.cli", *args]
+    return [sys.executable, "-m", "selfie.cli.main", *args]
 
 
 def run_selfie(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -295,7 +296,7 @@ def test_config_mismatch_and_lock_are_refused(recipe, reference_run, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from selfie.rundir import RunLock; "
+            "import sys, time; from pathlib import Path; from selfie.run.rundir import RunLock; "
             f"RunLock(Path({str(run_dir)!r})).acquire(); print('ok', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -49,7 +49,7 @@ def run_with_gold_judge(tiny_model: str, tmp_path: Path, *, iteration_size: int,
     recipe.write_text(yaml.safe_dump(values))
     run_dir = tmp_path / "run"
     env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": str(tmp_path)}
-    cmd = [sys.executable, "-m", "selfie.cli", "run", str(recipe), "--output_dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "selfie.cli.main", "run", str(recipe), "--output_dir", str(run_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir

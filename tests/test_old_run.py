@@ -15,10 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from selfie.config import config_hash, earlier_config_hash
+from selfie.config.compat import config_hash, earlier_config_hash
 from selfie.io import read_jsonl
-from selfie.rundir import load_run_config
-from selfie.status import describe
+from selfie.run.rundir import load_run_config
+from selfie.run.status import describe
 
 ROOT = Path(__file__).parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "run-af5b61e"
@@ -35,7 +35,7 @@ def digests(run_dir: Path) -> dict[str, str]:
 def selfie_run(work: Path, *args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT}{os.pathsep}{work}"}  # gold.py is in `work`
     return subprocess.run(
-        [sys.executable, "-m", "selfie.cli", "run", "recipe.yaml", *args], cwd=work, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "selfie.cli.main", "run", "recipe.yaml", *args], cwd=work, env=env, capture_output=True, text=True
     )
 
 

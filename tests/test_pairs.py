@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selfie.errors import SelfieError
-from selfie.pairs import PairRules, auto_length_penalty, select_pairs, with_replay
+from selfie.labelling.pairs import PairRules, auto_length_penalty, select_pairs, with_replay
 
 
 def row(pid, texts, finished):

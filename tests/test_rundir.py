@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from selfie.config import HARMLESS_KEYS, config_hash, load_recipe
+from selfie.config.compat import HARMLESS_KEYS, config_hash
+from selfie.config.loader import load_recipe
 from selfie.errors import SelfieError
-from selfie.rundir import Manifest, RunContext, RunLock, load_run_config, open_run, output_lock
+from selfie.run.rundir import Manifest, RunContext, RunLock, load_run_config, open_run, output_lock
 
 from tiny import held_output_lock
 
@@ -171,7 +172,7 @@ def test_lock_refuses_a_second_holder_and_recovers_from_a_killed_one(tmp_path):
         [
             sys.executable,
             "-c",
-            f"from selfie.rundir import RunLock; from pathlib import Path; import time; "
+            f"from selfie.run.rundir import RunLock; from pathlib import Path; import time; "
             f"RunLock(Path({str(tmp_path)!r})).acquire(); print('locked', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -202,7 +203,7 @@ def test_an_output_lock_refuses_a_second_writer_and_leaves_no_file(tmp_path):
 
 
 def test_an_output_directory_under_a_file_is_one_line_and_exit_2(tmp_path, capsys):
-    from selfie.cli import main
+    from selfie.cli.main import main
 
     (tmp_path / "a-file").write_text("not a directory")
     (tmp_path / "recipe.yaml").write_text("num_iterations: 0\n")

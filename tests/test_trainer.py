@@ -14,21 +14,19 @@ from transformers import TrainerCallback
 from trl import DPOTrainer
 from trl.trainer.utils import use_adapter
 
-from selfie.config import RecipeConfig, RefineConfig, TrainConfig, load_recipe
+from selfie.config.loader import load_recipe
+from selfie.config.schema import RecipeConfig, RefineConfig, TrainConfig
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
+from selfie.labelling.pairs import PairRules
 from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter
-from selfie.pairs import PairRules
-from selfie.trainer import (
+from selfie.training.arguments import NoiseAwareDPOConfig, build_dpo_config, dnd_lambda, seed_epochs
+from selfie.training.trainer import (
     REFINE_STATE,
-    NoiseAwareDPOConfig,
     NoiseAwareDPOTrainer,
     RefinementWindow,
     _pairs_dataset,
-    build_dpo_config,
-    dnd_lambda,
     last_checkpoint,
-    seed_epochs,
     train_iteration,
     train_seed,
 )
@@ -270,7 +268,7 @@ def test_last_checkpoint_skips_incomplete_ones(tmp_path):
 
 def test_trainer_trains_a_truncated_response_exactly_as_the_judge_scored_it(tiny_model, prev_adapter, tmp_path):
     """Token for token: the judge's policy log-prob of each response equals the one on the trainer's batch."""
-    from selfie.implicit_reward import judge_responses
+    from selfie.labelling.implicit_reward import judge_responses
     from selfie.tokens import stop_token_ids
 
     model = load_adapter(load_model(tiny_model, "float32"), prev_adapter).eval()

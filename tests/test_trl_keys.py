@@ -16,12 +16,15 @@ from safetensors.torch import load_file
 from test_preflight import make_inputs, run
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-import selfie.preflight
-from selfie.config import ModelConfig, TrainConfig, _hints, config_hash, dump_recipe, load_recipe
+import selfie.run.preflight
+from selfie.config.compat import config_hash
+from selfie.config.loader import dump_recipe, load_recipe
+from selfie.config.schema import ModelConfig, TrainConfig, section_fields
 from selfie.errors import SelfieError
-from selfie.export import write_merged
+from selfie.export.policy import write_merged
 from selfie.models import load_policy
-from selfie.trainer import SELFIE_SETS, NoiseAwareDPOConfig, train_iteration, train_seed, trainer_fields
+from selfie.training.arguments import SELFIE_SETS, NoiseAwareDPOConfig, trainer_fields
+from selfie.training.trainer import train_iteration, train_seed
 
 from tiny import toy_pairs
 
@@ -69,7 +72,7 @@ def test_trainer_fields_a_recipe_sets_reach_the_arguments_and_optimizer_the_trai
 
 def test_every_trainer_field_is_a_recipe_key_at_its_own_default():
     """Derived from NoiseAwareDPOConfig: each field (selfie's own keys and those it sets left out) loads with TRL's default."""
-    taken = set(_hints(TrainConfig)) | set(SELFIE_SETS)
+    taken = set(section_fields(TrainConfig)) | set(SELFIE_SETS)
     fields = [f for f in dataclasses.fields(NoiseAwareDPOConfig) if f.init and f.name not in taken]
     assert len(fields) > 100 and {"optim", "weight_decay", "adam_beta2", "use_liger_kernel"} <= {f.name for f in fields}
     for f in fields:
@@ -197,7 +200,7 @@ def test_qlora_trains_the_seed_and_an_iteration_on_a_4bit_base_and_exports_into_
     train_iteration(tiny_model, tmp_path / "iter_000" / "adapter", toy_pairs(4), tmp_path / "merge", merge, 1, max_steps=1)
     assert json.loads((tmp_path / "merge" / "adapter" / "adapter_config.json").read_text())["r"] == 8  # stacked on the 4-bit base
 
-    with caplog.at_level(logging.WARNING, logger="selfie.export"):
+    with caplog.at_level(logging.WARNING, logger="selfie.export.policy"):
         write_merged(tiny_model, tmp_path / "iter_001" / "adapter", tmp_path / "merged", None, config.model)
     assert "unquantised" in caplog.text
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -230,7 +233,7 @@ def test_flash_attention_without_flash_attn_is_one_line(inputs, tmp_path, capsys
 
 
 def test_quantised_loading_without_bitsandbytes_is_one_line(inputs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(selfie.preflight, "installed", lambda package: package != "bitsandbytes")  # as if not installed
+    monkeypatch.setattr(selfie.run.preflight, "installed", lambda package: package != "bitsandbytes")  # as if not installed
     code, _, err = run(inputs, tmp_path / "run", ["--model.load_in_8bit", "true"], capsys, dry_run=False)
     assert code == 2 and not (tmp_path / "run").exists()
     assert (

@@ -18,10 +18,10 @@ import pytest
 import torch
 from test_generate import make_prompts
 
-import selfie.generate as gen
-from selfie import vllm_backend
-from selfie.config import LoraConfig
+import selfie.generation.generate as gen
+from selfie.config.schema import LoraConfig
 from selfie.errors import SelfieError
+from selfie.generation import vllm_backend
 from selfie.io import read_jsonl
 from selfie.models import attach_lora, load_model, load_policy, save_adapter
 from selfie.tokens import chat_ids
@@ -133,7 +133,7 @@ def _partial_rows(path: Path) -> int:
 
 def generate_cmd(model_dir: str, prompts: Path, output: Path, backend: str = "vllm") -> list[str]:
     return [
-        *(sys.executable, "-m", "selfie.cli", "generate", "--model", model_dir, "--dtype", "float32", "--seed", "3"),
+        *(sys.executable, "-m", "selfie.cli.main", "generate", "--model", model_dir, "--dtype", "float32", "--seed", "3"),
         *("--prompts", str(prompts), "--output", str(output), "--backend", backend),
         *("--max-new-tokens", "16", "--batch-size", "4"),
     ]

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from selfie.config import load_recipe
+from selfie.config.loader import load_recipe
 from selfie.dist import process_state
 from selfie.io import atomic_write_json, read_jsonl
-from selfie.trainer import train_adapter
+from selfie.training.trainer import train_adapter
 
 
 class TraceRefine(TrainerCallback):

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.config import AlignEZConfig
+from selfie.config.schema import AlignEZConfig
 from selfie.edit.alignez_data import AlignEZData
 from selfie.edit.apply import Edit, EditHooks
 from selfie.edit.directions import Finder, get_finder, held_out_split, rank_layers, score_layers

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from selfie.config import INIT_METHODS, AlignEZConfig, EditConfig, ModelConfig, RAHFConfig, RecipeConfig, add_options, load_init
+from selfie.cli.flags import add_options
+from selfie.config.loader import load_init
+from selfie.config.schema import INIT_METHODS, AlignEZConfig, EditConfig, ModelConfig, RAHFConfig, RecipeConfig
 from selfie.edit.alignez import alignez_edits
 from selfie.edit.alignez_data import AlignEZData, generate_alignez_data
 from selfie.edit.apply import EDIT_FILE, fold_edits, is_saved_model, save_standalone
@@ -232,7 +234,7 @@ def add_edit_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _init_from_args(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    from selfie.config import parse_overrides
+    from selfie.config.loader import parse_overrides
 
     init: dict[str, Any] = {}
     if args.config is not None:

@@ -18,7 +18,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.config import LoraConfig, RAHFConfig
+from selfie.config.schema import LoraConfig, RAHFConfig
 from selfie.edit.alignez_data import with_user_text
 from selfie.edit.directions import held_out_split
 from selfie.edit.hidden import Encoded, collect_states, decoder_layers, encode, pad_batch, run_to_layers

@@ -2,7 +2,7 @@
 
 HF `generate` on left-padded batches, seeded once per call with `torch.manual_seed`: the samples
 depend on the batch size (the batch shares one RNG), which is fine for a one-off data set. (The
-main loop's batch-size-independent sampler is selfie.generate; the edits do not need that guarantee.)
+main loop's batch-size-independent sampler is selfie.generation.generate; the edits do not need that guarantee.)
 """
 
 from __future__ import annotations

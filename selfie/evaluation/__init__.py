@@ -3,7 +3,7 @@
 - judges.py   `Judge` (score(prompts, responses) -> list[float]) and `load_judge(spec)`, specs
               `reward-model:PATH_OR_HUB_ID`, `callable:module.path:function`, `implicit:MODEL[@ADAPTER_DIR][?beta=B]`.
               They score for `selfie eval`, the eval stage, `data.seed_judge` and `judge.labeller`; the loop's
-              own implicit-reward labeller is selfie/implicit_reward.py.
+              own implicit-reward labeller is selfie/labelling/implicit_reward.py.
 - stats.py    win rate (ties count half), bootstrap intervals, length-controlled win rate: numbers only.
 - labels.py   judge accuracy on labelled pairs, agreement with self-labels, labelling sampled responses.
 - compare.py  model-vs-model win rate, per-iteration scores of a run, the loop's eval stage.

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from selfie.config import EvalOptions, ModelConfig, Sources
+from selfie.config.schema import EvalOptions, ModelConfig, Sources
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge, load_judge
 from selfie.evaluation.stats import bootstrap_ci, length_controlled, win_rate
 from selfie.io import atomic_write_jsonl, read_jsonl
 
 if TYPE_CHECKING:
-    from selfie.config import RecipeConfig
-    from selfie.rundir import RunContext
+    from selfie.config.schema import RecipeConfig
+    from selfie.run.rundir import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def generate_one(
 ) -> list[str]:
     """One response per prompt from `model` (+ `adapter`; `dtype`, or a run's model: section, says how it loads),
     written to `output`; returns the texts in prompt order."""
-    from selfie.generate import generate_responses, load_generator
+    from selfie.generation.generate import generate_responses, load_generator
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy, tokenizer = load_generator(model, adapter, dtype, sampling["backend"], device)

@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 import torch
 from tqdm.auto import tqdm
 
-from selfie.config import JudgeConfig, TrainConfig
+from selfie.config.schema import JudgeConfig, TrainConfig
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
 
@@ -134,7 +134,7 @@ class CallableJudge:
 class ImplicitJudge:
     """beta * (logp(y|x) under MODEL+adapter - logp(y|x) under MODEL alone), log-probs summed over response tokens.
 
-    Scoring goes through selfie.implicit_reward.judge_responses, so the tokenisation (EOS included: a response
+    Scoring goes through selfie.labelling.implicit_reward.judge_responses, so the tokenisation (EOS included: a response
     given here counts as finished) and the packing of a prompt's responses are the loop's own.
     """
 
@@ -153,7 +153,7 @@ class ImplicitJudge:
         self.has_adapter, self.beta, self.token_budget = adapter is not None, beta, token_budget
 
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        from selfie.implicit_reward import judge_responses
+        from selfie.labelling.implicit_reward import judge_responses
 
         _check_lengths(prompts, responses)
         groups: dict[str, list[int]] = {}  # one row per distinct prompt: its responses share the prompt's forward pass

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from selfie.io import TMP_SUFFIX, atomic_write_text
 
 if TYPE_CHECKING:
-    from selfie.rundir import RunContext
+    from selfie.run.rundir import RunContext
 
 logger = logging.getLogger(__name__)
 

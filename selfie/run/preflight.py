@@ -5,7 +5,7 @@ For the stages the manifest does not hold yet: the output directory can be writt
 quantisation can run here (their packages, this device), and TRL takes the trainer settings; the `init:`
 and `eval:` sections are valid; every data source a remaining stage reads loads and is well formed, with
 prompts for every slice; every judge spec (data.seed_judge, judge.labeller, eval.judge) imports and loads
-without a model being run. Only then does the run write config.yaml (selfie/rundir.py::open_run), so a
+without a model being run. Only then does the run write config.yaml (selfie/run/rundir.py::open_run), so a
 failure here leaves no run directory behind.
 """
 
@@ -16,11 +16,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from selfie.config import AlignEZConfig, ModelConfig, RecipeConfig, TrainConfig
+from selfie.config.schema import AlignEZConfig, ModelConfig, RecipeConfig, TrainConfig
 from selfie.data import Splits
 from selfie.errors import SelfieError
 from selfie.io import check_writable
-from selfie.rundir import CHECKPOINTS, RunContext, check_recipe
+from selfie.run.rundir import CHECKPOINTS, RunContext, check_recipe
 
 if TYPE_CHECKING:
     import torch
@@ -209,7 +209,7 @@ def check_trainer(config: RecipeConfig) -> None:
     them (building its config is cheap and creates nothing)."""
     from transformers import SchedulerType
 
-    from selfie.trainer import build_dpo_config, dnd_lambda
+    from selfie.training.arguments import build_dpo_config, dnd_lambda
 
     try:
         SchedulerType(config.train.lr_scheduler_type)
@@ -236,7 +236,7 @@ def check_trainer(config: RecipeConfig) -> None:
 
 def check_vllm() -> str:
     """generate.backend vllm: vLLM's environment exists and imports vllm (seconds, no engine started)."""
-    from selfie import vllm_backend
+    from selfie.generation import vllm_backend
 
     python = vllm_backend.interpreter()
     return f"generation vLLM {vllm_backend.version(python)} ({python})"
@@ -326,7 +326,7 @@ def _training(config: RecipeConfig, pairs: int | None, epochs: float | None) -> 
 
 def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
     """One line: what (iteration t, stage) will do, as far as the checked inputs tell."""
-    from selfie.trainer import seed_epochs
+    from selfie.training.arguments import seed_epochs
 
     g, d = config.generate, config.data
     prompts = sizes.get(t)

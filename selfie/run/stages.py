@@ -1,5 +1,5 @@
 """The stages of a run (docs/METHOD.md section 1): each is a function (ctx, t) -> metrics that writes the artifacts
-the run's plan names for it (selfie/rundir.py::RunContext.artifacts) and nothing the manifest relies on before.
+the run's plan names for it (selfie/run/rundir.py::RunContext.artifacts) and nothing the manifest relies on before.
 
 Every rank calls every stage: generation and judging (implicit reward or a judge spec) are sharded over the ranks
 and merged on rank 0; what only rank 0 does (writing pairs, the edit, evaluation) goes through
@@ -17,7 +17,7 @@ from selfie.data import Splits
 from selfie.dist import Ranks
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from selfie.rundir import RunContext
+from selfie.run.rundir import RunContext
 
 
 @dataclass
@@ -40,7 +40,7 @@ def init(ctx: StageContext, t: int) -> dict:
 def seed(ctx: StageContext, t: int) -> dict:
     """Seed DPO on the labelled seed pairs: `data.seed_pairs`, the pool's labelled seed slice, or that slice's
     samples labelled by `data.seed_judge`."""
-    from selfie.trainer import train_seed
+    from selfie.training.trainer import train_seed
 
     pairs_path = ctx.pairs(0)
     labels = gold_labels(ctx) if ctx.config.data.seed_judge and not pairs_path.exists() else None
@@ -66,8 +66,8 @@ def judge(ctx: StageContext, t: int) -> dict:
 
 def train(ctx: StageContext, t: int) -> dict:
     """Noise-aware DPO of pi_{t-1} on iteration t's pairs (plus replayed seed pairs)."""
-    from selfie.pairs import with_replay
-    from selfie.trainer import train_iteration
+    from selfie.labelling.pairs import with_replay
+    from selfie.training.trainer import train_iteration
 
     pairs = read_jsonl(ctx.pairs(t))
     if not pairs:
@@ -98,7 +98,7 @@ STAGES = {"init": init, "seed": seed, "generate": generate, "judge": judge, "tra
 
 def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | None, num_responses: int) -> dict:
     """RUN/iter_t's responses from pi_init + adapter, sharded over the ranks (with vLLM: one engine per rank)."""
-    from selfie.generate import generate_responses, load_generator
+    from selfie.generation.generate import generate_responses, load_generator
 
     c, g = ctx.config, ctx.config.generate
     model, tokenizer = load_generator(ctx.pi_init, adapter, c.model, g.backend, ctx.ranks.device)
@@ -123,7 +123,7 @@ def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | No
 
 def _implicit_rewards(ctx: StageContext, t: int, responses: list[dict]) -> dict:
     """Iteration t's judgments by the implicit reward beta * (log pi_{t-1} - log pi_init), sharded over the ranks."""
-    from selfie.implicit_reward import judge_responses
+    from selfie.labelling.implicit_reward import judge_responses
 
     c, j = ctx.config, ctx.config.judge
     return _policy_shards(
@@ -172,7 +172,7 @@ def _spec_scores(ctx: StageContext, spec: str, responses: list[dict], final: Pat
 def seed_pairs(ctx: StageContext) -> list[dict]:
     """The labelled seed set: `data.seed_pairs` (a set, or AlignEZ's self-generated pairs), else the labels of the
     pool's seed slice (SPA's split)."""
-    from selfie.config import AlignEZConfig
+    from selfie.config.schema import AlignEZConfig
     from selfie.data import seed_preferences
     from selfie.edit import alignez_seed_pairs, work_dir_for
 
@@ -187,7 +187,7 @@ def gold_labels(ctx: StageContext) -> dict:
     """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
     chosen / rejected by the judge's scores under the truncation policy (no length penalty: these are the gold
     labels). Writes the seed pairs; returns the labelling metrics."""
-    from selfie.pairs import select_pairs
+    from selfie.labelling.pairs import select_pairs
 
     c, spec = ctx.config, ctx.config.data.seed_judge
     if not ctx.splits.seed:
@@ -217,7 +217,7 @@ def _tokenizer_and_stops(ctx: StageContext):
 
 def _write_pairs(ctx: StageContext, t: int, responses: list[dict]) -> dict:
     """Iteration t's pairs from its judged responses (rows matched by prompt_id); returns the label metrics."""
-    from selfie.pairs import select_pairs
+    from selfie.labelling.pairs import select_pairs
 
     c = ctx.config
     pairs, metrics = select_pairs(*_judged_rows(responses, read_jsonl(ctx.judgments(t))), c.judge.rules)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfie.config import EvalOptions, add_options, from_args
+from selfie.cli.flags import add_options, from_args
+from selfie.config.schema import EvalOptions
 
 HELP = {
     "dtype": "auto, float32, bfloat16 or float16",
@@ -56,7 +57,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 def run_eval_command(args: argparse.Namespace) -> None:
     from selfie.evaluation.report import write_report
     from selfie.io import check_writable
-    from selfie.rundir import output_lock
+    from selfie.run.rundir import output_lock
 
     output = Path(args.output)
     check_writable(output, directory=True)
@@ -90,7 +91,7 @@ def _report(args: argparse.Namespace, output: Path) -> dict:
             ),
         }
     else:
-        from selfie.rundir import RunContext
+        from selfie.run.rundir import RunContext
 
         ctx = RunContext.load(args.run_dir)
         config = ctx.config

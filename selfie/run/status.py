@@ -6,7 +6,7 @@ from pathlib import Path
 
 from selfie.errors import SelfieError
 from selfie.io import count_lines
-from selfie.rundir import RunContext, artifact_problem
+from selfie.run.rundir import RunContext, artifact_problem
 
 
 def describe(run_dir: str | Path) -> str:

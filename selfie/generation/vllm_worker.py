@@ -4,7 +4,7 @@ It imports only the standard library and vLLM (vLLM pins other transformers vers
 request (a JSON file: the model, the adapter, the engine's sizes, the sampling, and every (prompt, k) with its
 token ids and seed), and writes JSON lines to the file descriptor it is given: `ready` once the engine is up,
 one line per prompt as soon as its K responses are done (token ids and finish reasons, in completion order),
-`done` at the end, or one `error` line. selfie/vllm_backend.py starts it and writes the rows.
+`done` at the end, or one `error` line. selfie/generation/vllm_backend.py starts it and writes the rows.
 
 One request per (prompt, k) with n=1 and that response's own seed: vLLM gives every request its own random
 stream, so a response does not depend on which others share its batch (n=K would derive the seeds itself).

@@ -1,34 +1,24 @@
-"""Recipe dataclasses: YAML files plus `--key value` overrides, unknown keys are errors; every default lives here.
+"""The recipe schema: one dataclass per section, every default and every range of a recipe key lives here.
 
-A recipe is nested (`train.learning_rate`); an override names the dotted path
-(`--train.learning_rate 1e-5`, or `--num_iterations 2` at the top). Values are parsed as YAML
-scalars, so `--generate.temperature 0.5` is a float and `--report_to '[wandb]'` a list.
-The flags of `selfie generate`, `judge`, `edit` and `eval` are made from the same dataclasses
-(`add_options`), so each default has one source.
+A section checks its own values when built (`Section.__post_init__`), so a recipe with a bad value stops before
+anything is written or computed. Loading YAML and overrides is selfie/config/loader.py; what makes two recipes
+the same run is selfie/config/compat.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import enum
-import hashlib
-import json
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import yaml
-
 from selfie.errors import SelfieError
-from selfie.io import read_yaml_mapping
 
 if TYPE_CHECKING:
-    from selfie.pairs import PairRules
+    from selfie.labelling.pairs import PairRules
 
 
 def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
@@ -209,8 +199,8 @@ class GenerateConfig(Ranged):
     max_new_tokens: int = 300
     batch_size: int = 8  # sequences decoded together (in flight, for the continuous backend)
     # static: length-sorted batches; continuous: transformers' continuous batching; auto: both sample the first
-    # prompts and the faster samples the rest (selfie/generate.py). The same seeds either way. vllm: vLLM's engine
-    # in its own environment (selfie/vllm_backend.py): selfie's seeds, vLLM's sampler, so other tokens.
+    # prompts and the faster samples the rest (selfie/generation/generate.py). The same seeds either way. vllm: vLLM's engine
+    # in its own environment (selfie/generation/vllm_backend.py): selfie's seeds, vLLM's sampler, so other tokens.
     backend: str = "auto"
 
 
@@ -235,7 +225,7 @@ class JudgeConfig(Ranged):
 
     @property
     def rules(self) -> PairRules:
-        from selfie.pairs import PairRules
+        from selfie.labelling.pairs import PairRules
 
         return PairRules(self.truncated, self.truncation_penalty, self.length_penalty)
 
@@ -276,22 +266,6 @@ class TrainConfig(Ranged):
     # when the recipe loads (trainer_arguments). Only the fields set are held, so they alone enter the hash.
     EXTRA: ClassVar[str] = "trainer_args"
     trainer_args: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def extra_keys(cls, values: dict[str, Any], prefix: str) -> dict[str, Any]:
-        """`values`, keys this section does not declare, as trainer arguments; raises naming the first that is not one."""
-        from selfie.trainer import SELFIE_SETS, trainer_fields  # TRL loads only when a recipe sets such a key
-
-        fields = trainer_fields()
-        for key in sorted(values):
-            if key in SELFIE_SETS:
-                raise SelfieError(f"recipe key '{prefix}{key}': selfie sets it itself ({SELFIE_SETS[key]})")
-            if key not in fields:
-                raise SelfieError(
-                    f"unknown recipe key '{prefix}{key}' (known: {', '.join(sorted(_hints(cls)))}, "
-                    "and the fields of TRL's DPOConfig and transformers' TrainingArguments)"
-                )
-        return {key: _coerce(value, fields[key], f"{prefix}{key}") for key, value in sorted(values.items())}
 
 
 @dataclass
@@ -416,11 +390,6 @@ class RAHFConfig(EditConfig):
 INIT_METHODS: dict[str, type[EditConfig]] = {"alignez": AlignEZConfig, "rahf": RAHFConfig}
 
 
-def load_init(values: dict[str, Any]) -> EditConfig:
-    """The `init:` settings of a mapping such as {method: alignez, num_prompts: 32}, checked as in a recipe."""
-    return _coerce(values, EditConfig, "init")
-
-
 BASELINES = ("init", "seed", "previous", "none")  # what an iteration is compared against (eval.baseline)
 
 
@@ -474,13 +443,13 @@ class EvalOptions(Ranged):
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 1.0
     batch_size: int = 8  # sequences decoded together
-    backend: str = GenerateConfig.backend  # generation backend (selfie/generate.py BACKENDS)
+    backend: str = GenerateConfig.backend  # generation backend (selfie/generation/generate.py BACKENDS)
     seed: int = 0  # sampling and bootstrap seed
     dtype: str = "auto"
     n_boot: int = 2000  # bootstrap resamples for the 95% interval
 
     def sampling(self) -> dict[str, Any]:
-        """How each model answers: the arguments of selfie.generate.generate_responses."""
+        """How each model answers: the arguments of selfie.generation.generate.generate_responses."""
         return dict(
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
@@ -522,188 +491,32 @@ class RecipeConfig:
             )
 
 
-# Keys whose change does not alter a run's results; a resumed run may differ in these.
-HARMLESS_KEYS = frozenset(
-    {
-        "report_to",
-        "run_name",
-        "train.logging_steps",
-        "train.save_steps",
-        "generate.batch_size",
-        "generate.backend",
-        "judge.token_budget",
-        "train.keep_checkpoints",
-    }
-)
-# Where the run lives, not what it computes: a moved run directory resumes. Hashes written before it was left out
-# still count it (selfie/rundir.py::made_with accepts them).
-LOCATION_KEYS = frozenset({"output_dir"})
-
-
-def _hints(cls: type) -> dict[str, Any]:
+def section_fields(cls: type) -> dict[str, Any]:
     """The recipe keys of a section: its dataclass fields (class constants, and the field holding its EXTRA keys, left out)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != getattr(cls, "EXTRA", None)}
 
 
-def _is_dataclass_type(tp: Any) -> bool:
+def is_section_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _is_enum(tp: Any) -> bool:
+def is_enum(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, enum.Enum)
 
 
-def _members(tp: Any) -> list[Any]:
+def union_members(tp: Any) -> list[Any]:
     """The types a field may hold, None left out: (int | None) -> [int]; int -> [int]."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return [arg for arg in typing.get_args(tp) if arg is not type(None)]
     return [tp]
 
 
-def _shape_of(tp: Any) -> type | None:
+def shape_of(tp: Any) -> type | None:
     """The container a list or section member of a union holds (data.prompts: a string, or a list of sources)."""
     if typing.get_origin(tp) is list:
         return list
-    return dict if _is_dataclass_type(tp) else None
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and gently convert) a YAML value against a field's type hint."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        members = _members(tp)
-        if any(_is_enum(m) for m in members):  # TrainingArguments' `OptimizerNames | str`: the str is the enum's name
-            members = [m for m in members if m is not str]
-        if value is None and len(members) < len(typing.get_args(tp)):
-            return None
-        shaped = [m for m in members if _shape_of(m) is type(value)]
-        if len(members) == 1 or len(shaped) == 1:  # the one member it can be: that member's error names what is wrong
-            return _coerce(value, members[0] if len(members) == 1 else shaped[0], key)
-        for arg in members:
-            try:
-                return _coerce(value, arg, key)
-            except SelfieError:
-                continue
-        raise SelfieError(f"recipe key '{key}': expected {tp}, got {value!r}")
-    if _is_dataclass_type(tp):
-        if not isinstance(value, dict):
-            raise SelfieError(f"recipe key '{key}': expected a mapping, got {value!r}")
-        if hasattr(tp, "variant"):  # a section whose keys depend on one of its values (init: its method)
-            tp = tp.variant(value, key)
-        return _build(tp, value, prefix=f"{key}.")
-    origin = typing.get_origin(tp)
-    if origin is list:
-        if not isinstance(value, list):
-            raise SelfieError(f"recipe key '{key}': expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SelfieError(f"recipe key '{key}': expected a mapping, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    if _is_enum(tp):
-        if value not in {m.value for m in tp}:
-            raise SelfieError(f"recipe key '{key}': expected one of {', '.join(str(m.value) for m in tp)}, got {value!r}")
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise SelfieError(f"recipe key '{key}': expected {tp.__name__}, got {value!r}")
-    return value
-
-
-# Keys of earlier versions, with what replaced them.
-RENAMED_KEYS = {
-    "judge.allow_truncated_chosen": "judge.truncated (true was 'keep', false 'drop')",
-    "judge.beta": "train.beta (the implicit reward is scored with the DPO loss's own beta)",
-}
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = _hints(cls)
-    unknown = sorted(set(values) - set(hints))
-    for key in unknown:
-        if f"{prefix}{key}" in RENAMED_KEYS:
-            raise SelfieError(f"recipe key '{prefix}{key}' was replaced by {RENAMED_KEYS[prefix + key]}")
-    extra = {}
-    if unknown and hasattr(cls, "extra_keys"):  # a section that takes another dataclass's fields too (train:)
-        extra = {cls.EXTRA: cls.extra_keys({key: values[key] for key in unknown}, prefix)}
-    elif unknown:
-        raise SelfieError(f"unknown recipe key '{prefix}{unknown[0]}' (known: {', '.join(sorted(hints))})")
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items() if name in hints}
-    return cls(**kwargs, **extra)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise SelfieError(f"override --{dotted}: '{part}' is not a section")
-    node[leaf] = value
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`['--train.learning_rate', '1e-5', '--num_iterations=2']` -> a nested dict."""
-    tree: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or arg == "--":
-            raise SelfieError(f"unexpected argument '{arg}': overrides are --key value")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise SelfieError(f"override --{key} has no value")
-            value = args[i + 1]
-            i += 1
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise SelfieError(f"override --{key}: not a YAML value ({str(e).splitlines()[0]})") from None
-        _set_dotted(tree, key.replace("-", "_"), parsed)
-        i += 1
-    return tree
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    """Sections merge key by key; an `init` naming another method replaces the section (its keys are the method's)."""
-    out = dict(base)
-    for key, value in extra.items():
-        section = out.get(key)
-        other_method = (
-            key == "init"
-            and isinstance(section, dict)
-            and isinstance(value, dict)
-            and value.get("method", section.get("method")) != section.get("method")
-        )
-        if isinstance(value, dict) and isinstance(section, dict) and not other_method:
-            out[key] = _merge(section, value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = None) -> RecipeConfig:
-    """Build a RecipeConfig from a YAML file (or defaults when path is None) and overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values = read_yaml_mapping(path, "recipe")
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    values = _merge(values, overrides or {})
-    try:
-        return _build(RecipeConfig, values)
-    except SelfieError as e:
-        raise SelfieError(f"{path}: {e}" if path is not None else str(e)) from None
+    return dict if is_section_type(tp) else None
 
 
 def to_dict(config: Any) -> dict:
@@ -714,137 +527,3 @@ def to_dict(config: Any) -> dict:
         if extra:
             values[f.name].update(values[f.name].pop(extra))
     return values
-
-
-def flatten(tree: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict[str, Any]:
-    """{dotted key: value}; a mapping named in `whole` stays one value."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key not in whole:
-            flat.update(flatten(value, f"{prefix}{key}.", whole))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _same_numbers(value: Any) -> Any:
-    """Integral floats as ints, so that equal numbers hash alike: a float field's default 2000 and the 2000.0 its
-    config.yaml gives back."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, list):
-        return [_same_numbers(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _same_numbers(v) for k, v in value.items()}
-    return value
-
-
-def _added_defaults(cls: type = RecipeConfig, prefix: str = "") -> dict[str, Any]:
-    """{dotted key: default} of the fields made with `added`."""
-    hints, defaults = typing.get_type_hints(cls), {}
-    for f in dataclasses.fields(cls):
-        if f.metadata.get(ADDED):
-            defaults[prefix + f.name] = f.default
-        elif _is_dataclass_type(hints[f.name]):
-            defaults.update(_added_defaults(hints[f.name], f"{prefix}{f.name}."))
-    return defaults
-
-
-def _hash(flat: dict[str, Any], leave_out: frozenset[str], exact_numbers: bool = False) -> str:
-    unset = _added_defaults()
-    kept = {k: v for k, v in flat.items() if k not in leave_out and not (k in unset and v == unset[k])}
-    return hashlib.sha256(json.dumps(kept if exact_numbers else _same_numbers(kept), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def config_hash(
-    config: RecipeConfig, leave_out: frozenset[str] = HARMLESS_KEYS | LOCATION_KEYS, exact_numbers: bool = False
-) -> str:
-    """Hash of everything that changes results (HARMLESS_KEYS and LOCATION_KEYS left out). `exact_numbers`: as
-    earlier versions hashed, telling 2000 from 2000.0."""
-    return _hash(flatten(to_dict(config)), leave_out, exact_numbers)
-
-
-# ---- run directories written by earlier versions --------------------------------------------------
-
-
-def earlier_config_hash(values: dict) -> str:
-    """The config_hash an earlier version gave the config.yaml holding `values`: `init` and `eval` were
-    untyped mappings then, hashed whole as written, `judge.beta` was a key of its own, and output_dir counted."""
-    return _hash(flatten(values, whole=("init", "eval")), HARMLESS_KEYS, exact_numbers=True)
-
-
-def upgrade_run_values(values: dict) -> tuple[dict, list[str]]:
-    """A run's config.yaml values in this version's form, and what in them this version would not reproduce.
-
-    `judge.beta` is gone (the implicit reward is scored with train.beta): a run that judged with the same
-    beta as it trained with is unchanged; one that judged with another beta is named.
-    """
-    values = copy.deepcopy(values)
-    judge = values.get("judge")
-    if not isinstance(judge, dict) or "beta" not in judge:
-        return values, []
-    judged_with = judge.pop("beta")
-    train = values.get("train") if isinstance(values.get("train"), dict) else {}
-    trains_with = train.get("beta", TrainConfig.beta)
-    if judged_with == trains_with:
-        return values, []
-    return values, [f"judge.beta (the run judged with beta {judged_with}; this version judges with train.beta, {trains_with})"]
-
-
-# ---- command-line flags from the same dataclasses ---------------------------------------------------
-
-
-def _from_text(text: str, tp: Any) -> Any:
-    """A flag's text as a value of the field's type (int, float, str, or a union of them)."""
-    for member in _members(tp):
-        try:
-            return member(text)
-        except ValueError:
-            continue
-    raise argparse.ArgumentTypeError(f"expected {' or '.join(m.__name__ for m in _members(tp))}, got {text!r}")
-
-
-def add_options(parser: argparse.ArgumentParser, section: type, names: Sequence[str], help: dict[str, str] | None = None) -> None:
-    """A `--flag-name` for each named field of a config dataclass: typed and range-checked as in a recipe,
-    its default the field's, so a command and a recipe share each default."""
-    hints, fields = _hints(section), {f.name: f for f in dataclasses.fields(section)}
-    for name in names:
-        f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{(help or {}).get(name, '')} (default: {default})".lstrip()
-        flag = "--" + name.replace("_", "-")
-        if hints[name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-            continue
-
-        def parse(value: str, name: str = name) -> Any:
-            parsed = _from_text(value, hints[name])
-            problem = section.out_of_range(name, parsed) if issubclass(section, Ranged) else None
-            if problem:
-                raise argparse.ArgumentTypeError(problem)
-            return parsed
-
-        parser.add_argument(flag, type=parse, default=default, help=text)
-
-
-def from_args(section: type, args: argparse.Namespace) -> Any:
-    """The config dataclass of the flags `add_options` made for it (fields without a flag at their defaults)."""
-    return section(**{f.name: getattr(args, f.name) for f in dataclasses.fields(section) if hasattr(args, f.name)})
-
-
-def changed_values(a: RecipeConfig, b: RecipeConfig) -> dict[str, list[Any]]:
-    """{key: [value in a, value in b]} of every results-changing key where they differ."""
-    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
-    return {
-        k: [fa.get(k), fb.get(k)]
-        for k in sorted(set(fa) | set(fb))
-        if fa.get(k) != fb.get(k) and k not in HARMLESS_KEYS | LOCATION_KEYS
-    }
-
-
-def differing_keys(a: RecipeConfig, b: RecipeConfig) -> list[str]:
-    return list(changed_values(a, b))
-
-
-def dump_recipe(config: RecipeConfig) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)

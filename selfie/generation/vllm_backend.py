@@ -3,7 +3,7 @@
 vLLM pins transformers versions selfie does not run with, so it lives in an environment of its own (as the SPA
 reference code and RLHFlow keep it): `$SELFIE_VLLM_PYTHON` names its interpreter (`make vllm-env` builds one),
 else the current interpreter is used when it imports vllm. Each stage starts a fresh worker
-(selfie/vllm_worker.py) on pi_init's directory with the previous adapter as a `LoRARequest`; the worker exits when
+(selfie/generation/vllm_worker.py) on pi_init's directory with the previous adapter as a `LoRARequest`; the worker exits when
 the stage's prompts are done, which frees the engine's memory before training. Prompts go in as selfie's chat
 token ids, responses come back as token ids, stop ids are selfie's: the judge and trainer see the same tokens.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PretrainedConfig
 
-from selfie.config import ModelConfig
+from selfie.config.schema import ModelConfig
 from selfie.errors import SelfieError
 from selfie.io import TMP_SUFFIX, read_json
 from selfie.models import (
@@ -274,7 +274,7 @@ def merged_copy(policy: VllmPolicy, directory: Path) -> VllmPolicy:
 
 
 def sample_vllm(policy: VllmPolicy, items: list, s, output: Path, shard: tuple[int, int], info: dict) -> Iterator:
-    """selfie.generate's Samples from vLLM: one group per prompt, as its K responses complete.
+    """selfie.generation.generate's Samples from vLLM: one group per prompt, as its K responses complete.
 
     A response is (token ids without the stop token, finished): finish reason `stop` is finished, `length` was cut at
     max_new_tokens, any other is an error. The adapter goes in as a LoRARequest; where vLLM refuses it, a merged copy

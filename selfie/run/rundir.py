@@ -27,16 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from selfie.config import (
-    HARMLESS_KEYS,
-    RecipeConfig,
-    _build,
-    changed_values,
-    config_hash,
-    dump_recipe,
-    earlier_config_hash,
-    upgrade_run_values,
-)
+from selfie.config.compat import HARMLESS_KEYS, changed_values, config_hash, earlier_config_hash, upgrade_run_values
+from selfie.config.loader import _build, dump_recipe
+from selfie.config.schema import RecipeConfig
 from selfie.errors import SelfieError
 from selfie.io import TMP_SUFFIX, atomic_write_text, count_lines, file_sha256, read_json
 
@@ -45,7 +38,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("init", "seed", "generate", "judge", "train", "eval")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what a directory artifact's checksum covers
 TRAINED = ("seed", "train")  # stages that leave trainer checkpoints beside their adapter
-ADAPTER, CHECKPOINTS = "adapter", "checkpoints"  # what a training stage writes in its directory (selfie/trainer.py)
+ADAPTER, CHECKPOINTS = "adapter", "checkpoints"  # what a training stage writes in its directory (selfie/training/trainer.py)
 
 
 @dataclass

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from selfie.config import RecipeConfig
-from selfie.export import is_local
+from selfie.config.schema import RecipeConfig
+from selfie.export.policy import is_local
 from selfie.io import read_json
-from selfie.rundir import RunContext
-from selfie.tracking import eval_headline, summary_markdown, summary_rows
+from selfie.run.rundir import RunContext
+from selfie.run.tracking import eval_headline, summary_markdown, summary_rows
 
 # the hub model each built-in alias was quantised from (its GGUF file is not on the hub under this name)
 BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}

@@ -25,12 +25,13 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.config import JudgeConfig, TrainConfig, add_options, from_args
+from selfie.cli.flags import add_options, from_args
+from selfie.config.schema import JudgeConfig, TrainConfig
 from selfie.data import check_response_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, atomic_write_jsonl, check_writable, read_jsonl
+from selfie.labelling.pairs import TRUNCATION_POLICIES, PairRules, select_pairs
 from selfie.models import add_policy_args, load_policy, unwrap_peft
-from selfie.pairs import TRUNCATION_POLICIES, PairRules, select_pairs
 from selfie.projection import logit_softcap, output_layer, token_logps
 from selfie.tokens import pad_token_id, response_token_ids, stop_token_ids
 
@@ -242,7 +243,7 @@ def add_judge_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_judge_command(args: argparse.Namespace) -> None:
-    from selfie.rundir import output_lock
+    from selfie.run.rundir import output_lock
 
     judge = from_args(JudgeConfig, args)  # bad rules fail before the model loads
     for output in (args.output, args.pairs, args.metrics):

@@ -19,15 +19,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> None:
-    from selfie.config import load_recipe
+    from selfie.config.loader import load_recipe
 
     config = load_recipe(args.recipe, overrides)
     if args.dry_run:
-        from selfie.preflight import dry_run
+        from selfie.run.preflight import dry_run
 
         print(dry_run(config, args.force))
         return
-    from selfie.loop import run_loop
+    from selfie.run.loop import run_loop
 
     table = run_loop(config, force=args.force)
     if table:
@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
-    from selfie.status import describe
+    from selfie.run.status import describe
 
     print(describe(args.run_dir))
 
@@ -51,8 +51,11 @@ def _add_status_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfie import edit, export, generate, implicit_reward
-    from selfie.evaluation import cli as evaluation
+    from selfie import edit
+    from selfie.cli import eval as evaluation
+    from selfie.export import policy as export
+    from selfie.generation import generate
+    from selfie.labelling import implicit_reward
 
     parser = _Parser(prog="selfie", description="Self-generated preference learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

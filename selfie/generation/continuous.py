@@ -8,7 +8,7 @@ with eager or SDPA attention (flash attention on GPUs that have it).
 The engine's own sampler draws every row of a step with one `torch.multinomial` from the global RNG,
 so a row's tokens would depend on which requests share its steps. selfie replaces it: each (prompt, k)
 request gets the same `torch.Generator` the static backend would use, and a per-request logits
-processor draws its token with `selfie.generate.draw` and leaves only that token possible, so the
+processor draws its token with `selfie.generation.generate.draw` and leaves only that token possible, so the
 engine's greedy pick returns it. A request's tokens therefore depend only on its seed and its logits,
 as in the static backend; the logits themselves differ from a static batch's by float rounding only
 (another batch layout), which can flip a draw whose uniform falls on a token boundary.
@@ -28,7 +28,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 
 from selfie.errors import SelfieError
-from selfie.generate import Sampling, draw
+from selfie.generation.generate import Sampling, draw
 from selfie.models import unwrap_peft
 
 PAGE_SIZE = 64  # tokens per cache page: small pages waste little on short responses

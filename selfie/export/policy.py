@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from selfie.config import ModelConfig, RecipeConfig
+from selfie.config.schema import ModelConfig, RecipeConfig
 from selfie.errors import SelfieError
 from selfie.io import atomic_directory, read_json
-from selfie.rundir import RunContext
+from selfie.run.rundir import RunContext
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -156,7 +156,7 @@ def export_run(
     private: bool = False,
 ) -> Path:
     """Export iteration `iteration` (default: the last completed) of a run into `output`; optionally push it."""
-    from selfie.model_card import build_card
+    from selfie.export.model_card import build_card
 
     output = Path(output)
     if push_to_hub:

@@ -22,29 +22,23 @@ fresh one. Only the adapter "default" is ever saved as the result.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import logging
-import os
 import re
 import time
-import typing
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from trl import DPOConfig, DPOTrainer
+from trl import DPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from selfie.config import LoraConfig, ModelConfig, RecipeConfig, RefineConfig, TrainConfig
-from selfie.dist import check_topology, on_cpu, uses_deepspeed
+from selfie.config.schema import ModelConfig, RecipeConfig
+from selfie.dist import check_topology
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, read_json
 from selfie.models import (
@@ -58,49 +52,14 @@ from selfie.models import (
     unwrap_peft,
 )
 from selfie.projection import logit_softcap, output_layer, token_logps
-from selfie.rundir import ADAPTER, CHECKPOINTS
+from selfie.run.rundir import ADAPTER, CHECKPOINTS
 from selfie.tokens import response_token_ids, stop_token_ids
+from selfie.training.arguments import NoiseAwareDPOConfig, build_dpo_config, dnd_lambda, peft_lora_config, seed_epochs
 
 logger = logging.getLogger(__name__)
 
 REFINE_STATE = "refine_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what a pair needs; `*_finished` (default true) say how to render it
-
-
-@dataclass
-class NoiseAwareDPOConfig(DPOConfig):
-    refine_alpha: float = field(default=0.1, metadata={"help": "Label smoothing of pairs below tau; 0 = plain DPO."})
-    refine_quantile: float = field(default=0.1, metadata={"help": "K: tau is this quantile of recent margins."})
-    refine_window_steps: int = field(default=50, metadata={"help": "Margins of the last W optimizer steps form the window."})
-    refine_warmup_fraction: float = field(default=0.2, metadata={"help": "No smoothing during this fraction of the steps."})
-    dnd_lambda: float = field(default=0.0, metadata={"help": "DND extrapolation; 0 = plain implicit-reward margin."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if (
-            self.loss_type != ["sigmoid"]
-            or self.loss_weights not in (None, [1.0])
-            or self.ld_alpha is not None
-            or self.f_divergence_type != "reverse_kl"
-            or self.use_weighting
-            or self.label_smoothing
-        ):
-            raise ValueError(
-                "NoiseAwareDPOConfig builds on TRL's plain sigmoid loss; leave loss_type, loss_weights, "
-                "ld_alpha, f_divergence_type, use_weighting and label_smoothing at their defaults"
-            )
-        if self.precompute_ref_log_probs:
-            raise ValueError("precompute_ref_log_probs: the reference pass is needed for DND (and costs no copy with LoRA)")
-        if not 0.0 <= self.refine_alpha <= 0.5:
-            raise ValueError(f"refine_alpha must lie in [0, 0.5], got {self.refine_alpha}")
-        if not 0.0 < self.refine_quantile < 1.0:
-            raise ValueError(f"refine_quantile must lie in (0, 1), got {self.refine_quantile}")
-        if self.refine_window_steps < 1:
-            raise ValueError(f"refine_window_steps must be >= 1, got {self.refine_window_steps}")
-        if not 0.0 <= self.refine_warmup_fraction <= 1.0:
-            raise ValueError(f"refine_warmup_fraction must lie in [0, 1], got {self.refine_warmup_fraction}")
-        if self.dnd_lambda < 0:
-            raise ValueError(f"dnd_lambda must be >= 0, got {self.dnd_lambda}")
 
 
 class RefinementWindow:
@@ -318,129 +277,7 @@ def last_checkpoint(directory: str | Path) -> str | None:
     return str(directory / f"checkpoint-{max(steps)}") if steps else None
 
 
-# ---- configuration --------------------------------------------------------------------------------
-
-
-def dnd_lambda(refine: RefineConfig, iteration: int) -> float:
-    """lambda_t for iteration t >= 1: refine.lambdas[t-1], then halving the last one (0 for the seed stage)."""
-    if iteration < 1 or not refine.lambdas:
-        return 0.0
-    if iteration <= len(refine.lambdas):
-        return refine.lambdas[iteration - 1]
-    return refine.lambdas[-1] / 2 ** (iteration - len(refine.lambdas))
-
-
-def seed_epochs(train: TrainConfig, num_pairs: int) -> float:
-    """SPA: 3 epochs on a seed set below 2,000 pairs, else 1, unless train.seed_epochs says otherwise."""
-    if train.seed_epochs is not None:
-        return train.seed_epochs
-    return 3.0 if num_pairs < 2000 else 1.0
-
-
-_LOSS = "selfie's noise-aware loss builds on TRL's plain sigmoid DPO loss (docs/METHOD.md section 1.7)"
-_DEVICE = "from the device: bf16 on a GPU that has it, float32 on CPU (see build_dpo_config)"
-# Trainer arguments a recipe may not set under train:, each with why (build_dpo_config sets them, or selfie's loop
-# depends on their value). Every other field of NoiseAwareDPOConfig is a recipe key (TrainConfig.extra_keys).
-SELFIE_SETS = {
-    "output_dir": "each stage's checkpoints go to <output_dir>/iter_t/checkpoints; set the recipe's output_dir",
-    "run_name": "set the recipe's top-level run_name",
-    "seed": "set the recipe's top-level seed",
-    "report_to": "set the recipe's top-level report_to",
-    "max_steps": "each stage trains train.num_train_epochs epochs (train.seed_epochs for the seed stage)",
-    "warmup_steps": "set train.warmup_ratio; selfie passes it as warmup_steps",
-    "save_strategy": "selfie checkpoints every train.save_steps steps to resume a killed stage",
-    "save_total_limit": "selfie keeps the 2 newest checkpoints: a kill may cut the newest one",
-    "resume_from_checkpoint": "selfie resumes each stage from its newest complete checkpoint",
-    "bf16": _DEVICE,
-    "fp16": _DEVICE,
-    "use_cpu": _DEVICE,
-    "dataloader_pin_memory": _DEVICE,
-    "ddp_backend": "from the device and the launcher (selfie/dist.py)",
-    "local_rank": "the launcher sets it",
-    "model_init_kwargs": "selfie loads the model itself; set model.dtype, model.attn_implementation, model.load_in_4bit, ...",
-    "trust_remote_code": "set model.trust_remote_code",
-    "precompute_ref_log_probs": "the reference pass runs live: DND needs its hidden states (and with LoRA it costs no copy)",
-    "sync_ref_model": "the reference is pi_{t-1}, fixed for the stage (docs/METHOD.md)",
-    "ref_model_mixup_alpha": "the reference is pi_{t-1}, fixed for the stage (docs/METHOD.md)",
-    "ref_model_sync_steps": "the reference is pi_{t-1}, fixed for the stage (docs/METHOD.md)",
-    **{
-        name: _LOSS for name in ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "use_weighting", "label_smoothing")
-    },
-    **{f"refine_{name}": f"set refine.{name}" for name in ("alpha", "quantile", "window_steps", "warmup_fraction")},
-    "dnd_lambda": "set refine.lambdas",
-}
-
-
-@functools.cache
-def trainer_fields() -> dict[str, Any]:
-    """{field: type hint} of the trainer's arguments: what `train:` takes besides TrainConfig's own keys."""
-    hints = typing.get_type_hints(NoiseAwareDPOConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(NoiseAwareDPOConfig) if f.init}
-
-
-def build_dpo_config(
-    train: TrainConfig,
-    refine: RefineConfig,
-    output_dir: str | Path,
-    *,
-    lambda_: float,
-    refine_on: bool,
-    report_to: list[str],
-    run_name: str | None,
-    seed: int,
-    epochs: float | None = None,
-    **overrides: Any,
-) -> NoiseAwareDPOConfig:
-    """The recipe's train/refine sections as TRL arguments (train's other trainer fields as set); `overrides` go
-    straight to NoiseAwareDPOConfig."""
-    cuda = not on_cpu()
-    distributed_cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    values = dict(
-        output_dir=str(output_dir),
-        run_name=run_name,
-        seed=seed,
-        report_to=list(report_to) or "none",
-        beta=train.beta,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler_type,
-        warmup_steps=train.warmup_ratio,  # transformers 5: a float below 1 is a ratio
-        num_train_epochs=train.num_train_epochs if epochs is None else epochs,
-        per_device_train_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        max_length=train.max_length,
-        gradient_checkpointing=train.gradient_checkpointing,
-        logging_steps=train.logging_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=2,  # the newest checkpoint may be cut by a kill; the one before it is then complete
-        bf16=cuda and torch.cuda.is_bf16_supported(),  # float32 on CPU: bf16 matmul there is ~400x slower
-        dataloader_pin_memory=cuda,
-        ddp_backend="gloo" if distributed_cpu else None,  # DeepSpeed on CPU needs it named to see all ranks
-        use_cpu=not cuda and not uses_deepspeed(),  # else CPU ranks run unsynchronised (see selfie.dist)
-        refine_alpha=refine.alpha if refine_on else 0.0,
-        refine_quantile=refine.quantile,
-        refine_window_steps=refine.window_steps,
-        refine_warmup_fraction=refine.warmup_fraction,
-        dnd_lambda=lambda_,
-    )
-    values.update(train.trainer_args)  # TrainConfig.extra_keys refuses those set above
-    values.update(overrides)
-    return NoiseAwareDPOConfig(**values)
-
-
 # ---- stages -------------------------------------------------------------------------------------
-
-
-def _peft_config(lora: LoraConfig) -> PeftLoraConfig:
-    # Handed to TRL unattached (unlike selfie.models.attach_lora): TRL then wraps the model itself and takes
-    # "adapters disabled" as the reference, with no copy of the adapter.
-    return PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
 
 
 def _pairs_dataset(pairs: list[dict] | Dataset, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> Dataset:
@@ -578,12 +415,12 @@ def train_adapter(
 
     peft_config, stack_on = None, None
     if iteration == 0:
-        peft_config = _peft_config(config.lora)
+        peft_config = peft_lora_config(config.lora)
     elif mode == "continue":
         model = load_adapter(model, prev_adapter, trainable=True)  # TRL adds the frozen copy "ref" = pi_{t-1}
     else:
         model = merge_adapter(load_adapter(model, prev_adapter))  # reference = merged model = pi_{t-1}
-        peft_config, stack_on = _peft_config(config.lora), Path(prev_adapter)
+        peft_config, stack_on = peft_lora_config(config.lora), Path(prev_adapter)
 
     # taken before training shards the weights: the adapter applies to pi_init (merge mode stacks onto it again)
     fingerprint = base_fingerprint(unwrap_peft(model))

@@ -1,6 +1,6 @@
 """The SPA loop (docs/METHOD.md section 1): seed DPO, then generate -> judge -> train (-> eval) per iteration.
 
-The driver runs the run's plan (selfie/rundir.py::RunContext.plan) stage by stage (selfie/stages.py); the
+The driver runs the run's plan (selfie/run/rundir.py::RunContext.plan) stage by stage (selfie/run/stages.py); the
 manifest records a stage once its artifacts are complete, so re-running the same command resumes after the
 last completed stage (and inside generation / training from their own resume points). Under
 `accelerate launch` every rank runs this driver; rank 0 alone writes metrics and the manifest.
@@ -12,15 +12,15 @@ import logging
 import time
 from pathlib import Path
 
-from selfie.config import RecipeConfig, to_dict
+from selfie.config.schema import RecipeConfig, to_dict
 from selfie.data import Splits
 from selfie.dist import Ranks, check_topology, process_state
 from selfie.errors import SelfieError, out_of_space
 from selfie.io import atomic_write_json
-from selfie.preflight import preflight
-from selfie.rundir import TRAINED, Manifest, RunLock, open_run
-from selfie.stages import STAGES, StageContext
-from selfie.tracking import Tracker, write_summary
+from selfie.run.preflight import preflight
+from selfie.run.rundir import TRAINED, Manifest, RunLock, open_run
+from selfie.run.stages import STAGES, StageContext
+from selfie.run.tracking import Tracker, write_summary
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Every (prompt, k) row draws its tokens from its own `torch.Generator`, seeded fr
 prompt_id, k), through `draw`, so a prompt's responses do not depend on the batch size, the batch
 order or which other prompts share its batch (HF generate shares one RNG across the batch). Two
 backends run the model: `static`, a small loop over length-sorted batches (below), and `continuous`,
-transformers' continuous-batching engine (selfie/continuous.py); `auto` measures both on the first
+transformers' continuous-batching engine (selfie/generation/continuous.py); `auto` measures both on the first
 prompts and keeps the faster. Rows are written as their prompts complete, so a killed run resumes
 where it stopped; the final responses.jsonl is sorted by prompt_id and written atomically.
 """
@@ -24,14 +24,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie import vllm_backend
-from selfie.config import GenerateConfig, ModelConfig, RecipeConfig, add_options, from_args
+from selfie.cli.flags import add_options, from_args
+from selfie.config.schema import GenerateConfig, ModelConfig, RecipeConfig
 from selfie.data import check_prompt_rows, select_shard
 from selfie.errors import SelfieError
+from selfie.generation import vllm_backend
+from selfie.generation.vllm_backend import VllmPolicy, vllm_policy
 from selfie.io import ResumableJsonl, atomic_write_jsonl, check_writable, read_jsonl
 from selfie.models import add_policy_args, load_policy, load_tokenizer, model_settings
 from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
-from selfie.vllm_backend import VllmPolicy, vllm_policy
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,8 @@ def sample_static(model: PreTrainedModel, items: list[Item], s: Sampling) -> Sam
 
 
 def sample_engine(model: PreTrainedModel, items: list[Item], s: Sampling) -> Samples:
-    """transformers' continuous-batching engine, batch_size sequences in flight (selfie/continuous.py)."""
-    from selfie.continuous import sample_continuous
+    """transformers' continuous-batching engine, batch_size sequences in flight (selfie/generation/continuous.py)."""
+    from selfie.generation.continuous import sample_continuous
 
     rows = [row for _, row in items]
     for done in sample_continuous(model, [ids for ids, _ in items], s.generators(rows), s):
@@ -366,7 +367,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 
 def run_generate_command(args: argparse.Namespace) -> None:
     from selfie.data import load_prompts
-    from selfie.rundir import output_lock
+    from selfie.run.rundir import output_lock
 
     g = from_args(GenerateConfig, args)  # the cross-key checks of the recipe's section
     check_writable(args.output, directory=False)

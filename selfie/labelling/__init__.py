@@ -1,0 +1,1 @@
+"""Labelling sampled responses: implicit-reward scores and the rules that make preference pairs of them."""
