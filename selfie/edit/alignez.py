@@ -163,35 +163,46 @@ def held_out_scores(
     return margin, own
 
 
-def alignez_edits(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: AlignEZData, config: AlignEZConfig, seed: int = 0
-) -> tuple[list[Edit], dict]:
-    """The edits chosen on the held-out pairs (possibly none), and what was measured on the way."""
-    pos, neg, plain = pair_states(model, tokenizer, data, config)
-    num_layers = pos.shape[1]
+def layer_edits(per_layer: list[LayerDirections], layers: list[int], alpha: float) -> list[Edit]:
+    return [Edit(layer, per_layer[layer].plus, per_layer[layer].minus, alpha) for layer in layers]
+
+
+def check_layers(config: AlignEZConfig, num_layers: int) -> None:
     for layer in [] if config.layers == "auto" else config.layers:
         if not 0 <= layer < num_layers:
             raise SelfieError(f"init.layers: layer {layer} is outside 0..{num_layers - 1}")
-    finder = get_finder(config.finder, config.finder_options)
-    fit, held = held_out_split(len(pos), config.held_out, seed)
-    per_layer = [
-        layer_directions(pos[fit, layer], neg[fit, layer], plain[fit, layer], finder, config.parallel_cosine, seed)
-        for layer in range(num_layers)
-    ]
-    scores = score_layers([d.separating for d in per_layer], pos[held], neg[held])
 
-    def edits_for(layers: list[int], alpha: float) -> list[Edit]:
-        return [Edit(layer, per_layer[layer].plus, per_layer[layer].minus, alpha) for layer in layers]
 
+def held_out_rows(data: AlignEZData, held: torch.Tensor) -> tuple[list[dict], list[dict]]:
+    """The held-out pairs and, for each, the plain answer to its query."""
     held_pairs = [data.pairs[i] for i in held.tolist()]
     plain_rows = {row["prompt_id"]: row for row in data.plain}
-    held_plain = [plain_rows[p["prompt_id"]] for p in held_pairs]
+    return held_pairs, [plain_rows[p["prompt_id"]] for p in held_pairs]
+
+
+class Choice(NamedTuple):
+    unedited: float  # the unedited model's held-out margin
+    tried: list[dict]  # every candidate: layers, alpha, held_out_margin, kl
+    chosen: dict | None  # the candidate edited (None: nothing is)
+
+
+def choose_edit(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: AlignEZData,
+    held: torch.Tensor,
+    per_layer: list[LayerDirections],
+    settings: list[tuple[list[int], float]],
+    config: AlignEZConfig,
+) -> Choice:
+    """The (layers, alpha) setting with the highest held-out margin within the KL budget, if it beats the unedited model
+    (a single setting, all keys given, is taken as it is)."""
+    held_pairs, held_plain = held_out_rows(data, held)
     unedited, own = held_out_scores(model, tokenizer, held_pairs, held_plain, [], config.batch_size)
     tried = []
-    for layers, alpha in candidates(config, rank_layers(scores)):
-        margin, edited_own = held_out_scores(
-            model, tokenizer, held_pairs, held_plain, edits_for(layers, alpha), config.batch_size
-        )
+    for layers, alpha in settings:
+        edits = layer_edits(per_layer, layers, alpha)
+        margin, edited_own = held_out_scores(model, tokenizer, held_pairs, held_plain, edits, config.batch_size)
         tried.append({"layers": layers, "alpha": alpha, "held_out_margin": round(margin, 4), "kl": round(own - edited_own, 4)})
     allowed = [c for c in tried if c["kl"] <= config.max_kl] if len(tried) > 1 else tried
     best = max(allowed, key=lambda c: c["held_out_margin"], default=None)
@@ -202,8 +213,22 @@ def alignez_edits(
             "nothing is edited",
             unedited,
         )
+    return Choice(unedited, tried, chosen)
+
+
+def edit_record(
+    data: AlignEZData,
+    fit: torch.Tensor,
+    held: torch.Tensor,
+    scores: list[float],
+    per_layer: list[LayerDirections],
+    config: AlignEZConfig,
+    choice: Choice,
+) -> dict:
+    """What selfie_edit.json records of an AlignEZ edit: the split, the layer measurements, the candidates, the choice."""
+    chosen, unedited = choice.chosen, choice.unedited
     layers = chosen["layers"] if chosen else []
-    info = {
+    return {
         "pairs": len(data.pairs),
         "fit_pairs": len(fit),
         "held_out_pairs": len(held),
@@ -220,13 +245,31 @@ def alignez_edits(
             "unedited": round(unedited, 4),
             "edited": chosen["held_out_margin"] if chosen else round(unedited, 4),
         },
-        "candidates": tried,
+        "candidates": choice.tried,
     }
+
+
+def alignez_edits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: AlignEZData, config: AlignEZConfig, seed: int = 0
+) -> tuple[list[Edit], dict]:
+    """The edits chosen on the held-out pairs (possibly none), and what was measured on the way."""
+    pos, neg, plain = pair_states(model, tokenizer, data, config)
+    num_layers = pos.shape[1]
+    check_layers(config, num_layers)
+    finder = get_finder(config.finder, config.finder_options)
+    fit, held = held_out_split(len(pos), config.held_out, seed)
+    per_layer = [
+        layer_directions(pos[fit, layer], neg[fit, layer], plain[fit, layer], finder, config.parallel_cosine, seed)
+        for layer in range(num_layers)
+    ]
+    scores = score_layers([d.separating for d in per_layer], pos[held], neg[held])
+    choice = choose_edit(model, tokenizer, data, held, per_layer, candidates(config, rank_layers(scores)), config)
+    info = edit_record(data, fit, held, scores, per_layer, config, choice)
     logger.info(
         "AlignEZ: layers %s, alpha %s; held-out margin %.3f -> %.3f nats",
-        layers,
+        info["layers"],
         info["alpha"],
-        unedited,
+        choice.unedited,
         info["held_out_margin"]["edited"],
     )
-    return edits_for(layers, chosen["alpha"]) if chosen else [], info
+    return layer_edits(per_layer, info["layers"], info["alpha"]) if choice.chosen else [], info

@@ -156,6 +156,25 @@ def loss_curve(losses: Sequence[float], points: int = 10) -> list[float]:
     return [round(sum(losses[a:b]) / (b - a), 4) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def target_layers(config: RAHFConfig, num_layers: int) -> list[int]:
+    """init.target_layers, checked against the model's depth (`auto`: `default_target_layers`)."""
+    layers = default_target_layers(num_layers) if config.target_layers == "auto" else sorted(config.target_layers)
+    if not all(0 <= layer < num_layers for layer in layers):
+        raise SelfieError(f"init.target_layers: {layers} outside 0..{num_layers - 1}")
+    return layers
+
+
+def attach_rahf_lora(model: PreTrainedModel, config: RAHFConfig) -> PeftModel:
+    """The model with the fresh LoRA adapter that RAHF trains (init.lora_*, init.target_modules)."""
+    lora = LoraConfig(
+        r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=list(config.target_modules)
+    )
+    try:
+        return attach_lora(model, lora)
+    except ValueError as e:
+        raise SelfieError(f"init.target_modules: {str(e).splitlines()[0]}") from None
+
+
 def rahf_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -171,17 +190,8 @@ def rahf_model(
         raise SelfieError(
             "RAHF: fewer than 2 self-generated responses are non-empty; raise init.max_new_tokens_resp or init.num_prompts"
         )
-    num_layers = len(decoder_layers(model))
-    layers = default_target_layers(num_layers) if config.target_layers == "auto" else sorted(config.target_layers)
-    if not all(0 <= layer < num_layers for layer in layers):
-        raise SelfieError(f"init.target_layers: {layers} outside 0..{num_layers - 1}")
-    lora = LoraConfig(
-        r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=list(config.target_modules)
-    )
-    try:
-        peft_model = attach_lora(model, lora)
-    except ValueError as e:
-        raise SelfieError(f"init.target_modules: {str(e).splitlines()[0]}") from None
+    layers = target_layers(config, len(decoder_layers(model)))
+    peft_model = attach_rahf_lora(model, config)
     peft_model.eval()
     with peft_model.disable_adapter():
         items, targets = rahf_targets(
