@@ -51,7 +51,7 @@ def _add_status_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfie import edit
+    from selfie.cli import edit
     from selfie.cli import eval as evaluation
     from selfie.export import policy as export
     from selfie.generation import generate

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.edit.sampling import sample
+from selfie.edit.answers import model_answers
 from selfie.errors import SelfieError
 
 logger = logging.getLogger(__name__)
 
+POLARITIES = ("positive", "negative")  # each job's two personas, in this order throughout
 CHARACTERISTICS = {
     "positive": "{q}\nYou are a {keyword} assistant. Your answer to this query should: ",
     "negative": "{q}\nPretend you are a {keyword} assistant. Your response to this query should: ",
@@ -51,54 +52,38 @@ class AlignEZData:
     characteristics: list[dict]  # {"prompt_id", "keywords", "positive", "negative"}
 
 
-def generate_alignez_data(
+Job = tuple[dict, tuple[str, ...]]  # a prompt row and one (positive, negative) keyword pair
+
+
+def persona_characteristics(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[dict],
-    keywords: Sequence[Sequence[str]],
+    jobs: Sequence[Job],
     *,
-    max_new_tokens_char: int,
-    max_new_tokens_resp: int,
+    max_new_tokens: int,
     temperature: float,
     seed: int,
     batch_size: int,
-) -> AlignEZData:
-    """Characteristics, then persona responses and plain responses, for prompt rows {"prompt_id", "prompt"}."""
-    jobs = [(row, tuple(kw)) for row in prompts for kw in keywords]
+) -> list[str]:
+    """Each job's positive then negative characteristics text, a trailing "." stripped."""
     char_prompts = [
-        characteristics_prompt(row["prompt"], kw[i], polarity)
-        for row, kw in jobs
-        for i, polarity in enumerate(("positive", "negative"))
+        characteristics_prompt(row["prompt"], kw[i], polarity) for row, kw in jobs for i, polarity in enumerate(POLARITIES)
     ]
-    chars = [
-        text.rstrip(".")
-        for text, _ in sample(
-            model,
-            tokenizer,
-            char_prompts,
-            max_new_tokens=max_new_tokens_char,
-            temperature=temperature,
-            seed=seed,
-            batch_size=batch_size,
-            desc="characteristics",
-        )
-    ]
-    resp_prompts = [
-        response_prompt(row["prompt"], kw[i], polarity, chars[2 * j + i])
-        for j, (row, kw) in enumerate(jobs)
-        for i, polarity in enumerate(("positive", "negative"))
-    ]
-    resp_prompts += [row["prompt"] for row in prompts]
-    responses = sample(
+    answers = model_answers(
         model,
         tokenizer,
-        resp_prompts,
-        max_new_tokens=max_new_tokens_resp,
+        char_prompts,
+        max_new_tokens=max_new_tokens,
         temperature=temperature,
-        seed=seed + 1,
+        seed=seed,
         batch_size=batch_size,
-        desc="responses",
+        desc="characteristics",
     )
+    return [text.rstrip(".") for text, _ in answers]
+
+
+def persona_pairs(jobs: Sequence[Job], chars: list[str], responses: list[tuple[str, bool]]) -> tuple[list[dict], list[dict]]:
+    """The usable (y+, y-) pairs as pairs.jsonl rows, and every job's characteristics row."""
     pairs, characteristics = [], []
     for j, (row, kw) in enumerate(jobs):
         (chosen, _), (rejected, _) = responses[2 * j], responses[2 * j + 1]
@@ -116,6 +101,43 @@ def generate_alignez_data(
                 "margin": 0.0,
             }
         )
+    return pairs, characteristics
+
+
+def generate_alignez_data(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[dict],
+    keywords: Sequence[Sequence[str]],
+    *,
+    max_new_tokens_char: int,
+    max_new_tokens_resp: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+) -> AlignEZData:
+    """Characteristics, then persona responses and plain responses, for prompt rows {"prompt_id", "prompt"}."""
+    jobs = [(row, tuple(kw)) for row in prompts for kw in keywords]
+    chars = persona_characteristics(
+        model, tokenizer, jobs, max_new_tokens=max_new_tokens_char, temperature=temperature, seed=seed, batch_size=batch_size
+    )
+    resp_prompts = [
+        response_prompt(row["prompt"], kw[i], polarity, chars[2 * j + i])
+        for j, (row, kw) in enumerate(jobs)
+        for i, polarity in enumerate(POLARITIES)
+    ]
+    resp_prompts += [row["prompt"] for row in prompts]
+    responses = model_answers(
+        model,
+        tokenizer,
+        resp_prompts,
+        max_new_tokens=max_new_tokens_resp,
+        temperature=temperature,
+        seed=seed + 1,
+        batch_size=batch_size,
+        desc="responses",
+    )
+    pairs, characteristics = persona_pairs(jobs, chars, responses)
     plain = [
         {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "responses": [text], "finished": [done]}
         for row, (text, done) in zip(prompts, responses[2 * len(jobs) :])

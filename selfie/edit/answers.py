@@ -1,4 +1,4 @@
-"""Sample one response per conversation for the edit recipes' self-generated data.
+"""The model's one answer to each conversation, for the edit recipes' self-generated data.
 
 HF `generate` on left-padded batches, seeded once per call with `torch.manual_seed`: the samples
 depend on the batch size (the batch shares one RNG), which is fine for a one-off data set. (The
@@ -17,7 +17,7 @@ from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
 
 @torch.no_grad()
-def sample(
+def model_answers(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[list[dict]],
@@ -26,9 +26,9 @@ def sample(
     temperature: float,
     seed: int,
     batch_size: int,
-    desc: str = "sample",
+    desc: str = "answers",
 ) -> list[tuple[str, bool]]:
-    """(text, finished) for each prompt: one sample, temperature only (top-k and top-p off)."""
+    """(text, finished) for each prompt: one sampled answer, temperature only (top-k and top-p off)."""
     stop, pad_id = sorted(stop_token_ids(model, tokenizer)), pad_token_id(tokenizer)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device

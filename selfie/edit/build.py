@@ -1,5 +1,5 @@
-"""Build a representation-edited pi_init (AlignEZ or RAHF) as a standalone model directory; `selfie edit`;
-AlignEZ's self-generated pairs as seed-DPO data.
+"""Build a representation-edited pi_init (AlignEZ or RAHF) as a standalone model directory; AlignEZ's
+self-generated pairs as seed-DPO data.
 
 Resumable at the coarse level: a complete model already in `output_dir` is returned as is (if it
 was built with the same settings), the model is written to a temporary directory and renamed into
@@ -8,7 +8,6 @@ place, and the self-generated data in `<output_dir>.work/` is reused when its se
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import random
@@ -19,17 +18,17 @@ from typing import Any
 
 import torch
 
-from selfie.cli.flags import add_options
-from selfie.config.loader import load_init
-from selfie.config.schema import INIT_METHODS, AlignEZConfig, EditConfig, ModelConfig, RAHFConfig, RecipeConfig
+from selfie.config.schema import AlignEZConfig, EditConfig, ModelConfig, RAHFConfig
+from selfie.data import load_prompts
 from selfie.edit.alignez import alignez_edits
 from selfie.edit.alignez_data import AlignEZData, generate_alignez_data
+from selfie.edit.answers import model_answers
 from selfie.edit.apply import EDIT_FILE, fold_edits, is_saved_model, save_standalone
 from selfie.edit.rahf import rahf_model
-from selfie.edit.sampling import sample
 from selfie.edit.workdir import cached_rows
 from selfie.errors import SelfieError
-from selfie.io import read_json, read_yaml_mapping
+from selfie.io import read_json
+from selfie.models import load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +52,12 @@ def _loading_record(settings: ModelConfig | None) -> dict:
 
 
 def _load(model_name: str, dtype: str, settings: ModelConfig | None):
-    from selfie.models import load_model, load_tokenizer
-
     loading = _loading(model_name, dtype, settings)
     tokenizer = load_tokenizer(model_name, loading)
     return load_model(model_name, loading, "cuda" if torch.cuda.is_available() else None).eval(), tokenizer
 
 
 def _prompts(config: EditConfig, seed: int) -> list[dict]:
-    from selfie.data import load_prompts
-
     rows = load_prompts(config.prompts)
     if len(rows) < config.num_prompts:
         raise SelfieError(f"init.num_prompts: {config.num_prompts} requested, but '{config.prompts}' has {len(rows)} prompts")
@@ -149,7 +144,7 @@ def _build_rahf(
 ) -> tuple[Any, dict]:
     def make() -> dict[str, list[dict]]:
         prompts = _prompts(config, seed)
-        samples = sample(
+        answers = model_answers(
             model,
             tokenizer,
             [row["prompt"] for row in prompts],
@@ -162,7 +157,7 @@ def _build_rahf(
         return {
             "responses": [
                 {"prompt_id": row["prompt_id"], "prompt": row["prompt"], "responses": [text], "finished": [done]}
-                for row, (text, done) in zip(prompts, samples)
+                for row, (text, done) in zip(prompts, answers)
             ]
         }
 
@@ -221,34 +216,7 @@ def _check_provenance(output_dir: Path, provenance: dict) -> None:
         )
 
 
-# ---------------------------------------------------------------- command line
-
-
-def add_edit_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="the model to edit: hub id, local directory, .gguf file or built-in alias")
-    parser.add_argument("--method", choices=sorted(INIT_METHODS), default=None, help="the edit (default: `method` in --config)")
-    parser.add_argument("--output", required=True, help="directory to write the edited standalone model to")
-    parser.add_argument("--config", default=None, help="YAML file: an init mapping, or a recipe whose `init:` is used")
-    add_options(parser, RecipeConfig, ["seed"])
-    parser.epilog = "Further settings as --key value, e.g. --num_prompts 16 --alpha 2 (see docs/EDITING.md)."
-
-
-def _init_from_args(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    from selfie.config.loader import parse_overrides
-
-    init: dict[str, Any] = {}
-    if args.config is not None:
-        loaded = read_yaml_mapping(args.config, "edit config")
-        if not isinstance(loaded.get("init", {}), dict):
-            raise SelfieError(f"{args.config}: expected a mapping of init settings (or a recipe with an `init:` mapping)")
-        init = dict(loaded.get("init", loaded))
-    init.update(parse_overrides(overrides))
-    if args.method is not None:
-        init["method"] = args.method
-    return init
-
-
-def describe(provenance: dict) -> list[str]:
+def provenance_lines(provenance: dict) -> list[str]:
     """What the edit chose and measured, in a few lines (from its selfie_edit.json)."""
     r = provenance["result"]
     if provenance["method"] == "rahf":
@@ -273,9 +241,3 @@ def describe(provenance: dict) -> list[str]:
         f"layers {r['layers']}, alpha {r['alpha']}; cos(u+, u-) {cosines} (near-parallel above "
         f"{r['parallel_cosine']}: boost the y+ vs y- direction instead); rule {r['rule']}"
     ]
-
-
-def run_edit_command(args: argparse.Namespace, overrides: list[str] | None = None) -> None:
-    path = build_edited_model(load_init(_init_from_args(args, overrides or [])), args.model, Path(args.output), args.seed)
-    print("\n".join(describe(read_json(path / EDIT_FILE))))
-    print(path)
