@@ -305,7 +305,7 @@ def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
         "a": report["a"],
         "b": report["b"],
     }
-    assert report["a"]["length_mean"] == np.mean(lengths[0])
+    assert report["a"]["chars_mean"] == np.mean(lengths[0])
     assert report["a"]["adapter"] == str(adapter) and report["b"]["adapter"] is None
     assert report["a"]["score_mean"] == pytest.approx(np.mean([s["score_a"] for s in scored]))
 

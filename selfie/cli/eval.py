@@ -7,6 +7,13 @@ from pathlib import Path
 
 from selfie.cli.flags import add_options, from_args
 from selfie.config.schema import EvalOptions
+from selfie.data import load_preferences
+from selfie.evaluation.compare import INIT, compare_models, eval_prompts, iteration_label, run_scores
+from selfie.evaluation.judges import load_judge
+from selfie.evaluation.labels import judge_accuracy
+from selfie.evaluation.report import write_report
+from selfie.io import check_writable
+from selfie.run.rundir import RunContext, output_lock
 
 HELP = {
     "dtype": "auto, float32, bfloat16 or float16",
@@ -55,51 +62,48 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> None:
-    from selfie.evaluation.report import write_report
-    from selfie.io import check_writable
-    from selfie.run.rundir import output_lock
-
     output = Path(args.output)
     check_writable(output, directory=True)
     with output_lock(output):
-        write_report(output, _report(args, output))
+        write_report(output, REPORTS[args.eval_command](args, from_args(EvalOptions, args), output))
 
 
-def _report(args: argparse.Namespace, output: Path) -> dict:
-    from selfie.evaluation.compare import INIT, compare_models, eval_prompts, iteration_label, run_scores
-    from selfie.evaluation.judges import load_judge
-    from selfie.evaluation.labels import judge_accuracy
+# Each reads its inputs before the judge loads, so that a bad file fails fast.
 
-    options = from_args(EvalOptions, args)
-    common = {"kind": args.eval_command, "judge": args.judge}
-    # Inputs are read before the judge loads, so a bad file fails fast.
-    if args.eval_command == "accuracy":
-        from selfie.data import load_preferences
 
-        pairs = load_preferences(args.preferences, options.split)
-        pairs = pairs[: options.num_pairs] if options.num_pairs else pairs
-        judge = load_judge(args.judge, dtype=options.dtype)
-        report = {**common, "preferences": args.preferences, **judge_accuracy(judge, pairs, options.n_boot, options.seed)}
-    elif args.eval_command == "winrate":
-        prompts = eval_prompts(args.prompts, options.split, options.num_prompts)
-        judge = load_judge(args.judge, dtype=options.dtype)
-        report = {
-            **common,
-            "prompts": args.prompts,
-            **compare_models(
-                judge, args.model_a, args.adapter_a, args.model_b, args.adapter_b, prompts, options, output_dir=output
-            ),
-        }
-    else:
-        from selfie.run.rundir import RunContext
+def _accuracy_report(args: argparse.Namespace, options: EvalOptions, output: Path) -> dict:
+    pairs = load_preferences(args.preferences, options.split)
+    pairs = pairs[: options.num_pairs] if options.num_pairs else pairs
+    judge = load_judge(args.judge, dtype=options.dtype)
+    return {
+        "kind": "accuracy",
+        "judge": args.judge,
+        "preferences": args.preferences,
+        **judge_accuracy(judge, pairs, options.n_boot, options.seed),
+    }
 
-        ctx = RunContext.load(args.run_dir)
-        config = ctx.config
-        source = args.prompts or config.data.prompts
-        split = config.data.split if args.prompts is None else options.split
-        prompts = eval_prompts(source, split, options.num_prompts, config)
-        judge = load_judge(args.judge, dtype=options.dtype)
-        scores = run_scores(ctx, judge, prompts, options, output_dir=output)
-        rows = [{"iteration": it, "label": iteration_label(ctx, it), **s} for it, s in scores.items()]
-        report = {**common, "run_dir": str(args.run_dir), "prompts": source, "init_key": INIT, "rows": rows}
-    return report
+
+def _winrate_report(args: argparse.Namespace, options: EvalOptions, output: Path) -> dict:
+    prompts = eval_prompts(args.prompts, options.split, options.num_prompts)
+    judge = load_judge(args.judge, dtype=options.dtype)
+    return {
+        "kind": "winrate",
+        "judge": args.judge,
+        "prompts": args.prompts,
+        **compare_models(judge, args.model_a, args.adapter_a, args.model_b, args.adapter_b, prompts, options, output_dir=output),
+    }
+
+
+def _run_report(args: argparse.Namespace, options: EvalOptions, output: Path) -> dict:
+    ctx = RunContext.load(args.run_dir)
+    config = ctx.config
+    source = args.prompts or config.data.prompts
+    split = config.data.split if args.prompts is None else options.split
+    prompts = eval_prompts(source, split, options.num_prompts, config)
+    judge = load_judge(args.judge, dtype=options.dtype)
+    scores = run_scores(ctx, judge, prompts, options, output_dir=output)
+    rows = [{"iteration": it, "label": iteration_label(ctx, it), **s} for it, s in scores.items()]
+    return {"kind": "run", "judge": args.judge, "run_dir": str(args.run_dir), "prompts": source, "init_key": INIT, "rows": rows}
+
+
+REPORTS = {"accuracy": _accuracy_report, "winrate": _winrate_report, "run": _run_report}

@@ -8,5 +8,5 @@
 - labels.py   judge accuracy on labelled pairs, agreement with self-labels, labelling sampled responses.
 - compare.py  model-vs-model win rate, per-iteration scores of a run, the loop's eval stage.
 - report.py   report.json, report.md, report.png.
-- cli.py      `selfie eval winrate | accuracy | run`.
+The `selfie eval winrate | accuracy | run` verb is selfie/cli/eval.py.
 """

@@ -9,20 +9,19 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from selfie.config.schema import EvalOptions, ModelConfig, Sources
+from selfie.config.schema import EvalOptions, ModelConfig, RecipeConfig, Sources
+from selfie.data import describe_sources, load_prompts, pool_prompts, split_prompts
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge, load_judge
 from selfie.evaluation.stats import bootstrap_ci, length_controlled, win_rate
+from selfie.generation.generate import generate_responses, load_generator
 from selfie.io import atomic_write_jsonl, read_jsonl
-
-if TYPE_CHECKING:
-    from selfie.config.schema import RecipeConfig
-    from selfie.run.rundir import RunContext
+from selfie.run.rundir import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +31,6 @@ INIT = -1  # run_scores key of pi_init (the run's base model, no adapter)
 def eval_prompts(source: Sources, split: str, num_prompts: int | None, config: RecipeConfig | None = None) -> list[dict]:
     """The first `num_prompts` prompts of `source`; for the run's own prompt pool (a mixture drawn as the run drew
     it), of its held-out slice. A run's data.system_prompt opens them as it opens the prompts the run trains on."""
-    from selfie.data import describe_sources, load_prompts, pool_prompts, split_prompts
-
     if config is not None and (source, split) == (config.data.prompts, config.data.split):
         d = config.data
         prompts = split_prompts(pool_prompts(d), d.seed_size, d.iteration_sizes, d.shuffle_seed).held_out
@@ -57,8 +54,6 @@ def generate_one(
 ) -> list[str]:
     """One response per prompt from `model` (+ `adapter`; `dtype`, or a run's model: section, says how it loads),
     written to `output`; returns the texts in prompt order."""
-    from selfie.generation.generate import generate_responses, load_generator
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy, tokenizer = load_generator(model, adapter, dtype, sampling["backend"], device)
     generate_responses(policy, tokenizer, prompts, output, num_responses=1, **sampling)
@@ -85,7 +80,7 @@ def _summary(scores: list[float], texts: list[str], n_boot: int, seed: int) -> d
         "score_mean": float(values.mean()),
         "ci95": bootstrap_ci(values, n_boot, seed),
         "n": len(values),
-        "length_mean": float(np.mean([len(t) for t in texts])),
+        "chars_mean": float(np.mean([len(t) for t in texts])),
     }
 
 
@@ -205,7 +200,7 @@ def evaluate_iteration(ctx: RunContext, t: int) -> dict:
             "score_mean": summary["score_mean"],
             "score_ci95": summary["ci95"],
             "n": summary["n"],
-            "length_mean": summary["length_mean"],
+            "chars_mean": summary["chars_mean"],
         }
     else:
         baseline = baseline_iteration(eval_cfg.baseline, t)
@@ -223,8 +218,8 @@ def evaluate_iteration(ctx: RunContext, t: int) -> dict:
         metrics = {
             "score_mean": report["a"]["score_mean"],
             "baseline_score_mean": report["b"]["score_mean"],
-            "length_mean": report["a"]["length_mean"],
-            "baseline_length_mean": report["b"]["length_mean"],
+            "chars_mean": report["a"]["chars_mean"],
+            "baseline_chars_mean": report["b"]["chars_mean"],
             **{k: report[k] for k in ("win_rate", "ci95", "lc_win_rate", "lc_ci95", "wins", "ties", "losses", "n")},
         }
     return {"judge": eval_cfg.judge, "baseline": eval_cfg.baseline, **metrics, "seconds": round(time.perf_counter() - start, 2)}

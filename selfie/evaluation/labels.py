@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
+from selfie.data import check_response_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge
 from selfie.evaluation.stats import bootstrap_ci
 from selfie.io import ResumableJsonl
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from selfie.tokens import response_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +60,6 @@ def score_responses(
 ) -> list[dict]:
     """judgments.jsonl rows from a judge's scores: `rewards` are its scores, `num_tokens` the responses' lengths
     as the loop scores and trains them (so a length penalty means the same whatever the labeller)."""
-    from selfie.data import check_response_rows
-    from selfie.tokens import response_token_ids
-
     check_response_rows(responses_rows, "responses")
     flat_prompts = [row["prompt"] for row in responses_rows for _ in row["responses"]]
     flat_scores = judge.score(flat_prompts, [r for row in responses_rows for r in row["responses"]])
@@ -91,8 +87,6 @@ def label_responses(
 
     Scores go to `<output>.partial` `rows_per_write` prompts at a time, so a rerun after an interruption skips the
     prompts already scored (the judge is called once per response, never twice)."""
-    from selfie.data import select_shard
-
     mine = select_shard(responses_rows, shard)
     start, writer = time.perf_counter(), ResumableJsonl(output)
     todo = [row for row in mine if row["prompt_id"] not in writer.done_keys]

@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from selfie.io import atomic_write_json, atomic_write_text
 
 
@@ -24,12 +26,12 @@ def markdown(report: dict) -> str:
         a, b = report["a"], report["b"]
         lines += [
             "| A | B | win rate of A | 95% CI | length-controlled | 95% CI | wins | ties | losses | n "
-            "| mean score A | mean score B | mean length A | mean length B |",
+            "| mean score A | mean score B | mean length A (chars) | mean length B (chars) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {_name(a['model'], a['adapter'])} | {_name(b['model'], b['adapter'])} | {report['win_rate']:.3f} "
             f"| {_ci(report['ci95'])} | {report['lc_win_rate']:.3f} | {_ci(report['lc_ci95'])} | {report['wins']} "
             f"| {report['ties']} | {report['losses']} | {report['n']} | {a['score_mean']:.4f} | {b['score_mean']:.4f} "
-            f"| {a['length_mean']:.0f} | {b['length_mean']:.0f} |",
+            f"| {a['chars_mean']:.0f} | {b['chars_mean']:.0f} |",
             "",
             "Lengths in characters; the length-controlled win rate is the fitted win rate at equal length "
             "(AlpacaEval 2.0's regression on the length difference).",
@@ -49,19 +51,16 @@ def markdown(report: dict) -> str:
             "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {row['label']} | {row['score_mean']:.4f} | {_ci(row['ci95'])} | {row['n']} | {row['length_mean']:.0f} |"
+            f"| {row['label']} | {row['score_mean']:.4f} | {_ci(row['ci95'])} | {row['n']} | {row['chars_mean']:.0f} |"
             for row in report["rows"]
         ]
     return "\n".join(lines) + "\n"
 
 
-def figure(report: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def figure(report: dict) -> Figure:
+    # A Figure of its own rather than pyplot's: no global backend to set, no figure to close.
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     kind = report["kind"]
     if kind == "run":
         rows = report["rows"]
@@ -87,8 +86,6 @@ def figure(report: dict):
 
 def write_report(output: str | os.PathLike, report: dict) -> Path:
     """Write report.json, report.md and report.png into `output`; each appears whole or not at all."""
-    import matplotlib.pyplot as plt
-
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     fig = figure(report)
@@ -98,7 +95,6 @@ def write_report(output: str | os.PathLike, report: dict) -> Path:
         fig.savefig(tmp, format="png", dpi=120)
         os.replace(tmp, output / "report.png")
     finally:
-        plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
     atomic_write_text(output / "report.md", markdown(report))
     atomic_write_json(output / "report.json", report)
