@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -11,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from selfie.cli.edit import add_edit_args, init_settings
 from selfie.cli.main import main as cli_main
 from selfie.config.loader import load_init
 from selfie.config.schema import AlignEZConfig, RAHFConfig
@@ -472,3 +474,15 @@ def test_cli_edit(tiny_model, tmp_path, capsys):
     assert json.loads((out / "selfie_edit.json").read_text())["init"]["num_prompts"] == 3
     assert cli_main(["edit", "--model", tiny_model, "--method", "alignez", "--output", str(tmp_path / "y"), "--bogus", "1"]) == 2
     assert "init.bogus" in capsys.readouterr().err
+
+
+def test_edit_settings_are_the_config_then_the_overrides_then_method(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_edit_args(parser)
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model:\n  name: m\ninit:\n  method: rahf\n  steps: 2\n  alpha: 3\n")
+    args = parser.parse_args(["--model", "m", "--output", "o", "--config", str(config), "--method", "alignez"])
+    assert init_settings(args, ["--steps", "4"]) == {"method": "alignez", "steps": 4, "alpha": 3}
+    config.write_text("init: rahf\n")
+    with pytest.raises(SelfieError, match="recipe.yaml: expected a mapping of init settings"):
+        init_settings(args, [])

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from selfie.cli.main import main
 from selfie.config.loader import dump_recipe, load_recipe
 from selfie.config.schema import EvalOptions, LoraConfig
 from selfie.errors import SelfieError
@@ -75,8 +78,6 @@ def test_callable_judge_rejects_a_non_number(length_judge):
 
 
 def test_a_judge_that_raises_is_one_line_naming_the_spec_and_the_row(length_judge, tmp_path, capsys):
-    from selfie.cli.main import main
-
     with pytest.raises(
         SelfieError,
         match=r"judge 'callable:my_judges:raises' raised KeyError: 'score' on row 1 "
@@ -187,8 +188,6 @@ def hand_logp(model: LlamaForCausalLM, tokenizer, prompt: list[dict], response: 
 
 
 def test_implicit_judge_equals_hand_computation(tiny_model, adapter):
-    from peft import PeftModel
-
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
     responses = ["the sea is blue", "apple, banana, cherry", "good"]
     scores = load_judge(f"implicit:{tiny_model}@{adapter}", dtype="float32").score(prompts, responses)
@@ -317,8 +316,6 @@ def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
 
 
 def test_run_scores(tiny_model, adapter, length_judge, tmp_path):
-    import shutil
-
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(dump_recipe(load_recipe(None, {"model": {"name": tiny_model}, "output_dir": str(run)})))
