@@ -168,7 +168,8 @@ def run_trl_lora(sizes: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from selfie.models import load_model, load_tokenizer
-    from selfie.training.arguments import PAIR_COLUMNS, build_dpo_config, peft_lora_config
+    from selfie.training.arguments import build_dpo_config, peft_lora_config
+    from selfie.training.trainer import PAIR_COLUMNS
 
     recipe = _recipe(sizes)
     timer = _step_timer()
