@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmark scripts (benchmarks/, dev/, quality/): machine line, matmul and copy ceilings, benchmark models, isolated runs,
-docs/BENCHMARKS.md sections."""
+"""Shared pieces of the scripts in benchmarks/, dev/ and quality/: machine line, matmul and copy ceilings, benchmark
+models, isolated runs, docs/BENCHMARKS.md sections."""
 
 from __future__ import annotations
 
