@@ -244,7 +244,7 @@ def free_port() -> int:
 
 
 def slurm_job(tmp_path: Path, env: dict) -> tuple[tuple[str, ...], dict]:
-    """scripts/launch/multi_node.slurm of tests/label_stage.py as a 2-node job of 1 process per node, both nodes on this machine."""
+    """scripts/launch/multi_node.slurm of tests/label_stage.py as a 2-node job of 1 process per node, both on this machine."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in FAKE_SLURM.items():
