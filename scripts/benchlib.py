@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmark scripts: machine line, matmul and copy ceilings, benchmark models, isolated runs,
-docs/BENCHMARKS.md sections."""
+"""Shared pieces of the scripts in benchmarks/, dev/ and quality/: machine line, matmul and copy ceilings, benchmark
+models, isolated runs, docs/BENCHMARKS.md sections."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent  # the repository: the scripts run from here, as modules
+DOCS = ROOT / "docs"
 QUICK_DOCS = Path(tempfile.gettempdir()) / "selfie-bench-quick"
 
 
@@ -300,7 +301,7 @@ def measure_or_load(args: argparse.Namespace, name: str, measure: Callable[[argp
     """The raw result: read from --render, or measured now and saved to docs/bench/ (see raw_name)."""
     if args.render:
         return json.loads(Path(args.render).read_text())
-    command = " ".join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    command = " ".join(["python", "-m", sys.modules["__main__"].__spec__.name, *sys.argv[1:]])
     raw = {**device_fields(), "command": command, "quick": args.quick, **measure(args)}
     save_raw(raw_name(name), raw)
     return raw

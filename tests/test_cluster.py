@@ -173,7 +173,7 @@ def scoring(tmp_path) -> tuple[Path, dict]:
 
 
 def score(tiny_model, responses, run_dir, spec, env, launch=(), **popen) -> subprocess.Popen:
-    """tests/label_stage.py alone, or under `launch`: a launcher given the script (scripts/launch.slurm takes it
+    """tests/label_stage.py alone, or under `launch`: a launcher given the script (scripts/launch/multi_node.slurm takes it
     from SELFIE_SCRIPT)."""
     script = [] if env.get("SELFIE_SCRIPT") else [str(ROOT / "tests" / "label_stage.py")]
     cmd = [*(launch or [sys.executable]), *script, tiny_model, str(responses), str(run_dir), spec]
@@ -244,7 +244,7 @@ def free_port() -> int:
 
 
 def slurm_job(tmp_path: Path, env: dict) -> tuple[tuple[str, ...], dict]:
-    """scripts/launch.slurm of tests/label_stage.py as a 2-node job of 1 process per node, both nodes on this machine."""
+    """scripts/launch/multi_node.slurm of tests/label_stage.py as a 2-node job of 1 process per node, both on this machine."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in FAKE_SLURM.items():
@@ -252,7 +252,9 @@ def slurm_job(tmp_path: Path, env: dict) -> tuple[tuple[str, ...], dict]:
         (bin_dir / name).chmod(0o755)
     job = {"SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "GPUS_PER_NODE": "1", "PYTHON": sys.executable}
     job |= {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "MAIN_PROCESS_PORT": str(free_port())}
-    return ("bash", str(ROOT / "scripts" / "launch.slurm")), env | job | {"SELFIE_SCRIPT": str(ROOT / "tests" / "label_stage.py")}
+    return ("bash", str(ROOT / "scripts" / "launch" / "multi_node.slurm")), env | job | {
+        "SELFIE_SCRIPT": str(ROOT / "tests" / "label_stage.py")
+    }
 
 
 @pytest.mark.slow

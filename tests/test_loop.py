@@ -96,7 +96,7 @@ def run_two_ranks(recipe: Path, run_dir: Path, *extra: str) -> None:
         str(ROOT / "accelerate_configs" / "multi_gpu.yaml"),
     ]
     cmd += [
-        str(ROOT / "scripts" / "run_spa.py"),
+        str(ROOT / "scripts" / "launch" / "run_spa.py"),
         *recipe_args(recipe, run_dir, *extra, "--train.per_device_train_batch_size", "1"),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"})
@@ -350,9 +350,8 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes_to_the_same_artifacts(rec
 
 @pytest.mark.slow
 def test_random_sigkills_then_reruns_give_the_uninterrupted_runs_artifacts(tmp_path):
-    """scripts/torture.py's trials until 10 kills have landed (a kill lands when the run is still going when it comes)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from torture import torture
+    """scripts/dev/torture.py's trials until 10 kills have landed (a kill lands when the run is still going when it comes)."""
+    from scripts.dev.torture import torture  # not at the top: torture imports this module
 
     seed = int(os.environ.get("SELFIE_TORTURE_SEED", random.SystemRandom().randrange(2**32)))
     results, _ = torture(tmp_path, trials=1, seed=seed, min_kills=10)

@@ -211,7 +211,7 @@ class JudgeConfig(Ranged):
 
     # The implicit reward is beta * (logp_policy - logp_reference) with train.beta: the DPO loss's own beta.
     labeller: str = "implicit"  # implicit reward, or any judge spec `selfie eval` takes (reward-model:..., callable:...)
-    # Defaults chosen by scripts/bench_quality.py (docs/BENCHMARKS.md "Quality"): of the rules measured,
+    # Defaults chosen by scripts/quality/benchmark.py (docs/BENCHMARKS.md "Quality"): of the rules measured,
     # penalize + auto gave SPA's best held-out score over seed-only DPO; drop + 0 (the old rule) its worst.
     truncated: str = "penalize"  # a response cut at the length limit: drop (never chosen) | penalize | keep
     truncation_penalty: float = 1.0  # subtracted from a truncated response's reward under `penalize`

@@ -4,7 +4,7 @@ edit moved the model away from its own answers.
 AlignEZ chooses its layers and alpha by the margin on held-out self-generated pairs (the edit that makes
 the model prefer the helpful answer over the harmful one most, on pairs the directions were not fitted
 on) among the edits whose drift from the model's own plain answers stays within a budget;
-scripts/bench_edit.py reports the margin before and after each edit.
+scripts/benchmarks/edit.py reports the margin before and after each edit.
 """
 
 from __future__ import annotations

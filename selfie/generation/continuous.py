@@ -34,7 +34,7 @@ from selfie.models import unwrap_peft
 PAGE_SIZE = 64  # tokens per cache page: small pages waste little on short responses
 # Without flash attention the engine attends each query over the whole batch's gathered KV under a mask. Through SDPA
 # that sampled 353 new tokens/s on an H100 (1B model, 64 sequences in flight), through eager attention ("paged|eager",
-# two plain matmuls) 1252 (scripts/probe_gpu_generation.py, docs/BENCHMARKS.md). A model loaded with flash attention keeps it.
+# two plain matmuls) 1252 (scripts/dev/probe_gpu_generation.py, docs/BENCHMARKS.md). A model loaded with flash attention keeps it.
 ENGINE_ATTENTION = "eager"
 
 

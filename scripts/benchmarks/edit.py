@@ -7,7 +7,7 @@ edit, after AlignEZ (folded model) and after RAHF (merged model), each built wit
 `build_edited_model` from prompts disjoint from the held-out ones. Results go to docs/EDITING.md
 (between the bench markers) and docs/bench/edit.json.
 
-    python scripts/bench_edit.py [--quick]
+    python -m scripts.benchmarks.edit [--quick]
 
 Full sizes take about 12 minutes on 2 quiet CPU cores (RAHF's 150 steps are 3 of them); --quick about 1 minute
 and writes nothing. On a busy machine set OMP_NUM_THREADS=1: oversubscribed torch threads are many times slower.
@@ -19,24 +19,22 @@ import argparse
 import json
 import logging
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selfie.config.loader import load_init  # noqa: E402
-from selfie.config.schema import AlignEZConfig, RAHFConfig  # noqa: E402
-from selfie.data import load_prompts  # noqa: E402
-from selfie.edit import build_edited_model  # noqa: E402
-from selfie.edit.alignez_data import generate_alignez_data  # noqa: E402
-from selfie.edit.preference import pair_margins  # noqa: E402
-from selfie.io import atomic_write_jsonl  # noqa: E402
-from selfie.models import load_model, load_tokenizer  # noqa: E402
+from selfie.config.loader import load_init
+from selfie.config.schema import AlignEZConfig, RAHFConfig
+from selfie.data import load_prompts
+from selfie.edit import build_edited_model
+from selfie.edit.alignez_data import generate_alignez_data
+from selfie.edit.preference import pair_margins
+from selfie.io import atomic_write_jsonl
+from selfie.models import load_model, load_tokenizer
 
-from benchlib import machine, save_raw, write_marked  # noqa: E402
+from scripts.benchlib import machine, save_raw, write_marked
 
 
 def preference(model_dir: str, pairs: list[dict]) -> dict:

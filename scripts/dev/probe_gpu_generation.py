@@ -6,7 +6,7 @@ bench_generate.py, its responses ending after 128 tokens on average): the contin
 selfie.generation.continuous.ENGINE_ATTENTION), with paged SDPA, and eager again (its first run also warms up); then the static
 backend twice on the identical workload.
 
-    python scripts/probe_gpu_generation.py [--model random-llama-1b] [--dtype bfloat16]
+    python -m scripts.dev.probe_gpu_generation [--model random-llama-1b] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from selfie.generation.generate import SAMPLERS, Sampling
 from selfie.models import load_model, load_tokenizer
 from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
-from benchlib import bench_model, device, end_responses_after
+from scripts.benchlib import bench_model, device, end_responses_after
 
 
 def timed(backend: str, model, items, s: Sampling) -> str:

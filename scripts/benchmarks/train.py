@@ -14,8 +14,8 @@ All: the same pairs (the first --pairs of the built-in demo-seed set), batch siz
 warm-up (`warmup_steps`); the next --steps are timed from the step's start to after the optimizer update. The previous
 iteration's adapter is a random one, made once in --workdir.
 
-    python scripts/bench_train.py [--quick] [--pairs 8] [--batch-size 4] [--steps 3] [--max-length 256]
-    python scripts/bench_train.py --model random-llama-1b --dtype bfloat16 ... (on a GPU)
+    python -m scripts.benchmarks.train [--quick] [--pairs 8] [--batch-size 4] [--steps 3] [--max-length 256]
+    python -m scripts.benchmarks.train --model random-llama-1b --dtype bfloat16 ... (on a GPU)
 
 Writes the "Training" section of docs/BENCHMARKS.md (on a GPU: "Training on <device>") and docs/bench/train.json
 (train-gpu.json); --render JSON rewrites the section from a saved result.
@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (
+from scripts.benchlib import (
     DTYPES,
+    ROOT,
     add_model_args,
     bench_model,
     import_floor,
@@ -51,7 +52,7 @@ from benchlib import (
     write_section,
 )
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m" / "spa" / "demo.yaml"
+RECIPE = ROOT / "recipes" / "smollm2-135m" / "spa" / "demo.yaml"
 ITERATION = 1
 FLOPS_PER_PARAM_TOKEN = 6 + 2  # policy forward + backward, reference forward
 QUICK = {"pairs": 2, "batch_size": 2, "steps": 1, "max_length": 64}
@@ -167,7 +168,8 @@ def run_trl_lora(sizes: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from selfie.models import load_model, load_tokenizer
-    from selfie.training.arguments import PAIR_COLUMNS, build_dpo_config, peft_lora_config
+    from selfie.training.arguments import build_dpo_config, peft_lora_config
+    from selfie.training.trainer import PAIR_COLUMNS
 
     recipe = _recipe(sizes)
     timer = _step_timer()
