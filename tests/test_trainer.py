@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,34 @@ def test_schedules_and_config_mapping(tmp_path):
     assert off.refine_alpha == 0.0 and off.num_train_epochs == 3
     with pytest.raises(ValueError, match="sigmoid"):
         NoiseAwareDPOConfig(output_dir=str(tmp_path), loss_type=["ipo"], bf16=False)
+
+
+def test_trainer_arguments_default_to_the_recipes_refine_section(tmp_path):
+    recipe_refine = load_recipe(None, {}).refine
+    args = NoiseAwareDPOConfig(output_dir=str(tmp_path), bf16=False)
+    assert (args.refine_alpha, args.refine_quantile, args.refine_window_steps, args.refine_warmup_fraction) == (
+        recipe_refine.alpha,
+        recipe_refine.quantile,
+        recipe_refine.window_steps,
+        recipe_refine.warmup_fraction,
+    )
+
+
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("refine_alpha", "alpha", 0.7),
+        ("refine_quantile", "quantile", 1.0),
+        ("refine_window_steps", "window_steps", 0),
+        ("refine_warmup_fraction", "warmup_fraction", 1.5),
+        ("dnd_lambda", "lambdas", -0.5),
+    ],
+)
+def test_trainer_arguments_refuse_what_the_recipe_refuses_in_its_words(tmp_path, name, key, value):
+    problem = RefineConfig.out_of_range(key, value)
+    assert problem is not None
+    with pytest.raises(ValueError, match=re.escape(f"{name}: {problem}")):
+        NoiseAwareDPOConfig(output_dir=str(tmp_path), bf16=False, **{name: value})
 
 
 def test_last_checkpoint_skips_incomplete_ones(tmp_path):
