@@ -128,10 +128,14 @@ def _policy(
         return model, peft_lora_config(lora), None
     if mode == "continue":
         return load_adapter(model, prev_adapter, trainable=True), None, None  # TRL adds the frozen copy "ref" = pi_{t-1}
-    return merge_adapter(load_adapter(model, prev_adapter)), peft_lora_config(lora), Path(prev_adapter)  # reference = merged
+    return (
+        merge_adapter(load_adapter(model, prev_adapter)),
+        peft_lora_config(lora),
+        Path(prev_adapter),
+    )  # reference = merged = pi_{t-1}
 
 
-def _trainer(
+def _build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Dataset,
@@ -199,7 +203,7 @@ def train_adapter(
     model, peft_config, stack_on = _policy(model, iteration, mode, prev_adapter, config.lora)
     # taken before training shards the weights: the adapter applies to pi_init (merge mode stacks onto it again)
     fingerprint = base_fingerprint(unwrap_peft(model))
-    trainer = _trainer(model, tokenizer, dataset, peft_config, config, outputs, iteration, callbacks, overrides)
+    trainer = _build_trainer(model, tokenizer, dataset, peft_config, config, outputs, iteration, callbacks, overrides)
     checkpoint = last_checkpoint(trainer.args.output_dir)
     if checkpoint:
         logger.info("resuming training from %s", checkpoint)
