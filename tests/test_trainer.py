@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,8 @@ from selfie.io import read_jsonl
 from selfie.labelling.pairs import PairRules
 from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter
 from selfie.training.arguments import NoiseAwareDPOConfig, build_dpo_config, dnd_lambda, seed_epochs
-from selfie.training.trainer import (
-    REFINE_STATE,
-    NoiseAwareDPOTrainer,
-    RefinementWindow,
-    _pairs_dataset,
-    last_checkpoint,
-    train_iteration,
-    train_seed,
-)
+from selfie.training.stage import TrainOutputs, _pairs_dataset, train_iteration, train_seed
+from selfie.training.trainer import REFINE_STATE, NoiseAwareDPOTrainer, last_checkpoint
 
 from tiny import perturb_adapter, toy_pairs
 
@@ -49,6 +43,11 @@ def recipe(**sections) -> RecipeConfig:
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return load_recipe(None, base)
+
+
+def outputs(directory: Path) -> TrainOutputs:
+    """A stage's outputs laid out as a run directory lays them out."""
+    return TrainOutputs(directory / "adapter", directory / "checkpoints")
 
 
 def make_trainer(
@@ -153,8 +152,10 @@ def test_alpha_zero_is_stock_trl_dpo(tiny_model, prev_adapter, tmp_path, lam):
 class KeepLogs(TrainerCallback):
     def __init__(self):
         self.logs: list[dict] = []
+        self.run_name: str | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        self.run_name = args.run_name
         if logs and "loss" in logs:
             self.logs.append(dict(logs))
 
@@ -166,7 +167,7 @@ def test_short_run_learns_the_toy_preference_and_smooths_about_k(tiny_model, pre
         refine={"quantile": 0.25, "window_steps": 4, "warmup_fraction": 0.2},
     )
     metrics = train_iteration(
-        tiny_model, prev_adapter, toy_pairs(24), tmp_path / "iter_001", config, 1, callbacks=[logs], max_steps=30
+        tiny_model, prev_adapter, toy_pairs(24), outputs(tmp_path / "iter_001"), config, 1, callbacks=[logs], max_steps=30
     )
     assert metrics["steps"] == 30 and metrics["lambda"] == 0.5 and metrics["refine_alpha"] == 0.1
     first, last = logs.logs[0], logs.logs[-1]
@@ -181,7 +182,9 @@ def test_short_run_learns_the_toy_preference_and_smooths_about_k(tiny_model, pre
 
 def test_seed_stage_trains_a_fresh_adapter_against_the_plain_model(tiny_model, tmp_path):
     logs = KeepLogs()
-    metrics = train_seed(tiny_model, toy_pairs(8), tmp_path / "iter_000", recipe(train={"save_steps": 4}), callbacks=[logs])
+    named = TrainOutputs(tmp_path / "iter_000" / "adapter", tmp_path / "iter_000" / "checkpoints", run_name="demo-iter_000")
+    metrics = train_seed(tiny_model, toy_pairs(8), named, recipe(train={"save_steps": 4}), callbacks=[logs])
+    assert logs.run_name == "demo-iter_000"  # the name the caller gave, not one made from the paths
     assert metrics["epochs"] == 3 and metrics["steps"] == 12  # < 2,000 pairs: 3 epochs of 4 steps
     assert metrics["refine_alpha"] == 0.0 and metrics["lambda"] == 0.0
     assert logs.logs[0]["rewards/chosen"] == 0.0 and logs.logs[-1]["rewards/margins"] > 0
@@ -193,7 +196,7 @@ def test_seed_stage_trains_a_fresh_adapter_against_the_plain_model(tiny_model, t
 
 
 def test_iteration_continues_the_adapter_and_saves_only_default(tiny_model, prev_adapter, tmp_path):
-    metrics = train_iteration(tiny_model, prev_adapter, toy_pairs(4), tmp_path / "iter_001", recipe(), 1, max_steps=2)
+    metrics = train_iteration(tiny_model, prev_adapter, toy_pairs(4), outputs(tmp_path / "iter_001"), recipe(), 1, max_steps=2)
     adapter = tmp_path / "iter_001" / "adapter"
     assert metrics["adapter"] == str(adapter) and metrics["resumed_from"] is None
     assert sorted(p.name for p in adapter.iterdir() if p.is_dir()) == []  # no "ref" sub-adapter
@@ -205,7 +208,7 @@ def test_iteration_continues_the_adapter_and_saves_only_default(tiny_model, prev
 
 def test_merge_mode_stacks_the_adapters_exactly(tiny_model, prev_adapter, tmp_path):
     config = recipe(train={"adapter_mode": "merge", "save_steps": 2})
-    train_iteration(tiny_model, prev_adapter, toy_pairs(4), tmp_path / "iter_001", config, 1, max_steps=2)
+    train_iteration(tiny_model, prev_adapter, toy_pairs(4), outputs(tmp_path / "iter_001"), config, 1, max_steps=2)
     adapter = tmp_path / "iter_001" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8  # previous r 4 + new r 4
     trained = merge_adapter(load_adapter(load_model(tiny_model), prev_adapter))  # what the trainer trained on ...
@@ -214,24 +217,6 @@ def test_merge_mode_stacks_the_adapters_exactly(tiny_model, prev_adapter, tmp_pa
     ids = torch.tensor([[5, 17, 33, 80, 120, 7]])
     with torch.no_grad():
         torch.testing.assert_close(stacked(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
-
-
-def test_refinement_window_rolls_over_optimizer_steps():
-    window = RefinementWindow(steps=3)
-    window.add(0, [1.0, 2.0])
-    window.add(0, [3.0])  # a second micro-batch of the same optimizer step
-    assert window.quantile(0.5) == 2.0
-    for step, value in ((1, 4.0), (2, 5.0), (3, 6.0)):
-        window.add(step, [value])
-    assert list(window.completed) == [[4.0], [5.0]] and window.current == [6.0]  # step 0 fell out
-    assert window.quantile(0.0) == 4.0
-    restored = RefinementWindow(steps=1)
-    restored.load_state_dict(json.loads(json.dumps(window.state_dict())))
-    assert restored.state_dict() == window.state_dict()
-    single = RefinementWindow(steps=1)
-    single.add(0, [1.0])
-    single.add(1, [9.0])
-    assert single.quantile(0.0) == 9.0  # W = 1: only the step in progress
 
 
 def test_schedules_and_config_mapping(tmp_path):
@@ -255,6 +240,34 @@ def test_schedules_and_config_mapping(tmp_path):
     assert off.refine_alpha == 0.0 and off.num_train_epochs == 3
     with pytest.raises(ValueError, match="sigmoid"):
         NoiseAwareDPOConfig(output_dir=str(tmp_path), loss_type=["ipo"], bf16=False)
+
+
+def test_trainer_arguments_default_to_the_recipes_refine_section(tmp_path):
+    recipe_refine = load_recipe(None, {}).refine
+    args = NoiseAwareDPOConfig(output_dir=str(tmp_path), bf16=False)
+    assert (args.refine_alpha, args.refine_quantile, args.refine_window_steps, args.refine_warmup_fraction) == (
+        recipe_refine.alpha,
+        recipe_refine.quantile,
+        recipe_refine.window_steps,
+        recipe_refine.warmup_fraction,
+    )
+
+
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("refine_alpha", "alpha", 0.7),
+        ("refine_quantile", "quantile", 1.0),
+        ("refine_window_steps", "window_steps", 0),
+        ("refine_warmup_fraction", "warmup_fraction", 1.5),
+        ("dnd_lambda", "lambdas", -0.5),
+    ],
+)
+def test_trainer_arguments_refuse_what_the_recipe_refuses_in_its_words(tmp_path, name, key, value):
+    problem = RefineConfig.out_of_range(key, value)
+    assert problem is not None
+    with pytest.raises(ValueError, match=re.escape(f"{name}: {problem}")):
+        NoiseAwareDPOConfig(output_dir=str(tmp_path), bf16=False, **{name: value})
 
 
 def test_last_checkpoint_skips_incomplete_ones(tmp_path):
@@ -315,7 +328,7 @@ def test_trainer_trains_a_truncated_response_exactly_as_the_judge_scored_it(tiny
 def test_bad_pairs_are_refused(tiny_model, tmp_path):
     rows = [{k: v for k, v in row.items() if k != "rejected"} for row in toy_pairs(2)]
     with pytest.raises(SelfieError, match="missing column 'rejected'"):
-        train_seed(tiny_model, rows, tmp_path, recipe())
+        train_seed(tiny_model, rows, outputs(tmp_path), recipe())
     with pytest.raises(SelfieError, match="empty"):
-        train_seed(tiny_model, [], tmp_path, recipe())
+        train_seed(tiny_model, [], outputs(tmp_path), recipe())
     assert not (tmp_path / "adapter").exists()

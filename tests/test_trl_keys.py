@@ -24,7 +24,7 @@ from selfie.errors import SelfieError
 from selfie.export.policy import write_merged
 from selfie.models import load_policy
 from selfie.training.arguments import SELFIE_SETS, NoiseAwareDPOConfig, trainer_fields
-from selfie.training.trainer import train_iteration, train_seed
+from selfie.training.stage import TrainOutputs, train_iteration, train_seed
 
 from tiny import toy_pairs
 
@@ -48,6 +48,10 @@ def recipe(**sections):
     return load_recipe(None, base)
 
 
+def outputs(directory: Path) -> TrainOutputs:
+    return TrainOutputs(directory / "adapter", directory / "checkpoints")
+
+
 class Seen(TrainerCallback):
     """The arguments, model and optimizer the trainer runs with, as of its first optimizer step."""
 
@@ -61,7 +65,9 @@ class Seen(TrainerCallback):
 
 def test_trainer_fields_a_recipe_sets_reach_the_arguments_and_optimizer_the_trainer_runs_with(tiny_model, tmp_path):
     seen = Seen()
-    train_seed(tiny_model, toy_pairs(4), tmp_path / "iter_000", recipe(train=HANDBOOK_TRAIN), callbacks=[seen], max_steps=1)
+    train_seed(
+        tiny_model, toy_pairs(4), outputs(tmp_path / "iter_000"), recipe(train=HANDBOOK_TRAIN), callbacks=[seen], max_steps=1
+    )
     assert {key: getattr(seen.args, key) for key in HANDBOOK_TRAIN} == HANDBOOK_TRAIN
     optimizer = seen.optimizer.optimizer  # accelerate's wrapper around the torch optimizer
     assert type(optimizer) is torch.optim.AdamW and not optimizer.defaults.get("fused")  # adamw_torch, not TRL's fused default
@@ -187,17 +193,21 @@ def test_load_in_4bit_and_8bit_exclude_each_other():
 def test_qlora_trains_the_seed_and_an_iteration_on_a_4bit_base_and_exports_into_the_unquantised_one(tiny_model, tmp_path, caplog):
     config = recipe(model={"load_in_4bit": True}, train={"gradient_checkpointing": True})
     seen = Seen()
-    metrics = train_seed(tiny_model, toy_pairs(4), tmp_path / "iter_000", config, callbacks=[seen], max_steps=3)
+    metrics = train_seed(tiny_model, toy_pairs(4), outputs(tmp_path / "iter_000"), config, callbacks=[seen], max_steps=3)
     assert metrics["steps"] == 3 and isinstance(
         seen.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit
     )
     seed = load_file(tmp_path / "iter_000" / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in seed.items())  # lora_B starts at zero
-    train_iteration(tiny_model, tmp_path / "iter_000" / "adapter", toy_pairs(4), tmp_path / "iter_001", config, 1, max_steps=2)
+    train_iteration(
+        tiny_model, tmp_path / "iter_000" / "adapter", toy_pairs(4), outputs(tmp_path / "iter_001"), config, 1, max_steps=2
+    )
     trained = load_file(tmp_path / "iter_001" / "adapter" / "adapter_model.safetensors")
     assert trained.keys() == seed.keys() and any(not torch.equal(trained[k], seed[k]) for k in seed)
     merge = dataclasses.replace(config, train=dataclasses.replace(config.train, adapter_mode="merge"))
-    train_iteration(tiny_model, tmp_path / "iter_000" / "adapter", toy_pairs(4), tmp_path / "merge", merge, 1, max_steps=1)
+    train_iteration(
+        tiny_model, tmp_path / "iter_000" / "adapter", toy_pairs(4), outputs(tmp_path / "merge"), merge, 1, max_steps=1
+    )
     assert json.loads((tmp_path / "merge" / "adapter" / "adapter_config.json").read_text())["r"] == 8  # stacked on the 4-bit base
 
     with caplog.at_level(logging.WARNING, logger="selfie.export.policy"):

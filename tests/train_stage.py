@@ -4,9 +4,10 @@
         MODEL PAIRS.jsonl OUTPUT_DIR [--prev_adapter DIR --iteration T] [--max_steps N] [--trace FILE] \
         [--kill_after_checkpoint STEP] [recipe overrides: --train.per_device_train_batch_size 2 ...]
 
-Resumes from OUTPUT_DIR/checkpoints when a complete checkpoint is there. With --trace, every rank appends
-its logged refine/* values per step to FILE.rank<i> (JSON Lines), so a test can check that all ranks agree.
-With --kill_after_checkpoint the process SIGKILLs itself once that step's checkpoint is completely written.
+Trains into OUTPUT_DIR/adapter; resumes from OUTPUT_DIR/checkpoints when a complete checkpoint is there.
+With --trace, every rank appends its logged refine/* values per step to FILE.rank<i> (JSON Lines), so a test
+can check that all ranks agree. With --kill_after_checkpoint the process SIGKILLs itself once that step's
+checkpoint is completely written.
 The stage metrics are written to OUTPUT_DIR/metrics.json.
 """
 
@@ -24,7 +25,7 @@ from transformers import TrainerCallback
 from selfie.config.loader import load_recipe
 from selfie.dist import process_state
 from selfie.io import atomic_write_json, read_jsonl
-from selfie.training.trainer import train_adapter
+from selfie.training.stage import TrainOutputs, train_adapter
 
 
 class TraceRefine(TrainerCallback):
@@ -67,10 +68,11 @@ def main(argv: list[str]) -> int:
     callbacks = [TraceRefine(Path(f"{args.trace}.rank{rank}"))] if args.trace else []
     if args.kill_after_checkpoint:
         callbacks.append(KillAfterCheckpoint(args.kill_after_checkpoint))
+    output_dir = Path(args.output_dir)
     metrics = train_adapter(
         args.model,
         read_jsonl(args.pairs),
-        args.output_dir,
+        TrainOutputs(output_dir / "adapter", output_dir / "checkpoints"),
         config,
         iteration=args.iteration,
         prev_adapter=args.prev_adapter,
@@ -78,7 +80,7 @@ def main(argv: list[str]) -> int:
         max_steps=args.max_steps,
     )
     if rank == 0:
-        atomic_write_json(Path(args.output_dir) / "metrics.json", metrics)
+        atomic_write_json(output_dir / "metrics.json", metrics)
     return 0
 
 

@@ -146,7 +146,7 @@ def _result(timer, warm: int) -> dict:
 
 
 def run_selfie(sizes: dict, refine: bool) -> dict:
-    from selfie.training.trainer import train_iteration
+    from selfie.training.stage import TrainOutputs, train_iteration
 
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as out:
@@ -154,7 +154,7 @@ def run_selfie(sizes: dict, refine: bool) -> dict:
             sizes["model"],
             Path(sizes["workdir"]) / "adapter",
             _pairs(sizes["pairs"]),
-            out,
+            TrainOutputs(Path(out) / "adapter", Path(out) / "checkpoints"),
             _recipe(sizes, refine),
             ITERATION,
             callbacks=[timer],
@@ -169,7 +169,7 @@ def run_trl_lora(sizes: dict) -> dict:
 
     from selfie.models import load_model, load_tokenizer
     from selfie.training.arguments import build_dpo_config, peft_lora_config
-    from selfie.training.trainer import PAIR_COLUMNS
+    from selfie.training.stage import PAIR_COLUMNS
 
     recipe = _recipe(sizes)
     timer = _step_timer()
@@ -215,7 +215,7 @@ def measure(args: argparse.Namespace) -> dict:
     workdir = str(Path(args.workdir) / args.model)  # one previous adapter per model
     isolated(prepare, model, args.dtype, workdir)
     gflops = isolated(matmul_gflops, DTYPES[args.dtype])[0]
-    floor = None if on_gpu() else isolated(import_floor, "transformers", "trl", "peft", "selfie.training.trainer")[1]
+    floor = None if on_gpu() else isolated(import_floor, "transformers", "trl", "peft", "selfie.training.stage")[1]
     sizes = {
         "model": model,
         "dtype": args.dtype,

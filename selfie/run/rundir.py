@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("init", "seed", "generate", "judge", "train", "eval")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what a directory artifact's checksum covers
 TRAINED = ("seed", "train")  # stages that leave trainer checkpoints beside their adapter
-ADAPTER, CHECKPOINTS = "adapter", "checkpoints"  # what a training stage writes in its directory (selfie/training/trainer.py)
+ADAPTER, CHECKPOINTS = "adapter", "checkpoints"  # what a training stage writes in its directory (stages.py passes them)
 
 
 @dataclass

@@ -40,12 +40,12 @@ def init(ctx: StageContext, t: int) -> dict:
 def seed(ctx: StageContext, t: int) -> dict:
     """Seed DPO on the labelled seed pairs: `data.seed_pairs`, the pool's labelled seed slice, or that slice's
     samples labelled by `data.seed_judge`."""
-    from selfie.training.trainer import train_seed
+    from selfie.training.stage import train_seed
 
     pairs_path = ctx.pairs(0)
     labels = gold_labels(ctx) if ctx.config.data.seed_judge and not pairs_path.exists() else None
     ctx.ranks.on_main(lambda: pairs_path.exists() or atomic_write_jsonl(pairs_path, seed_pairs(ctx)))
-    metrics = train_seed(ctx.pi_init, read_jsonl(pairs_path), ctx.iteration_dir(0), ctx.config)
+    metrics = train_seed(ctx.pi_init, read_jsonl(pairs_path), _train_outputs(ctx, 0), ctx.config)
     return {**metrics, "labels": labels} if labels else metrics
 
 
@@ -67,15 +67,23 @@ def judge(ctx: StageContext, t: int) -> dict:
 def train(ctx: StageContext, t: int) -> dict:
     """Noise-aware DPO of pi_{t-1} on iteration t's pairs (plus replayed seed pairs)."""
     from selfie.labelling.pairs import with_replay
-    from selfie.training.trainer import train_iteration
+    from selfie.training.stage import train_iteration
 
     pairs = read_jsonl(ctx.pairs(t))
     if not pairs:
         raise SelfieError(f"{ctx.pairs(t)}: no training pairs survived judging")
     if ctx.config.data.replay:
         pairs = with_replay(pairs, read_jsonl(ctx.pairs(0)), ctx.config.data.replay, ctx.config.seed + t)
-    metrics = train_iteration(ctx.pi_init, ctx.adapter(t - 1), pairs, ctx.iteration_dir(t), ctx.config, t)
+    metrics = train_iteration(ctx.pi_init, ctx.adapter(t - 1), pairs, _train_outputs(ctx, t), ctx.config, t)
     return {**metrics, "replayed": sum(bool(p.get("replay")) for p in pairs)}
+
+
+def _train_outputs(ctx: StageContext, t: int):
+    """Where iteration t's training writes, and its name in the trackers (`<run name>-iter_TTT`)."""
+    from selfie.training.stage import TrainOutputs
+
+    run_name = f"{ctx.config.run_name or ctx.run_dir.name}-{ctx.iteration_dir(t).name}"
+    return TrainOutputs(adapter=ctx.adapter(t), checkpoints=ctx.checkpoints(t), run_name=run_name)
 
 
 def evaluate(ctx: StageContext, t: int) -> dict:

@@ -18,13 +18,27 @@ from trl import DPOConfig
 from selfie.config.schema import LoraConfig, RefineConfig, TrainConfig
 from selfie.dist import on_cpu, uses_deepspeed
 
+_REFINE = RefineConfig()  # the recipe's defaults, so a Python caller gets what a recipe gets
+# Each refinement field and the RefineConfig key whose range it must lie in (dnd_lambda: one of refine.lambdas).
+_REFINE_RANGES = {
+    "refine_alpha": "alpha",
+    "refine_quantile": "quantile",
+    "refine_window_steps": "window_steps",
+    "refine_warmup_fraction": "warmup_fraction",
+    "dnd_lambda": "lambdas",
+}
+
 
 @dataclass
 class NoiseAwareDPOConfig(DPOConfig):
-    refine_alpha: float = field(default=0.1, metadata={"help": "Label smoothing of pairs below tau; 0 = plain DPO."})
-    refine_quantile: float = field(default=0.1, metadata={"help": "K: tau is this quantile of recent margins."})
-    refine_window_steps: int = field(default=50, metadata={"help": "Margins of the last W optimizer steps form the window."})
-    refine_warmup_fraction: float = field(default=0.2, metadata={"help": "No smoothing during this fraction of the steps."})
+    refine_alpha: float = field(default=_REFINE.alpha, metadata={"help": "Label smoothing of pairs below tau; 0 = plain DPO."})
+    refine_quantile: float = field(default=_REFINE.quantile, metadata={"help": "K: tau is this quantile of recent margins."})
+    refine_window_steps: int = field(
+        default=_REFINE.window_steps, metadata={"help": "Margins of the last W optimizer steps form the window."}
+    )
+    refine_warmup_fraction: float = field(
+        default=_REFINE.warmup_fraction, metadata={"help": "No smoothing during this fraction of the steps."}
+    )
     dnd_lambda: float = field(default=0.0, metadata={"help": "DND extrapolation; 0 = plain implicit-reward margin."})
 
     def __post_init__(self):
@@ -43,16 +57,10 @@ class NoiseAwareDPOConfig(DPOConfig):
             )
         if self.precompute_ref_log_probs:
             raise ValueError("precompute_ref_log_probs: the reference pass is needed for DND (and costs no copy with LoRA)")
-        if not 0.0 <= self.refine_alpha <= 0.5:
-            raise ValueError(f"refine_alpha must lie in [0, 0.5], got {self.refine_alpha}")
-        if not 0.0 < self.refine_quantile < 1.0:
-            raise ValueError(f"refine_quantile must lie in (0, 1), got {self.refine_quantile}")
-        if self.refine_window_steps < 1:
-            raise ValueError(f"refine_window_steps must be >= 1, got {self.refine_window_steps}")
-        if not 0.0 <= self.refine_warmup_fraction <= 1.0:
-            raise ValueError(f"refine_warmup_fraction must lie in [0, 1], got {self.refine_warmup_fraction}")
-        if self.dnd_lambda < 0:
-            raise ValueError(f"dnd_lambda must be >= 0, got {self.dnd_lambda}")
+        for name, key in _REFINE_RANGES.items():
+            problem = RefineConfig.out_of_range(key, getattr(self, name))
+            if problem:
+                raise ValueError(f"{name}: {problem}")
 
 
 def dnd_lambda(refine: RefineConfig, iteration: int) -> float:

@@ -9,90 +9,31 @@ sigmoid loss. This subclass keeps those two passes and adds, per pair i,
     eps_i = alpha * [m_i < tau]   (0 during the first warmup_fraction of the steps)
     loss_i = -(1 - eps_i) logsigmoid(beta z_i) - eps_i logsigmoid(-beta z_i)
 
+The formula itself, as functions of tensors, is selfie/training/loss.py; this class supplies its inputs.
 The passes' outputs are local to TRL's method, so forward hooks record them: the policy's and reference's
 per-token log-probs, and (only for DND) the backbone's last hidden states, from which the logits are built
 at the completion positions only, tiled over the vocabulary (selfie/projection.py).
-
-References need no model copies: the seed stage trains a fresh adapter (reference = adapters disabled =
-pi_init); iteration t continues the previous adapter, and TRL keeps a frozen copy of it as the adapter
-"ref" (reference = pi_{t-1}); "merge" mode folds the previous adapter into the base weights and starts a
-fresh one. Only the adapter "default" is ever saved as the result.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import DPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from selfie.config.schema import ModelConfig, RecipeConfig
-from selfie.dist import check_topology
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, read_json
-from selfie.models import (
-    base_fingerprint,
-    load_adapter,
-    load_model,
-    load_tokenizer,
-    merge_adapter,
-    prepare_for_training,
-    save_adapter,
-    unwrap_peft,
-)
+from selfie.models import unwrap_peft
 from selfie.projection import logit_softcap, output_layer, token_logps
-from selfie.run.rundir import ADAPTER, CHECKPOINTS
-from selfie.tokens import response_token_ids, stop_token_ids
-from selfie.training.arguments import NoiseAwareDPOConfig, build_dpo_config, dnd_lambda, peft_lora_config, seed_epochs
-
-logger = logging.getLogger(__name__)
+from selfie.training.arguments import NoiseAwareDPOConfig
+from selfie.training.loss import RefinementWindow, label_smoothing, noise_aware_dpo_loss, warmed_up
 
 REFINE_STATE = "refine_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
-PAIR_COLUMNS = ["prompt", "chosen", "rejected"]  # what a pair needs; `*_finished` (default true) say how to render it
-
-
-class RefinementWindow:
-    """Per-sample margins of the last `steps` optimizer steps; the step in progress counts as one of them.
-
-    Every rank adds the same gathered margins in the same order, so every rank holds the same window.
-    Margins are plain floats so the window round-trips exactly through JSON.
-    """
-
-    def __init__(self, steps: int):
-        self.steps = steps
-        self.completed: deque[list[float]] = deque(maxlen=steps - 1)
-        self.step: int | None = None  # global_step while the current optimizer step accumulates
-        self.current: list[float] = []
-
-    def add(self, step: int, margins: list[float]) -> None:
-        if step != self.step:
-            if self.step is not None:
-                self.completed.append(self.current)
-            self.step, self.current = step, []
-        self.current.extend(margins)
-
-    def quantile(self, q: float) -> float:
-        values = [m for margins in self.completed for m in margins] + self.current
-        return torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "completed": list(self.completed), "step": self.step, "current": self.current}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__init__(state["steps"])
-        self.completed.extend(state["completed"])
-        self.step, self.current = state["step"], list(state["current"])
 
 
 def extrapolated_logps(
@@ -170,12 +111,20 @@ class NoiseAwareDPOTrainer(DPOTrainer):
         seq_len = inputs["completion_mask"].size(1) - 1
         chosen_logps, rejected_logps = policy[:, -seq_len:].sum(dim=1).chunk(2)
         ref_chosen_logps, ref_rejected_logps = reference[:, -seq_len:].sum(dim=1).chunk(2)
-        z = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # as TRL's delta_score
+        chosen_logratios, rejected_logratios = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+        z = chosen_logratios - rejected_logratios  # as TRL's delta_score
         margins = self._margins(z, hidden, inputs, ref_chosen_logps - ref_rejected_logps)
-        eps = self._smoothing(margins)
-        if eps.any():
-            # -(1-eps) logsigmoid(x) - eps logsigmoid(-x) = -logsigmoid(x) + eps x: TRL's sigmoid loss plus eps x
-            loss = loss + (eps * self.beta * z).mean()
+        threshold = self._threshold(margins)
+        if threshold is not None:
+            tau, warm = threshold
+            alpha = self.args.refine_alpha
+            _, parts = noise_aware_dpo_loss(
+                chosen_logratios, rejected_logratios, margins, tau=tau, alpha=alpha, beta=self.beta, warm=warm
+            )
+            # TRL's loss already is the mean sigmoid part (plus any MoE aux loss): adding only the smoothing part keeps
+            # it exactly TRL's loss when nothing is smoothed
+            if parts["eps"].any():
+                loss = loss + parts["smoothing"].mean()
         return (loss, outputs) if return_outputs else loss
 
     # ---- refinement -----------------------------------------------------------------------------
@@ -198,37 +147,31 @@ class NoiseAwareDPOTrainer(DPOTrainer):
         chosen, rejected = logps.chunk(2)
         return self.beta * ((chosen - rejected) - ref_logratio.detach().float())
 
-    def _smoothing(self, margins: torch.Tensor) -> torch.Tensor:
-        """eps per local pair; logs refine/* metrics. Training updates the window, evaluation only reads it."""
+    def _threshold(self, margins: torch.Tensor) -> tuple[float, bool] | None:
+        """(tau, warmed up) in training, None in evaluation; logs refine/* metrics. Only training updates the window."""
         mode = "train" if self.model.training else "eval"
         # Every rank gathers the same margins (rank order), so every rank computes the same tau.
         gathered = self.accelerator.gather(margins.detach().float())
         self._metrics[mode]["refine/margin_mean"].append(gathered.mean().item())
-        eps = torch.zeros_like(margins)
         if mode == "eval":
-            return eps
+            return None
         # tau for this micro-batch: the samples of the previous W-1 optimizer steps plus those of the current
         # step gathered so far, this micro-batch included (identical on every rank, whatever the process count).
         self.window.add(self.state.global_step, gathered.tolist())
         tau = self.window.quantile(self.args.refine_quantile)
-        warm = self.state.global_step >= self.args.refine_warmup_fraction * self.state.max_steps
-        if warm and self.args.refine_alpha > 0:
-            below = margins.double() < tau
-            eps = self.args.refine_alpha * below.to(margins.dtype)
-            smoothed = int((gathered.double() < tau).sum().item())
-        else:
-            smoothed = 0
+        warm = warmed_up(self.state.global_step, self.state.max_steps, self.args.refine_warmup_fraction)
+        smoothed = int(label_smoothing(gathered, tau, self.args.refine_alpha, warm=warm).count_nonzero().item())
         if warm:
             self.refine_totals["samples"] += gathered.numel()
             self.refine_totals["smoothed"] += smoothed
         self._metrics[mode]["refine/tau"].append(tau)
         self._metrics[mode]["refine/smoothed_fraction"].append(smoothed / gathered.numel())
-        return eps
+        return tau, warm
 
     # ---- data -----------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """Pairs selfie tokenised itself (see `_pairs_dataset`) skip TRL's chat rendering; others go through it."""
+        """Pairs selfie tokenised itself (stage.py::_pairs_dataset) skip TRL's chat rendering; others go through it."""
         if "prompt_ids" not in dataset.column_names:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if args.max_length is not None and args.truncation_mode == "keep_start":  # as TRL: a prompt filling max_length
@@ -275,227 +218,3 @@ def last_checkpoint(directory: str | Path) -> str | None:
         if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / REFINE_STATE).is_file()
     ]
     return str(directory / f"checkpoint-{max(steps)}") if steps else None
-
-
-# ---- stages -------------------------------------------------------------------------------------
-
-
-def _pairs_dataset(pairs: list[dict] | Dataset, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int]) -> Dataset:
-    """prompt_ids / chosen_ids / rejected_ids of each pair, tokenised exactly as the judge scores them.
-
-    TRL would render every completion as a finished assistant turn (end-of-turn token and what the template
-    writes after it); a response cut at the length limit (`chosen_finished` / `rejected_finished` false) is
-    trained as it was judged and generated, without an end-of-turn token.
-    """
-    rows = list(pairs)
-    if not rows:
-        raise SelfieError("training pairs: the set is empty")
-    tokenised = []
-    for n, row in enumerate(rows, 1):
-        missing = [c for c in PAIR_COLUMNS if c not in row]
-        if missing:
-            raise SelfieError(f"training pairs: row {n}: missing column '{missing[0]}' (have {', '.join(row)})")
-        texts = [row[side][-1]["content"] for side in ("chosen", "rejected")]
-        finished = [row.get("chosen_finished", True), row.get("rejected_finished", True)]
-        prompt_ids, (chosen_ids, rejected_ids) = response_token_ids(tokenizer, row["prompt"], texts, finished, stop_ids)
-        tokenised.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
-    return Dataset.from_list(tokenised)
-
-
-@contextlib.contextmanager
-def _gathered(params: list[torch.nn.Parameter]):
-    """Full parameters on every rank under ZeRO-3 (no-op otherwise); every rank must enter."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
-def _export_adapter(
-    trainer: NoiseAwareDPOTrainer,
-    directory: Path,
-    fingerprint: str,
-    base_name: str | None,
-    stack_on: Path | None,
-    settings: ModelConfig,
-) -> None:
-    """Write the trained adapter "default" to `directory` (main process), atomically.
-
-    Its weights are gathered whole on every rank first (ZeRO-3 and FSDP shard them). With `stack_on` (merge
-    mode) the trained adapter sits on pi_init + that adapter merged; the written one is both concatenated
-    (PEFT's "cat": rank r_prev + r, exact), so it applies to pi_init like every other adapter.
-    """
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    params = {n: p for n, p in model.named_parameters() if ".default." in n}
-    with _gathered(list(params.values())):
-        state = {n: full_tensor(p).detach().cpu() for n, p in params.items()}
-    if trainer.accelerator.is_main_process:
-        if stack_on is None:
-            save_adapter(model, directory, state_dict=state, fingerprint=fingerprint)
-        else:
-            trained = get_peft_model_state_dict(model, state_dict=state, adapter_name="default")
-            stacked = PeftModel.from_pretrained(load_model(base_name, settings), str(stack_on), adapter_name="previous")
-            stacked.add_adapter("trained", model.peft_config["default"])
-            set_peft_model_state_dict(stacked, trained, adapter_name="trained")
-            stacked.add_weighted_adapter(["previous", "trained"], [1.0, 1.0], "default", combination_type="cat")
-            stacked.set_adapter("default")
-            save_adapter(stacked, directory)
-    trainer.accelerator.wait_for_everyone()
-
-
-def _summary(
-    trainer: NoiseAwareDPOTrainer, num_pairs: int, seconds: float, adapter: Path, resumed_from: str | None
-) -> dict[str, Any]:
-    history = trainer.state.log_history  # restored from the checkpoint on resume, so it covers the whole run
-    logged = [h for h in history if "loss" in h]
-    last = logged[-1] if logged else {}
-    totals = trainer.refine_totals
-    return {
-        "pairs": num_pairs,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.args.num_train_epochs,
-        "train_loss": sum(h["loss"] for h in logged) / len(logged) if logged else None,
-        "lambda": trainer.args.dnd_lambda,
-        "refine_alpha": trainer.args.refine_alpha,
-        "refine/smoothed_fraction": totals["smoothed"] / totals["samples"] if totals["samples"] else 0.0,
-        **{k: last[k] for k in ("refine/tau", "refine/margin_mean", "rewards/accuracies", "rewards/margins") if k in last},
-        "seconds": seconds,
-        "adapter": str(adapter),
-        "resumed_from": resumed_from,
-        "distributed": trainer.accelerator.distributed_type.value,
-        "processes": trainer.accelerator.num_processes,
-    }
-
-
-def train_adapter(
-    model: str | PreTrainedModel,
-    pairs: list[dict] | Dataset,
-    output_dir: str | Path,
-    config: RecipeConfig,
-    *,
-    iteration: int = 0,
-    prev_adapter: str | Path | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    adapter_mode: str | None = None,
-    callbacks: list[TrainerCallback] | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """Train one stage's adapter into `<output_dir>/adapter`; checkpoints go to `<output_dir>/checkpoints`.
-
-    iteration 0 (seed): a fresh adapter on `model`, reference = `model`, plain DPO (no refinement).
-    iteration t >= 1: from `prev_adapter`, reference = model + prev_adapter, refinement on, lambda_t.
-    Resumes from the newest complete checkpoint when there is one. `overrides` go to the TRL config.
-    Returns the stage metrics.
-    """
-    check_topology()
-    output_dir = Path(output_dir)
-    mode = adapter_mode or config.train.adapter_mode
-    if mode not in ("continue", "merge"):
-        raise SelfieError(f"train.adapter_mode: expected 'continue' or 'merge', got '{mode}'")
-    if (iteration == 0) != (prev_adapter is None):
-        raise ValueError("the seed stage (iteration 0) takes no previous adapter; later iterations need one")
-    if tokenizer is None:
-        if not isinstance(model, str):
-            raise ValueError("pass the tokenizer along with a model object")
-        tokenizer = load_tokenizer(model, config.model)
-    if isinstance(model, str):
-        base_name, model = model, load_model(model, config.model)
-    elif mode == "merge" and iteration > 0:
-        raise ValueError("adapter_mode 'merge' needs the base model's name or path (it reloads it to stack the adapters)")
-    else:
-        base_name = None
-    dataset = _pairs_dataset(pairs, tokenizer, stop_token_ids(model, tokenizer))  # a PeftModel shows its base's config
-    train = config.train
-    model = prepare_for_training(model, train.gradient_checkpointing, train.trainer_args.get("gradient_checkpointing_kwargs"))
-
-    peft_config, stack_on = None, None
-    if iteration == 0:
-        peft_config = peft_lora_config(config.lora)
-    elif mode == "continue":
-        model = load_adapter(model, prev_adapter, trainable=True)  # TRL adds the frozen copy "ref" = pi_{t-1}
-    else:
-        model = merge_adapter(load_adapter(model, prev_adapter))  # reference = merged model = pi_{t-1}
-        peft_config, stack_on = peft_lora_config(config.lora), Path(prev_adapter)
-
-    # taken before training shards the weights: the adapter applies to pi_init (merge mode stacks onto it again)
-    fingerprint = base_fingerprint(unwrap_peft(model))
-    try:
-        args = build_dpo_config(
-            config.train,
-            config.refine,
-            output_dir / CHECKPOINTS,
-            lambda_=dnd_lambda(config.refine, iteration),
-            refine_on=iteration > 0,
-            report_to=config.report_to,
-            run_name=f"{config.run_name or output_dir.parent.name}-{output_dir.name}",
-            seed=config.seed,
-            epochs=seed_epochs(config.train, len(dataset)) if iteration == 0 else None,
-            **overrides,
-        )
-        trainer = NoiseAwareDPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
-    except ValueError as e:  # TRL, transformers or PEFT refusing a value that got past the recipe's own checks
-        raise SelfieError(
-            f"iteration {iteration}: the trainer refused the recipe's train / lora settings: {str(e).splitlines()[0]}"
-        ) from e
-    checkpoint = last_checkpoint(args.output_dir)
-    if checkpoint:
-        logger.info("resuming training from %s", checkpoint)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - start
-    adapter = output_dir / ADAPTER
-    _export_adapter(trainer, adapter, fingerprint, base_name, stack_on, config.model)
-    return _summary(trainer, len(dataset), seconds, adapter, checkpoint)
-
-
-def train_seed(
-    model: str | PreTrainedModel,
-    pairs: list[dict] | Dataset,
-    output_dir: str | Path,
-    config: RecipeConfig,
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """Stage 0: DPO of a fresh LoRA adapter on the seed pairs, reference pi_init. Returns the stage metrics."""
-    return train_adapter(model, pairs, output_dir, config, iteration=0, tokenizer=tokenizer, **overrides)
-
-
-def train_iteration(
-    model: str | PreTrainedModel,
-    prev_adapter: str | Path,
-    pairs: list[dict] | Dataset,
-    output_dir: str | Path,
-    config: RecipeConfig,
-    iteration: int,
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    adapter_mode: str | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """Stage t >= 1: noise-aware DPO from pi_{t-1} = model + prev_adapter, reference pi_{t-1}. Returns the stage metrics."""
-    if iteration < 1:
-        raise ValueError(f"iteration must be >= 1, got {iteration}")
-    return train_adapter(
-        model,
-        pairs,
-        output_dir,
-        config,
-        iteration=iteration,
-        prev_adapter=prev_adapter,
-        tokenizer=tokenizer,
-        adapter_mode=adapter_mode,
-        **overrides,
-    )
