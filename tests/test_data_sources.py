@@ -120,7 +120,7 @@ def test_a_mapped_column_the_source_lacks_is_named(tmp_path):
 
 
 def test_a_mapping_to_a_column_selfie_does_not_read_is_refused_at_load():
-    with pytest.raises(SelfieError, match=r"data source 'x.jsonl': 'columns' maps a source column to one of .*'text'"):
+    with pytest.raises(SelfieError, match=r"'data.prompts\[0\].columns': expected a mapping of source columns to .*'text'"):
         load_recipe(None, ["--data.prompts", "[{path: x.jsonl, columns: {q: text}}]"])
 
 
@@ -175,9 +175,9 @@ def test_evaluating_a_run_on_its_mixed_pool_uses_the_held_out_slice_of_the_pool_
 @pytest.mark.parametrize(
     "source, message",
     [
-        ("{path: a.jsonl, weight: 0.5, count: 2}", "'weight' and 'count' exclude each other"),
-        ("{path: a.jsonl, weight: 1.5}", "'weight' is the fraction of its rows taken, in (0, 1], got 1.5"),
-        ("{weight: 0.5}", "data source: 'path' is required"),
+        ("{path: a.jsonl, weight: 0.5, count: 2}", "'data.prompts[0].weight' and 'data.prompts[0].count': both set"),
+        ("{path: a.jsonl, weight: 1.5}", "'data.prompts[0].weight': expected the fraction of its rows taken, in (0, 1], got 1.5"),
+        ("{weight: 0.5}", "'data.prompts[0].path': expected a hub id, file or directory"),
         ("{path: a.jsonl, splt: test}", "unknown recipe key 'data.prompts[0].splt'"),
     ],
 )

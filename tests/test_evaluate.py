@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from selfie.cli.main import main
 from selfie.config.loader import dump_recipe, load_recipe
-from selfie.config.schema import EvalOptions, LoraConfig
+from selfie.config.schema import EvalOptions, JudgeConfig, LoraConfig
 from selfie.errors import SelfieError
 from selfie.evaluation.compare import INIT, compare_models, run_scores
 from selfie.evaluation.judges import load_judge
@@ -276,7 +276,7 @@ def test_scores_from_a_judge_make_pairs_by_the_loops_rules(length_judge, tiny_mo
     # token counts as the judge and trainer see them: the end-of-turn token only after a finished response
     assert judgments[3]["num_tokens"][1] == len(tokenizer("ok", add_special_tokens=False)["input_ids"]) + 1
     assert judgments[3]["num_tokens"][0] == len(tokenizer("cut off at the limit", add_special_tokens=False)["input_ids"])
-    pairs, metrics = select_pairs(rows, judgments)
+    pairs, metrics = select_pairs(rows, judgments, JudgeConfig(truncated="drop", length_penalty=0.0))
     assert metrics["dropped"] == {"identical": 1, "single_response": 1, "all_truncated": 1}
     assert [p["prompt_id"] for p in pairs] == ["a", "d"]
     a, d = pairs

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from selfie.config.loader import load_recipe
+from selfie.config.schema import JudgeConfig
 from selfie.errors import SelfieError
-from selfie.labelling.pairs import PairRules, auto_length_penalty, select_pairs, with_replay
+from selfie.labelling.pairs import auto_length_penalty, select_pairs, with_replay
+
+
+def rules(truncated: str = "drop", **values) -> JudgeConfig:
+    """Pairing rules; unless a test names them, the plain ones: truncated responses dropped, no length penalty."""
+    return JudgeConfig(truncated=truncated, **{"length_penalty": 0.0, **values})
 
 
 def row(pid, texts, finished):
@@ -35,7 +42,7 @@ def test_drop_rule_and_drop_counts():
         judged([2.0, 2.0, 1.0], [1, 1, 1]),
         judged([0.0], [1]),
     ]
-    pairs, metrics = select_pairs(rows, judgments)
+    pairs, metrics = select_pairs(rows, judgments, rules())
     assert metrics["dropped"] == {"all_truncated": 1, "identical": 1, "single_response": 1}
     first, dup = pairs
     assert texts(first) == ("y", "z") and first["margin"] == 3.0
@@ -49,10 +56,10 @@ def test_drop_rule_and_drop_counts():
 def test_keep_and_penalize_let_a_truncated_response_compete():
     rows = [row("p", ["long cut", "short done"], [False, True])]
     judgments = [judged([1.0, 0.2], [10, 4])]
-    drop, _ = select_pairs(rows, judgments, PairRules("drop"))
-    keep, _ = select_pairs(rows, judgments, PairRules("keep"))
-    mild, _ = select_pairs(rows, judgments, PairRules("penalize", truncation_penalty=0.5))
-    harsh, _ = select_pairs(rows, judgments, PairRules("penalize", truncation_penalty=1.0))
+    drop, _ = select_pairs(rows, judgments, rules("drop"))
+    keep, _ = select_pairs(rows, judgments, rules("keep"))
+    mild, _ = select_pairs(rows, judgments, rules("penalize", truncation_penalty=0.5))
+    harsh, _ = select_pairs(rows, judgments, rules("penalize", truncation_penalty=1.0))
     assert texts(drop[0]) == texts(harsh[0]) == ("short done", "long cut")
     assert drop[0]["margin"] == pytest.approx(-0.8)  # the raw reward margin, negative when the rule decided
     assert texts(keep[0]) == texts(mild[0]) == ("long cut", "short done")
@@ -62,8 +69,8 @@ def test_keep_and_penalize_let_a_truncated_response_compete():
 def test_fixed_length_penalty_shifts_the_choice():
     rows = [row("p", ["long", "short"], [True, True])]
     judgments = [judged([1.0, 0.5], [20, 5])]
-    assert texts(select_pairs(rows, judgments, PairRules(length_penalty=0.0))[0][0]) == ("long", "short")
-    pairs, metrics = select_pairs(rows, judgments, PairRules(length_penalty=0.05))  # 1 - 1.0 < 0.5 - 0.25
+    assert texts(select_pairs(rows, judgments, rules(length_penalty=0.0))[0][0]) == ("long", "short")
+    pairs, metrics = select_pairs(rows, judgments, rules(length_penalty=0.05))  # 1 - 1.0 < 0.5 - 0.25
     assert texts(pairs[0]) == ("short", "long") and metrics["length_penalty"] == 0.05
     assert pairs[0]["margin"] == -0.5
 
@@ -75,17 +82,17 @@ def test_auto_length_penalty_equalises_mean_lengths():
         short, long = 5 + i % 7, 15 + (3 * i) % 11
         rows.append(row(f"p{i}", ["a", "b"], [True, True]))
         judgments.append(judged([0.02 * long + 0.01 * (i % 5), 0.02 * short + 0.03 * (i % 3)], [long, short]))
-    _, plain = select_pairs(rows, judgments)
+    _, plain = select_pairs(rows, judgments, rules())
     assert plain["chosen_tokens_mean"] - plain["rejected_tokens_mean"] > 8
-    pairs, metrics = select_pairs(rows, judgments, PairRules(length_penalty="auto"))
+    pairs, metrics = select_pairs(rows, judgments, rules(length_penalty="auto"))
     alpha = metrics["length_penalty"]
-    assert alpha > 0 and alpha == auto_length_penalty(rows, judgments, PairRules(length_penalty="auto"))
+    assert alpha > 0 and alpha == auto_length_penalty(rows, judgments, rules(length_penalty="auto"))
     gap = metrics["chosen_tokens_mean"] - metrics["rejected_tokens_mean"]
     # as near zero as the data allows: no alpha on a fine grid does better
     best = min(
         abs(m["chosen_tokens_mean"] - m["rejected_tokens_mean"])
         for a in [k * 1e-4 for k in range(0, 2000)]
-        for m in [select_pairs(rows, judgments, PairRules(length_penalty=a))[1]]
+        for m in [select_pairs(rows, judgments, rules(length_penalty=a))[1]]
     )
     assert abs(gap) <= best + 1e-9 and abs(gap) < 1.0
 
@@ -93,7 +100,7 @@ def test_auto_length_penalty_equalises_mean_lengths():
 def test_auto_length_penalty_can_reward_length_when_chosen_are_shorter():
     rows = [row(f"p{i}", ["a", "b"], [True, True]) for i in range(10)]
     judgments = [judged([0.5 + 0.01 * i, 0.1 + 0.02 * i], [4, 12 + i]) for i in range(10)]
-    pairs, metrics = select_pairs(rows, judgments, PairRules(length_penalty="auto"))
+    pairs, metrics = select_pairs(rows, judgments, rules(length_penalty="auto"))
     assert metrics["length_penalty"] < 0
     assert abs(metrics["chosen_tokens_mean"] - metrics["rejected_tokens_mean"]) < 1.0
 
@@ -103,17 +110,30 @@ def test_auto_length_penalty_stays_finite_when_no_alpha_closes_the_gap():
     rows = [row(f"p{i}", ["short done", "long cut"], [True, False]) for i in range(5)]
     rows.append(row("free", ["a", "b"], [True, True]))
     judgments = [judged([0.1, 0.5], [5, 20]) for _ in range(5)] + [judged([0.3, 0.1], [4, 30])]
-    pairs, metrics = select_pairs(rows, judgments, PairRules("drop", length_penalty="auto"))
+    pairs, metrics = select_pairs(rows, judgments, rules("drop", length_penalty="auto"))
     alpha = metrics["length_penalty"]
     # the free prompt flips to its longer response once -alpha * 26 > 0.2: the smallest such |alpha|, finite
     assert alpha == pytest.approx(-0.2 / 26, rel=1e-3) and texts(pairs[-1]) == ("b", "a")
 
 
-def test_bad_rules_are_refused():
-    with pytest.raises(SelfieError, match="judge.truncated"):
-        PairRules("sometimes")
-    with pytest.raises(SelfieError, match="judge.length_penalty"):
-        PairRules(length_penalty="often")
+def test_bad_rules_are_refused_naming_the_key():
+    with pytest.raises(SelfieError, match="recipe key 'judge.truncated': expected one of drop, penalize, keep"):
+        rules("sometimes")
+    with pytest.raises(SelfieError, match="recipe key 'judge.length_penalty': expected a number or 'auto'"):
+        rules(length_penalty="often")
+
+
+def test_a_python_caller_gets_the_recipes_rules():
+    # a truncated response scoring highest: drop never chooses it, penalize (the recipe's default) lets it
+    # compete less a penalty of 1.0, keep takes it; auto (the default alpha) equalises lengths
+    rows = [row("p", ["cut but best", "done", "worst"], [False, True, True])]
+    judgments = [judged([1.6, 0.2, 0.0], [10, 10, 10])]
+    recipe = load_recipe(None).judge
+    assert (recipe.truncated, recipe.length_penalty) == ("penalize", "auto")
+    default = select_pairs(rows, judgments)
+    assert default == select_pairs(rows, judgments, recipe)
+    assert texts(default[0][0]) == ("cut but best", "worst")
+    assert default != select_pairs(rows, judgments, rules("drop"))
 
 
 def test_replay_draws_the_stated_fraction_reproducibly():

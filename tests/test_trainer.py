@@ -16,10 +16,9 @@ from trl import DPOTrainer
 from trl.trainer.utils import use_adapter
 
 from selfie.config.loader import load_recipe
-from selfie.config.schema import RecipeConfig, RefineConfig, TrainConfig
+from selfie.config.schema import JudgeConfig, RecipeConfig, RefineConfig, TrainConfig
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
-from selfie.labelling.pairs import PairRules
 from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter
 from selfie.training.arguments import NoiseAwareDPOConfig, build_dpo_config, dnd_lambda, seed_epochs
 from selfie.training.stage import TrainOutputs, _pairs_dataset, train_iteration, train_seed
@@ -295,7 +294,14 @@ def test_trainer_trains_a_truncated_response_exactly_as_the_judge_scored_it(tiny
             "finished": [False, True],
         }
     ]
-    judge_responses(model, tokenizer, responses, tmp_path / "j.jsonl", tmp_path / "p.jsonl", rules=PairRules("keep"))
+    judge_responses(
+        model,
+        tokenizer,
+        responses,
+        tmp_path / "j.jsonl",
+        tmp_path / "p.jsonl",
+        rules=JudgeConfig(truncated="keep", length_penalty=0.0),
+    )
     (judged,), pairs = read_jsonl(tmp_path / "j.jsonl"), read_jsonl(tmp_path / "p.jsonl")
     stop_ids = stop_token_ids(model.get_base_model(), tokenizer)
     dataset = _pairs_dataset(pairs, tokenizer, stop_ids)

@@ -184,7 +184,7 @@ def test_the_quantisation_keys_load_bitsandbytes_weights(tiny_model):
 
 
 def test_load_in_4bit_and_8bit_exclude_each_other():
-    with pytest.raises(SelfieError, match="'model.load_in_4bit' and 'model.load_in_8bit' exclude each other"):
+    with pytest.raises(SelfieError, match="keys 'model.load_in_4bit' and 'model.load_in_8bit': both set"):
         load_recipe(None, ["--model.load_in_4bit", "true", "--model.load_in_8bit", "true"])
     with pytest.raises(SelfieError, match="'model.bnb_4bit_quant_type': expected 'nf4' or 'fp4', got 'int4'"):
         load_recipe(None, ["--model.bnb_4bit_quant_type", "int4"])

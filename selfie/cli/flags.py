@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from selfie.config.schema import Ranged, section_fields, union_members
+from selfie.config.schema import Section, section_fields, union_members
 
 
 def _from_text(text: str, tp: Any) -> Any:
@@ -35,7 +35,7 @@ def add_options(parser: argparse.ArgumentParser, section: type, names: Sequence[
 
         def parse(value: str, name: str = name) -> Any:
             parsed = _from_text(value, hints[name])
-            problem = section.out_of_range(name, parsed) if issubclass(section, Ranged) else None
+            problem = section.out_of_range(name, parsed) if issubclass(section, Section) else None
             if problem:
                 raise argparse.ArgumentTypeError(problem)
             return parsed

@@ -17,6 +17,7 @@ import yaml
 from selfie.config.schema import (
     EditConfig,
     RecipeConfig,
+    RecipeKeyError,
     is_enum,
     is_section_type,
     section_fields,
@@ -26,6 +27,7 @@ from selfie.config.schema import (
 )
 from selfie.errors import SelfieError
 from selfie.io import read_yaml_mapping
+from selfie.training.arguments import SELFIE_SETS, trainer_fields
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -88,8 +90,6 @@ RENAMED_KEYS = {
 
 def _trainer_arguments(section: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
     """`values`, keys `section` does not declare, as trainer arguments; raises naming the first that is not one."""
-    from selfie.training.arguments import SELFIE_SETS, trainer_fields  # TRL loads only when a recipe sets such a key
-
     fields = trainer_fields()
     for key in sorted(values):
         if key in SELFIE_SETS:
@@ -114,7 +114,15 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     elif unknown:
         raise SelfieError(f"unknown recipe key '{prefix}{unknown[0]}' (known: {', '.join(sorted(hints))})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items() if name in hints}
-    return cls(**kwargs, **extra)
+    try:
+        return cls(**kwargs, **extra)
+    except RecipeKeyError as e:  # here the section's place is known: a data source's keys are data.prompts[0]....
+        raise SelfieError(e.at(prefix)) from None
+
+
+def build_recipe(values: dict[str, Any]) -> RecipeConfig:
+    """The RecipeConfig of a recipe's values (a parsed YAML mapping), every key checked."""
+    return _build(RecipeConfig, values)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -177,7 +185,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
         overrides = parse_overrides(overrides)
     values = _merge(values, overrides or {})
     try:
-        return _build(RecipeConfig, values)
+        return build_recipe(values)
     except SelfieError as e:
         raise SelfieError(f"{path}: {e}" if path is not None else str(e)) from None
 

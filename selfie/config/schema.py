@@ -1,8 +1,8 @@
 """The recipe schema: one dataclass per section, every default and every range of a recipe key lives here.
 
-A section checks its own values when built (`Section.__post_init__`), so a recipe with a bad value stops before
-anything is written or computed. Loading YAML and overrides is selfie/config/loader.py; what makes two recipes
-the same run is selfie/config/compat.py.
+Every section is a `Section`: it checks its own values when built (RANGES for one field's, `check_across` for those
+that involve several), so a recipe with a bad value stops before anything is written or computed. Loading YAML and
+overrides is selfie/config/loader.py; what makes two recipes the same run is selfie/config/compat.py.
 """
 
 from __future__ import annotations
@@ -13,46 +13,81 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from selfie.errors import SelfieError
 
-if TYPE_CHECKING:
-    from selfie.labelling.pairs import PairRules
+
+class Range(NamedTuple):
+    """What the value of one field must be: `test` passes it, `expected` says it. A list is tested item by item,
+    unless `whole`."""
+
+    test: Callable[[Any], bool]
+    expected: str
+    whole: bool = False
 
 
-def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v >= low), f">= {low}"
+def _at_least(low: float) -> Range:
+    return Range(lambda v: v >= low, f">= {low}")
 
 
-POSITIVE = ((lambda v: v > 0), "> 0")
-FRACTION = ((lambda v: 0 <= v < 1), "a fraction in [0, 1)")
+POSITIVE = Range(lambda v: v > 0, "> 0")
+FRACTION = Range(lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+AUTO_OR_NUMBER = Range(lambda v: v == "auto" or not isinstance(v, str), "a number or 'auto'")
 
 
-class Ranged:
-    """A recipe section whose values must lie in range: RANGES maps a field to (test, what it must be).
+class RecipeKeyError(SelfieError):
+    """A value a section refuses, naming its recipe keys. The loader, which knows where the section sits (a data
+    source is data.prompts[0].), names them again under that prefix (`at`)."""
 
-    Checked when the recipe loads, so a bad value stops the run before anything is written or computed.
+    def __init__(self, problem: str, names: tuple[str, ...], prefix: str):
+        self.problem, self.names = problem, names
+        super().__init__(self.at(prefix))
+
+    def at(self, prefix: str) -> str:
+        keys = " and ".join(f"'{prefix}{name}'" for name in self.names)
+        return f"recipe key{'s' if len(self.names) > 1 else ''} {keys}: {self.problem}"
+
+
+class Section:
+    """A recipe section, checked when built, so a bad value stops the run before anything is written or computed.
+
+    Every section checks the same way: RANGES maps a field to the Range its value must lie in, and `check_across`
+    holds the checks that involve more than one field. Errors name the recipe key: SECTION (where the section sits
+    in a recipe) and the field.
     """
 
     SECTION: ClassVar[str] = ""
-    RANGES: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+    RANGES: ClassVar[dict[str, Range]] = {}
 
     @classmethod
     def out_of_range(cls, name: str, value: Any) -> str | None:
         """What field `name` must be, when `value` is not that (None when it is, or the field has no range)."""
         if name not in cls.RANGES or value is None:
             return None
-        ok, expected = cls.RANGES[name]
-        if all(ok(v) for v in (value if isinstance(value, list) else [value])):
+        test, expected, whole = cls.RANGES[name]
+        each = isinstance(value, list) and not whole
+        if all(test(v) for v in (value if each else [value])):
             return None
-        return f"expected {'each ' if isinstance(value, list) else ''}{expected}, got {value!r}"
+        return f"expected {'each ' if each else ''}{expected}, got {value!r}"
 
-    def __post_init__(self):
+    @classmethod
+    def require_in_range(cls, name: str, value: Any) -> None:
+        problem = cls.out_of_range(name, value)
+        if problem:
+            raise RecipeKeyError(problem, (name,), cls.SECTION)
+
+    def __post_init__(self) -> None:
         for name in self.RANGES:
-            problem = self.out_of_range(name, getattr(self, name))
-            if problem:
-                raise SelfieError(f"recipe key '{self.SECTION}{name}': {problem}")
+            self.require_in_range(name, getattr(self, name))
+        self.check_across()
+
+    def check_across(self) -> None:
+        """The checks that involve more than one field (raise `self.refuse(...)`); none by default."""
+
+    def refuse(self, problem: str, *names: str) -> RecipeKeyError:
+        """The error naming the keys of fields `names` (of this section) and what is wrong with them."""
+        return RecipeKeyError(problem, names, self.SECTION)
 
 
 ADDED = "added"  # field metadata: a key added after run hashes were first written (see config_hash)
@@ -65,16 +100,15 @@ def added(default: Any) -> Any:
 
 
 @dataclass
-class ModelConfig(Ranged):
+class ModelConfig(Section):
     """How every stage that runs the policy loads it (generate, judge, train, eval): from_pretrained's arguments,
     named as TRL's ModelConfig and transformers' BitsAndBytesConfig name them (selfie/models.py::pretrained_options)."""
 
     SECTION = "model."
     RANGES = {
-        "bnb_4bit_quant_type": ((lambda v: v in ("nf4", "fp4")), "'nf4' or 'fp4'"),
-        "bnb_4bit_compute_dtype": (
-            (lambda v: v in ("auto", "float32", "bfloat16", "float16")),
-            "auto, float32, bfloat16 or float16",
+        "bnb_4bit_quant_type": Range(lambda v: v in ("nf4", "fp4"), "'nf4' or 'fp4'"),
+        "bnb_4bit_compute_dtype": Range(
+            lambda v: v in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"
         ),
     }
 
@@ -90,10 +124,9 @@ class ModelConfig(Ranged):
     use_bnb_nested_quant: bool = added(False)  # quantise the 4-bit quantisation constants too (double quantisation)
     chat_template: str | None = added(None)  # a Jinja chat template, or a file holding one; None: the tokenizer's own
 
-    def __post_init__(self):
-        super().__post_init__()
+    def check_across(self) -> None:
         if self.load_in_4bit and self.load_in_8bit:
-            raise SelfieError("recipe keys 'model.load_in_4bit' and 'model.load_in_8bit' exclude each other")
+            raise self.refuse("both set; they exclude each other", "load_in_4bit", "load_in_8bit")
 
     @property
     def quantized(self) -> bool:
@@ -105,7 +138,7 @@ class ModelConfig(Ranged):
 
 
 @dataclass
-class LoraConfig(Ranged):
+class LoraConfig(Section):
     SECTION = "lora."
     RANGES = {"r": _at_least(1), "alpha": POSITIVE, "dropout": FRACTION}
 
@@ -120,10 +153,21 @@ SOURCE_COLUMNS = ("prompt_id", "id", "prompt", "instruction", "input", "messages
 
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Section):
     """One source of a prompt or preference set (an entry of data.prompts / data.seed_pairs given as a list): what
     datasets.load_dataset reads, how its columns map to selfie's, and how much of it a mixture takes (drawn with
-    data.shuffle_seed), as alignment-handbook's dataset_mixture entries say."""
+    data.shuffle_seed), as alignment-handbook's dataset_mixture entries say. It sits in a list, so its keys have no
+    fixed prefix: the loader names them (data.prompts[0].weight)."""
+
+    RANGES = {
+        "path": Range(lambda v: isinstance(v, str) and bool(v.strip()), "a hub id, file or directory"),
+        "weight": Range(lambda v: 0 < v <= 1, "the fraction of its rows taken, in (0, 1]"),
+        "count": _at_least(1),
+        "columns": Range(
+            lambda v: all(isinstance(column, str) and target in SOURCE_COLUMNS for column, target in v.items()),
+            f"a mapping of source columns to columns selfie reads ({', '.join(SOURCE_COLUMNS)})",
+        ),
+    }
 
     path: str = ""  # hub id, .json/.jsonl/.parquet file, dataset directory (saved or of data files), or a built-in name
     name: str | None = None  # the dataset's configuration (load_dataset's `name`, the handbook's `config`)
@@ -135,28 +179,16 @@ class SourceConfig:
     weight: float | None = None  # the fraction of the source's rows taken, in (0, 1]
     count: int | None = None  # or how many of its rows are taken
 
-    def __post_init__(self):
-        where = f"data source '{self.path}'"
-        if not isinstance(self.path, str) or not self.path.strip():
-            raise SelfieError("data source: 'path' is required (a hub id, file or directory)")
+    def check_across(self) -> None:
         if self.weight is not None and self.count is not None:
-            raise SelfieError(f"{where}: 'weight' and 'count' exclude each other")
-        if self.weight is not None and not 0 < self.weight <= 1:
-            raise SelfieError(f"{where}: 'weight' is the fraction of its rows taken, in (0, 1], got {self.weight!r}")
-        if self.count is not None and self.count < 1:
-            raise SelfieError(f"{where}: 'count' must be >= 1, got {self.count!r}")
-        for column, target in self.columns.items():
-            if not isinstance(column, str) or target not in SOURCE_COLUMNS:
-                raise SelfieError(
-                    f"{where}: 'columns' maps a source column to one of {', '.join(SOURCE_COLUMNS)}, got {column!r}: {target!r}"
-                )
+            raise self.refuse("both set; they exclude each other", "weight", "count")
 
 
 Sources = str | list[SourceConfig]  # a single hub id / file / directory / built-in name, or a mixture of sources
 
 
 @dataclass
-class DataConfig(Ranged):
+class DataConfig(Section):
     SECTION = "data."
     RANGES = {"seed_size": _at_least(0), "iteration_sizes": POSITIVE, "replay": FRACTION}
 
@@ -172,25 +204,23 @@ class DataConfig(Ranged):
     replay: float = 0.0  # this fraction of each iteration's training pairs is drawn from the seed pairs (DICE)
     system_prompt: str | None = added(None)  # the system message of every prompt and seed pair that has none
 
-    def __post_init__(self):
-        super().__post_init__()
+    def check_across(self) -> None:
         if self.seed_pairs and self.seed_judge:
-            raise SelfieError(
-                "recipe keys 'data.seed_pairs' and 'data.seed_judge' exclude each other: "
-                "the seed labels come from a labelled set or from a judge"
+            raise self.refuse(
+                "both set; the seed labels come from a labelled set or from a judge, not both", "seed_pairs", "seed_judge"
             )
 
 
 @dataclass
-class GenerateConfig(Ranged):
+class GenerateConfig(Section):
     SECTION = "generate."
     RANGES = {
         "num_responses": _at_least(1),
         "temperature": _at_least(0),
-        "top_p": ((lambda v: 0 < v <= 1), "a value in (0, 1]"),
+        "top_p": Range(lambda v: 0 < v <= 1, "a value in (0, 1]"),
         "max_new_tokens": _at_least(1),
         "batch_size": _at_least(1),
-        "backend": ((lambda v: v in ("auto", "static", "continuous", "vllm")), "'auto', 'static', 'continuous' or 'vllm'"),
+        "backend": Range(lambda v: v in ("auto", "static", "continuous", "vllm"), "'auto', 'static', 'continuous' or 'vllm'"),
     }
 
     num_responses: int = 2
@@ -204,10 +234,21 @@ class GenerateConfig(Ranged):
     backend: str = "auto"
 
 
+TRUNCATION_POLICIES = ("drop", "penalize", "keep")  # what pairing does with a response cut at the length limit
+
+
 @dataclass
-class JudgeConfig(Ranged):
+class JudgeConfig(Section):
+    """How responses are scored and made into pairs (selfie/labelling/pairs.py reads truncated, truncation_penalty
+    and length_penalty: the pairing rules)."""
+
     SECTION = "judge."
-    RANGES = {"truncation_penalty": _at_least(0), "token_budget": _at_least(1)}
+    RANGES = {
+        "truncated": Range(lambda v: v in TRUNCATION_POLICIES, f"one of {', '.join(TRUNCATION_POLICIES)}"),
+        "truncation_penalty": _at_least(0),
+        "length_penalty": AUTO_OR_NUMBER,
+        "token_budget": _at_least(1),
+    }
 
     # The implicit reward is beta * (logp_policy - logp_reference) with train.beta: the DPO loss's own beta.
     labeller: str = "implicit"  # implicit reward, or any judge spec `selfie eval` takes (reward-model:..., callable:...)
@@ -219,19 +260,9 @@ class JudgeConfig(Ranged):
     length_normalize: bool = False
     token_budget: int = 8192  # tokens per judging batch (prompt + response, padded)
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.rules  # noqa: B018 - building the rules validates truncated and length_penalty
-
-    @property
-    def rules(self) -> PairRules:
-        from selfie.labelling.pairs import PairRules
-
-        return PairRules(self.truncated, self.truncation_penalty, self.length_penalty)
-
 
 @dataclass
-class TrainConfig(Ranged):
+class TrainConfig(Section):
     SECTION = "train."
     RANGES = {
         "beta": POSITIVE,
@@ -244,7 +275,7 @@ class TrainConfig(Ranged):
         "max_length": _at_least(1),
         "save_steps": _at_least(1),
         "logging_steps": _at_least(1),
-        "adapter_mode": ((lambda v: v in ("continue", "merge")), "'continue' or 'merge'"),
+        "adapter_mode": Range(lambda v: v in ("continue", "merge"), "'continue' or 'merge'"),
     }
 
     beta: float = 0.1
@@ -269,13 +300,13 @@ class TrainConfig(Ranged):
 
 
 @dataclass
-class RefineConfig(Ranged):
+class RefineConfig(Section):
     SECTION = "refine."
     RANGES = {
-        "alpha": ((lambda v: 0 <= v <= 0.5), "a value in [0, 0.5]"),
-        "quantile": ((lambda v: 0 < v < 1), "a value in (0, 1)"),
+        "alpha": Range(lambda v: 0 <= v <= 0.5, "a value in [0, 0.5]"),
+        "quantile": Range(lambda v: 0 < v < 1, "a value in (0, 1)"),
         "window_steps": _at_least(1),
-        "warmup_fraction": ((lambda v: 0 <= v <= 1), "a value in [0, 1]"),
+        "warmup_fraction": Range(lambda v: 0 <= v <= 1, "a value in [0, 1]"),
         "lambdas": _at_least(0),
     }
 
@@ -286,9 +317,23 @@ class RefineConfig(Ranged):
     lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # DND, per iteration; then halving
 
 
+# init.layers / init.target_layers: which decoder layers an edit touches
+LAYERS = Range(
+    lambda v: v == "auto" or (isinstance(v, list) and bool(v)), "'auto' or a non-empty list of layer indices", whole=True
+)
+
+
 @dataclass
-class EditConfig:
+class EditConfig(Section):
     """The `init:` section: a representation edit builds pi_init. Settings both edits share; `method` picks the class."""
+
+    SECTION = "init."
+    RANGES = {
+        "held_out": Range(lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+        "num_prompts": _at_least(2),
+        "max_new_tokens_resp": _at_least(1),
+        "batch_size": _at_least(1),
+    }
 
     method: str = ""  # alignez | rahf (INIT_METHODS)
     prompts: str = "demo"  # prompt source (see selfie.data.load_prompts); a seeded sample of num_prompts is used
@@ -309,25 +354,28 @@ class EditConfig:
             raise SelfieError(f"recipe key '{key}.method': expected one of {', '.join(INIT_METHODS)}, got {method!r}")
         return INIT_METHODS[method]
 
-    def __post_init__(self) -> None:
-        if not 0 < self.held_out < 1:
-            raise SelfieError(f"init.held_out: expected a fraction in (0, 1), got {self.held_out}")
-        if self.num_prompts < 2:
-            raise SelfieError(f"init.num_prompts: need at least 2, got {self.num_prompts}")
-        for key in ("max_new_tokens_resp", "batch_size"):
-            if getattr(self, key) < 1:
-                raise SelfieError(f"init.{key}: must be >= 1, got {getattr(self, key)}")
-
-    def _check_layers(self, key: str) -> None:
-        value = getattr(self, key)
-        if isinstance(value, str) and value != "auto":
-            raise SelfieError(f"init.{key}: expected 'auto' or a list of layer indices, got '{value}'")
-        if isinstance(value, list) and not value:
-            raise SelfieError(f"init.{key}: the list of layers is empty")
-
 
 @dataclass
 class AlignEZConfig(EditConfig):
+    RANGES = {
+        **EditConfig.RANGES,
+        "keywords": Range(
+            lambda v: bool(v) and all(len(p) == 2 and all(isinstance(k, str) and k.strip() for k in p) for p in v),
+            "a non-empty list of [positive, negative] keyword pairs",
+            whole=True,
+        ),
+        "location": Range(
+            lambda v: v == "mlp",
+            "'mlp' (pi_init is a folded standalone model, and only the MLP output folds exactly into its weights; "
+            "docs/EDITING.md)",
+        ),
+        "layers": LAYERS,
+        "n_layers": Range(lambda v: v == "auto" or (not isinstance(v, str) and v >= 1), "'auto' or a number >= 1"),
+        "alpha": AUTO_OR_NUMBER,
+        "parallel_cosine": Range(lambda v: 0 < v <= 1, "a cosine in (0, 1]"),
+        "max_kl": _at_least(0),
+    }
+
     method: str = "alignez"
     keywords: list[list[str]] = field(default_factory=lambda: [["helpful", "harmful"]])
     max_new_tokens_char: int = 50
@@ -340,33 +388,11 @@ class AlignEZConfig(EditConfig):
     parallel_cosine: float = 0.9  # |cos(u+, u-)| above this: boost the direction separating y+ from y- instead
     max_kl: float = 0.05  # nats per token the edit may lower the model's own held-out plain answers' log-prob by
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_layers("layers")
-        for i, pair in enumerate(self.keywords):
-            if len(pair) != 2 or not all(isinstance(k, str) and k.strip() for k in pair):
-                raise SelfieError(f"init.keywords[{i}]: expected [positive, negative] keywords, got {pair!r}")
-        if not self.keywords:
-            raise SelfieError("init.keywords: need at least one [positive, negative] pair")
-        if self.location != "mlp":
-            raise SelfieError(
-                f"init.location '{self.location}': pi_init is a folded standalone model, and only the MLP "
-                "output ('mlp') folds exactly into the weights (see docs/EDITING.md)"
-            )
-        if self.max_kl < 0:
-            raise SelfieError(f"init.max_kl: must be >= 0, got {self.max_kl}")
-        if not 0 < self.parallel_cosine <= 1:
-            raise SelfieError(f"init.parallel_cosine: expected a cosine in (0, 1], got {self.parallel_cosine}")
-        for key in ("n_layers", "alpha"):
-            value = getattr(self, key)
-            if isinstance(value, str) and value != "auto":
-                raise SelfieError(f"init.{key}: expected 'auto' or a number, got '{value}'")
-        if self.n_layers != "auto" and self.n_layers < 1:
-            raise SelfieError(f"init.n_layers: must be >= 1, got {self.n_layers}")
-
 
 @dataclass
 class RAHFConfig(EditConfig):
+    RANGES = {**EditConfig.RANGES, "steps": _at_least(1), "train_batch_size": _at_least(1), "target_layers": LAYERS}
+
     method: str = "rahf"
     # 150 steps at 1e-3: on SmolLM2-135M the held-out representation loss fell 52.4 -> 42.5 in 100 steps at 1e-3 and
     # had levelled off (3e-3: 42.3; the reference's 3e-4: 44.3), at a third of the reference's 450 steps (docs/EDITING.md)
@@ -380,12 +406,6 @@ class RAHFConfig(EditConfig):
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     target_layers: str | list[int] = "auto"  # auto: every other layer from 30% to 60% of the depth
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_layers("target_layers")
-        if self.steps < 1 or self.train_batch_size < 1:
-            raise SelfieError("init.steps and init.train_batch_size must be >= 1")
-
 
 INIT_METHODS: dict[str, type[EditConfig]] = {"alignez": AlignEZConfig, "rahf": RAHFConfig}
 
@@ -394,7 +414,7 @@ BASELINES = ("init", "seed", "previous", "none")  # what an iteration is compare
 
 
 @dataclass
-class EvalConfig(Ranged):
+class EvalConfig(Section):
     """The `eval:` section: each iteration's policy against a baseline on held-out prompts, scored by a judge."""
 
     SECTION = "eval."
@@ -403,7 +423,7 @@ class EvalConfig(Ranged):
         "max_new_tokens": _at_least(1),
         "temperature": _at_least(0),
         "n_boot": _at_least(1),
-        "baseline": ((lambda v: v in BASELINES), f"one of {', '.join(BASELINES)}"),
+        "baseline": Range(lambda v: v in BASELINES, f"one of {', '.join(BASELINES)}"),
     }
 
     judge: str | None = None  # required: a judge spec (selfie/evaluation/judges.py)
@@ -415,14 +435,13 @@ class EvalConfig(Ranged):
     baseline: str = "init"  # pi_init, the seed adapter, the previous iteration, or none (a mean score)
     n_boot: int = 2000
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.judge:
-            raise SelfieError("recipe key 'eval.judge' is required when 'eval' is set (e.g. reward-model:PATH)")
+    def check_across(self) -> None:
+        if not self.judge:  # the one required key: None elsewhere means "the default"
+            raise self.refuse("required when 'eval' is set (e.g. reward-model:PATH)", "judge")
 
 
 @dataclass(frozen=True)
-class EvalOptions(Ranged):
+class EvalOptions(Section):
     """The options of `selfie eval` (not a recipe section): which prompts, how each model answers, the bootstrap."""
 
     RANGES = {
@@ -461,7 +480,7 @@ class EvalOptions(Ranged):
 
 
 @dataclass
-class RecipeConfig:
+class RecipeConfig(Section):
     output_dir: str = "runs/spa"
     run_name: str | None = None
     num_iterations: int = 3
@@ -477,17 +496,15 @@ class RecipeConfig:
     init: EditConfig | None = None  # representation edit of pi_init: {method: alignez | rahf, ...}
     eval: EvalConfig | None = None  # per-iteration evaluation: {judge: ..., prompts: ...}
 
-    def __post_init__(self):
+    def check_across(self) -> None:
         if self.generate.num_responses < 2:  # `selfie generate` may sample one; the loop makes pairs
-            raise SelfieError(
-                f"recipe key 'generate.num_responses': expected >= 2 (a pair needs two responses), "
-                f"got {self.generate.num_responses}"
+            raise self.refuse(
+                f"expected >= 2 (a pair needs two responses), got {self.generate.num_responses}", "generate.num_responses"
             )
         slices = len(self.data.iteration_sizes)
         if not 0 <= self.num_iterations <= slices:
-            raise SelfieError(
-                f"recipe key 'num_iterations': expected 0..{slices} (data.iteration_sizes has {slices} "
-                f"slices), got {self.num_iterations}"
+            raise self.refuse(
+                f"expected 0..{slices} (data.iteration_sizes has {slices} slices), got {self.num_iterations}", "num_iterations"
             )
 
 

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.cli.flags import add_options, from_args
-from selfie.config.schema import JudgeConfig, TrainConfig
+from selfie.config.schema import TRUNCATION_POLICIES, JudgeConfig, TrainConfig
 from selfie.data import check_response_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, atomic_write_jsonl, check_writable, read_jsonl
-from selfie.labelling.pairs import TRUNCATION_POLICIES, PairRules, select_pairs
+from selfie.labelling.pairs import select_pairs
 from selfie.models import add_policy_args, load_policy, unwrap_peft
 from selfie.projection import logit_softcap, output_layer, token_logps
 from selfie.tokens import pad_token_id, response_token_ids, stop_token_ids
@@ -136,7 +136,7 @@ def judge_responses(
     *,
     beta: float = TrainConfig.beta,
     length_normalize: bool = JudgeConfig.length_normalize,
-    rules: PairRules = PairRules(),
+    rules: JudgeConfig | None = None,
     token_budget: int = JudgeConfig.token_budget,
     shard: tuple[int, int] = (0, 1),
 ) -> dict:
@@ -263,7 +263,7 @@ def run_judge_command(args: argparse.Namespace) -> None:
             args.pairs,
             beta=args.beta,
             length_normalize=judge.length_normalize,
-            rules=judge.rules,
+            rules=judge,
             token_budget=judge.token_budget,
         )
         if args.metrics:

@@ -9,35 +9,23 @@ pairs are then made the same way whatever the labeller:
 
 |y| is the response's token count as scored. alpha is `length_penalty`, or with `auto` the value that
 makes chosen and rejected equally long on average over the whole iteration (DICE's length-regularised
-reward). Pairs keep `margin` = raw score(chosen) - raw score(rejected) and whether each side finished,
+reward). The rules (truncated, truncation_penalty, length_penalty) are the recipe's judge section, JudgeConfig,
+whose defaults and ranges are the ones a recipe gets. Pairs keep `margin` = raw score(chosen) - raw score(rejected) and whether each side finished,
 so the trainer can render a truncated response exactly as it was judged (no end-of-turn token).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from selfie.config.schema import DataConfig, JudgeConfig
 from selfie.errors import SelfieError
 
-TRUNCATION_POLICIES = ("drop", "penalize", "keep")
 DROP_REASONS = ("all_truncated", "identical", "single_response")
 AUTO_ITERATIONS = 60  # bisection steps for `auto`: alpha to ~1e-18 of its bracket
-
-
-@dataclass(frozen=True)
-class PairRules:
-    truncated: str = "drop"  # drop | penalize | keep
-    truncation_penalty: float = 1.0  # subtracted from a truncated response's score under `penalize`
-    length_penalty: float | str = 0.0  # alpha per token, or "auto"
-
-    def __post_init__(self):
-        if self.truncated not in TRUNCATION_POLICIES:
-            raise SelfieError(f"judge.truncated: expected one of {', '.join(TRUNCATION_POLICIES)}, got '{self.truncated}'")
-        if isinstance(self.length_penalty, str) and self.length_penalty != "auto":
-            raise SelfieError(f"judge.length_penalty: expected a number or 'auto', got '{self.length_penalty}'")
 
 
 def _pick(
@@ -45,7 +33,7 @@ def _pick(
     lengths: Sequence[int],
     finished: Sequence[bool],
     texts: Sequence[str],
-    rules: PairRules,
+    rules: JudgeConfig,
     alpha: float,
 ) -> tuple[int, int] | str:
     """(chosen, rejected) indices of one prompt's responses, or the reason it gives no pair."""
@@ -69,7 +57,7 @@ def _length_gap(picks: list[tuple[int, int] | str], lengths: list[Sequence[int]]
     return sum(gaps) / len(gaps) if gaps else 0.0
 
 
-def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules) -> float:
+def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], rules: JudgeConfig) -> float:
     """The alpha at which chosen and rejected are, on average, equally long (as near as the data allows).
 
     The length gap can only fall as alpha grows (a larger alpha never picks a longer chosen or a shorter
@@ -106,14 +94,18 @@ def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], ru
     return far if floor else min((near, far), key=lambda a: (abs(gap(a)), abs(a)))
 
 
-def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules = PairRules()) -> tuple[list[dict], dict]:
-    """Pairs of one iteration and their label diagnostics.
+def select_pairs(
+    responses: Sequence[dict], judgments: Sequence[dict], rules: JudgeConfig | None = None
+) -> tuple[list[dict], dict]:
+    """Pairs of one iteration and their label diagnostics, made by `rules` (None: the recipe's defaults).
 
     `responses` are responses.jsonl rows, `judgments` rows with `rewards` and `num_tokens` in the same order.
     Returns (pairs, metrics): metrics hold the alpha used, drop counts and the label diagnostics.
     """
     if len(responses) != len(judgments):
         raise SelfieError(f"pairs: {len(responses)} response rows but {len(judgments)} judgments")
+    rules = JudgeConfig() if rules is None else rules
+    keep = dataclasses.replace(rules, truncated="keep")  # what would have been picked had truncation not counted
     alpha = auto_length_penalty(responses, judgments, rules) if rules.length_penalty == "auto" else float(rules.length_penalty)
     pairs, dropped, by_truncation = [], Counter(), 0
     for row, judged in zip(responses, judgments):
@@ -123,7 +115,7 @@ def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: Pa
             dropped[pick] += 1
             continue
         chosen, rejected = pick
-        by_truncation += pick != _pick(scores, lengths, finished, texts, PairRules("keep"), alpha)
+        by_truncation += pick != _pick(scores, lengths, finished, texts, keep, alpha)
         pairs.append(
             {
                 "prompt_id": row["prompt_id"],
@@ -166,8 +158,7 @@ def with_replay(pairs: list[dict], seed_pairs: Sequence[dict], fraction: float, 
     round(fraction / (1 - fraction) * len(pairs)) seed pairs are drawn without replacement (the seed set is
     reshuffled and drawn again when more are needed), deterministically under `seed`.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise SelfieError(f"data.replay: expected a fraction in [0, 1), got {fraction}")
+    DataConfig.require_in_range("replay", fraction)
     count = round(fraction / (1.0 - fraction) * len(pairs))
     if not count:
         return list(pairs)

@@ -206,7 +206,7 @@ def gold_labels(ctx: StageContext) -> dict:
 
     def label() -> dict:
         judged, judgments = _judged_rows(rows, read_jsonl(ctx.judgments(0)))
-        pairs, metrics = select_pairs(judged, judgments, dataclasses.replace(c.judge.rules, length_penalty=0.0))
+        pairs, metrics = select_pairs(judged, judgments, dataclasses.replace(c.judge, length_penalty=0.0))
         if not pairs:
             raise SelfieError(f"data.seed_judge '{spec}': no seed pair survived labelling (dropped: {metrics['dropped']})")
         atomic_write_jsonl(ctx.pairs(0), pairs)
@@ -228,7 +228,7 @@ def _write_pairs(ctx: StageContext, t: int, responses: list[dict]) -> dict:
     from selfie.labelling.pairs import select_pairs
 
     c = ctx.config
-    pairs, metrics = select_pairs(*_judged_rows(responses, read_jsonl(ctx.judgments(t))), c.judge.rules)
+    pairs, metrics = select_pairs(*_judged_rows(responses, read_jsonl(ctx.judgments(t))), c.judge)
     if c.eval:  # how often the self-labels agree with the judge the run is evaluated by
         from selfie.evaluation.judges import load_judge
         from selfie.evaluation.labels import pair_agreement
