@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from selfie.config.compat import HARMLESS_KEYS, config_hash
+from selfie.config.compat import HARMLESS_KEYS, SCHEMA_VERSION, UPGRADES, config_hash
 from selfie.config.loader import load_recipe
 from selfie.errors import SelfieError
 from selfie.run.rundir import Manifest, RunContext, RunLock, load_run_config, open_run, output_lock
@@ -80,13 +80,32 @@ def test_a_manifest_hashed_before_equal_numbers_hashed_alike_resumes_and_takes_t
     config = recipe(tmp_path)
     open_run_at(tmp_path, config, force=False).record(0, "seed", [])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["schema_version"]  # as the versions before it wrote the manifest
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "config_hash": config_hash(config, exact_numbers=True)}))
     assert open_run_at(tmp_path, config, force=False).is_done(0, "seed")
-    assert (
-        json.loads((tmp_path / "manifest.json").read_text())["config_hash"]
-        == config_hash(config)
-        != config_hash(config, exact_numbers=True)
-    )
+    upgraded = json.loads((tmp_path / "manifest.json").read_text())
+    assert upgraded["config_hash"] == config_hash(config) != config_hash(config, exact_numbers=True)
+    assert upgraded["schema_version"] == SCHEMA_VERSION == len(UPGRADES)
+
+
+def test_a_manifest_of_this_version_is_taken_at_its_word_not_guessed_at(tmp_path):
+    config = recipe(tmp_path)
+    open_run_at(tmp_path, config, force=False).record(0, "seed", [])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    # the hash an earlier layout would have written: this version's manifest does not hold it, so it is another recipe's
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "config_hash": config_hash(config, exact_numbers=True)}))
+    with pytest.raises(SelfieError, match="made by a different recipe"):
+        open_run_at(tmp_path, config, force=False)
+
+
+def test_a_manifest_of_a_later_layout_is_refused_naming_its_schema_version(tmp_path):
+    config = recipe(tmp_path)
+    open_run_at(tmp_path, config, force=False).record(0, "seed", [])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(SelfieError, match=rf"manifest.json: schema_version {SCHEMA_VERSION + 1}: not a layout this selfie reads"):
+        open_run_at(tmp_path, config, force=False)
 
 
 def test_a_moved_run_directory_resumes_and_an_old_hash_with_output_dir_is_accepted(tmp_path):

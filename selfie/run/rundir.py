@@ -1,8 +1,9 @@
 """The run directory contract: resolved config, manifest of completed stages, and the one-run lock.
 
 RUN/config.yaml holds the fully resolved recipe, RUN/manifest.json the stages completed so far, what each
-one's artifacts were when it completed (rows and SHA-256), the recipe hash they were made with and every
-`--force` change of recipe. The manifest is rewritten atomically and is the authority: config.yaml is its
+one's artifacts were when it completed (rows and SHA-256), the recipe hash they were made with, every
+`--force` change of recipe and the schema_version of the layout (a run directory of an earlier layout is
+upgraded to this one: selfie/config/compat.py). The manifest is rewritten atomically and is the authority: config.yaml is its
 readable copy. A stage counts as done only once it is in the manifest, and a resume first checks that its
 artifacts are still what was recorded.
 """
@@ -10,7 +11,6 @@ artifacts are still what was recorded.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from selfie.config.compat import HARMLESS_KEYS, changed_values, config_hash, earlier_config_hash, upgrade_run_values
-from selfie.config.loader import _build, dump_recipe
+from selfie.config.compat import SCHEMA_VERSION, RunState, changed_values, config_hash, made_with, upgrade_run
+from selfie.config.loader import build_recipe, dump_recipe
 from selfie.config.schema import RecipeConfig
 from selfie.errors import SelfieError
 from selfie.io import TMP_SUFFIX, atomic_write_text, count_lines, file_sha256, read_json
@@ -211,6 +211,7 @@ class Manifest:
     config_hash: str
     stages: list[dict] = field(default_factory=list)
     config_history: list[dict] = field(default_factory=list)  # one entry per --force change of recipe
+    schema_version: int = SCHEMA_VERSION  # of the layout that wrote it (0: written before manifests kept it)
 
     @classmethod
     def load(cls, path: Path, config_hash: str) -> Manifest:
@@ -222,7 +223,13 @@ class Manifest:
         for i, stage in enumerate(data["stages"]):
             if not isinstance(stage, dict) or {"iteration", "stage", "status"} - set(stage) or stage["stage"] not in STAGES:
                 raise SelfieError(f"{path}: corrupt manifest entry stages[{i}]: {stage!r}")
-        return cls(path, data["config_hash"], data["stages"], data.get("config_history", []))
+        version = data.get("schema_version", 0)
+        if not isinstance(version, int) or not 0 <= version <= SCHEMA_VERSION:
+            raise SelfieError(
+                f"{path}: schema_version {version!r}: not a layout this selfie reads (0..{SCHEMA_VERSION}); "
+                "a later selfie wrote it?"
+            )
+        return cls(path, data["config_hash"], data["stages"], data.get("config_history", []), version)
 
     def is_done(self, iteration: int, stage: str) -> bool:
         return any(s["iteration"] == iteration and s["stage"] == stage and s["status"] == "done" for s in self.stages)
@@ -241,7 +248,15 @@ class Manifest:
     def save(self) -> None:
         _write_if_changed(
             self.path,
-            json.dumps({"config_hash": self.config_hash, "config_history": self.config_history, "stages": self.stages}, indent=2)
+            json.dumps(
+                {
+                    "schema_version": self.schema_version,
+                    "config_hash": self.config_hash,
+                    "config_history": self.config_history,
+                    "stages": self.stages,
+                },
+                indent=2,
+            )
             + "\n",
         )
 
@@ -279,16 +294,15 @@ def _write_if_changed(path: Path, text: str) -> None:
 # ---- opening a run --------------------------------------------------------------------------------
 
 
-def read_run_config(run_dir: Path) -> tuple[RecipeConfig, dict, list[str]]:
-    """The run's config (in this version's form), its config.yaml as written, and what this version would not
-    reproduce of a run an earlier version wrote (see selfie/config.py::upgrade_run_values)."""
+def read_run_config(run_dir: Path) -> tuple[RecipeConfig, dict]:
+    """The run's config in this version's form (selfie/config/compat.py::upgrade_run; config.yaml's values upgrade
+    alike whichever layout wrote them), and its config.yaml as written."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise SelfieError(f"{run_dir}: not a run directory (no config.yaml)")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-        upgraded, not_reproduced = upgrade_run_values(values)
-        return _build(RecipeConfig, upgraded), values, not_reproduced
+        written = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return build_recipe(upgrade_run(RunState(written, None), 0).values), written
     except (yaml.YAMLError, TypeError, AttributeError, SelfieError) as e:
         raise SelfieError(f"{path}: unreadable run config ({str(e).splitlines()[0]})") from None
 
@@ -297,33 +311,19 @@ def load_run_config(run_dir: Path) -> RecipeConfig:
     return read_run_config(run_dir)[0]
 
 
-def made_with(manifest: Manifest, previous: RecipeConfig | None, written: dict | None, config: RecipeConfig) -> bool:
-    """Whether the run's artifacts were made with `config`'s results-changing values. The manifest's hash decides
-    (config.yaml is its readable copy; a kill during --force can leave it stale). A manifest an earlier version
-    wrote holds that version's hash of the config.yaml as `written` (untyped init/eval, judge.beta, output_dir
-    counted): then config.yaml is the run's recipe. A manifest written before output_dir left the hash holds the
-    hash `config` has with the run's own output_dir. A manifest written before equal numbers hashed alike holds
-    the hash that tells 2000 from 2000.0. With no manifest yet, config.yaml decides."""
-    if not manifest.path.exists():
-        return previous is None or not changed_values(previous, config)
-    if manifest.config_hash in (config_hash(config), config_hash(config, exact_numbers=True)):
-        return True
-    if previous is None:
-        return False
-    if manifest.config_hash == earlier_config_hash(written):
-        return not changed_values(previous, config)
-    moved_back = dataclasses.replace(config, output_dir=previous.output_dir)
-    return manifest.config_hash == config_hash(moved_back, leave_out=HARMLESS_KEYS, exact_numbers=True)
-
-
 def check_recipe(run_dir: Path, config: RecipeConfig, manifest: Manifest, force: bool) -> dict | None:
     """Refuse a recipe that changes results against the one the run was made with, naming the keys, unless
     `force`; then return the `config_history` entry recording the change (None: nothing changed)."""
-    previous, written, not_reproduced = read_run_config(run_dir) if (run_dir / "config.yaml").exists() else (None, None, [])
-    if not not_reproduced and made_with(manifest, previous, written, config):
+    recorded = manifest.config_hash if manifest.path.exists() else None
+    previous, run = None, RunState({}, recorded)
+    if (run_dir / "config.yaml").exists():
+        previous, written = read_run_config(run_dir)
+        version = manifest.schema_version if recorded is not None else 0  # config.yaml alone: any layout's
+        run = upgrade_run(RunState(written, recorded), version, config)
+    if not run.not_reproduced and made_with(run, previous, config):
         return None
     changed = changed_values(previous, config) if previous is not None else {}
-    changed.update(dict.fromkeys(not_reproduced))  # what this version would not reproduce of an earlier version's run
+    changed.update(dict.fromkeys(run.not_reproduced))  # what this version would not reproduce of an earlier version's run
     current = config_hash(config)
     if not force:
         if changed:
@@ -361,7 +361,7 @@ def open_run(ctx: RunContext, force: bool) -> Manifest:
             ", ".join(change["changed"]) or "config_hash",
             len(manifest.stages),
         )
-    manifest.config_hash = config_hash(config)
+    manifest.config_hash, manifest.schema_version = config_hash(config), SCHEMA_VERSION
     first_seen = manifest.verify()
     if first_seen:
         logger.info("%s: recorded the checksums of %d artifacts made before the manifest kept them", manifest.path, first_seen)
