@@ -181,7 +181,3 @@ def changed_values(a: RecipeConfig, b: RecipeConfig) -> dict[str, list[Any]]:
         for k in sorted(set(fa) | set(fb))
         if fa.get(k) != fb.get(k) and k not in HARMLESS_KEYS | LOCATION_KEYS
     }
-
-
-def differing_keys(a: RecipeConfig, b: RecipeConfig) -> list[str]:
-    return list(changed_values(a, b))
