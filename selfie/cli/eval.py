@@ -57,7 +57,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 def run_eval_command(args: argparse.Namespace) -> None:
     from selfie.evaluation.report import write_report
     from selfie.io import check_writable
-    from selfie.run.rundir import output_lock
+    from selfie.run.lock import output_lock
 
     output = Path(args.output)
     check_writable(output, directory=True)
