@@ -35,9 +35,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
-    from selfie.run.status import describe
+    from selfie.run.status import status_text
 
-    print(describe(args.run_dir))
+    print(status_text(args.run_dir))
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:

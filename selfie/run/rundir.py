@@ -130,17 +130,17 @@ class RunContext:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.run_dir).as_posix()
 
-    def manifest(self, recipe_hash: str | None = None) -> Manifest:
-        """RUN/manifest.json as it is now; with none yet, an empty one holding `recipe_hash` (default: the recipe's)."""
-        return Manifest.load(self.manifest_file, config_hash(self.config) if recipe_hash is None else recipe_hash)
+    def manifest(self) -> Manifest:
+        """RUN/manifest.json as it is now; with none yet, an empty one holding the recipe's hash."""
+        return Manifest.load(self.manifest_file, config_hash(self.config))
 
-    def completed_iterations(self) -> list[int]:
-        """Iterations whose adapter is final: the seed stage done for 0, the train stage for t >= 1."""
+    def iterations_in_manifest(self) -> list[int]:
+        """Iterations whose final adapter the manifest records: the seed stage done for 0, the train stage for t >= 1."""
         manifest = self.manifest()
         return [t for t in range(self.config.num_iterations + 1) if manifest.is_done(t, "train" if t else "seed")]
 
-    def finished_adapters(self) -> dict[int, Path]:
-        """{iteration: adapter directory} of every adapter written so far."""
+    def adapters_on_disk(self) -> dict[int, Path]:
+        """{iteration: adapter directory} of every adapter on disk, whether or not the manifest records its stage yet."""
         return {
             t: self.adapter(t)
             for t in range(self.config.num_iterations + 1)
