@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from selfie.config.compat import config_hash, earlier_config_hash
 from selfie.io import read_jsonl
 from selfie.run.rundir import load_run_config
-from selfie.run.status import describe
+from selfie.run.status import status_text
 
 ROOT = Path(__file__).parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "run-af5b61e"
@@ -94,7 +94,7 @@ def test_the_earlier_hash_of_the_old_config_is_the_one_its_manifest_holds():
 
 
 def test_status_reads_the_old_run_directory_as_it_is():
-    out = describe(FIXTURE / "run")
+    out = status_text(FIXTURE / "run")
     assert "6/10 stages done" in out and "next  iter  2  generate  (in progress: iter_002/responses.jsonl.partial)" in out
 
 
