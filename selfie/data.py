@@ -27,14 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from selfie.config.schema import SOURCE_COLUMNS, SourceConfig
+import datasets
+from trl.data_utils import is_conversational, maybe_extract_prompt
+
+from selfie.config.schema import SOURCE_COLUMNS, DataConfig, SourceConfig
 from selfie.errors import SelfieError
 from selfie.io import iter_jsonl, read_text
-
-if TYPE_CHECKING:
-    from selfie.config.schema import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,6 @@ def _mapped(rows: list[dict], columns: dict[str, str], name: str) -> list[dict]:
 
 
 def _read_parquet(path: Path, columns: dict[str, str]) -> list[dict]:
-    import datasets
-
     try:
         dataset = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
     except Exception as e:  # pyarrow raises several types for a damaged file
@@ -156,8 +154,6 @@ def _read_parquet(path: Path, columns: dict[str, str]) -> list[dict]:
 
 
 def _pick_split(dataset: Any, name: str, split: str) -> Any:
-    import datasets
-
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise SelfieError(f"{name}: no split '{split}' (has: {', '.join(dataset)}); set data.split")
@@ -171,8 +167,6 @@ def _is_saved(path: Path) -> bool:
 
 
 def _load_saved(path: Path) -> Any:
-    import datasets
-
     try:
         return datasets.load_from_disk(str(path))
     except FileNotFoundError:
@@ -185,8 +179,6 @@ def _first_line(error: Exception) -> str:
 
 def _load_dataset(name: str, split: str, options: dict[str, Any], local: bool) -> Any:
     """datasets.load_dataset of a hub id or a directory of data files, with the source's load options."""
-    import datasets
-
     try:
         return datasets.load_dataset(name, split=split, **options)
     except ValueError as e:
@@ -235,8 +227,6 @@ def _no_prompt(columns: Any) -> str:
 def _implicit_prompt(row: dict) -> dict:
     """A preference row with no prompt column (hh-rlhf, or conversations sharing their first turns): the prompt
     TRL's maybe_extract_prompt finds, its chosen and rejected what follows it."""
-    from trl.data_utils import is_conversational, maybe_extract_prompt
-
     pair = {"chosen": row["chosen"], "rejected": row["rejected"]}
     conversational = [is_conversational({key: value}) for key, value in pair.items()]
     if conversational[0] != conversational[1]:

@@ -20,8 +20,7 @@ import pytest
 
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_jsonl, read_jsonl
-from selfie.run import rundir
-from selfie.run.rundir import RunLock, process_start
+from selfie.run.lock import RunLock, process_start
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = ROOT / "accelerate_configs"
@@ -33,7 +32,7 @@ def no_locks(fd, operation):
     raise OSError(errno.ENOLCK, "No locks available")
 if sys.argv[2] == "nolock":
     fcntl.flock = no_locks
-from selfie.run.rundir import RunLock
+from selfie.run.lock import RunLock
 RunLock(Path(sys.argv[1])).acquire()
 print("locked", flush=True)
 time.sleep(60)
@@ -118,7 +117,7 @@ def test_a_filesystem_refusing_flock_and_exclusive_creation_is_one_line(without_
     def no_exclusive_create(path):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported", str(path))
 
-    monkeypatch.setattr(rundir, "create_exclusive", no_exclusive_create)
+    monkeypatch.setattr("selfie.run.lock.create_exclusive", no_exclusive_create)
     with pytest.raises(SelfieError) as error:
         RunLock(tmp_path).acquire()
     assert str(error.value) == (

@@ -296,7 +296,7 @@ def test_config_mismatch_and_lock_are_refused(recipe, reference_run, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from selfie.run.rundir import RunLock; "
+            "import sys, time; from pathlib import Path; from selfie.run.lock import RunLock; "
             f"RunLock(Path({str(run_dir)!r})).acquire(); print('ok', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

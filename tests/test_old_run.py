@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from selfie.config.compat import SCHEMA_VERSION, RunState, config_hash, upgrade_run
 from selfie.io import read_jsonl
 from selfie.run.rundir import load_run_config
-from selfie.run.status import describe
+from selfie.run.status import status_text
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "old-runs"
@@ -111,7 +111,7 @@ def test_the_upgrade_from_version_0_takes_the_old_manifests_hash_to_this_version
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_status_reads_the_old_run_directory_as_it_is(layout):
-    out = describe(FIXTURES / layout / "run")
+    out = status_text(FIXTURES / layout / "run")
     assert "6/10 stages done" in out and "next  iter  2  generate  (in progress: iter_002/responses.jsonl.partial)" in out
 
 

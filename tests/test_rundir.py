@@ -10,7 +10,8 @@ import pytest
 from selfie.config.compat import HARMLESS_KEYS, SCHEMA_VERSION, UPGRADES, config_hash
 from selfie.config.loader import load_recipe
 from selfie.errors import SelfieError
-from selfie.run.rundir import Manifest, RunContext, RunLock, load_run_config, open_run, output_lock
+from selfie.run.lock import RunLock, output_lock
+from selfie.run.rundir import Manifest, RunContext, load_run_config, open_run
 
 from tiny import held_output_lock
 
@@ -191,7 +192,7 @@ def test_lock_refuses_a_second_holder_and_recovers_from_a_killed_one(tmp_path):
         [
             sys.executable,
             "-c",
-            f"from selfie.run.rundir import RunLock; from pathlib import Path; import time; "
+            f"from selfie.run.lock import RunLock; from pathlib import Path; import time; "
             f"RunLock(Path({str(tmp_path)!r})).acquire(); print('locked', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -90,7 +90,7 @@ PAIR_KEYS = {
 @contextlib.contextmanager
 def held_output_lock(output: str | Path) -> Iterator[subprocess.Popen]:
     """Another process holding selfie's output lock on `output` for as long as the block runs."""
-    code = f"from selfie.run.rundir import output_lock; import time\nwith output_lock({str(output)!r}):\n    print('locked', flush=True); time.sleep(60)"
+    code = f"from selfie.run.lock import output_lock; import time\nwith output_lock({str(output)!r}):\n    print('locked', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

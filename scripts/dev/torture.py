@@ -101,7 +101,7 @@ def uninterrupted(recipe: Path, run_dir: Path) -> float:
 
 
 def next_stage(ctx: RunContext) -> str:
-    following = ctx.manifest("").next_stage(ctx.plan)
+    following = ctx.manifest().next_stage(ctx.plan)
     return "after the last stage" if following is None else f"iteration {following[0]} {following[1]}"
 
 

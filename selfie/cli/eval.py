@@ -13,7 +13,8 @@ from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import judge_accuracy
 from selfie.evaluation.report import write_report
 from selfie.io import check_writable
-from selfie.run.rundir import RunContext, output_lock
+from selfie.run.lock import output_lock
+from selfie.run.rundir import RunContext
 
 HELP = {
     "dtype": "auto, float32, bfloat16 or float16",

@@ -8,6 +8,8 @@ import os
 import sys
 import traceback
 
+from selfie.cli.run import add_run_args, run_recipe_command
+from selfie.cli.status import add_status_args, run_status_command
 from selfie.errors import SelfieError, os_error_line
 
 
@@ -16,38 +18,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} -h)\n")
-
-
-def _run(args: argparse.Namespace, overrides: list[str]) -> None:
-    from selfie.config.loader import load_recipe
-
-    config = load_recipe(args.recipe, overrides)
-    if args.dry_run:
-        from selfie.run.preflight import dry_run
-
-        print(dry_run(config, args.force))
-        return
-    from selfie.run.loop import run_loop
-
-    table = run_loop(config, force=args.force)
-    if table:
-        print(table)
-
-
-def _status(args: argparse.Namespace) -> None:
-    from selfie.run.status import describe
-
-    print(describe(args.run_dir))
-
-
-def _add_run_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe")
-    parser.add_argument("--force", action="store_true", help="continue a run whose config.yaml differs")
-    parser.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
-
-
-def _add_status_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # verb, help, its arguments, its handler, whether it takes recipe-style --key value overrides
     verbs = [
-        ("run", "run or resume a recipe: RECIPE [--key value ...]", _add_run_args, _run, True),
+        ("run", "run or resume a recipe: RECIPE [--key value ...]", add_run_args, run_recipe_command, True),
         ("generate", "sample K responses per prompt", generate.add_generate_args, generate.run_generate_command, False),
         (
             "judge",
@@ -71,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
             implicit_reward.run_judge_command,
             False,
         ),
-        ("status", "where a run directory stands", _add_status_args, _status, False),
+        ("status", "where a run directory stands", add_status_args, run_status_command, False),
         ("edit", "build a representation-edited model (AlignEZ / RAHF)", edit.add_edit_args, edit.run_edit_command, True),
         ("eval", "win rates, judge accuracy, per-iteration scores", evaluation.add_eval_args, evaluation.run_eval_command, False),
         (

@@ -140,7 +140,7 @@ def run_scores(
     Key INIT (-1) is pi_init itself (no adapter) when `include_init`. Responses go to
     `output_dir/responses_<label>.jsonl` when given.
     """
-    adapters = ctx.finished_adapters()
+    adapters = ctx.adapters_on_disk()
     if not adapters:
         raise SelfieError(f"{ctx.run_dir}: no finished adapters yet")
     models: dict[int, Path | None] = ({INIT: None} if include_init else {}) | adapters

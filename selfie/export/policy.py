@@ -35,7 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def pick_iteration(ctx: RunContext, iteration: int | None) -> int:
     """`iteration` if it is complete, else an error; None means the last completed one."""
-    done = ctx.completed_iterations()
+    done = ctx.iterations_in_manifest()
     if iteration is None:
         if not done:
             raise SelfieError(f"{ctx.run_dir}: no completed iteration to export (the seed stage is not in manifest.json yet)")

@@ -367,7 +367,7 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
 
 def run_generate_command(args: argparse.Namespace) -> None:
     from selfie.data import load_prompts
-    from selfie.run.rundir import output_lock
+    from selfie.run.lock import output_lock
 
     g = from_args(GenerateConfig, args)  # the cross-key checks of the recipe's section
     check_writable(args.output, directory=False)

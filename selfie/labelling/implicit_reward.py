@@ -243,7 +243,7 @@ def add_judge_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_judge_command(args: argparse.Namespace) -> None:
-    from selfie.run.rundir import output_lock
+    from selfie.run.lock import output_lock
 
     judge = from_args(JudgeConfig, args)  # bad rules fail before the model loads
     for output in (args.output, args.pairs, args.metrics):

@@ -17,9 +17,10 @@ from selfie.data import Splits
 from selfie.dist import Ranks, check_topology, process_state
 from selfie.errors import SelfieError, out_of_space
 from selfie.io import atomic_write_json
+from selfie.run.lock import RunLock
 from selfie.run.preflight import preflight
-from selfie.run.rundir import TRAINED, Manifest, RunLock, open_run
-from selfie.run.stages import STAGES, StageContext
+from selfie.run.rundir import TRAINED, Manifest, open_run
+from selfie.run.stages import STAGE_FUNCTIONS, StageContext
 from selfie.run.tracking import Tracker, write_summary
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
             logger.info("iteration %d: %s", t, stage)
             where = f"iteration {t}'s {stage} stage"
             start = time.perf_counter()
-            metrics = STAGES[stage](ctx, t)
+            metrics = STAGE_FUNCTIONS[stage](ctx, t)
             record(ctx, manifest, tracker, t, stage, metrics, time.perf_counter() - start)
         tracker.finish()
         return write_summary(ctx) if ranks.is_main else ""
@@ -65,7 +66,7 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
 def take_over(ctx: StageContext, lock: RunLock, force: bool) -> Splits | None:
     """Rank 0: check everything the remaining stages need before writing anything, then take the directory over.
     Returns the prompt slices the preflight loaded."""
-    splits = preflight(ctx.config, ctx.manifest("").done_steps()).splits
+    splits = preflight(ctx.config, ctx.manifest().done_steps()).splits
     lock.acquire()
     try:
         open_run(ctx, force)

@@ -14,17 +14,31 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import jinja2
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase, SchedulerType
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers import AutoHfQuantizer
 
 from selfie.config.schema import AlignEZConfig, ModelConfig, RecipeConfig, TrainConfig
-from selfie.data import Splits
+from selfie.data import Splits, describe_sources, load_prompts, pool_prompts, seed_preferences, split_prompts
 from selfie.errors import SelfieError
+from selfie.evaluation.compare import eval_prompts
+from selfie.evaluation.judges import check_judge
+from selfie.generation import vllm_backend
 from selfie.io import check_writable
+from selfie.models import (
+    default_device,
+    load_model_config,
+    load_tokenizer,
+    pretrained_options,
+    quantization_config,
+    resolve_dtype,
+)
 from selfie.run.rundir import CHECKPOINTS, RunContext, check_recipe
-
-if TYPE_CHECKING:
-    import torch
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from selfie.tokens import chat_ids
+from selfie.training.arguments import build_dpo_config, dnd_lambda, seed_epochs
 
 
 @dataclass
@@ -81,11 +95,11 @@ def dry_run(config: RecipeConfig, force: bool) -> str:
     """The plan of `selfie run --dry-run`: everything a real run checks first (the recipe against an existing
     run's, its recorded artifacts, then preflight), nothing written."""
     ctx = RunContext.for_recipe(config)
-    run_dir, manifest = ctx.run_dir, ctx.manifest("")
+    run_dir, manifest = ctx.run_dir, ctx.manifest()
     if run_dir.is_dir():
         check_recipe(run_dir, config, manifest, force)
         manifest.verify(record_new=False)
-    return describe(preflight(config, manifest.done_steps()), run_dir.is_dir())
+    return plan_text(preflight(config, manifest.done_steps()), run_dir.is_dir())
 
 
 # ---- checks ---------------------------------------------------------------------------------------
@@ -93,11 +107,6 @@ def dry_run(config: RecipeConfig, force: bool) -> str:
 
 def check_model(config: RecipeConfig) -> str:
     """The model's config loads and every lora.target_modules entry names a module of it (as PEFT matches them)."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    from selfie.models import load_model_config, resolve_dtype
-
     resolve_dtype(config.model.dtype)
     check_quantization(config.model)
     model_config = load_model_config(config.model.name, config.model)
@@ -124,11 +133,6 @@ def check_model(config: RecipeConfig) -> str:
 def model_skeleton(settings: ModelConfig, model_config: PretrainedConfig) -> torch.nn.Module:
     """The model's module tree without weights, built as model.attn_implementation and model.trust_remote_code say
     (transformers refuses an attention implementation this machine cannot run: flash-attn not installed, ...)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from selfie.models import pretrained_options
-
     options = {k: v for k, v in pretrained_options(settings).items() if k in ("attn_implementation", "trust_remote_code")}
     try:
         with torch.device("meta"):
@@ -141,10 +145,6 @@ def model_skeleton(settings: ModelConfig, model_config: PretrainedConfig) -> tor
 def check_quantization(settings: ModelConfig) -> None:
     """model.load_in_4bit / load_in_8bit can run here: bitsandbytes is installed and has a backend for this device
     (transformers' own check of the quantiser, which from_pretrained would run after downloading the weights)."""
-    from transformers.quantizers import AutoHfQuantizer
-
-    from selfie.models import default_device, quantization_config
-
     if not settings.quantized:
         return
     key = "model.load_in_4bit" if settings.load_in_4bit else "model.load_in_8bit"
@@ -166,11 +166,6 @@ def _first_line(error: Exception) -> str:
 
 def check_tokenizer(config: RecipeConfig, inputs: list[str]) -> PreTrainedTokenizerBase:
     """The tokenizer loads with a chat template (model.chat_template, else its own) that renders a conversation."""
-    import jinja2
-
-    from selfie.models import load_tokenizer
-    from selfie.tokens import chat_ids
-
     tokenizer = load_tokenizer(config.model.name, config.model)
     key = "model.chat_template" if config.model.chat_template else "model.name"
     try:
@@ -187,8 +182,6 @@ def check_max_length(config: RecipeConfig, tokenizer: PreTrainedTokenizerBase, p
     """Refuse a train.max_length that TRL would drop every pair of a stage for: with keep_start truncation a pair whose
     prompt alone fills max_length is dropped (trainer.py::_prepare_dataset). Prompts are tried shortest text first,
     so a fitting max_length costs a few encodings."""
-    from selfie.tokens import chat_ids
-
     limit = config.train.max_length
     if limit is None or not prompts or config.train.trainer_args.get("truncation_mode", "keep_start") != "keep_start":
         return
@@ -207,10 +200,6 @@ def check_max_length(config: RecipeConfig, tokenizer: PreTrainedTokenizerBase, p
 def check_trainer(config: RecipeConfig) -> None:
     """The scheduler exists, and TRL takes the train: and refine: settings as the seed and iteration stages pass
     them (building its config is cheap and creates nothing)."""
-    from transformers import SchedulerType
-
-    from selfie.training.arguments import build_dpo_config, dnd_lambda
-
     try:
         SchedulerType(config.train.lr_scheduler_type)
     except ValueError:
@@ -236,15 +225,11 @@ def check_trainer(config: RecipeConfig) -> None:
 
 def check_vllm() -> str:
     """generate.backend vllm: vLLM's environment exists and imports vllm (seconds, no engine started)."""
-    from selfie.generation import vllm_backend
-
     python = vllm_backend.interpreter()
     return f"generation vLLM {vllm_backend.version(python)} ({python})"
 
 
 def check_init(config: RecipeConfig) -> str:
-    from selfie.data import load_prompts
-
     settings = config.init  # typed and range-checked when the recipe loaded
     available = len(load_prompts(settings.prompts))
     if available < settings.num_prompts:
@@ -254,8 +239,6 @@ def check_init(config: RecipeConfig) -> str:
 
 def prompt_pool(config: RecipeConfig, inputs: list[str]) -> Splits:
     """The prompt pool cut into the seed slice, one slice per iteration and the held-out rest (each used slice non-empty)."""
-    from selfie.data import describe_sources, pool_prompts, split_prompts
-
     d = config.data
     rows = pool_prompts(d)
     splits = split_prompts(rows, d.seed_size, d.iteration_sizes, d.shuffle_seed)
@@ -271,8 +254,6 @@ def prompt_pool(config: RecipeConfig, inputs: list[str]) -> Splits:
 
 def check_seed(config: RecipeConfig, splits: Splits, inputs: list[str]) -> list[list[dict]] | None:
     """Where the seed pairs come from, checked; returns the prompts they will be made of, at most (None: self-generated)."""
-    from selfie.data import describe_sources, seed_preferences
-
     d = config.data
     if d.seed_pairs == "alignez":  # the init stage's own AlignEZ data, else AlignEZ's defaults
         settings = config.init if isinstance(config.init, AlignEZConfig) else AlignEZConfig()
@@ -290,8 +271,6 @@ def check_seed(config: RecipeConfig, splits: Splits, inputs: list[str]) -> list[
 
 
 def check_judge_spec(spec: str, key: str, inputs: list[str]) -> None:
-    from selfie.evaluation.judges import check_judge
-
     try:
         check_judge(spec)
     except SelfieError as e:
@@ -300,8 +279,6 @@ def check_judge_spec(spec: str, key: str, inputs: list[str]) -> None:
 
 
 def check_eval(config: RecipeConfig, inputs: list[str]) -> int:
-    from selfie.evaluation.compare import eval_prompts
-
     cfg = config.eval  # typed and range-checked when the recipe loaded
     check_judge_spec(cfg.judge, "eval.judge", inputs)
     prompts = eval_prompts(cfg.prompts, cfg.split or config.data.split, cfg.num_prompts, config)
@@ -326,8 +303,6 @@ def _training(config: RecipeConfig, pairs: int | None, epochs: float | None) -> 
 
 def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
     """One line: what (iteration t, stage) will do, as far as the checked inputs tell."""
-    from selfie.training.arguments import seed_epochs
-
     g, d = config.generate, config.data
     prompts = sizes.get(t)
     if stage == "init":
@@ -357,7 +332,7 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
     return f"{n} prompts x {models} models (<= {n * models * cfg.max_new_tokens} new tokens), scored by {cfg.judge}"
 
 
-def describe(plan: Plan, exists: bool) -> str:
+def plan_text(plan: Plan, exists: bool) -> str:
     """The dry run's report: inputs, then one row per stage with what it does and where its artifacts go."""
     config, steps = plan.config, plan.steps
     ctx = RunContext.for_recipe(config)

@@ -13,11 +13,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfie.data import Splits
+from selfie.config.schema import AlignEZConfig
+from selfie.data import Splits, seed_preferences
 from selfie.dist import Ranks
+from selfie.edit import alignez_seed_pairs, build_edited_model, work_dir_for
 from selfie.errors import SelfieError
+from selfie.evaluation.compare import evaluate_iteration
+from selfie.evaluation.judges import load_judge
+from selfie.evaluation.labels import label_responses, pair_agreement
+from selfie.generation.generate import generate_responses, load_generator
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from selfie.labelling.implicit_reward import judge_responses
+from selfie.labelling.pairs import select_pairs, with_replay
+from selfie.models import load_generation_config, load_policy, load_tokenizer
 from selfie.run.rundir import RunContext
+from selfie.tokens import stop_token_ids
+from selfie.training.stage import TrainOutputs, train_iteration, train_seed
 
 
 @dataclass
@@ -30,8 +41,6 @@ class StageContext(RunContext):
 
 def init(ctx: StageContext, t: int) -> dict:
     """The representation-edited pi_init (AlignEZ or RAHF), built on rank 0."""
-    from selfie.edit import build_edited_model
-
     c = ctx.config
     ctx.ranks.on_main(lambda: build_edited_model(c.init, c.model.name, ctx.init_model, c.seed, c.model))
     return {"method": c.init.method}
@@ -40,11 +49,9 @@ def init(ctx: StageContext, t: int) -> dict:
 def seed(ctx: StageContext, t: int) -> dict:
     """Seed DPO on the labelled seed pairs: `data.seed_pairs`, the pool's labelled seed slice, or that slice's
     samples labelled by `data.seed_judge`."""
-    from selfie.training.stage import train_seed
-
     pairs_path = ctx.pairs(0)
-    labels = gold_labels(ctx) if ctx.config.data.seed_judge and not pairs_path.exists() else None
-    ctx.ranks.on_main(lambda: pairs_path.exists() or atomic_write_jsonl(pairs_path, seed_pairs(ctx)))
+    labels = judge_seed_slice(ctx) if ctx.config.data.seed_judge and not pairs_path.exists() else None
+    ctx.ranks.on_main(lambda: write_seed_pairs(ctx))
     metrics = train_seed(ctx.pi_init, read_jsonl(pairs_path), _train_outputs(ctx, 0), ctx.config)
     return {**metrics, "labels": labels} if labels else metrics
 
@@ -66,9 +73,6 @@ def judge(ctx: StageContext, t: int) -> dict:
 
 def train(ctx: StageContext, t: int) -> dict:
     """Noise-aware DPO of pi_{t-1} on iteration t's pairs (plus replayed seed pairs)."""
-    from selfie.labelling.pairs import with_replay
-    from selfie.training.stage import train_iteration
-
     pairs = read_jsonl(ctx.pairs(t))
     if not pairs:
         raise SelfieError(f"{ctx.pairs(t)}: no training pairs survived judging")
@@ -78,17 +82,14 @@ def train(ctx: StageContext, t: int) -> dict:
     return {**metrics, "replayed": sum(bool(p.get("replay")) for p in pairs)}
 
 
-def _train_outputs(ctx: StageContext, t: int):
+def _train_outputs(ctx: StageContext, t: int) -> TrainOutputs:
     """Where iteration t's training writes, and its name in the trackers (`<run name>-iter_TTT`)."""
-    from selfie.training.stage import TrainOutputs
-
     run_name = f"{ctx.config.run_name or ctx.run_dir.name}-{ctx.iteration_dir(t).name}"
     return TrainOutputs(adapter=ctx.adapter(t), checkpoints=ctx.checkpoints(t), run_name=run_name)
 
 
 def evaluate(ctx: StageContext, t: int) -> dict:
     """pi_t against `eval.baseline` on held-out prompts, scored by `eval.judge`, on rank 0."""
-    from selfie.evaluation.compare import evaluate_iteration
 
     def run() -> dict:
         metrics = evaluate_iteration(ctx, t)
@@ -98,7 +99,7 @@ def evaluate(ctx: StageContext, t: int) -> dict:
     return ctx.ranks.on_main(run)
 
 
-STAGES = {"init": init, "seed": seed, "generate": generate, "judge": judge, "train": train, "eval": evaluate}
+STAGE_FUNCTIONS = {"init": init, "seed": seed, "generate": generate, "judge": judge, "train": train, "eval": evaluate}
 
 
 # ---- what the stages share --------------------------------------------------------------------------
@@ -106,8 +107,6 @@ STAGES = {"init": init, "seed": seed, "generate": generate, "judge": judge, "tra
 
 def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | None, num_responses: int) -> dict:
     """RUN/iter_t's responses from pi_init + adapter, sharded over the ranks (with vLLM: one engine per rank)."""
-    from selfie.generation.generate import generate_responses, load_generator
-
     c, g = ctx.config, ctx.config.generate
     model, tokenizer = load_generator(ctx.pi_init, adapter, c.model, g.backend, ctx.ranks.device)
     return ctx.ranks.sharded(
@@ -131,8 +130,6 @@ def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | No
 
 def _implicit_rewards(ctx: StageContext, t: int, responses: list[dict]) -> dict:
     """Iteration t's judgments by the implicit reward beta * (log pi_{t-1} - log pi_init), sharded over the ranks."""
-    from selfie.labelling.implicit_reward import judge_responses
-
     c, j = ctx.config, ctx.config.judge
     return _policy_shards(
         ctx,
@@ -155,8 +152,6 @@ def _implicit_rewards(ctx: StageContext, t: int, responses: list[dict]) -> dict:
 def _policy_shards(ctx: StageContext, adapter: Path | None, final: Path, work: Callable) -> dict:
     """pi_init + adapter on this rank's device, then `work(model, tokenizer, out, shard)` on this rank's shard of
     `final` (merged on rank 0); returns the ranks' metrics combined."""
-    from selfie.models import load_policy
-
     model, tokenizer = load_policy(ctx.pi_init, adapter, ctx.config.model, device=ctx.ranks.device)
     return ctx.ranks.sharded(final, lambda out, shard: work(model, tokenizer, out, shard))
 
@@ -169,21 +164,20 @@ def _labeller_scores(ctx: StageContext, t: int, responses: list[dict]) -> dict:
 def _spec_scores(ctx: StageContext, spec: str, responses: list[dict], final: Path) -> dict:
     """`final`'s judgments of the responses by the judge `spec`, loaded on every rank and sharded over the ranks;
     each shard resumes from the prompts it had scored when it was interrupted."""
-    from selfie.evaluation.judges import load_judge
-    from selfie.evaluation.labels import label_responses
-
     judge = load_judge(spec, ctx.config.model.dtype)  # on this rank's device
     tokenizer, stop_ids = _tokenizer_and_stops(ctx)
     return ctx.ranks.sharded(final, lambda out, shard: label_responses(judge, responses, out, tokenizer, stop_ids, shard))
 
 
+def write_seed_pairs(ctx: StageContext) -> None:
+    """RUN/iter_000/pairs.jsonl from `seed_pairs`, unless judge_seed_slice (or an interrupted seed stage) wrote it."""
+    if not ctx.pairs(0).exists():
+        atomic_write_jsonl(ctx.pairs(0), seed_pairs(ctx))
+
+
 def seed_pairs(ctx: StageContext) -> list[dict]:
     """The labelled seed set: `data.seed_pairs` (a set, or AlignEZ's self-generated pairs), else the labels of the
     pool's seed slice (SPA's split)."""
-    from selfie.config.schema import AlignEZConfig
-    from selfie.data import seed_preferences
-    from selfie.edit import alignez_seed_pairs, work_dir_for
-
     c, d = ctx.config, ctx.config.data
     if d.seed_pairs == "alignez":  # no human label; an AlignEZ init's own data is reused
         init = c.init if isinstance(c.init, AlignEZConfig) else None
@@ -191,12 +185,10 @@ def seed_pairs(ctx: StageContext) -> list[dict]:
     return seed_preferences(d, ctx.splits.seed)
 
 
-def gold_labels(ctx: StageContext) -> dict:
+def judge_seed_slice(ctx: StageContext) -> dict:
     """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
     chosen / rejected by the judge's scores under the truncation policy (no length penalty: these are the gold
     labels). Writes the seed pairs; returns the labelling metrics."""
-    from selfie.labelling.pairs import select_pairs
-
     c, spec = ctx.config, ctx.config.data.seed_judge
     if not ctx.splits.seed:
         raise SelfieError("data.seed_judge is set but the seed slice is empty; set data.seed_size")
@@ -216,23 +208,15 @@ def gold_labels(ctx: StageContext) -> dict:
 
 
 def _tokenizer_and_stops(ctx: StageContext):
-    from selfie.models import load_generation_config, load_tokenizer
-    from selfie.tokens import stop_token_ids
-
     tokenizer = load_tokenizer(ctx.pi_init, ctx.config.model)
     return tokenizer, stop_token_ids(load_generation_config(ctx.pi_init), tokenizer)
 
 
 def _write_pairs(ctx: StageContext, t: int, responses: list[dict]) -> dict:
     """Iteration t's pairs from its judged responses (rows matched by prompt_id); returns the label metrics."""
-    from selfie.labelling.pairs import select_pairs
-
     c = ctx.config
     pairs, metrics = select_pairs(*_judged_rows(responses, read_jsonl(ctx.judgments(t))), c.judge)
     if c.eval:  # how often the self-labels agree with the judge the run is evaluated by
-        from selfie.evaluation.judges import load_judge
-        from selfie.evaluation.labels import pair_agreement
-
         metrics["eval_judge_agreement"] = pair_agreement(load_judge(c.eval.judge, c.model.dtype), pairs)
     atomic_write_jsonl(ctx.pairs(t), pairs)
     return metrics

@@ -9,7 +9,9 @@ from selfie.io import count_lines
 from selfie.run.rundir import RunContext, artifact_problem
 
 
-def describe(run_dir: str | Path) -> str:
+def status_text(run_dir: str | Path) -> str:
+    """What `selfie status` prints: the stages the manifest records (with their artifacts' rows and state), then
+    the next stage and its resume points."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SelfieError(f"{run_dir}: run directory not found")

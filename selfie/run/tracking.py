@@ -7,12 +7,13 @@ import logging
 import netrc
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from selfie.io import TMP_SUFFIX, atomic_write_text
-
-if TYPE_CHECKING:
-    from selfie.run.rundir import RunContext
+from selfie.run.rundir import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
 
 
 class Tracker:
-    """One wandb run per iteration, grouped under the run name; a no-op without wandb or off the main process."""
+    """One wandb run per iteration, grouped under the run name; a no-op without wandb or off the main process.
+    wandb is imported only by a tracker that reports to it (a heavy import most runs do not need)."""
 
     def __init__(self, run_dir: Path, run_name: str, report_to: list[str], config: dict, is_main: bool):
         self.enabled = "wandb" in report_to and is_main
@@ -165,12 +167,7 @@ def summary_markdown(rows: list[dict]) -> str:
 
 
 def plot_summary(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
+    """The summary's panels as a PNG; drawn on a Figure of its own (no pyplot), so no GUI backend is chosen."""
     eval_score = [{**r, "eval_score": (r.get("eval") or {}).get("score_mean")} for r in rows]
     panels = [  # (title, [(key, label)]): one line per key
         ("pairs kept", [("pairs", None)]),
@@ -181,7 +178,8 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         ("smoothed fraction", [("smoothed_fraction", None)]),
         ("eval score", [("eval_score", None)]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2))
+    fig = Figure(figsize=(3.6 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels))
     for ax, (title, lines) in zip(axes, panels):
         for key, label in lines:
             points = [(r["iteration"], r[key]) for r in eval_score if isinstance(r.get(key), (int, float))]
@@ -195,7 +193,6 @@ def plot_summary(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")  # a killed run's is removed on resume (rundir.remove_leftovers)
     fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     os.replace(tmp, path)
 
 

@@ -1,0 +1,28 @@
+"""`selfie run RECIPE [--key value ...]`: run or resume a recipe, or (--dry-run) check it and print its plan."""
+
+from __future__ import annotations
+
+import argparse
+
+from selfie.config.loader import load_recipe
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe")
+    parser.add_argument("--force", action="store_true", help="continue a run whose config.yaml differs")
+    parser.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
+
+
+def run_recipe_command(args: argparse.Namespace, overrides: list[str]) -> None:
+    # The run layer is imported when the verb runs, not with the parser: it loads the trainer, the generators and
+    # matplotlib, which `selfie --help` and `selfie status` do not need.
+    from selfie.run.loop import run_loop
+    from selfie.run.preflight import dry_run
+
+    config = load_recipe(args.recipe, overrides)
+    if args.dry_run:
+        print(dry_run(config, args.force))
+        return
+    table = run_loop(config, force=args.force)
+    if table:
+        print(table)
