@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 
+from selfie.cli import generate
 from selfie.errors import SelfieError, os_error_line
 
 
@@ -54,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     from selfie import edit
     from selfie.cli import eval as evaluation
     from selfie.export import policy as export
-    from selfie.generation import generate
     from selfie.labelling import implicit_reward
 
     parser = _Parser(prog="selfie", description="Self-generated preference learning.")

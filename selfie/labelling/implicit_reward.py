@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.cli.flags import add_options, from_args
+from selfie.cli.model_args import add_policy_args
 from selfie.config.schema import JudgeConfig, TrainConfig
 from selfie.data import check_response_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_json, atomic_write_jsonl, check_writable, read_jsonl
 from selfie.labelling.pairs import TRUNCATION_POLICIES, PairRules, select_pairs
-from selfie.models import add_policy_args, load_policy, unwrap_peft
+from selfie.models import load_policy, unwrap_peft
 from selfie.projection import logit_softcap, output_layer, token_logps
 from selfie.tokens import pad_token_id, response_token_ids, stop_token_ids
 
