@@ -165,9 +165,20 @@ def resolve_model_path(name: str) -> str:
         if not (path / "config.json").is_file():
             raise SelfieError(f"{path}: not a model directory (no config.json)")
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if _path_like(name):
         raise SelfieError(f"{name}: model directory not found")
     return name  # a hub id
+
+
+def _path_like(name: str) -> bool:
+    """Written as a path, existing or not: a hub id is `name` or `org/name`."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def is_local(name: str) -> bool:
+    """A path rather than a hub id (the rule of `resolve_model_path`)."""
+    path = Path(name)
+    return path.expanduser().exists() or path.suffix == ".gguf" or _path_like(name)
 
 
 def load_model_config(name: str, settings: ModelConfig | None = None) -> PretrainedConfig:

@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 
-from selfie.cli import generate
+from selfie.cli import export, generate
 from selfie.errors import SelfieError, os_error_line
 
 
@@ -54,7 +54,6 @@ def _add_status_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from selfie import edit
     from selfie.cli import eval as evaluation
-    from selfie.export import policy as export
     from selfie.labelling import implicit_reward
 
     parser = _Parser(prog="selfie", description="Self-generated preference learning.")
