@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 
-from selfie.cli import export, generate
+from selfie.cli import export, generate, judge
 from selfie.errors import SelfieError, os_error_line
 
 
@@ -54,7 +54,6 @@ def _add_status_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from selfie import edit
     from selfie.cli import eval as evaluation
-    from selfie.labelling import implicit_reward
 
     parser = _Parser(prog="selfie", description="Self-generated preference learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -63,13 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = [
         ("run", "run or resume a recipe: RECIPE [--key value ...]", _add_run_args, _run, True),
         ("generate", "sample K responses per prompt", generate.add_generate_args, generate.run_generate_command, False),
-        (
-            "judge",
-            "implicit-reward judgments and pairs",
-            implicit_reward.add_judge_args,
-            implicit_reward.run_judge_command,
-            False,
-        ),
+        ("judge", "implicit-reward judgments and pairs", judge.add_judge_args, judge.run_judge_command, False),
         ("status", "where a run directory stands", _add_status_args, _status, False),
         ("edit", "build a representation-edited model (AlignEZ / RAHF)", edit.add_edit_args, edit.run_edit_command, True),
         ("eval", "win rates, judge accuracy, per-iteration scores", evaluation.add_eval_args, evaluation.run_eval_command, False),
