@@ -110,7 +110,8 @@ def generate_responses(
 
 
 def check_settings(**values) -> None:
-    """Refuse settings outside the ranges of the recipe's generate: section (a library caller's are unchecked)."""
+    """Refuse settings outside the ranges of the recipe's generate: section: a recipe and the command line are
+    checked as they load, a library caller's settings here."""
     for name, value in values.items():
         problem = GenerateConfig.out_of_range(name, value)
         if problem:
