@@ -7,7 +7,6 @@ directory in the cache (`$SELFIE_CACHE`, default `~/.cache/selfie`) and later lo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -31,7 +30,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from selfie.cli.flags import add_options
 from selfie.config.schema import LoraConfig, ModelConfig
 from selfie.errors import SelfieError
 from selfie.io import atomic_directory, atomic_write_json, read_json, read_text
@@ -167,9 +165,20 @@ def resolve_model_path(name: str) -> str:
         if not (path / "config.json").is_file():
             raise SelfieError(f"{path}: not a model directory (no config.json)")
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if _path_like(name):
         raise SelfieError(f"{name}: model directory not found")
     return name  # a hub id
+
+
+def _path_like(name: str) -> bool:
+    """Written as a path, existing or not: a hub id is `name` or `org/name`."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def is_local(name: str) -> bool:
+    """A path rather than a hub id (the rule of `resolve_model_path`)."""
+    path = Path(name)
+    return path.expanduser().exists() or path.suffix == ".gguf" or _path_like(name)
 
 
 def load_model_config(name: str, settings: ModelConfig | None = None) -> PretrainedConfig:
@@ -322,18 +331,6 @@ def load_adapter(model: PreTrainedModel, adapter: str | Path, trainable: bool = 
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         raise SelfieError(f"{adapter}: adapter does not fit this base model ({str(e).splitlines()[0][:200]})") from None
-
-
-def add_policy_args(
-    parser: argparse.ArgumentParser, *, model: str, adapter: str, adapter_required: bool, reads: tuple[str, str], writes: str
-) -> None:
-    """The flags of a command that runs a policy (`load_policy`) over a file: `--model`, `--adapter`, `--dtype`
-    (model.dtype's default), the file it reads (flag, help) and `--output`."""
-    parser.add_argument("--model", required=True, help=model)
-    parser.add_argument("--adapter", required=adapter_required, default=None, help=adapter)
-    parser.add_argument(reads[0], required=True, help=reads[1])
-    parser.add_argument("--output", required=True, help=writes)
-    add_options(parser, ModelConfig, ["dtype"], {"dtype": "auto, float32, bfloat16 or float16"})
 
 
 def load_policy(

@@ -14,8 +14,11 @@ import pytest
 import torch
 
 import selfie.generation.generate as gen
+from selfie.cli.generate import add_generate_args, run_generate_command
 from selfie.errors import SelfieError
-from selfie.generation.continuous import sample_continuous
+from selfie.generation.continuous import run_engine
+from selfie.generation.sampler import SamplingSettings, draw
+from selfie.generation.static import sample_batch
 from selfie.io import read_jsonl
 from selfie.models import load_policy
 from selfie.tokens import chat_ids
@@ -125,7 +128,7 @@ def test_resume_after_interruption_redoes_nothing(policy, tmp_path, monkeypatch,
 
 
 def greedy(backend: str, model, prompt: list[int], stop: set[int], n: int) -> tuple[list[int], bool]:
-    s = gen.Sampling(
+    s = SamplingSettings(
         num_responses=1,
         max_new_tokens=n,
         temperature=0.0,
@@ -137,8 +140,8 @@ def greedy(backend: str, model, prompt: list[int], stop: set[int], n: int) -> tu
         device=torch.device("cpu"),
     )
     if backend == "static":
-        return gen.sample_batch(model, [prompt], [[torch.Generator()]], s)[0][0]
-    return next(iter(sample_continuous(model, [prompt], [[torch.Generator()]], s)))[0][1][0]
+        return sample_batch(model, [prompt], [[torch.Generator()]], s)[0][0]
+    return next(iter(run_engine(model, [prompt], [[torch.Generator()]], s)))[0][1][0]
 
 
 def test_finished_only_when_a_stop_token_is_drawn(policy, backend):
@@ -202,7 +205,7 @@ def test_auto_without_enough_prompts_or_a_working_engine_samples_static(policy, 
 
 
 def test_unknown_backend_is_refused_before_writing(policy, tmp_path):
-    with pytest.raises(SelfieError, match="unknown backend 'sglang'"):
+    with pytest.raises(SelfieError, match="generate: backend: expected .*got 'sglang'"):
         run(policy, tmp_path / "r.jsonl", make_prompts(2), backend="sglang")
     assert list(tmp_path.iterdir()) == []
 
@@ -210,9 +213,9 @@ def test_unknown_backend_is_refused_before_writing(policy, tmp_path):
 def test_draw_follows_the_distribution():
     logits = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).log()
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.cat([gen.draw(logits, [g], 1.0, 1.0) for _ in range(4000)]), minlength=4) / 4000
+    counts = torch.bincount(torch.cat([draw(logits, [g], 1.0, 1.0) for _ in range(4000)]), minlength=4) / 4000
     assert counts[1] == 0 and torch.allclose(counts, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.03)
-    nucleus = torch.cat([gen.draw(logits, [g], 1.0, 0.65) for _ in range(500)])
+    nucleus = torch.cat([draw(logits, [g], 1.0, 0.65) for _ in range(500)])
     assert set(nucleus.tolist()) == {2, 3}  # 0.6 alone is under 0.65, so 0.3 joins; 0.1 never does
 
 
@@ -248,8 +251,8 @@ def test_smollm2_batch_size_does_not_change_the_text(tmp_path, backend):
 
 def cli(*argv: str) -> None:
     parser = argparse.ArgumentParser()
-    gen.add_generate_args(parser)
-    gen.run_generate_command(parser.parse_args(list(argv)))
+    add_generate_args(parser)
+    run_generate_command(parser.parse_args(list(argv)))
 
 
 def test_cli_samples_a_prompt_file(tiny_model, tmp_path):

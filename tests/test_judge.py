@@ -9,8 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import selfie.generation.generate as gen
 import selfie.labelling.implicit_reward as jud
+from selfie.cli.generate import add_generate_args, run_generate_command
+from selfie.cli.judge import add_judge_args, run_judge_command
 from selfie.config.schema import LoraConfig as SelfieLora
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
@@ -158,8 +159,8 @@ def adapters(tiny_model, other_tiny_model, tmp_path_factory):
 
 def cli(*argv: str) -> None:
     parser = argparse.ArgumentParser()
-    jud.add_judge_args(parser)
-    jud.run_judge_command(parser.parse_args(list(argv)))
+    add_judge_args(parser)
+    run_judge_command(parser.parse_args(list(argv)))
 
 
 def write_rows(path, rows) -> None:
@@ -252,7 +253,7 @@ def test_smollm2_generate_then_judge(tmp_path):
     )
 
     parser = argparse.ArgumentParser()
-    gen.add_generate_args(parser)
+    add_generate_args(parser)
     args = parser.parse_args(
         [
             "--model",
@@ -269,7 +270,7 @@ def test_smollm2_generate_then_judge(tmp_path):
             "float32",
         ]
     )
-    gen.run_generate_command(args)
+    run_generate_command(args)
     cli(
         "--model",
         "smollm2-135m",

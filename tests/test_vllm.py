@@ -22,6 +22,8 @@ import selfie.generation.generate as gen
 from selfie.config.schema import LoraConfig
 from selfie.errors import SelfieError
 from selfie.generation import vllm_backend
+from selfie.generation.sampler import SamplingSettings
+from selfie.generation.static import sample_static
 from selfie.io import read_jsonl
 from selfie.models import attach_lora, load_model, load_policy, save_adapter
 from selfie.tokens import chat_ids
@@ -89,8 +91,8 @@ def test_same_seed_same_responses_another_seed_or_k_other_responses(model_dir, r
     assert not list(ref.parent.glob(".*.tmp"))  # the worker's request and log are gone
 
 
-def sampling(num_responses: int, stop_ids: set[int], n: int = 12) -> gen.Sampling:
-    return gen.Sampling(num_responses, n, 0.0, 1.0, 0, 4, stop_ids, 0, torch.device("cpu"))
+def sampling(num_responses: int, stop_ids: set[int], n: int = 12) -> SamplingSettings:
+    return SamplingSettings(num_responses, n, 0.0, 1.0, 0, 4, stop_ids, 0, torch.device("cpu"))
 
 
 def test_an_adapter_changes_greedy_output_as_the_static_backend_does(model_dir, strong_adapter, tmp_path):
@@ -98,8 +100,8 @@ def test_an_adapter_changes_greedy_output_as_the_static_backend_does(model_dir, 
     adapted, _ = load_policy(model_dir, strong_adapter, "float32")
     items = [(chat_ids(tokenizer, row["prompt"], True), row) for row in PROMPTS[:4]]
     never = {tokenizer.pad_token_id}  # no stop: every response runs its 12 tokens
-    static = [outs[0][0] for group in gen.sample_static(adapted, items, sampling(1, never)) for _, outs in group]
-    static_bare = [outs[0][0] for group in gen.sample_static(bare, items, sampling(1, never)) for _, outs in group]
+    static = [outs[0][0] for group in sample_static(adapted, items, sampling(1, never)) for _, outs in group]
+    static_bare = [outs[0][0] for group in sample_static(bare, items, sampling(1, never)) for _, outs in group]
     policy = vllm_backend.vllm_policy(model_dir, strong_adapter, "float32", "cpu")
     info: dict = {}
     ordered = sorted(items, key=lambda e: (len(e[0]), e[1]["prompt_id"]))  # sample_static's order

@@ -18,14 +18,15 @@ import torch
 
 import selfie.generation.continuous as continuous
 from selfie.data import load_prompts
-from selfie.generation.generate import SAMPLERS, Sampling
+from selfie.generation.generate import SAMPLERS
+from selfie.generation.sampler import SamplingSettings
 from selfie.models import load_model, load_tokenizer
 from selfie.tokens import chat_ids, pad_token_id, stop_token_ids
 
 from scripts.benchlib import bench_model, device, end_responses_after
 
 
-def timed(backend: str, model, items, s: Sampling) -> str:
+def timed(backend: str, model, items, s: SamplingSettings) -> str:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -46,7 +47,9 @@ def main() -> None:
     prompts = load_prompts("demo")[:64]
     end_responses_after(model, tokenizer.eos_token_id, 128, torch.tensor([chat_ids(tokenizer, prompts[0]["prompt"], True)]), 0.7)
     items = [(chat_ids(tokenizer, row["prompt"], True), row) for row in prompts]
-    s = Sampling(2, 128, 0.7, 1.0, 0, 64, stop_token_ids(model, tokenizer), pad_token_id(tokenizer), torch.device(device()))
+    s = SamplingSettings(
+        2, 128, 0.7, 1.0, 0, 64, stop_token_ids(model, tokenizer), pad_token_id(tokenizer), torch.device(device())
+    )
     for attention in ("eager", "sdpa", "eager"):
         continuous.ENGINE_ATTENTION = attention
         print(f"continuous paged {attention}: {timed('continuous', model, items, s)}", flush=True)

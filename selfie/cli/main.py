@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 
+from selfie.cli import export, generate, judge
 from selfie.cli.run import add_run_args, run_recipe_command
 from selfie.cli.status import add_status_args, run_status_command
 from selfie.errors import SelfieError, os_error_line
@@ -23,9 +24,6 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from selfie.cli import edit
     from selfie.cli import eval as evaluation
-    from selfie.export import policy as export
-    from selfie.generation import generate
-    from selfie.labelling import implicit_reward
 
     parser = _Parser(prog="selfie", description="Self-generated preference learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -34,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = [
         ("run", "run or resume a recipe: RECIPE [--key value ...]", add_run_args, run_recipe_command, True),
         ("generate", "sample K responses per prompt", generate.add_generate_args, generate.run_generate_command, False),
-        (
-            "judge",
-            "implicit-reward judgments and pairs",
-            implicit_reward.add_judge_args,
-            implicit_reward.run_judge_command,
-            False,
-        ),
+        ("judge", "implicit-reward judgments and pairs", judge.add_judge_args, judge.run_judge_command, False),
         ("status", "where a run directory stands", add_status_args, run_status_command, False),
         ("edit", "build a representation-edited model (AlignEZ / RAHF)", edit.add_edit_args, edit.run_edit_command, True),
         ("eval", "win rates, judge accuracy, per-iteration scores", evaluation.add_eval_args, evaluation.run_eval_command, False),

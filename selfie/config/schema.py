@@ -462,7 +462,7 @@ class EvalOptions(Section):
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 1.0
     batch_size: int = 8  # sequences decoded together
-    backend: str = GenerateConfig.backend  # generation backend (selfie/generation/generate.py BACKENDS)
+    backend: str = GenerateConfig.backend  # generation backend (selfie/generation/generate.py)
     seed: int = 0  # sampling and bootstrap seed
     dtype: str = "auto"
     n_boot: int = 2000  # bootstrap resamples for the 95% interval

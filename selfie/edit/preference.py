@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.edit.hidden import encode, pad_batch
-from selfie.projection import logit_softcap, output_layer, token_logps
+from selfie.edit.hidden import encode
+from selfie.scoring import PromptResponses, sequence_logps
+from selfie.tokens import pad_token_id
 
 
-@torch.no_grad()
 def response_logps(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -29,24 +29,16 @@ def response_logps(
     """Summed log-prob of each response's tokens (as generated, no end-of-turn token) after its prompt, float64,
     and each response's token count.
 
-    Only the response positions are projected onto the vocabulary, through the shared tiled projection
-    (no [batch, length, vocab] logits).
+    Scored by selfie/scoring.py, the judge's log-prob path: each response packed after its prompt, only the response
+    positions projected onto the vocabulary. A batch holds at most the padded tokens of `batch_size` of the longest
+    prompt + response.
     """
     items = [encode(tokenizer, p, y) for p, y in zip(prompts, responses)]
-    device = next(model.parameters()).device
-    head, softcap = output_layer(model), logit_softcap(model)
-    out = torch.zeros(len(items), dtype=torch.float64)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        batch = pad_batch(chunk, tokenizer.pad_token_id, "right", device)
-        hidden = model.get_decoder()(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-        ).last_hidden_state
-        rows, cols = batch.response_index(chunk)
-        logps = token_logps([(1.0, hidden[rows, cols - 1])], batch.input_ids[rows, cols], head.weight, head.bias, softcap)
-        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, logps.double())
-        out[start : start + len(chunk)] = sums.cpu()
-    return out, torch.tensor([len(item.ids) - item.prompt_len for item in items])
+    rows = [PromptResponses(item.ids[: item.prompt_len], [item.ids[item.prompt_len :]]) for item in items]
+    budget = batch_size * max((len(row) for row in rows), default=1)
+    (logps,) = sequence_logps(model, rows, pad_token_id(tokenizer), budget).logps
+    sums = torch.tensor([row_logps[0] for row_logps in logps], dtype=torch.float64)
+    return sums, torch.tensor([len(row.responses[0]) for row in rows], dtype=torch.long)
 
 
 def pair_margins(

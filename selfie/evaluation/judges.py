@@ -16,7 +16,6 @@ import importlib
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -24,10 +23,13 @@ from urllib.parse import parse_qsl
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from selfie.config.schema import JudgeConfig, TrainConfig
 from selfie.errors import SelfieError
-from selfie.io import read_jsonl
+from selfie.labelling.implicit_reward import implicit_rewards, tokenised
+from selfie.models import load_model_config, load_policy, resolve_dtype, resolve_model_path
+from selfie.tokens import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +51,6 @@ class RewardModelJudge:
     """A sequence-classification reward model; scores the pooled logit of the last non-pad token."""
 
     def __init__(self, name: str, batch_size: int = 8, max_length: int = 2048, dtype: str = "auto"):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from selfie.models import resolve_dtype
-
         path = check_reward_model(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -98,8 +96,6 @@ class RewardModelJudge:
 
 def check_reward_model(name: str) -> str:
     """The reward model's path or hub id, once its config shows one output (num_labels=1); no weights are read."""
-    from selfie.models import load_model_config, resolve_model_path
-
     labels = load_model_config(name).num_labels
     if labels != 1:
         raise SelfieError(f"judge 'reward-model:{name}': needs num_labels=1, the model has {labels}")
@@ -134,8 +130,8 @@ class CallableJudge:
 class ImplicitJudge:
     """beta * (logp(y|x) under MODEL+adapter - logp(y|x) under MODEL alone), log-probs summed over response tokens.
 
-    Scoring goes through selfie.labelling.implicit_reward.judge_responses, so the tokenisation (EOS included: a response
-    given here counts as finished) and the packing of a prompt's responses are the loop's own.
+    Scored by selfie.labelling.implicit_reward.implicit_rewards, so the tokenisation (EOS included: a response given
+    here counts as finished) and the packing of a prompt's responses are the loop's own.
     """
 
     def __init__(
@@ -146,37 +142,25 @@ class ImplicitJudge:
         dtype: str = "auto",
         token_budget: int = JudgeConfig.token_budget,
     ):
-        from selfie.models import load_policy
-
         self.model, self.tokenizer = load_policy(model_name, adapter, dtype)
         self.model.to(_device())
         self.has_adapter, self.beta, self.token_budget = adapter is not None, beta, token_budget
 
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        from selfie.labelling.implicit_reward import judge_responses
-
         _check_lengths(prompts, responses)
         groups: dict[str, list[int]] = {}  # one row per distinct prompt: its responses share the prompt's forward pass
         for i, prompt in enumerate(prompts):
             groups.setdefault(json.dumps(prompt, sort_keys=True), []).append(i)
         rows = [
-            {
-                "prompt_id": f"{n:08d}",
-                "prompt": prompts[idx[0]],
-                "responses": [responses[i] for i in idx],
-                "finished": [True] * len(idx),
-            }
-            for n, idx in enumerate(groups.values())
+            {"prompt": prompts[idx[0]], "responses": [responses[i] for i in idx], "finished": [True] * len(idx)}
+            for idx in groups.values()
         ]
-        if not rows:
-            return []
-        with tempfile.TemporaryDirectory(prefix="selfie-implicit-") as tmp:
-            out = Path(tmp) / "judgments.jsonl"
-            judge_responses(self.model, self.tokenizer, rows, out, None, beta=self.beta, token_budget=self.token_budget)
-            judged = {j["prompt_id"]: j for j in read_jsonl(out)}
+        items = tokenised(self.model, self.tokenizer, rows)
+        judged, _ = implicit_rewards(
+            self.model, items, pad_token_id(self.tokenizer), beta=self.beta, token_budget=self.token_budget
+        )
         scores = [0.0] * len(prompts)
-        for row, idx in zip(rows, groups.values()):
-            j = judged[row["prompt_id"]]
+        for idx, j in zip(groups.values(), judged):
             values = j["rewards"] if self.has_adapter else [self.beta * v for v in j["policy_logps"]]
             for i, value in zip(idx, values):
                 scores[i] = value
@@ -222,8 +206,6 @@ def _load_implicit(target: str, spec: str, dtype: str) -> ImplicitJudge:
 
 
 def _check_implicit(target: str, spec: str) -> None:
-    from selfie.models import load_model_config
-
     model_name, adapter, _ = _implicit_args(target, spec)
     load_model_config(model_name)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():

@@ -8,8 +8,8 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from selfie.config.schema import RecipeConfig
-from selfie.export.policy import is_local
 from selfie.io import read_json
+from selfie.models import is_local
 from selfie.run.rundir import RunContext
 from selfie.run.tracking import eval_headline, summary_markdown, summary_rows
 

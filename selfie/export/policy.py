@@ -10,23 +10,21 @@ The export is built in a temporary directory beside DIR and renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from selfie.config.schema import ModelConfig, RecipeConfig
 from selfie.errors import SelfieError
+from selfie.export.model_card import build_card
+from selfie.hub import push, require_hub_login
 from selfie.io import atomic_directory, read_json
+from selfie.models import BUILTIN_MODELS, is_local, load_adapter, load_model, merge_adapter, resolve_model_path
 from selfie.run.rundir import RunContext
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +49,10 @@ def pick_iteration(ctx: RunContext, iteration: int | None) -> int:
 
 def hub_base(config: RecipeConfig) -> str | None:
     """The hub id that pi_init is, or None when it is an edit, a local directory, a .gguf file or a built-in alias."""
-    from selfie.models import BUILTIN_MODELS
-
     name = config.model.name
     if config.init or name in BUILTIN_MODELS or is_local(name):
         return None
     return name
-
-
-def is_local(name: str) -> bool:
-    """A path rather than a hub id (the rule of `resolve_model_path`)."""
-    path = Path(name)
-    return path.expanduser().exists() or path.suffix == ".gguf" or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def check_output(output: Path, force: bool) -> None:
@@ -74,16 +64,12 @@ def check_output(output: Path, force: bool) -> None:
 
 def _own_dtype(path: str) -> torch.dtype:
     """The dtype a model directory or hub id records in its config (float32 when it records none)."""
-    from transformers import AutoConfig
-
     dtype = AutoConfig.from_pretrained(path).dtype
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
 
 
 def save_model(model: PreTrainedModel, source: str, directory: Path, dtype: torch.dtype) -> None:
     """Weights (safetensors, in `dtype`), generation config and `source`'s own tokenizer, into `directory`."""
-    from transformers import AutoTokenizer
-
     model.to(dtype).save_pretrained(directory, safe_serialization=True)  # writes generation_config.json too
     AutoTokenizer.from_pretrained(source).save_pretrained(directory)
 
@@ -98,8 +84,6 @@ def full_precision(settings: ModelConfig) -> ModelConfig:
 
 def write_merged(base: str, adapter: Path, directory: Path, dtype: torch.dtype | None, settings: ModelConfig) -> None:
     """pi_init + adapter merged (in float32, then cast to `dtype`, default pi_init's own) as a standalone model."""
-    from selfie.models import load_adapter, load_model, merge_adapter, resolve_model_path
-
     path = resolve_model_path(base)
     merged = merge_adapter(load_adapter(load_model(base, full_precision(settings)), adapter))
     save_model(merged, path, directory, dtype or _own_dtype(path))
@@ -107,8 +91,6 @@ def write_merged(base: str, adapter: Path, directory: Path, dtype: torch.dtype |
 
 def write_adapter(config: RecipeConfig, base: str, adapter: Path, directory: Path, final: Path, dtype: torch.dtype | None) -> str:
     """The PEFT adapter, pointed at the hub id or at pi_init exported to `final`/base; returns that reference."""
-    from selfie.models import load_model, resolve_model_path
-
     reference = hub_base(config)
     if reference is None:
         path = resolve_model_path(base)
@@ -119,29 +101,6 @@ def write_adapter(config: RecipeConfig, base: str, adapter: Path, directory: Pat
     adapter_config["base_model_name_or_path"] = reference
     (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")  # the whole directory is staged
     return reference
-
-
-def require_hub_login() -> None:
-    """Fail before any work when a push cannot happen: offline mode, or no token."""
-    import huggingface_hub
-
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise SelfieError("--push-to-hub: HF_HUB_OFFLINE is set; unset it to push, or export without --push-to-hub")
-    if huggingface_hub.get_token() is None:
-        raise SelfieError("--push-to-hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
-
-
-def push(directory: Path, repo_id: str, private: bool, message: str) -> str:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    api = HfApi()
-    try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=message, repo_type="model")
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise SelfieError(f"--push-to-hub {repo_id}: {str(e).splitlines()[0]} (the export in {directory} is complete)") from None
-    return str(url)
 
 
 def export_run(
@@ -156,8 +115,6 @@ def export_run(
     private: bool = False,
 ) -> Path:
     """Export iteration `iteration` (default: the last completed) of a run into `output`; optionally push it."""
-    from selfie.export.model_card import build_card
-
     output = Path(output)
     if push_to_hub:
         require_hub_login()
@@ -181,47 +138,3 @@ def export_run(
     if push_to_hub:
         logger.info("pushed to %s", push(output, push_to_hub, private, f"selfie export of {ctx.run_dir.name}, iteration {t}"))
     return output
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_export_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
-    parser.add_argument("--iteration", type=int, default=None, help="which iteration (default: the last completed one)")
-    parser.add_argument("--output", required=True, help="directory to write the export to (must be empty or absent)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--merge",
-        dest="adapter_only",
-        action="store_false",
-        help="a standalone model: base, edit and adapter merged (the default)",
-    )
-    mode.add_argument(
-        "--adapter-only",
-        dest="adapter_only",
-        action="store_true",
-        help="the PEFT adapter, plus the base in DIR/base when it is not a hub model",
-    )
-    parser.set_defaults(adapter_only=False)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the base model's own)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the export to this hub repository")
-    parser.add_argument("--private", action="store_true", help="create the hub repository as private")
-
-
-def run_export_command(args: argparse.Namespace) -> None:
-    if args.private and not args.push_to_hub:
-        raise SelfieError("--private applies only with --push-to-hub")
-    print(
-        export_run(
-            args.run_dir,
-            args.output,
-            iteration=args.iteration,
-            adapter_only=args.adapter_only,
-            dtype=args.dtype,
-            force=args.force,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-        )
-    )

@@ -8,7 +8,7 @@ with eager or SDPA attention (flash attention on GPUs that have it).
 The engine's own sampler draws every row of a step with one `torch.multinomial` from the global RNG,
 so a row's tokens would depend on which requests share its steps. selfie replaces it: each (prompt, k)
 request gets the same `torch.Generator` the static backend would use, and a per-request logits
-processor draws its token with `selfie.generation.generate.draw` and leaves only that token possible, so the
+processor draws its token with `selfie.generation.sampler.draw` and leaves only that token possible, so the
 engine's greedy pick returns it. A request's tokens therefore depend only on its seed and its logits,
 as in the static backend; the logits themselves differ from a static batch's by float rounding only
 (another batch layout), which can flip a draw whose uniform falls on a token boundary.
@@ -28,7 +28,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 
 from selfie.errors import SelfieError
-from selfie.generation.generate import Sampling, draw
+from selfie.generation.sampler import Item, Response, Samples, SamplingSettings, draw
 from selfie.models import unwrap_peft
 
 PAGE_SIZE = 64  # tokens per cache page: small pages waste little on short responses
@@ -69,7 +69,7 @@ class SeededSampler(ContinuousBatchingLogitsProcessor):
         return chosen
 
 
-class _Sampling(ContinuousBatchingLogitsProcessorList):
+class SeededProcessorList(ContinuousBatchingLogitsProcessorList):
     """The engine's logits-processor list holding only the seeded sampler (one argument row per request)."""
 
     def __init__(self, sampler: SeededSampler):
@@ -94,9 +94,16 @@ def engine_config(prompts: list[list[int]], num_responses: int, max_new_tokens: 
     )
 
 
-def sample_continuous(
-    model: PreTrainedModel, prompts: list[list[int]], generators: list[list[torch.Generator]], s: Sampling
-) -> Iterator[list[tuple[int, list[tuple[list[int], bool]]]]]:
+def sample_continuous(model: PreTrainedModel, items: list[Item], s: SamplingSettings) -> Samples:
+    """The backend: batch_size sequences in flight, the prompts' groups yielded as they complete."""
+    rows = [row for _, row in items]
+    for done in run_engine(model, [ids for ids, _ in items], s.generators(rows), s):
+        yield [(rows[p], outs) for p, outs in done]
+
+
+def run_engine(
+    model: PreTrainedModel, prompts: list[list[int]], generators: list[list[torch.Generator]], s: SamplingSettings
+) -> Iterator[list[tuple[int, list[Response]]]]:
     """Sample len(generators[p]) continuations of each prompt p; yield, as prompts complete, lists of
     (p, [(token ids without the stop token, finished)] in k order). Close the iterator to stop the engine early."""
     sampler = SeededSampler(s.temperature, s.top_p)
@@ -113,7 +120,7 @@ def sample_continuous(
                 generation_config=generation,
                 continuous_batching_config=engine_config(prompts, len(generators[0]), max_new_tokens, s.batch_size),
             )
-            manager.logit_processor = _Sampling(sampler)  # before start(): the batch processor is built from it
+            manager.logit_processor = SeededProcessorList(sampler)  # before start(): the batch processor is built from it
             # Every request is queued before the engine starts, so its first step takes them in one order and the
             # schedule (which requests share a forward pass) is the same on every run.
             for p, gens in enumerate(generators):
@@ -132,9 +139,9 @@ def sample_continuous(
             engine.set_attn_implementation(attention)
 
 
-def _collect(manager, generators: list[list[torch.Generator]], stop_ids: set[int]):
+def _collect(manager, generators: list[list[torch.Generator]], stop_ids: set[int]) -> Iterator[list[tuple[int, list[Response]]]]:
     """Results as the engine finishes them, grouped into the prompts they complete."""
-    outputs: dict[int, dict[int, tuple[list[int], bool]]] = {p: {} for p in range(len(generators))}
+    outputs: dict[int, dict[int, Response]] = {p: {} for p in range(len(generators))}
     waiting = len(generators)
     while waiting:
         result = manager.get_result(timeout=1)

@@ -10,6 +10,7 @@ token ids, responses come back as token ids, stop ids are selfie's: the judge an
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib.util
 import json
@@ -31,6 +32,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from selfie.config.schema import ModelConfig
 from selfie.errors import SelfieError
+from selfie.generation.sampler import Item, Response, Samples, SamplingSettings
 from selfie.io import TMP_SUFFIX, read_json
 from selfie.models import (
     cache_dir,
@@ -183,8 +185,6 @@ def worker_environment(device: torch.device, shard: tuple[int, int]) -> dict[str
 
 def _die_with_parent() -> None:
     """In the worker, before exec: a SIGKILLed selfie takes its worker (and the engine's memory) with it."""
-    import ctypes
-
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
@@ -273,8 +273,10 @@ def merged_copy(policy: VllmPolicy, directory: Path) -> VllmPolicy:
     return dataclasses.replace(policy, model=str(directory), adapter=None, settings=ModelConfig(dtype=policy.dtype))
 
 
-def sample_vllm(policy: VllmPolicy, items: list, s, output: Path, shard: tuple[int, int], info: dict) -> Iterator:
-    """selfie.generation.generate's Samples from vLLM: one group per prompt, as its K responses complete.
+def sample_vllm(
+    policy: VllmPolicy, items: list[Item], s: SamplingSettings, output: Path, shard: tuple[int, int], info: dict
+) -> Samples:
+    """Samples (selfie/generation/sampler.py) from vLLM: one group per prompt, as its K responses complete.
 
     A response is (token ids without the stop token, finished): finish reason `stop` is finished, `length` was cut at
     max_new_tokens, any other is an error. The adapter goes in as a LoRARequest; where vLLM refuses it, a merged copy
@@ -320,11 +322,11 @@ def check_model_length(policy: VllmPolicy, longest: int, max_new_tokens: int) ->
     return needed
 
 
-def sampling_request(s) -> dict:
+def sampling_request(s: SamplingSettings) -> dict:
     return {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_new_tokens, "stop_ids": sorted(s.stop_ids)}
 
 
-def prompts_request(items: list, s) -> list[dict]:
+def prompts_request(items: list[Item], s: SamplingSettings) -> list[dict]:
     """Every prompt's token ids and its K responses' seeds: selfie's own (run seed, prompt_id, k) seeds."""
     return [{"key": row["prompt_id"], "ids": ids, "seeds": s.seeds(row["prompt_id"])} for ids, row in items]
 
@@ -332,7 +334,7 @@ def prompts_request(items: list, s) -> list[dict]:
 FINISHED = {"stop": True, "length": False}  # vLLM's finish reason -> selfie's `finished`
 
 
-def _groups(lines: Iterator[dict], rows: dict[str, dict], stop_ids: set[int], info: dict) -> Iterator:
+def _groups(lines: Iterator[dict], rows: dict[str, dict], stop_ids: set[int], info: dict) -> Samples:
     for line in lines:
         if line.get("event") == "ready":
             logger.info("vLLM %s worker ready in %.1f s", line["vllm"], line["worker_start_seconds"])
@@ -342,7 +344,7 @@ def _groups(lines: Iterator[dict], rows: dict[str, dict], stop_ids: set[int], in
                 worker_start_seconds=line["worker_start_seconds"],
             )
             continue
-        outs = []
+        outs: list[Response] = []
         for ids, reason in line["outputs"]:
             if reason not in FINISHED:
                 raise SelfieError(f"generate.backend vllm: prompt {line['key']}: vLLM ended a response with '{reason}'")

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 
 def emit(out, **line) -> None:
@@ -115,8 +116,6 @@ def main() -> None:
         try:
             run(request, out)
         except Exception as e:  # noqa: BLE001 - one line for the parent; the traceback is in the worker's log
-            import traceback
-
             traceback.print_exc()
             emit(out, event="error", kind="engine", message=first_line(e))
             sys.exit(1)
