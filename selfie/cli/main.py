@@ -8,7 +8,8 @@ import os
 import sys
 import traceback
 
-from selfie.cli import export, generate, judge
+from selfie.cli import edit, export, generate, judge
+from selfie.cli import eval as evaluation
 from selfie.cli.run import add_run_args, run_recipe_command
 from selfie.cli.status import add_status_args, run_status_command
 from selfie.errors import SelfieError, os_error_line
@@ -22,9 +23,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfie.cli import edit
-    from selfie.cli import eval as evaluation
-
     parser = _Parser(prog="selfie", description="Self-generated preference learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
