@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 import selfie.labelling.implicit_reward as jud
 from selfie.cli.generate import add_generate_args, run_generate_command
 from selfie.cli.judge import add_judge_args, run_judge_command
+from selfie.config.schema import JudgeConfig
 from selfie.config.schema import LoraConfig as SelfieLora
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
@@ -75,7 +76,7 @@ def judge(policy, tmp_path, rows=ROWS, **kwargs) -> tuple[list[dict], list[dict]
 
 def test_rewards_equal_a_hand_computation(policy, tmp_path):
     model, tokenizer = policy
-    judgments, _, _ = judge(policy, tmp_path, beta=0.5, token_budget=64)
+    judgments, _, _ = judge(policy, tmp_path, beta=0.5, judge=JudgeConfig(token_budget=64))
     by_id = {row["prompt_id"]: row for row in ROWS}
     assert [j["prompt_id"] for j in judgments] == ["a", "b", "c"]
     for j in judgments:
@@ -92,8 +93,8 @@ def test_rewards_equal_a_hand_computation(policy, tmp_path):
 
 
 def test_batching_does_not_change_logps(policy, tmp_path):
-    alone, _, _ = judge(policy, tmp_path / "small", token_budget=1)
-    together, _, metrics = judge(policy, tmp_path / "large", token_budget=10_000)
+    alone, _, _ = judge(policy, tmp_path / "small", judge=JudgeConfig(token_budget=1))
+    together, _, metrics = judge(policy, tmp_path / "large", judge=JudgeConfig(token_budget=10_000))
     for a, b in zip(alone, together):
         assert a["policy_logps"] == pytest.approx(b["policy_logps"], abs=1e-5)
         assert a["num_tokens"] == b["num_tokens"]
@@ -120,7 +121,7 @@ def test_plain_model_gives_zero_rewards(tiny_model, tmp_path):
 
 def test_length_normalisation_divides_by_tokens(policy, tmp_path):
     plain, _, _ = judge(policy, tmp_path / "sum")
-    normed, _, _ = judge(policy, tmp_path / "mean", length_normalize=True)
+    normed, _, _ = judge(policy, tmp_path / "mean", judge=JudgeConfig(length_normalize=True))
     for s, m in zip(plain, normed):
         for k, n in enumerate(s["num_tokens"]):
             assert m["policy_logps"][k] == pytest.approx(s["policy_logps"][k] / n)

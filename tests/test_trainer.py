@@ -300,7 +300,7 @@ def test_trainer_trains_a_truncated_response_exactly_as_the_judge_scored_it(tiny
         responses,
         tmp_path / "j.jsonl",
         tmp_path / "p.jsonl",
-        rules=JudgeConfig(truncated="keep", length_penalty=0.0),
+        judge=JudgeConfig(truncated="keep", length_penalty=0.0),
     )
     (judged,), pairs = read_jsonl(tmp_path / "j.jsonl"), read_jsonl(tmp_path / "p.jsonl")
     stop_ids = stop_token_ids(model.get_base_model(), tokenizer)

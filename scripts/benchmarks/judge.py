@@ -86,6 +86,7 @@ def _best_of(repeats: int, fn) -> tuple[float, object]:
 
 
 def run_selfie(model: str, dtype: str, workdir: str, token_budget: int, repeats: int) -> dict:
+    from selfie.config.schema import JudgeConfig
     from selfie.io import read_jsonl
     from selfie.labelling.implicit_reward import judge_responses
     from selfie.models import load_policy
@@ -96,7 +97,9 @@ def run_selfie(model: str, dtype: str, workdir: str, token_budget: int, repeats:
     loaded = time.perf_counter()
     rows = read_jsonl(Path(workdir) / "responses.jsonl")
     out = Path(workdir) / f"judgments-{token_budget}.jsonl"
-    seconds, metrics = _best_of(repeats, lambda: judge_responses(policy, tokenizer, rows, out, None, token_budget=token_budget))
+    seconds, metrics = _best_of(
+        repeats, lambda: judge_responses(policy, tokenizer, rows, out, None, judge=JudgeConfig(token_budget=token_budget))
+    )
     return {
         "load_seconds": loaded - start,
         "seconds": seconds,

@@ -54,16 +54,6 @@ def run_judge_command(args: argparse.Namespace) -> None:
         policy, tokenizer = load_policy(args.model, args.adapter, args.dtype)
         if torch.cuda.is_available():
             policy.to("cuda")
-        metrics = judge_responses(
-            policy,
-            tokenizer,
-            responses,
-            args.output,
-            args.pairs,
-            beta=args.beta,
-            length_normalize=judge.length_normalize,
-            rules=judge,
-            token_budget=judge.token_budget,
-        )
+        metrics = judge_responses(policy, tokenizer, responses, args.output, args.pairs, beta=args.beta, judge=judge)
         if args.metrics:
             atomic_write_json(args.metrics, metrics)

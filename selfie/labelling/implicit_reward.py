@@ -21,7 +21,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfie.config.schema import JudgeConfig, TrainConfig
 from selfie.data import check_response_rows, select_shard
-from selfie.errors import SelfieError
 from selfie.io import atomic_write_jsonl
 from selfie.labelling.pairs import select_pairs
 from selfie.models import unwrap_peft
@@ -84,18 +83,15 @@ def judge_responses(
     pairs_output: str | Path | None,
     *,
     beta: float = TrainConfig.beta,
-    length_normalize: bool = JudgeConfig.length_normalize,
-    rules: JudgeConfig | None = None,
-    token_budget: int = JudgeConfig.token_budget,
+    judge: JudgeConfig | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> dict:
-    """Write judgments.jsonl (and pairs.jsonl, made by `rules`) for this shard's rows of `responses`; return metrics.
+    """Write judgments.jsonl (and pairs.jsonl, made by the pair rules of `judge`, the recipe's judge: section,
+    default JudgeConfig()) for this shard's rows of `responses`; return metrics.
 
     The judgments are `implicit_rewards`' of the rows, each with its prompt_id, in the rows' order.
     """
-    problem = JudgeConfig.out_of_range("token_budget", token_budget)
-    if problem:
-        raise SelfieError(f"judge: token_budget: {problem}")
+    judge = judge or JudgeConfig()  # its ranges were checked when it was built
     check_response_rows(responses, "responses")
     rows = select_shard(responses, shard)
     items = tokenised(policy, tokenizer, rows)
@@ -106,8 +102,8 @@ def judge_responses(
         items,
         pad_token_id(tokenizer),
         beta=beta,
-        length_normalize=length_normalize,
-        token_budget=token_budget,
+        length_normalize=judge.length_normalize,
+        token_budget=judge.token_budget,
         progress="judge",
     )
     seconds = time.perf_counter() - start
@@ -123,7 +119,7 @@ def judge_responses(
         "tokens_per_second": scores.tokens / seconds if seconds else None,
     }
     if pairs_output is not None:
-        pairs, label_metrics = select_pairs(rows, judgments, rules)
+        pairs, label_metrics = select_pairs(rows, judgments, judge)
         atomic_write_jsonl(pairs_output, pairs)
         metrics.update(label_metrics, pairs_per_second=len(pairs) / seconds if seconds else None)
     logger.info("judged %d prompts in %.1f s -> %s", len(rows), seconds, output)

@@ -130,21 +130,13 @@ def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | No
 
 def _implicit_rewards(ctx: StageContext, t: int, responses: list[dict]) -> dict:
     """Iteration t's judgments by the implicit reward beta * (log pi_{t-1} - log pi_init), sharded over the ranks."""
-    c, j = ctx.config, ctx.config.judge
+    c = ctx.config
     return _policy_shards(
         ctx,
         ctx.adapter(t - 1),
         ctx.judgments(t),
         lambda policy, tokenizer, out, shard: judge_responses(
-            policy,
-            tokenizer,
-            responses,
-            out,
-            None,
-            beta=c.train.beta,
-            length_normalize=j.length_normalize,
-            token_budget=j.token_budget,
-            shard=shard,
+            policy, tokenizer, responses, out, None, beta=c.train.beta, judge=c.judge, shard=shard
         ),
     )
 
