@@ -124,11 +124,11 @@ def trial(recipe: Path, reference: Path, run_dir: Path, window: float, rng: rand
                 proc.send_signal(signal.SIGSTOP)  # frozen: what is on disk now is what the kill leaves
                 where = next_stage(ctx)
                 proc.send_signal(signal.SIGKILL)
-                if proc.wait() != -signal.SIGKILL:
-                    raise RuntimeError(f"the stopped run exited with {proc.returncode}, not by the kill")
-                result.kills.append(where)
-                progress += delay
-                continue
+                if proc.wait() == -signal.SIGKILL:
+                    result.kills.append(where)
+                    progress += delay
+                    continue
+                # not killed: it exited between the poll and the stop; finished() says whether that was success
             result.missed += 1  # it ended before its kill came: that run was the resume
         finished(proc)
         break
