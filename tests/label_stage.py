@@ -1,4 +1,4 @@
-"""Score responses with a judge spec as the loop's judge stage does (selfie/run/stages.py::_labeller_scores): what the
+"""Score responses with a judge spec as the loop's judge stage does (selfie/run/labellers.py, a judge spec's `judge`): what the
 cluster tests launch, alone or under `accelerate launch`.
 
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml tests/label_stage.py \
@@ -17,13 +17,14 @@ from selfie.config.loader import load_recipe
 from selfie.dist import Ranks, process_state
 from selfie.errors import SelfieError
 from selfie.io import read_jsonl
-from selfie.run.stages import StageContext, _labeller_scores
+from selfie.run.context import StageContext
+from selfie.run.labellers import labeller_for
 
 
 def main(model: str, responses: str, run_dir: str, spec: str) -> None:
     config = load_recipe(None, {"model": {"name": model}, "judge": {"labeller": spec}, "output_dir": run_dir})
     ranks = Ranks(process_state())
-    metrics = _labeller_scores(StageContext(config, Path(run_dir), ranks), 1, read_jsonl(responses))
+    metrics = labeller_for(spec).judge(StageContext(config, Path(run_dir), ranks), 1, read_jsonl(responses))
     if ranks.is_main:
         print(json.dumps(metrics), flush=True)
 

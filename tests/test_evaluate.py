@@ -277,7 +277,7 @@ def test_scores_from_a_judge_make_pairs_by_the_loops_rules(length_judge, tiny_mo
     assert judgments[3]["num_tokens"][1] == len(tokenizer("ok", add_special_tokens=False)["input_ids"]) + 1
     assert judgments[3]["num_tokens"][0] == len(tokenizer("cut off at the limit", add_special_tokens=False)["input_ids"])
     pairs, metrics = select_pairs(rows, judgments, JudgeConfig(truncated="drop", length_penalty=0.0))
-    assert metrics["dropped"] == {"identical": 1, "single_response": 1, "all_truncated": 1}
+    assert metrics["dropped"] == {"identical": 1, "single_response": 1, "all_truncated": 1, "low_margin": 0, "disagreement": 0}
     assert [p["prompt_id"] for p in pairs] == ["a", "d"]
     a, d = pairs
     assert a["chosen"] == [{"role": "assistant", "content": "the longest text"}]

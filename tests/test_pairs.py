@@ -43,7 +43,7 @@ def test_drop_rule_and_drop_counts():
         judged([0.0], [1]),
     ]
     pairs, metrics = select_pairs(rows, judgments, rules())
-    assert metrics["dropped"] == {"all_truncated": 1, "identical": 1, "single_response": 1}
+    assert metrics["dropped"] == {"all_truncated": 1, "identical": 1, "single_response": 1, "low_margin": 0, "disagreement": 0}
     first, dup = pairs
     assert texts(first) == ("y", "z") and first["margin"] == 3.0
     assert texts(dup) == ("a", "b")
@@ -51,6 +51,24 @@ def test_drop_rule_and_drop_counts():
     assert (first["chosen_finished"], first["rejected_finished"]) == (True, True)
     # only the first pair's chosen differs from what the scores alone would pick
     assert metrics["decided_by_truncation"] == 0.5 and metrics["negative_margin"] == 0
+
+
+def test_margin_quantile_drops_the_least_confident_pairs_by_shaped_margin():
+    rows = [row(f"p{i}", ["a", "b"], [True, True]) for i in range(4)]
+    judgments = [judged([4.0, 0.0], [1, 1]), judged([1.0, 0.0], [1, 1]), judged([0.5, 0.0], [1, 1]), judged([3.0, 0.0], [1, 1])]
+    kept, metrics = select_pairs(rows, judgments, rules(min_margin_quantile=0.5))
+    # the median of (4, 1, 0.5, 3) is 2: the pairs with margins 1 and 0.5 go
+    assert [p["prompt_id"] for p in kept] == ["p0", "p3"] and metrics["dropped"]["low_margin"] == 2
+    everything, metrics = select_pairs(rows, judgments, rules())
+    assert len(everything) == 4 and metrics["dropped"]["low_margin"] == 0
+
+
+def test_margin_quantile_ranks_by_the_margin_after_the_length_penalty():
+    rows = [row("long", ["a", "b"], [True, True]), row("short", ["c", "d"], [True, True])]
+    # raw margins 3 and 2; with alpha 1 the long pair's chosen is 2 tokens longer: shaped 3 - 2 = 1 < 2
+    judgments = [judged([3.0, 0.0], [3, 1]), judged([2.0, 0.0], [1, 1])]
+    kept, _ = select_pairs(rows, judgments, rules(length_penalty=1.0, min_margin_quantile=0.5))
+    assert [p["prompt_id"] for p in kept] == ["short"]
 
 
 def test_keep_and_penalize_let_a_truncated_response_compete():

@@ -31,12 +31,13 @@ def add_judge_args(parser: argparse.ArgumentParser) -> None:
     add_options(
         parser,
         JudgeConfig,
-        ["length_normalize", "truncated", "truncation_penalty", "length_penalty", "token_budget"],
+        ["length_normalize", "truncated", "truncation_penalty", "length_penalty", "min_margin_quantile", "token_budget"],
         {
             "length_normalize": "divide log-probs by the response length",
             "truncated": f"a response cut at the length limit: never chosen (drop), scored minus --truncation-penalty "
             f"(penalize), or like any other (keep); one of {', '.join(TRUNCATION_POLICIES)}",
             "length_penalty": "alpha per response token subtracted from the reward, or 'auto'",
+            "min_margin_quantile": "drop the pairs whose margin is below this quantile of the margins (0: keep all)",
             "token_budget": "padded tokens per batch",
         },
     )

@@ -25,6 +25,7 @@ HARMLESS_KEYS = frozenset(
         "generate.batch_size",
         "generate.backend",
         "judge.token_budget",
+        "judge.signal_folds",  # a check reported in the seed stage's metrics: adapters and pairs are the same
         "train.keep_checkpoints",
     }
 )

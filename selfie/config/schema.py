@@ -248,17 +248,37 @@ class JudgeConfig(Section):
         "truncation_penalty": _at_least(0),
         "length_penalty": AUTO_OR_NUMBER,
         "token_budget": _at_least(1),
+        "signal_folds": Range(lambda v: v == 0 or v >= 2, "0 (off) or a number of folds >= 2"),
+        "min_margin_quantile": FRACTION,
+        "bradley_terry_l2": POSITIVE,
+        "ensemble_size": _at_least(2),
+        "min_agreement": Range(lambda v: 0 <= v <= 1, "a value in [0, 1]"),
     }
 
     # The implicit reward is beta * (logp_policy - logp_reference) with train.beta: the DPO loss's own beta.
-    labeller: str = "implicit"  # implicit reward, or any judge spec `selfie eval` takes (reward-model:..., callable:...)
+    # implicit (the implicit reward), bradley-terry (a reward head on pi_init's hidden states, fitted on the seed
+    # pairs), ensemble (the mean implicit reward of seed adapters on bootstrap resamples), or any judge spec `selfie eval` takes (reward-model:..., callable:...): selfie/run/labellers.py
+    labeller: str = "implicit"
     # Defaults chosen by scripts/quality/benchmark.py (docs/BENCHMARKS.md "Quality"): of the rules measured,
     # penalize + auto gave SPA's best held-out score over seed-only DPO; drop + 0 (the old rule) its worst.
     truncated: str = "penalize"  # a response cut at the length limit: drop (never chosen) | penalize | keep
     truncation_penalty: float = 1.0  # subtracted from a truncated response's reward under `penalize`
     length_penalty: float | str = "auto"  # alpha: reward - alpha * tokens; "auto" equalises chosen / rejected lengths
     length_normalize: bool = False
+    # Drop the pairs whose shaped margin is below this quantile of the iteration's (0 = keep all; selfie/labelling/pairs.py)
+    min_margin_quantile: float = added(0.0)
     token_budget: int = 8192  # tokens per judging batch (prompt + response, padded)
+    bradley_terry_l2: float = added(1.0)  # the bradley-terry head's L2 penalty (selfie/labelling/bradley_terry.py)
+    ensemble_size: int = added(4)  # the ensemble labeller's members: seed adapters on bootstrap resamples of the seed
+    min_agreement: float = added(0.0)  # ensemble only: drop the pairs fewer than this share of members agree on
+
+    def check_across(self) -> None:
+        if self.min_agreement and self.labeller != "ensemble":
+            raise self.refuse("set, but only the ensemble labeller has members to agree", "min_agreement", "labeller")
+
+    # The seed stage's label-signal check (selfie/labelling/signal.py): k-fold over the seed pairs, k - 1 extra
+    # seed trainings on (k-1)/k of them; 0 = off. 2 costs about one more seed training.
+    signal_folds: int = 2
 
 
 @dataclass

@@ -9,23 +9,42 @@ pairs are then made the same way whatever the labeller:
 
 |y| is the response's token count as scored. alpha is `length_penalty`, or with `auto` the value that
 makes chosen and rejected equally long on average over the whole iteration (DICE's length-regularised
-reward). The rules (truncated, truncation_penalty, length_penalty) are the recipe's judge section, JudgeConfig,
-whose defaults and ranges are the ones a recipe gets. Pairs keep `margin` = raw score(chosen) - raw score(rejected) and whether each side finished,
-so the trainer can render a truncated response exactly as it was judged (no end-of-turn token).
+reward). With `min_margin_quantile` q > 0, the pairs whose shaped margin (shaped chosen - shaped rejected:
+the labeller's confidence in its pick) is below the q-quantile of the iteration's shaped margins are dropped
+(a confidence filter, the alternative to refine.alpha's label smoothing of low-margin pairs). An ensemble's
+judgments carry each member's rewards: its pairs keep `agreement`, the share of members whose shaped scores rank
+chosen above rejected, and those below `min_agreement` are dropped.
+
+The rules (truncated, truncation_penalty, length_penalty, min_margin_quantile) are the recipe's judge section,
+JudgeConfig, whose defaults and ranges are the ones a recipe gets. Pairs keep `margin` = raw score(chosen) -
+raw score(rejected) and whether each side finished, so the trainer can render a truncated response exactly as
+it was judged (no end-of-turn token).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
+
 from selfie.config.schema import DataConfig, JudgeConfig
 from selfie.errors import SelfieError
 
-DROP_REASONS = ("all_truncated", "identical", "single_response")
+DROP_REASONS = ("all_truncated", "identical", "single_response", "low_margin", "disagreement")
 AUTO_ITERATIONS = 60  # bisection steps for `auto`: alpha to ~1e-18 of its bracket
+
+
+Pick = tuple[int, int, float] | str  # (chosen, rejected, shaped margin), or why the prompt gives no pair
+
+
+def _shaped(scores: Sequence[float], lengths: Sequence[int], finished: Sequence[bool], rules: JudgeConfig, alpha: float):
+    """score - alpha * |y| - the truncation penalty (under `penalize`) of each response."""
+    penalty = rules.truncation_penalty if rules.truncated == "penalize" else 0.0
+    return [s - alpha * n - (0.0 if done else penalty) for s, n, done in zip(scores, lengths, finished)]
 
 
 def _pick(
@@ -35,12 +54,11 @@ def _pick(
     texts: Sequence[str],
     rules: JudgeConfig,
     alpha: float,
-) -> tuple[int, int] | str:
-    """(chosen, rejected) indices of one prompt's responses, or the reason it gives no pair."""
+) -> Pick:
+    """(chosen, rejected, shaped margin) of one prompt's responses, or the reason it gives no pair."""
     if len(texts) < 2:
         return "single_response"
-    penalty = rules.truncation_penalty if rules.truncated == "penalize" else 0.0
-    shaped = [s - alpha * n - (0.0 if done else penalty) for s, n, done in zip(scores, lengths, finished)]
+    shaped = _shaped(scores, lengths, finished, rules, alpha)
     candidates = [i for i, done in enumerate(finished) if done or rules.truncated != "drop"]
     if not candidates:
         return "all_truncated"
@@ -48,10 +66,17 @@ def _pick(
     others = [i for i in range(len(texts)) if texts[i] != texts[chosen]]
     if not others:
         return "identical"
-    return chosen, min(others, key=lambda i: shaped[i])
+    rejected = min(others, key=lambda i: shaped[i])
+    return chosen, rejected, shaped[chosen] - shaped[rejected]
 
 
-def _length_gap(picks: list[tuple[int, int] | str], lengths: list[Sequence[int]]) -> float:
+def _picks(responses: Sequence[dict], judgments: Sequence[dict], rules: JudgeConfig, alpha: float) -> list[Pick]:
+    return [
+        _pick(j["rewards"], j["num_tokens"], r["finished"], r["responses"], rules, alpha) for r, j in zip(responses, judgments)
+    ]
+
+
+def _length_gap(picks: list[Pick], lengths: list[Sequence[int]]) -> float:
     """Mean |chosen| - mean |rejected| over the prompts that give a pair."""
     gaps = [lengths[n][p[0]] - lengths[n][p[1]] for n, p in enumerate(picks) if not isinstance(p, str)]
     return sum(gaps) / len(gaps) if gaps else 0.0
@@ -69,13 +94,7 @@ def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], ru
     lengths = [j["num_tokens"] for j in judgments]
 
     def gap(alpha: float) -> float:
-        return _length_gap(
-            [
-                _pick(j["rewards"], j["num_tokens"], r["finished"], r["responses"], rules, alpha)
-                for r, j in zip(responses, judgments)
-            ],
-            lengths,
-        )
+        return _length_gap(_picks(responses, judgments, rules, alpha), lengths)
 
     if gap(0.0) == 0:
         return 0.0
@@ -107,34 +126,59 @@ def select_pairs(
     rules = JudgeConfig() if rules is None else rules
     keep = dataclasses.replace(rules, truncated="keep")  # what would have been picked had truncation not counted
     alpha = auto_length_penalty(responses, judgments, rules) if rules.length_penalty == "auto" else float(rules.length_penalty)
-    pairs, dropped, by_truncation = [], Counter(), 0
-    for row, judged in zip(responses, judgments):
-        scores, lengths, texts, finished = judged["rewards"], judged["num_tokens"], row["responses"], row["finished"]
-        pick = _pick(scores, lengths, finished, texts, rules, alpha)
+    picks = _picks(responses, judgments, rules, alpha)
+    dropped = Counter(p for p in picks if isinstance(p, str))
+    floor = _margin_floor([p[2] for p in picks if not isinstance(p, str)], rules.min_margin_quantile)
+    pairs, by_truncation = [], 0
+    for row, judged, pick in zip(responses, judgments, picks):
         if isinstance(pick, str):
-            dropped[pick] += 1
             continue
-        chosen, rejected = pick
-        by_truncation += pick != _pick(scores, lengths, finished, texts, keep, alpha)
-        pairs.append(
-            {
-                "prompt_id": row["prompt_id"],
-                "prompt": row["prompt"],
-                "chosen": [{"role": "assistant", "content": texts[chosen]}],
-                "rejected": [{"role": "assistant", "content": texts[rejected]}],
-                "margin": scores[chosen] - scores[rejected],
-                "chosen_finished": finished[chosen],
-                "rejected_finished": finished[rejected],
-                "chosen_tokens": lengths[chosen],
-                "rejected_tokens": lengths[rejected],
-            }
-        )
+        if pick[2] < floor:
+            dropped["low_margin"] += 1
+            continue
+        pair = _pair_row(row, judged, *pick[:2])
+        if "member_rewards" in judged:  # an ensemble's judgment: how many members rank the pair the same way
+            pair["agreement"] = _agreement(judged, row["finished"], pick, rules, alpha)
+            if pair["agreement"] < rules.min_agreement:
+                dropped["disagreement"] += 1
+                continue
+        scores, lengths, texts, finished = judged["rewards"], judged["num_tokens"], row["responses"], row["finished"]
+        by_truncation += pick[:2] != _pick(scores, lengths, finished, texts, keep, alpha)[:2]
+        pairs.append(pair)
     return pairs, {
         "pairs": len(pairs),
         "dropped": {reason: dropped[reason] for reason in DROP_REASONS},
         "length_penalty": alpha,
         **label_diagnostics(pairs, by_truncation),
     }
+
+
+def _pair_row(row: dict, judged: dict, chosen: int, rejected: int) -> dict:
+    """pairs.jsonl's row of one prompt's (chosen, rejected) responses."""
+    scores, lengths, texts, finished = judged["rewards"], judged["num_tokens"], row["responses"], row["finished"]
+    return {
+        "prompt_id": row["prompt_id"],
+        "prompt": row["prompt"],
+        "chosen": [{"role": "assistant", "content": texts[chosen]}],
+        "rejected": [{"role": "assistant", "content": texts[rejected]}],
+        "margin": scores[chosen] - scores[rejected],
+        "chosen_finished": finished[chosen],
+        "rejected_finished": finished[rejected],
+        "chosen_tokens": lengths[chosen],
+        "rejected_tokens": lengths[rejected],
+    }
+
+
+def _agreement(judged: dict, finished: Sequence[bool], pick: tuple[int, int, float], rules: JudgeConfig, alpha: float) -> float:
+    """Share of the ensemble's members whose own shaped scores put the chosen response above the rejected one."""
+    chosen, rejected, _ = pick
+    shaped = [_shaped(rewards, judged["num_tokens"], finished, rules, alpha) for rewards in judged["member_rewards"]]
+    return sum(s[chosen] > s[rejected] for s in shaped) / len(shaped)
+
+
+def _margin_floor(margins: Sequence[float], quantile: float) -> float:
+    """The shaped margin a pair needs to be kept: the `quantile` of the iteration's margins (0: keep every pair)."""
+    return float(np.quantile(margins, quantile)) if quantile and margins else -math.inf
 
 
 def label_diagnostics(pairs: Sequence[dict], decided_by_truncation: int) -> dict:

@@ -17,10 +17,11 @@ from selfie.data import Splits
 from selfie.dist import Ranks, check_topology, process_state
 from selfie.errors import SelfieError, out_of_space
 from selfie.io import atomic_write_json
+from selfie.run.context import StageContext
 from selfie.run.lock import RunLock
 from selfie.run.preflight import preflight
 from selfie.run.rundir import TRAINED, Manifest, open_run
-from selfie.run.stages import STAGE_FUNCTIONS, StageContext
+from selfie.run.stages import STAGE_FUNCTIONS
 from selfie.run.tracking import Tracker, write_summary
 
 logger = logging.getLogger(__name__)

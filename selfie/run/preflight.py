@@ -36,6 +36,7 @@ from selfie.models import (
     quantization_config,
     resolve_dtype,
 )
+from selfie.run.labellers import LABELLERS
 from selfie.run.rundir import CHECKPOINTS, RunContext, check_recipe
 from selfie.tokens import chat_ids
 from selfie.training.arguments import build_dpo_config, dnd_lambda, seed_epochs
@@ -82,7 +83,7 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
         check_max_length(config, tokenizer, seed_prompts or [], "the seed pairs")
     for t in sorted({t for t, stage in todo if stage == "train"} if splits is not None else ()):
         check_max_length(config, tokenizer, [row["prompt"] for row in splits.iterations[t - 1]], f"iteration {t}'s slice")
-    if "judge" in stages and config.judge.labeller != "implicit":
+    if stages & {"seed", "judge"} and config.judge.labeller not in LABELLERS:  # the signal check judges in the seed stage
         check_judge_spec(config.judge.labeller, "judge.labeller", inputs)
     if "eval" in stages:
         sizes["eval"] = check_eval(config, inputs)

@@ -44,6 +44,10 @@ class RunContext:
         RUN/init/model      the representation-edited pi_init (a recipe with `init:`)
         RUN/iter_TTT/       responses.jsonl, judgments.jsonl, pairs.jsonl, adapter/, checkpoints/, metrics.json,
                             eval.json, eval/ (iteration 0 is the seed stage)
+        RUN/iter_000/signal/fold_F.jsonl   the label-signal check's judgments of fold F's held-out seed pairs
+        RUN/iter_000/reward_head/          the bradley-terry labeller's head (judge.labeller: bradley-terry)
+        RUN/iter_000/ensemble/member_M/    the ensemble labeller's seed adapters; iter_TTT/ensemble/member_M.jsonl
+                                           each member's judgments of iteration t
 
     `run_dir` is where the run is now: a moved run directory keeps its config's old output_dir.
     """
@@ -102,6 +106,28 @@ class RunContext:
     def eval_report(self, t: int) -> Path:
         return self.iteration_dir(t) / "eval.json"
 
+    @property
+    def reward_head(self) -> Path:
+        """The bradley-terry labeller's head, fitted in the seed stage (selfie/labelling/bradley_terry.py)."""
+        return self.iteration_dir(0) / "reward_head"
+
+    @property
+    def ensemble(self) -> Path:
+        """The ensemble labeller's members (member_M/adapter), trained in the seed stage (selfie/labelling/ensemble.py)."""
+        return self.iteration_dir(0) / "ensemble"
+
+    def member_judgments(self, t: int) -> Path:
+        """Where each ensemble member's judgments of iteration t go (member_M.jsonl) before they are averaged."""
+        return self.iteration_dir(t) / "ensemble"
+
+    def signal_judgments(self, fold: int) -> Path:
+        """The label-signal check's judgments of one fold's held-out seed pairs (selfie/labelling/signal.py)."""
+        return self.iteration_dir(0) / "signal" / f"fold_{fold}.jsonl"
+
+    def signal_work(self, fold: int) -> Path:
+        """Where the fold's labeller is fitted (its adapter and checkpoints); removed once its judgments are written."""
+        return self.iteration_dir(0) / "signal" / f"fold_{fold}"
+
     def eval_dir(self, t: int) -> Path:
         """The eval stage's responses and per-prompt scores, kept for inspection."""
         return self.iteration_dir(t) / "eval"
@@ -120,12 +146,17 @@ class RunContext:
         """What a completed stage leaves; the manifest records them (relative to RUN) with their checksums."""
         return {
             "init": [self.init_model],
-            "seed": [self.pairs(t), self.adapter(t)],
+            "seed": [self.pairs(t), self.adapter(t)] + self.fitted_labeller,
             "generate": [self.responses(t)],
             "judge": [self.judgments(t), self.pairs(t)],
             "train": [self.adapter(t)],
             "eval": [self.eval_report(t)],
         }[stage]
+
+    @property
+    def fitted_labeller(self) -> list[Path]:
+        """What the seed stage fits for `judge.labeller` beside the seed adapter (none for the implicit reward)."""
+        return {"bradley-terry": [self.reward_head], "ensemble": [self.ensemble]}.get(self.config.judge.labeller, [])
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.run_dir).as_posix()
@@ -387,7 +418,7 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     """Remove what killed runs leave: temporary files and directories, checkpoints cut before completion.
     (Partial generation or scoring output, `*.partial`, is a resume point and stays; wandb/ is wandb's own.)"""
     removed = []
-    for path in sorted(run_dir.rglob(".*")) + sorted(run_dir.glob(f"iter_*/{CHECKPOINTS}/checkpoint-*")):
+    for path in sorted(run_dir.rglob(".*")) + sorted(run_dir.glob(f"iter_*/**/{CHECKPOINTS}/checkpoint-*")):
         if "wandb" in path.relative_to(run_dir).parts[:1] or not path.exists() or not _is_leftover(path):
             continue
         if path.is_dir():

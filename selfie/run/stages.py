@@ -9,34 +9,21 @@ and merged on rank 0; what only rank 0 does (writing pairs, the edit, evaluation
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from selfie.config.schema import AlignEZConfig
-from selfie.data import Splits, seed_preferences
-from selfie.dist import Ranks
+from selfie.data import seed_preferences
 from selfie.edit import alignez_seed_pairs, build_edited_model, work_dir_for
 from selfie.errors import SelfieError
 from selfie.evaluation.compare import evaluate_iteration
 from selfie.evaluation.judges import load_judge
-from selfie.evaluation.labels import label_responses, pair_agreement
+from selfie.evaluation.labels import pair_agreement
 from selfie.generation.generate import generate_responses, load_generator
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from selfie.labelling.implicit_reward import judge_responses
 from selfie.labelling.pairs import select_pairs, with_replay
-from selfie.models import load_generation_config, load_policy, load_tokenizer
-from selfie.run.rundir import RunContext
-from selfie.tokens import stop_token_ids
+from selfie.run.context import StageContext, spec_scores
+from selfie.run.labellers import label_signal, labeller_for
 from selfie.training.stage import TrainOutputs, train_iteration, train_seed
-
-
-@dataclass
-class StageContext(RunContext):
-    """The run's context as the stages see it: its paths and plan, this process's ranks, and the prompt slices."""
-
-    ranks: Ranks
-    splits: Splits | None = None  # from the preflight, on every rank; None when no remaining stage reads prompts
 
 
 def init(ctx: StageContext, t: int) -> dict:
@@ -53,6 +40,10 @@ def seed(ctx: StageContext, t: int) -> dict:
     labels = judge_seed_slice(ctx) if ctx.config.data.seed_judge and not pairs_path.exists() else None
     ctx.ranks.on_main(lambda: write_seed_pairs(ctx))
     metrics = train_seed(ctx.pi_init, read_jsonl(pairs_path), _train_outputs(ctx, 0), ctx.config)
+    fit = labeller_for(ctx.config.judge.labeller).fit
+    if fit:
+        metrics["labeller"] = fit(ctx)
+    metrics["label_signal"] = label_signal(ctx)
     return {**metrics, "labels": labels} if labels else metrics
 
 
@@ -62,11 +53,11 @@ def generate(ctx: StageContext, t: int) -> dict:
 
 
 def judge(ctx: StageContext, t: int) -> dict:
-    """Score the responses (implicit reward of pi_{t-1} against pi_init, or `judge.labeller`), then pairs by the
-    judge rules on rank 0."""
+    """Score the responses by `judge.labeller` (selfie/run/labellers.py; the implicit reward of pi_{t-1} against
+    pi_init by default), then pairs by the judge rules on rank 0."""
     labeller = ctx.config.judge.labeller
     responses = read_jsonl(ctx.responses(t))
-    metrics = (_implicit_rewards if labeller == "implicit" else _labeller_scores)(ctx, t, responses)
+    metrics = labeller_for(labeller).judge(ctx, t, responses)
     labels = ctx.ranks.on_main(lambda: _write_pairs(ctx, t, responses))
     return {**metrics, **labels, "labeller": labeller}
 
@@ -128,39 +119,6 @@ def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | No
     )
 
 
-def _implicit_rewards(ctx: StageContext, t: int, responses: list[dict]) -> dict:
-    """Iteration t's judgments by the implicit reward beta * (log pi_{t-1} - log pi_init), sharded over the ranks."""
-    c = ctx.config
-    return _policy_shards(
-        ctx,
-        ctx.adapter(t - 1),
-        ctx.judgments(t),
-        lambda policy, tokenizer, out, shard: judge_responses(
-            policy, tokenizer, responses, out, None, beta=c.train.beta, judge=c.judge, shard=shard
-        ),
-    )
-
-
-def _policy_shards(ctx: StageContext, adapter: Path | None, final: Path, work: Callable) -> dict:
-    """pi_init + adapter on this rank's device, then `work(model, tokenizer, out, shard)` on this rank's shard of
-    `final` (merged on rank 0); returns the ranks' metrics combined."""
-    model, tokenizer = load_policy(ctx.pi_init, adapter, ctx.config.model, device=ctx.ranks.device)
-    return ctx.ranks.sharded(final, lambda out, shard: work(model, tokenizer, out, shard))
-
-
-def _labeller_scores(ctx: StageContext, t: int, responses: list[dict]) -> dict:
-    """Iteration t's judgments by the `judge.labeller` spec (a reward model, a Python callable, ...)."""
-    return _spec_scores(ctx, ctx.config.judge.labeller, responses, ctx.judgments(t))
-
-
-def _spec_scores(ctx: StageContext, spec: str, responses: list[dict], final: Path) -> dict:
-    """`final`'s judgments of the responses by the judge `spec`, loaded on every rank and sharded over the ranks;
-    each shard resumes from the prompts it had scored when it was interrupted."""
-    judge = load_judge(spec, ctx.config.model.dtype)  # on this rank's device
-    tokenizer, stop_ids = _tokenizer_and_stops(ctx)
-    return ctx.ranks.sharded(final, lambda out, shard: label_responses(judge, responses, out, tokenizer, stop_ids, shard))
-
-
 def write_seed_pairs(ctx: StageContext) -> None:
     """RUN/iter_000/pairs.jsonl from `seed_pairs`, unless judge_seed_slice (or an interrupted seed stage) wrote it."""
     if not ctx.pairs(0).exists():
@@ -186,7 +144,7 @@ def judge_seed_slice(ctx: StageContext) -> dict:
         raise SelfieError("data.seed_judge is set but the seed slice is empty; set data.seed_size")
     generate_metrics = _generate(ctx, 0, ctx.splits.seed, adapter=None, num_responses=2)
     rows = read_jsonl(ctx.responses(0))
-    score_metrics = _spec_scores(ctx, spec, rows, ctx.judgments(0))
+    score_metrics = spec_scores(ctx, spec, rows, ctx.judgments(0))
 
     def label() -> dict:
         judged, judgments = _judged_rows(rows, read_jsonl(ctx.judgments(0)))
@@ -197,11 +155,6 @@ def judge_seed_slice(ctx: StageContext) -> dict:
         return {"judge": spec, **metrics, "generate": generate_metrics, "score": score_metrics}
 
     return ctx.ranks.on_main(label)
-
-
-def _tokenizer_and_stops(ctx: StageContext):
-    tokenizer = load_tokenizer(ctx.pi_init, ctx.config.model)
-    return tokenizer, stop_token_ids(load_generation_config(ctx.pi_init), tokenizer)
 
 
 def _write_pairs(ctx: StageContext, t: int, responses: list[dict]) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from selfie.errors import SelfieError
 from selfie.io import count_lines
+from selfie.labelling.signal import signal_line
 from selfie.run.rundir import RunContext, artifact_problem
 
 
@@ -27,6 +28,9 @@ def status_text(run_dir: str | Path) -> str:
             problem = artifact_problem(path, entry.get("checksums", {}).get(rel))  # the resume would stop on it
             artifacts.append(rel + rows + (f" ({problem.split(' (')[0]})" if problem else ""))
         lines.append(f"  done  iter {entry['iteration']:>2}  {entry['stage']:<8}  {', '.join(artifacts)}")
+        signal = ctx.read_metrics(0).get("seed", {}).get("label_signal") if entry["stage"] == "seed" else None
+        if signal:
+            lines.append(f"        {signal_line(signal)}")
     following = manifest.next_stage(steps)
     if following is None:
         lines.append("  complete")

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from selfie.io import TMP_SUFFIX, atomic_write_text
+from selfie.labelling.signal import signal_line
 from selfie.run.rundir import RunContext
 
 logger = logging.getLogger(__name__)
@@ -27,12 +28,15 @@ def _has_wandb_credentials() -> bool:
         return False
 
 
-def configure_wandb(run_dir: Path) -> None:
-    """Offline mode unless WANDB_MODE or a wandb login says otherwise; run files go under RUN/wandb."""
+def configure_wandb(run_dir: Path) -> Path:
+    """Offline mode unless WANDB_MODE or a wandb login says otherwise; returns where the run files go: under the
+    user's WANDB_DIR, else RUN/wandb (passed to wandb.init, not set in the environment, so a second run in the same
+    process, or a process it starts, writes under its own run directory)."""
     if "WANDB_MODE" not in os.environ and not _has_wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
-    os.environ.setdefault("WANDB_DIR", str(run_dir))
-    (Path(os.environ["WANDB_DIR"]) / "wandb").mkdir(parents=True, exist_ok=True)
+    directory = Path(os.environ.get("WANDB_DIR", run_dir))
+    (directory / "wandb").mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -52,8 +56,7 @@ class Tracker:
     def __init__(self, run_dir: Path, run_name: str, report_to: list[str], config: dict, is_main: bool):
         self.enabled = "wandb" in report_to and is_main
         self.run_dir, self.run_name, self.config = run_dir, run_name, config
-        if "wandb" in report_to:
-            configure_wandb(run_dir)
+        self.wandb_dir = configure_wandb(run_dir) if "wandb" in report_to else None
 
     def start(self, iteration: int) -> None:
         if not self.enabled:
@@ -66,7 +69,7 @@ class Tracker:
             name=f"{self.run_name}-iter{iteration:03d}",
             job_type=f"iteration_{iteration}",
             config={**self.config, "iteration": iteration},
-            dir=os.environ["WANDB_DIR"],
+            dir=self.wandb_dir,
             reinit="finish_previous",
         )
 
@@ -200,6 +203,9 @@ def write_summary(ctx: RunContext) -> str:
     """The run's summary table (its markdown, returned) and plot, from every iteration's metrics."""
     rows = summary_rows({t: ctx.read_metrics(t) for t in range(ctx.config.num_iterations + 1)})
     table = summary_markdown(rows)
+    signal = ctx.read_metrics(0).get("seed", {}).get("label_signal")
+    if signal:
+        table += f"\n{signal_line(signal)}\n"
     atomic_write_text(ctx.summary_file, f"# Run summary: {ctx.run_dir.name}\n\n{table}")
     plot_summary(rows, ctx.summary_plot)
     return table
