@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_signal import learnable_seed, seed_check
 
 from selfie.config.loader import load_recipe
 from selfie.config.schema import JudgeConfig
@@ -12,8 +13,6 @@ from selfie.errors import SelfieError
 from selfie.io import read_jsonl
 from selfie.labelling.ensemble import bootstrap_resample, mean_judgments
 from selfie.labelling.pairs import select_pairs
-
-from test_signal import learnable_seed, seed_check
 
 
 def test_members_resample_the_seed_with_replacement_reproducibly():
