@@ -59,11 +59,16 @@ AGREEMENT = (0.6, 1.0)  # judge.min_agreement arms: pairs most members (2 of 3) 
 L2S = (0.1, 1.0, 10.0)  # judge.bradley_terry_l2 arms
 
 
-def cached(path: Path, make: Callable[[], object]):
-    """`make()`'s JSON result, computed once per work directory (a rerun of the lab reuses it)."""
+def measured(times: dict, name: str, path: Path, make: Callable[[], object]):
+    """`make()`'s JSON result, computed once per work directory with the seconds it took (a rerun of the lab reuses
+    both, so its minutes are those of the run that did the work); the seconds go to `times[name]`."""
     if not path.exists():
-        atomic_write_json(path, make())
-    return read_json(path)
+        start = time.perf_counter()
+        value = make()
+        atomic_write_json(path, {"value": value, "seconds": time.perf_counter() - start})
+    stored = read_json(path)
+    times[name] = stored["seconds"]
+    return stored["value"]
 
 
 def sample(work: Path, seed_run, prompts: list[dict], args: argparse.Namespace) -> list[dict]:
@@ -181,12 +186,13 @@ def by_quartile(outcome: list[float | None], margins: list[float | None]) -> lis
     return [summary([pairs[i][1] for i in q]) | {"margin_max": pairs[q[-1]][0]} for q in quarters if len(q)]
 
 
-def gold_scores(work: Path, rows: list[dict]) -> dict[str, dict[str, float]]:
-    """{prompt_id: {response: the gold scorer's score}}, scored once per distinct response."""
-    judge = load_judge(GOLD)
-    flat = cached(
-        work / "gold.json", lambda: score_unique(judge, [r["prompt"] for r in rows for _ in r["responses"]], flat_texts(rows))
-    )
+def gold_scores(rows: list[dict]) -> list[float]:
+    """The gold scorer's score of every response (each distinct response scored once)."""
+    return score_unique(load_judge(GOLD), [r["prompt"] for r in rows for _ in r["responses"]], flat_texts(rows))
+
+
+def by_response(rows: list[dict], flat: list[float]) -> dict[str, dict[str, float]]:
+    """{prompt_id: {response: score}}."""
     return {row["prompt_id"]: dict(zip(row["responses"], scores)) for row, scores in zip(rows, regroup(rows, flat))}
 
 
@@ -214,7 +220,10 @@ def measure_arms(rows: list[dict], gold: dict, scores: dict, k_values: list[int]
                 dataclasses.replace(ensemble_rules, min_agreement=share),
             )
     baseline = outcomes["implicit, summed, K=2"]["outcome"]
-    arms = {name: summary(result["outcome"], baseline) for name, result in outcomes.items()}
+    # a filter of the default labeller keeps a subset of its pairs, with the same picks: nothing to pair against
+    arms = {
+        name: summary(result["outcome"], None if "min_margin_quantile" in name else baseline) for name, result in outcomes.items()
+    }
     quartiles = {name: by_quartile(o["outcome"], o["margin"]) for name, o in outcomes.items() if name.endswith("K=2")}
     return arms, quartiles
 
@@ -233,27 +242,25 @@ def main() -> None:
     times["seed stage (with the label-signal check)"] = sum(seed_run.read_metrics(0)["times"].values())
     signals["implicit"] = seed_run.read_metrics(0)["seed"]["label_signal"]
     prompts = split_prompts(load_prompts("demo"), args.seed, args.iterations, 42).iterations[0]
-    rows = timed(times, "sampling", lambda: sample(work, seed_run, prompts, args))
-    gold = timed(times, "gold scoring", lambda: gold_scores(work, rows))
+    rows = measured(times, "sampling", work / "sampling.json", lambda: sample(work, seed_run, prompts, args))
+    gold = by_response(rows, measured(times, "gold scoring", work / "gold.json", lambda: gold_scores(rows)))
 
     beta = seed_run.config.train.beta
-    implicit = timed(
-        times,
-        "implicit scoring",
-        lambda: cached(work / "implicit.json", lambda: implicit_scores(seed_run, seed_run.adapter(0), rows, beta)),
+    implicit = measured(
+        times, "implicit scoring", work / "implicit.json", lambda: implicit_scores(seed_run, seed_run.adapter(0), rows, beta)
     )
     head_ctx = labeller_context(seed_run, work, "bradley-terry")
-    heads = timed(
-        times, "bradley-terry fitting and scoring", lambda: cached(work / "heads.json", lambda: head_scores(head_ctx, rows, L2S))
+    heads = measured(times, "bradley-terry fitting and scoring", work / "heads.json", lambda: head_scores(head_ctx, rows, L2S))
+    signals["bradley-terry"] = measured(
+        times, "bradley-terry label-signal check", work / "signal-bradley-terry.json", lambda: label_signal(head_ctx)
     )
-    signals["bradley-terry"] = timed(times, "bradley-terry label-signal check", lambda: label_signal(head_ctx))
     ensemble_ctx = labeller_context(seed_run, work, "ensemble", ensemble_size=args.members)
-    members = timed(
-        times,
-        "ensemble training and scoring",
-        lambda: cached(work / "ensemble.json", lambda: ensemble_scores(ensemble_ctx, rows, beta)),
+    members = measured(
+        times, "ensemble training and scoring", work / "ensemble.json", lambda: ensemble_scores(ensemble_ctx, rows, beta)
     )
-    signals["ensemble"] = timed(times, "ensemble label-signal check", lambda: label_signal(ensemble_ctx))
+    signals["ensemble"] = measured(
+        times, "ensemble label-signal check", work / "signal-ensemble.json", lambda: label_signal(ensemble_ctx)
+    )
 
     labellers = {"implicit, summed": implicit["summed"], "implicit, per token": implicit["per_token"]}
     labellers |= {f"bradley-terry, l2 {l2}": values for l2, values in heads.items()}
@@ -275,13 +282,6 @@ def main() -> None:
     write_section("Label lab", report(results))
     print(report(results))
     print(f"written to {docs_dir()}")
-
-
-def timed(times: dict, name: str, make: Callable[[], object]):
-    start = time.perf_counter()
-    result = make()
-    times[name] = time.perf_counter() - start
-    return result
 
 
 def _pct(value: float) -> str:
@@ -307,12 +307,15 @@ def report(r: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, a in r["arms"].items():
-        v = a["vs_baseline"]
-        lines.append(
-            f"| {name} | {a['n']} | {_pct(a['agreement'])} | [{_pct(a['ci95'][0])}, {_pct(a['ci95'][1])}] | "
-            f"{v['diff'] * 100:+.1f} pts | [{v['ci95'][0] * 100:+.1f}, {v['ci95'][1] * 100:+.1f}] |"
-        )
-    lines += ["", "Agreement by margin quarter (lowest margins first), K=2: does a larger margin mean a truer label?", ""]
+        v = a.get("vs_baseline")
+        versus = f"{v['diff'] * 100:+.1f} pts | [{v['ci95'][0] * 100:+.1f}, {v['ci95'][1] * 100:+.1f}]" if v else "its subset | -"
+        lines.append(f"| {name} | {a['n']} | {_pct(a['agreement'])} | [{_pct(a['ci95'][0])}, {_pct(a['ci95'][1])}] | {versus} |")
+    lines += [
+        "",
+        "Agreement by quarter of the raw margin (score chosen - score rejected, lowest first), K=2: does a larger margin mean "
+        "a truer label? (`judge.min_margin_quantile` filters by the shaped margin, after the length and truncation terms.)",
+        "",
+    ]
     lines += ["| labeller | " + " | ".join(f"quarter {i}" for i in range(1, 5)) + " |", "|---|---|---|---|---|"]
     for name, quarters in r["margin_quartiles"].items():
         cells = [f"{_pct(q['agreement'])} [{_pct(q['ci95'][0])}, {_pct(q['ci95'][1])}]" for q in quarters]
