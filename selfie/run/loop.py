@@ -54,7 +54,8 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
         return write_summary(ctx) if ranks.is_main else ""
     except BaseException as e:
         tracker.finish(failed=True)  # now, so that wandb's closing lines come before the error line
-        if isinstance(e, (OSError, RuntimeError)) and out_of_space(e, ctx.run_dir):
+        # any library's error (safetensors' SafetensorError is neither OSError nor RuntimeError), not selfie's own line
+        if isinstance(e, Exception) and not isinstance(e, SelfieError) and out_of_space(e, ctx.run_dir):
             raise SelfieError(
                 f"{ctx.run_dir}: no space left on device during {where}; free some space and run "
                 "the same command again: it resumes from the last completed step"
