@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.edit.hidden import decoder_layers, encode, pad_batch, run_to_layers
+from selfie.edit.hidden import Encoded, collect_states, decoder_layers, encode
 from selfie.io import atomic_directory
 from selfie.tokens import pad_token_id
 
@@ -30,7 +30,6 @@ HEAD_FILE = "head.safetensors"
 STD_FLOOR = 1e-6  # a feature constant over the seed responses is left unscaled rather than divided by ~0
 
 
-@torch.no_grad()
 def response_features(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -38,21 +37,13 @@ def response_features(
     responses: Sequence[str],
     batch_size: int = 8,
 ) -> torch.Tensor:
-    """phi of each (prompt, response): [N, hidden] float64 on the CPU, from batches of similar lengths."""
+    """phi of each (prompt, response): [N, hidden] float64 on the CPU. The response's span is widened by one to the
+    prompt's last position (the one that predicts its first token), so collect_states' mean over it is never empty."""
     items = [encode(tokenizer, prompt, response) for prompt, response in zip(prompts, responses)]
-    last, pad_id = len(decoder_layers(model)) - 1, pad_token_id(tokenizer)
-    device = next(model.parameters()).device
-    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
-    features: list[torch.Tensor | None] = [None] * len(items)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        chunk = [items[i] for i in idx]
-        batch = pad_batch(chunk, pad_id, "left", device)
-        states = run_to_layers(model, batch, [last])[last]
-        for b, (i, item) in enumerate(zip(idx, chunk)):
-            begin = batch.offsets[b] + item.prompt_len - 1  # the position that predicts the first response token
-            features[i] = states[b, begin : batch.offsets[b] + len(item.ids)].double().mean(dim=0).cpu()
-    return torch.stack(features)
+    widened = [Encoded(item.ids, item.prompt_len - 1) for item in items]
+    last = len(decoder_layers(model)) - 1
+    states = collect_states(model, widened, pad_token_id(tokenizer), layers=[last], mode="mean", batch_size=batch_size)
+    return states[:, 0].double()
 
 
 @dataclass

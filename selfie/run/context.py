@@ -46,4 +46,9 @@ def judge_shards(ctx: StageContext, judge: Judge, responses: list[dict], final: 
 def tokenizer_and_stops(ctx: StageContext):
     """pi_init's tokenizer and the token ids that end its responses."""
     tokenizer = load_tokenizer(ctx.pi_init, ctx.config.model)
-    return tokenizer, stop_token_ids(load_generation_config(ctx.pi_init), tokenizer)
+    return tokenizer, stop_ids_of(ctx, tokenizer)
+
+
+def stop_ids_of(ctx: StageContext, tokenizer) -> set[int]:
+    """The token ids that end pi_init's responses (its generation config's and the tokenizer's)."""
+    return stop_token_ids(load_generation_config(ctx.pi_init), tokenizer)

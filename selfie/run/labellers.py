@@ -28,7 +28,7 @@ from selfie.labelling.ensemble import bootstrap_resample, mean_judgments
 from selfie.labelling.implicit_reward import judge_responses
 from selfie.labelling.signal import fold_indices, heldout_rows, signal_accuracy, signal_line, weak
 from selfie.models import load_policy
-from selfie.run.context import StageContext, judge_shards, policy_shards, spec_scores, tokenizer_and_stops
+from selfie.run.context import StageContext, judge_shards, policy_shards, spec_scores, stop_ids_of
 from selfie.run.rundir import ADAPTER, CHECKPOINTS
 from selfie.training.stage import TrainOutputs, train_seed
 
@@ -64,12 +64,11 @@ def _implicit_judgments(ctx: StageContext, adapter: Path, responses: list[dict],
 
 def _implicit_fold(ctx: StageContext, fold: int, train_pairs: list[dict], rows: list[dict]) -> None:
     """A seed adapter trained on the other folds (the recipe's seed training, not reported to the trackers) judges
-    the held-out rows by the implicit reward, as iteration 1's labeller would; then its work directory goes."""
+    the held-out rows by the implicit reward, as iteration 1's labeller would."""
     work = ctx.signal_work(fold)
     outputs = TrainOutputs(adapter=work / ADAPTER, checkpoints=work / CHECKPOINTS)
     train_seed(ctx.pi_init, train_pairs, outputs, _untracked(ctx.config))
     _implicit_judgments(ctx, outputs.adapter, rows, ctx.signal_judgments(fold))
-    ctx.ranks.on_main(lambda: shutil.rmtree(work))
 
 
 # ---- a judge spec (reward model, callable)
@@ -111,8 +110,7 @@ def _head_fold(ctx: StageContext, fold: int, train_pairs: list[dict], rows: list
     def judge() -> None:
         model, tokenizer = load_policy(ctx.pi_init, None, ctx.config.model, device=ctx.ranks.device)
         head = fit_on_pairs(model, tokenizer, train_pairs, ctx.config.judge.bradley_terry_l2)
-        _, stop_ids = tokenizer_and_stops(ctx)
-        judged = score_responses(BradleyTerryJudge(model, tokenizer, head), rows, tokenizer, stop_ids)
+        judged = score_responses(BradleyTerryJudge(model, tokenizer, head), rows, tokenizer, stop_ids_of(ctx, tokenizer))
         atomic_write_jsonl(ctx.signal_judgments(fold), judged)
 
     ctx.ranks.on_main(judge)
@@ -157,11 +155,10 @@ def _ensemble_judge(ctx: StageContext, t: int, responses: list[dict]) -> dict:
 
 
 def _ensemble_fold(ctx: StageContext, fold: int, train_pairs: list[dict], rows: list[dict]) -> None:
-    """Members trained on resamples of the other folds judge the held-out rows; then their work directory goes."""
+    """Members trained on resamples of the other folds judge the held-out rows."""
     work = ctx.signal_work(fold)
     _train_members(ctx, train_pairs, work)
     _ensemble_judgments(ctx, work, rows, work, ctx.signal_judgments(fold))
-    ctx.ranks.on_main(lambda: shutil.rmtree(work))
 
 
 def _untracked(config: RecipeConfig) -> RecipeConfig:
@@ -200,6 +197,9 @@ def label_signal(ctx: StageContext) -> dict:
         if not ctx.signal_judgments(fold).exists():
             kept = set(held)
             labeller_for(c.judge.labeller).fold(ctx, fold, [p for i, p in enumerate(pairs) if i not in kept], rows)
+        # what the fold's labeller fitted (adapters) goes once its judgments are in, also after a kill in between
+        work = ctx.signal_work(fold)
+        ctx.ranks.on_main(lambda work=work: shutil.rmtree(work, ignore_errors=True))
         judged.append((rows, read_jsonl(ctx.signal_judgments(fold))))
     signal = {"folds": folds, "labeller": c.judge.labeller, **signal_accuracy(judged, c.judge, c.seed)}
     signal["seconds"] = round(time.perf_counter() - started, 2)
