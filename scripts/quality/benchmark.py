@@ -117,27 +117,44 @@ def run(values: dict, copy_seed_from: RunContext | None = None) -> tuple[RunCont
 
 
 def evaluate(
-    work: Path, name: str, adapter: Path | None, prompts: list[dict], args: argparse.Namespace, judge, model: str = "smollm2-135m"
+    work: Path,
+    name: str,
+    adapter: Path | None,
+    prompts: list[dict],
+    args: argparse.Namespace,
+    judge,
+    model: str = "smollm2-135m",
+    samples: int = 1,
 ) -> dict:
-    """One answer per held-out prompt (fixed seeds), scored by the gold judge; cached in work/eval/NAME.json."""
+    """`samples` answers per held-out prompt (fixed seeds, the same for every arm), scored by the gold judge; a
+    prompt's score and length are its answers' means. Cached in work/eval/NAME.json."""
     cache = work / "eval" / f"{name}.json"
     if cache.exists():
         return read_json(cache)
     start = time.perf_counter()
-    texts = generate_one(
-        model,
-        adapter,
-        prompts,
-        work / "eval" / f"{name}.jsonl",
-        dtype="float32",
-        max_new_tokens=args.max_new_tokens,
-        temperature=0.7,
-        top_p=1.0,
-        seed=1234,
-        batch_size=16,
-    )
-    scores = score_unique(judge, [row["prompt"] for row in prompts], texts)
-    result = {"scores": scores, "lengths": [len(t) for t in texts], "seconds": time.perf_counter() - start}
+    scores, lengths = [], []
+    for i in range(samples):
+        texts = generate_one(
+            model,
+            adapter,
+            prompts,
+            work / "eval" / (f"{name}.jsonl" if samples == 1 else f"{name}-{i}.jsonl"),
+            dtype="float32",
+            max_new_tokens=args.max_new_tokens,
+            temperature=0.7,
+            top_p=1.0,
+            seed=1234 + 1000 * i,
+            batch_size=16,
+            backend="auto",
+        )
+        scores.append(score_unique(judge, [row["prompt"] for row in prompts], texts))
+        lengths.append([len(t) for t in texts])
+    result = {
+        "scores": np.mean(scores, axis=0).tolist(),
+        "lengths": np.mean(lengths, axis=0).tolist(),
+        "samples": samples,
+        "seconds": time.perf_counter() - start,
+    }
     atomic_write_json(cache, result)
     return result
 

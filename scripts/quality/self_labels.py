@@ -1,0 +1,219 @@
+"""Do SPA's self-labels make the model better? SPA end to end against seed-only and all-gold DPO, per training seed.
+
+The quality benchmark's set-up (scripts/quality/benchmark.py: SmolLM2-135M-Instruct + LoRA, the demo prompts cut
+by the loop's split, the relevance scorer as gold), sized like the label lab (a 40-prompt gold seed), with:
+- gold labels made under `judge.truncated: keep` (the scorer's own preference: no truncation rule over it);
+- every held-out prompt answered `samples` times (fixed seeds, the same for every arm), scored by their mean;
+- the check first: all-gold DPO against seed-only DPO, whose gap SPA is to close;
+- the label-signal check of each lever (the run's own code: selfie/run/labellers.py), before any iteration;
+- the first training seed with every arm, each further seed with the `--repeat` levers.
+
+Arms per training seed: seed-only DPO (the gold seed), all-gold DPO (gold labels for every training prompt), SPA 1 / 2
+with each lever (the recipe's label rules plus the lever's judge keys; iterations self-labelled); on the first seed also
+shipped and gold-iterative 1 / 2 (the same loop labelled by the scorer). Differences are paired by prompt, intervals are
+95% bootstrap over the held-out prompts.
+
+    python -m scripts.quality.self_labels [--training-seeds 42 43] [--levers default ensemble-unanimous] [--quick]
+
+Results: docs/BENCHMARKS.md "Self-labels end to end" and docs/bench/self_labels.json. Run alone. About 60 minutes for
+the first training seed with two levers, 30 for each further seed on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from selfie.config.loader import load_recipe
+from selfie.config.schema import JudgeConfig
+from selfie.data import load_prompts, split_prompts
+from selfie.dist import Ranks, process_state
+from selfie.evaluation.judges import load_judge
+from selfie.evaluation.stats import bootstrap_ci
+from selfie.run.context import StageContext
+from selfie.run.labellers import label_signal, labeller_for
+from selfie.run.rundir import RunContext
+
+from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_section
+from scripts.quality.benchmark import GOLD, _ci, _pct, evaluate, label_report, paired, recipe, run
+from scripts.quality.label_lab import labeller_context, measured
+
+SIZES = {"seed": 40, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96, "samples": 2}
+QUICK = {"seed": 6, "iterations": [6, 6], "held_out": 6, "max_new_tokens": 16, "samples": 2, "training_seeds": [42, 43]}
+GOLD_RULES = {"truncated": "keep", "length_penalty": 0.0, "signal_folds": 0}  # the check runs under each lever's rules
+SPA_RULES = {"truncated": JudgeConfig.truncated, "length_penalty": JudgeConfig.length_penalty, "signal_folds": 0}
+LEVERS = {  # judge keys over the recipe's rules; the lab's best (docs/BENCHMARKS.md "Label lab")
+    "default": {},
+    "ensemble-unanimous": {"labeller": "ensemble", "ensemble_size": 3, "min_agreement": 1.0},
+}
+
+
+def spa_run(args, work: Path, seed_run: RunContext, name: str, training_seed: int, judge: dict) -> tuple[RunContext, float]:
+    """Two self-labelled iterations continuing a copy of the seed run. A labeller fitted in the seed stage (the
+    ensemble's members) is fitted into the copy first, by the seed stage's own code, on the same seed pairs."""
+    values = recipe(args, work, name, num_iterations=2, seed=training_seed, judge={**SPA_RULES, **judge})
+    ctx = RunContext.for_recipe(load_recipe(None, values))
+    fit, start = labeller_for(ctx.config.judge.labeller).fit, time.perf_counter()
+    if fit and not ctx.run_dir.exists():
+        shutil.copytree(seed_run.run_dir, ctx.run_dir)
+        fit(StageContext(ctx.config, ctx.run_dir, Ranks(process_state())))
+    fit_seconds = time.perf_counter() - start
+    spa, seconds = run(values, seed_run)
+    return spa, seconds + fit_seconds
+
+
+def one_seed(args, work: Path, training_seed: int, levers: list[str], first: bool, held_out, judge, shipped) -> dict:
+    """Every arm of one training seed, each paired against that seed's seed-only DPO."""
+    work = work / f"seed-{training_seed}"
+    evaluated = lambda name, adapter: evaluate(work, name, adapter, held_out, args, judge, samples=args.samples)  # noqa: E731
+    seed_run, seed_seconds = run(recipe(args, work, "seed", seed=training_seed, judge=GOLD_RULES))
+    arms = {"seed-only DPO": evaluated("seed-only", seed_run.adapter(0))}
+    everything = args.seed + sum(args.iterations)
+    all_gold, gold_seconds = run(
+        recipe(
+            args, work, "all-gold", seed=training_seed, judge=GOLD_RULES, data={"seed_size": everything, "iteration_sizes": []}
+        )
+    )
+    arms["all-gold DPO"] = evaluated("all-gold", all_gold.adapter(0))
+    minutes = {"seed run": seed_seconds / 60, "all-gold run": gold_seconds / 60}
+    if first:
+        gold_iter, seconds = run(
+            recipe(args, work, "gold-iterative", num_iterations=2, seed=training_seed, judge={**GOLD_RULES, "labeller": GOLD}),
+            seed_run,
+        )
+        minutes["gold-iterative runs"] = seconds / 60
+        arms |= {f"gold-iterative {t}": evaluated(f"gold-iterative-{t}", gold_iter.adapter(t)) for t in (1, 2)}
+    lever_rows = {}
+    for lever in levers:
+        rules = {**SPA_RULES, **LEVERS[lever], "signal_folds": 2}
+        check_ctx = labeller_context(seed_run, work / lever, rules.pop("labeller", "implicit"), **rules)
+        times: dict[str, float] = {}
+        signal = measured(times, "check", work / lever / "signal.json", lambda ctx=check_ctx: label_signal(ctx))
+        spa, seconds = spa_run(args, work, seed_run, f"spa-{lever}", training_seed, LEVERS[lever])
+        arms |= {f"SPA {t} ({lever})": evaluated(f"spa-{lever}-{t}", spa.adapter(t)) for t in (1, 2)}
+        lever_rows[lever] = {
+            "label_signal": signal,
+            "labels": label_report(spa, judge),
+            "minutes": {"label-signal check": times["check"] / 60, "2 iterations": seconds / 60},
+        }
+    baseline = arms["seed-only DPO"]
+    if shipped is not None:
+        arms = {"shipped": shipped, **arms}
+    summary = {name: summarise(arm, baseline, args.n_boot) for name, arm in arms.items()}
+    gap = summary["all-gold DPO"]["vs_seed_only"]
+    for lever, row in lever_rows.items():  # the share of the gap closed is defined only when the gap is shown
+        closed = summary[f"SPA 2 ({lever})"]["vs_seed_only"]["diff"]
+        row["gap_closed"] = closed / gap["diff"] if gap["ci95"][0] > 0 else None
+    minutes["evaluations"] = sum(arm["seconds"] for arm in arms.values()) / 60
+    return {"arms": summary, "levers": lever_rows, "minutes": minutes}
+
+
+def summarise(arm: dict, baseline: dict, n_boot: int) -> dict:
+    return {
+        "score_mean": float(np.mean(arm["scores"])),
+        "ci95": bootstrap_ci(np.asarray(arm["scores"]), n_boot, 0),
+        "length_mean": float(np.mean(arm["lengths"])),
+        "vs_seed_only": paired(arm, baseline, n_boot),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--training-seeds", type=int, nargs="+", default=[42, 43], help="the recipe's seed, one set of runs each")
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS), help="SPA arms on the first seed")
+    parser.add_argument("--repeat", nargs="+", default=["default"], choices=list(LEVERS), help="SPA arms on the other seeds")
+    parser.add_argument(
+        "--gap-only", action="store_true", help="only the check: shipped, seed-only and all-gold DPO on each training seed"
+    )
+    parser.add_argument("--work", default="/tmp/selfie-bench-self-labels", help="run directories and cached answers")
+    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.set_defaults(**SIZES)
+    args = parse_args(parser, QUICK)
+    work = Path(args.work) / ("quick" if args.quick else "full")
+
+    held_out = split_prompts(load_prompts("demo"), args.seed, args.iterations, 42).held_out[: args.held_out]
+    judge = load_judge(GOLD)
+    shipped = evaluate(work, "shipped", None, held_out, args, judge, samples=args.samples)
+    seeds = {}
+    for i, training_seed in enumerate(args.training_seeds):
+        levers = [] if args.gap_only else args.levers if i == 0 else args.repeat
+        first = i == 0 and not args.gap_only  # the gold-iterative arms
+        seeds[str(training_seed)] = one_seed(
+            args, work, training_seed, levers, first, held_out, judge, shipped if i == 0 else None
+        )
+    results = {
+        "machine": machine(),
+        "sizes": {k: getattr(args, k) for k in SIZES},
+        "held_out_prompts": len(held_out),
+        "scorer": GOLD,
+        "levers": {} if args.gap_only else {name: LEVERS[name] for name in dict.fromkeys([*args.levers, *args.repeat])},
+        "seeds": seeds,
+    }
+    save_raw("self_labels", results)
+    write_section("Self-labels end to end", report(results))
+    print(report(results))
+    print(f"written to {docs_dir()}")
+
+
+def _verdict(v: dict) -> str:
+    return "above" if v["ci95"][0] > 0 else "below" if v["ci95"][1] < 0 else "within noise of"
+
+
+def report(results: dict) -> str:
+    sizes = results["sizes"]
+    lines = [
+        f"`python -m scripts.quality.self_labels` on {results['machine']}: SmolLM2-135M-Instruct (float32) + LoRA r 16, the "
+        f"demo prompts cut by the loop's split (a seed of {sizes['seed']} prompts labelled by the scorer under "
+        f"`judge.truncated: keep`, iterations {sizes['iterations']} prompts, {results['held_out_prompts']} held-out "
+        f"prompts), {sizes['max_new_tokens']} new tokens, lr 2e-4, seed 2 epochs, iterations 1 epoch, SPA under the "
+        "recipe's label rules (penalize + auto). Scorer: relevance (all-MiniLM-L6-v2, `scripts/quality/scorer.py`). Each "
+        f"arm answers every held-out prompt {sizes['samples']} times (the same sampling seeds for every arm); a prompt "
+        "scores its answers' mean; differences to the same training seed's seed-only DPO are paired by prompt; 95% "
+        "bootstrap intervals over the prompts. Levers: "
+        + "; ".join(f"`{name}` {rules or 'the recipe as it is'}" for name, rules in results["levers"].items())
+        + "."
+    ]
+    for seed, r in results["seeds"].items():
+        lines += [
+            "",
+            f"Training seed {seed} (minutes: {', '.join(f'{k} {v:.1f}' for k, v in r['minutes'].items())}):",
+            "",
+            "| arm | mean score | 95% CI | mean length (chars) | vs seed-only DPO | 95% CI |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, a in r["arms"].items():
+            v = a["vs_seed_only"]
+            lines.append(
+                f"| {name} | {a['score_mean']:.4f} | [{a['ci95'][0]:.4f}, {a['ci95'][1]:.4f}] | {a['length_mean']:.0f} "
+                f"| {v['diff']:+.4f} | {_ci(v['ci95'])} |"
+            )
+        lines += (
+            []
+            if not r["levers"]
+            else [
+                "",
+                "| lever | label-signal check beforehand | pairs (it. 1 / 2) | agree with scorer (it. 1 / 2) "
+                "| SPA 2 vs seed-only DPO | SPA 2 closes of the gap | minutes (check, iterations) |",
+                "|---|---|---|---|---|---|---|",
+            ]
+        )
+        for lever, row in r["levers"].items():
+            s, labels = row["label_signal"], row["labels"]
+            v = r["arms"][f"SPA 2 ({lever})"]["vs_seed_only"]
+            lines.append(
+                f"| {lever} | {s['accuracy']:.1%} [{s['ci95_low']:.1%}, {s['ci95_high']:.1%}] of {s['n']} "
+                f"| {' / '.join(str(x['pairs']) for x in labels)} | {' / '.join(_pct(x['gold_agreement']) for x in labels)} "
+                f"| {_verdict(v)} ({v['diff']:+.4f}) | {_pct(row['gap_closed'])} "
+                f"| {row['minutes']['label-signal check']:.1f}, {row['minutes']['2 iterations']:.1f} |"
+            )
+        gap = r["arms"]["all-gold DPO"]["vs_seed_only"]
+        lines += ["", f"All-gold DPO is {_verdict(gap)} seed-only DPO ({gap['diff']:+.4f}, {_ci(gap['ci95'])})."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
