@@ -15,8 +15,9 @@ shipped and gold-iterative 1 / 2 (the same loop labelled by the scorer). Differe
 
     python -m scripts.quality.self_labels [--training-seeds 42 43] [--levers default ensemble-unanimous] [--quick]
 
-Results: docs/BENCHMARKS.md "Self-labels end to end" and docs/bench/self_labels.json. Run alone. About 60 minutes for
-the first training seed with two levers, 30 for each further seed on 2 cores.
+Results: docs/BENCHMARKS.md "Self-labels end to end" and docs/bench/self_labels.json. Run alone. --gap-only on one
+training seed took 30 minutes on 2 cores (the all-gold run 19 of them); every SPA arm adds two iterations and their
+evaluations.
 """
 
 from __future__ import annotations
