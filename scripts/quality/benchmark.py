@@ -190,15 +190,22 @@ def label_report(ctx: RunContext, judge) -> list[dict]:
     return rows
 
 
-def summarise(arm: dict, seed_only: dict, shipped: dict, n_boot: int) -> dict:
-    scores = np.asarray(arm["scores"])
+def scored(arm: dict, n_boot: int) -> dict:
+    """An evaluated arm's mean score with its 95% bootstrap interval over prompts, and its mean answer length."""
     return {
-        "score_mean": float(scores.mean()),
-        "ci95": bootstrap_ci(scores, n_boot, 0),
+        "score_mean": float(np.mean(arm["scores"])),
+        "ci95": bootstrap_ci(np.asarray(arm["scores"]), n_boot, 0),
         "length_mean": float(np.mean(arm["lengths"])),
-        "vs_seed_only": paired(arm, seed_only, n_boot),
-        "vs_shipped": paired(arm, shipped, n_boot),
     }
+
+
+def score_cells(row: dict) -> str:
+    """A table's `mean score | 95% CI | mean length (chars)` cells of a `scored` row."""
+    return f"{row['score_mean']:.4f} | [{row['ci95'][0]:.4f}, {row['ci95'][1]:.4f}] | {row['length_mean']:.0f}"
+
+
+def summarise(arm: dict, seed_only: dict, shipped: dict, n_boot: int) -> dict:
+    return {**scored(arm, n_boot), "vs_seed_only": paired(arm, seed_only, n_boot), "vs_shipped": paired(arm, shipped, n_boot)}
 
 
 def main() -> None:
@@ -346,11 +353,8 @@ def edit_arms(args: argparse.Namespace, work: Path, held_out: list[dict], judge,
             )
     rows = {}
     for name, (arm, counterpart) in arms.items():
-        scores = np.asarray(arm["scores"])
         rows[name] = {
-            "score_mean": float(scores.mean()),
-            "ci95": bootstrap_ci(scores, args.n_boot, 0),
-            "length_mean": float(np.mean(arm["lengths"])),
+            **scored(arm, args.n_boot),
             "counterpart": counterpart,
             "vs_counterpart": paired(arm, counterparts[counterpart], args.n_boot),
         }
@@ -403,10 +407,7 @@ def report(results: dict) -> str:
     ]
     for name, r in rows:
         v, w = r["vs_seed_only"], r["vs_shipped"]
-        lines.append(
-            f"| {name} | {r['score_mean']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | {r['length_mean']:.0f} "
-            f"| {v['diff']:+.4f} | {_ci(v['ci95'])} | {w['diff']:+.4f} | {_ci(w['ci95'])} |"
-        )
+        lines.append(f"| {name} | {score_cells(r)} | {v['diff']:+.4f} | {_ci(v['ci95'])} | {w['diff']:+.4f} | {_ci(w['ci95'])} |")
     lines += [
         "",
         "Self-labels per configuration (`judge.truncated:judge.length_penalty`), iterations 1 / 2:",
@@ -453,8 +454,7 @@ def edit_report(results: dict) -> str:
     for name, x in e["arms"].items():
         v = x["vs_counterpart"]
         lines.append(
-            f"| {name} | {x['score_mean']:.4f} | [{x['ci95'][0]:.4f}, {x['ci95'][1]:.4f}] | {x['length_mean']:.0f} | "
-            f"{x['counterpart']} | {v['diff']:+.4f} | {_ci(v['ci95'])} | {_verdict(v['ci95'])} |"
+            f"| {name} | {score_cells(x)} | {x['counterpart']} | {v['diff']:+.4f} | {_ci(v['ci95'])} | {_verdict(v['ci95'])} |"
         )
     lines += [
         "",

@@ -27,20 +27,17 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from selfie.config.loader import load_recipe
 from selfie.config.schema import JudgeConfig
 from selfie.data import load_prompts, split_prompts
 from selfie.dist import Ranks, process_state
 from selfie.evaluation.judges import load_judge
-from selfie.evaluation.stats import bootstrap_ci
 from selfie.run.context import StageContext
 from selfie.run.labellers import label_signal, labeller_for
 from selfie.run.rundir import RunContext
 
 from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_section
-from scripts.quality.benchmark import GOLD, _ci, _pct, evaluate, label_report, paired, recipe, run
+from scripts.quality.benchmark import GOLD, _ci, _pct, evaluate, label_report, paired, recipe, run, score_cells, scored
 from scripts.quality.label_lab import labeller_context, measured
 
 SIZES = {"seed": 40, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96, "samples": 2}
@@ -70,7 +67,10 @@ def spa_run(args, work: Path, seed_run: RunContext, name: str, training_seed: in
 def one_seed(args, work: Path, training_seed: int, levers: list[str], first: bool, held_out, judge, shipped) -> dict:
     """Every arm of one training seed, each paired against that seed's seed-only DPO."""
     work = work / f"seed-{training_seed}"
-    evaluated = lambda name, adapter: evaluate(work, name, adapter, held_out, args, judge, samples=args.samples)  # noqa: E731
+
+    def evaluated(name: str, adapter: Path) -> dict:
+        return evaluate(work, name, adapter, held_out, args, judge, samples=args.samples)
+
     seed_run, seed_seconds = run(recipe(args, work, "seed", seed=training_seed, judge=GOLD_RULES))
     arms = {"seed-only DPO": evaluated("seed-only", seed_run.adapter(0))}
     everything = args.seed + sum(args.iterations)
@@ -104,22 +104,15 @@ def one_seed(args, work: Path, training_seed: int, levers: list[str], first: boo
     baseline = arms["seed-only DPO"]
     if shipped is not None:
         arms = {"shipped": shipped, **arms}
-    summary = {name: summarise(arm, baseline, args.n_boot) for name, arm in arms.items()}
+    summary = {
+        name: {**scored(arm, args.n_boot), "vs_seed_only": paired(arm, baseline, args.n_boot)} for name, arm in arms.items()
+    }
     gap = summary["all-gold DPO"]["vs_seed_only"]
     for lever, row in lever_rows.items():  # the share of the gap closed is defined only when the gap is shown
         closed = summary[f"SPA 2 ({lever})"]["vs_seed_only"]["diff"]
         row["gap_closed"] = closed / gap["diff"] if gap["ci95"][0] > 0 else None
     minutes["evaluations"] = sum(arm["seconds"] for arm in arms.values()) / 60
     return {"arms": summary, "levers": lever_rows, "minutes": minutes}
-
-
-def summarise(arm: dict, baseline: dict, n_boot: int) -> dict:
-    return {
-        "score_mean": float(np.mean(arm["scores"])),
-        "ci95": bootstrap_ci(np.asarray(arm["scores"]), n_boot, 0),
-        "length_mean": float(np.mean(arm["lengths"])),
-        "vs_seed_only": paired(arm, baseline, n_boot),
-    }
 
 
 def main() -> None:
@@ -188,10 +181,7 @@ def report(results: dict) -> str:
         ]
         for name, a in r["arms"].items():
             v = a["vs_seed_only"]
-            lines.append(
-                f"| {name} | {a['score_mean']:.4f} | [{a['ci95'][0]:.4f}, {a['ci95'][1]:.4f}] | {a['length_mean']:.0f} "
-                f"| {v['diff']:+.4f} | {_ci(v['ci95'])} |"
-            )
+            lines.append(f"| {name} | {score_cells(a)} | {v['diff']:+.4f} | {_ci(v['ci95'])} |")
         lines += (
             []
             if not r["levers"]
