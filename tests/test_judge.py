@@ -8,8 +8,11 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import selfie.labelling.implicit_reward as jud
+import selfie.scoring
 from selfie.cli.generate import add_generate_args, run_generate_command
 from selfie.cli.judge import add_judge_args, run_judge_command
 from selfie.config.schema import JudgeConfig
@@ -74,8 +77,30 @@ def judge(policy, tmp_path, rows=ROWS, **kwargs) -> tuple[list[dict], list[dict]
     return read_jsonl(tmp_path / "j.jsonl"), read_jsonl(tmp_path / "p.jsonl"), metrics
 
 
-def test_rewards_equal_a_hand_computation(policy, tmp_path):
+def causal_only(module, query, key, value, attention_mask, **kwargs):
+    """An attention implementation that, like flash-attention, applies only the causal mask it assumes."""
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=query.shape[2] > 1, **kwargs)
+
+
+AttentionInterface.register("causal_only", causal_only)
+# every implementation a recipe can set that runs here (flash-attention and flex attention do not run on this CPU
+# machine), and one that ignores a 4-D mask as flash-attention does
+IMPLEMENTATIONS = ["eager", "sdpa", "causal_only"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def attention(policy, request):
+    model, _ = policy
+    model.set_attn_implementation(request.param)
+    yield request.param
+    model.set_attn_implementation("sdpa")
+
+
+def test_rewards_equal_a_hand_computation(policy, attention, tmp_path):
+    """Packed rows (eager, sdpa) or a row per response (any other implementation) give each response's own log-prob."""
     model, tokenizer = policy
+    assert selfie.scoring.takes_packed_rows(model) == (attention != "causal_only")
     judgments, _, _ = judge(policy, tmp_path, beta=0.5, judge=JudgeConfig(token_budget=64))
     by_id = {row["prompt_id"]: row for row in ROWS}
     assert [j["prompt_id"] for j in judgments] == ["a", "b", "c"]
@@ -90,6 +115,20 @@ def test_rewards_equal_a_hand_computation(policy, tmp_path):
             assert j["policy_logps"][k] == pytest.approx(pol, abs=1e-5)
             assert j["reference_logps"][k] == pytest.approx(ref, abs=1e-5)
             assert j["rewards"][k] == pytest.approx(0.5 * (pol - ref), abs=1e-5)
+
+
+def test_packed_rows_under_an_implementation_that_ignores_their_mask_would_be_wrong(policy, monkeypatch, tmp_path):
+    """What the check above guards against: packed rows under causal_only let a response see its neighbours."""
+    model, _ = policy
+    model.set_attn_implementation("causal_only")
+    try:
+        per_row, _, _ = judge(policy, tmp_path / "rows", judge=JudgeConfig(token_budget=64))
+        monkeypatch.setattr(selfie.scoring, "PACKING_IMPLEMENTATIONS", ("causal_only",))
+        packed, _, _ = judge(policy, tmp_path / "packed", judge=JudgeConfig(token_budget=64))
+    finally:
+        model.set_attn_implementation("sdpa")
+    later = [(a, b) for a, b in zip(per_row, packed) for a, b in zip(a["policy_logps"][1:], b["policy_logps"][1:])]
+    assert max(abs(a - b) for a, b in later) > 1e-3
 
 
 def test_batching_does_not_change_logps(policy, tmp_path):
