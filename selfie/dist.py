@@ -7,9 +7,14 @@ each rank believes it runs alone (no gradient all-reduce, no sharding). Everythi
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,8 +37,26 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def process_state() -> PartialState:
-    return PartialState(cpu=on_cpu())
+def world_size() -> int:
+    """The number of processes `accelerate launch` started (1 without it); known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """This process's rank among them (0 without a launcher), likewise."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def zero_stage() -> int | None:
+    """The DeepSpeed ZeRO stage this `accelerate launch` runs (None: no DeepSpeed)."""
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")) if uses_deepspeed() else None
+
+
+def process_state(timeout_seconds: float | None = None) -> PartialState:
+    """This process's place among the launched ranks; the first call sets up the process group, whose collectives wait
+    `timeout_seconds` for a slow rank (torch's default, 30 minutes, when None)."""
+    timeout = {"timeout": timedelta(seconds=timeout_seconds)} if timeout_seconds else {}
+    return PartialState(cpu=on_cpu(), **timeout)
 
 
 def check_topology() -> None:
@@ -43,6 +66,40 @@ def check_topology() -> None:
             "the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only (on CPU it falls "
             "back to plain data parallelism); here use accelerate_configs/multi_gpu.yaml or deepspeed_zero*.yaml"
         )
+
+
+@contextlib.contextmanager
+def trainer_scope() -> Iterator[None]:
+    """The lifetime of one trainer: what DeepSpeed leaves process-wide goes with it.
+
+    Building TrainingArguments under a DeepSpeed launch sets transformers' process-wide DeepSpeed config: left set,
+    every later `from_pretrained` in the process would run under ZeRO-3's zero.Init and give each rank empty shards.
+    It is taken down when the trainer is done (unless something outside set it first), with ZeRO-3's references to
+    the engine's modules (`_release_zero3_references`).
+    """
+    from transformers.integrations import deepspeed_config, unset_hf_deepspeed_config
+
+    outside = deepspeed_config() is not None
+    try:
+        yield
+    finally:
+        if not outside:
+            unset_hf_deepspeed_config()
+            _release_zero3_references()
+
+
+def _release_zero3_references() -> None:
+    """ZeRO-3 keeps its engine's modules reachable for good: the top module in a module-level stack
+    (parameter_offload.FWD_MODULE_STACK) and every submodule in functools caches keyed by module (the parameter
+    coordinator's release lists), so a finished stage's model and its parameter shards would stay in memory. Once the
+    trainer is done none of it runs again: the stack is emptied and DeepSpeed's caches cleared."""
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is None:  # DeepSpeed never ran in this process
+        return
+    offload.FWD_MODULE_STACK.clear()
+    for cache in gc.get_objects():
+        if isinstance(cache, functools._lru_cache_wrapper) and getattr(cache, "__module__", "").startswith("deepspeed."):
+            cache.cache_clear()
 
 
 @dataclass

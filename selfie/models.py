@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from selfie.config.schema import LoraConfig, ModelConfig
+from selfie.dist import zero_stage
 from selfie.errors import SelfieError
 from selfie.io import atomic_directory, atomic_write_json, read_json, read_text
 
@@ -71,10 +72,14 @@ def hub_options(settings: ModelConfig | None) -> dict[str, Any]:
 
 
 def quantization_config(settings: ModelConfig) -> BitsAndBytesConfig | None:
-    """The bitsandbytes quantisation of the model: section, as TRL's get_quantization_config builds it (None: none)."""
+    """The bitsandbytes quantisation of the model: section, as TRL's get_quantization_config builds it (None: none).
+    Under ZeRO-3 the packed 4-bit weights are stored in the model's dtype, so DeepSpeed shards them like the rest
+    (PEFT's QLoRA + ZeRO-3 setting)."""
     if settings.load_in_4bit:
         compute = settings.bnb_4bit_compute_dtype
+        storage = {"bnb_4bit_quant_storage": resolve_dtype(settings.dtype)} if zero_stage() == 3 else {}
         return BitsAndBytesConfig(
+            **storage,
             load_in_4bit=True,
             bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
             bnb_4bit_compute_dtype=resolve_dtype(compute, "model.bnb_4bit_compute_dtype")

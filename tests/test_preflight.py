@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from selfie.cli.main import main
+from selfie.config.loader import load_recipe
+from selfie.training.arguments import accumulation_steps
 
-from test_loop import write_inputs, write_recipe
+from test_loop import ROOT, write_inputs, write_recipe
 
 JUDGES = """
 def length(prompt, response):
@@ -85,6 +87,10 @@ CASES = {  # name: (overrides, where <x> is an input path, what the one line say
     "bad generation value": (["--generate.top_p", "0"], r"'generate.top_p': expected a value in \(0, 1\]"),
     "output under a file": (["--output_dir", "<dir>/a-file/run"], r"a-file/run: cannot be created: .*a-file is a file"),
     "override not YAML": (["--eval", "{judge:"], r"override --eval: not a YAML value"),
+    "global batch not divisible": (
+        ["--train.global_batch_size", "3"],
+        r"'train.global_batch_size': 3 is not a multiple of 1 process x train.per_device_train_batch_size 2 = 2",
+    ),
 }
 
 
@@ -116,7 +122,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(inputs, tmp_path, capsys):
     ]
     assert f"{run_dir} (new)" in out and "12 prompts -> seed slice 0, iteration slices 6, 6, held out 0" in out
     assert "seed.jsonl: 8 pairs" in out
-    assert "DPO of a new LoRA adapter on 8 seed pairs, 1 epoch, <= 4 optimizer steps" in out  # batch 2, accumulation 1
+    assert "DPO of a new LoRA adapter on 8 seed pairs, 1 epoch, <= 4 optimizer steps of 2 pairs" in out  # accumulation 1
+    assert "global batch 2 pairs per optimizer step = 1 process x 2 per device" in out
     assert "6 prompts x 2 responses, <= 144 new tokens" in out and "implicit reward of 12 responses -> <= 6 pairs" in out
     assert "noise-aware DPO on <= 6 pairs (+ 6 replayed seed pairs), 1 epoch, <= 6 optimizer steps" in out
     assert "iter_001/judgments.jsonl, iter_001/pairs.jsonl" in out and "iter_002/adapter" in out
@@ -148,3 +155,35 @@ def test_dry_run_plans_gold_labels_and_eval(inputs, tmp_path, capsys, monkeypatc
     assert f"4 seed prompts x 2 samples (<= 96 new tokens) labelled by {judge} -> <= 4 pairs" in out
     assert f"3 prompts x 2 models (<= 30 new tokens), scored by {judge}" in out
     assert "iter_002/eval.json" in out and not (tmp_path / "run").exists()
+
+
+PAPER_RECIPES = [ROOT / "recipes" / name / "spa" / "lora.yaml" for name in ("zephyr-7b", "llama-3-8b")]
+
+
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=lambda p: p.parent.parent.name)
+def test_the_paper_recipes_dry_run_at_the_papers_global_batch_on_the_launch_in_their_header(
+    recipe, inputs, tmp_path, capsys, monkeypatch
+):
+    """The header's `accelerate launch ... --num_processes N`, as its ranks see it (WORLD_SIZE = N); the recipe's
+    model and data swapped for the tiny ones (no hub here). On 1, 2 and 8 GPUs the batch is the same 32."""
+    (launch_line,) = [line for line in recipe.read_text().splitlines() if "accelerate launch" in line]
+    processes = int(re.search(r"--num_processes (\d+)", launch_line)[1])
+    assert f"scripts/launch/run_spa.py {recipe.relative_to(ROOT)}" in launch_line
+    monkeypatch.setattr("selfie.run.preflight.world_size", lambda: processes)
+    tiny = ["--model.name", str(load_recipe(inputs["recipe"]).model.name), "--data.prompts", str(inputs["prompts"])]
+    tiny += [
+        "--data.seed_pairs",
+        str(inputs["dir"] / "seed.jsonl"),
+        "--data.iteration_sizes",
+        "[2, 2, 2]",
+        "--data.seed_size",
+        "0",
+    ]
+    tiny += ["--train.max_length", "256"]
+    code = main(["run", str(recipe), "--output_dir", str(tmp_path / "run"), *tiny, "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"global batch 32 pairs per optimizer step = {processes} processes x 1 per device" in out
+    assert f"x {32 // processes} accumulated (train.global_batch_size)" in out
+    train = load_recipe(recipe).train
+    assert [n * accumulation_steps(train, n) for n in (1, 2, 4, 8)] == [32] * 4

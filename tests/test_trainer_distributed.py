@@ -151,16 +151,24 @@ def test_two_processes_share_tau_and_match_one_process(tiny_model, pairs, prev_a
     assert_same_adapter(single, double, atol=1e-5)
 
 
-def test_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tiny_model, pairs, prev_adapter, tmp_path):
+@pytest.mark.parametrize("config, processes", [("cpu.yaml", 1), ("deepspeed_zero3.yaml", 2)])
+def test_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
+    config, processes, tiny_model, pairs, prev_adapter, tmp_path
+):
+    """Under ZeRO-3 the checkpoint holds DeepSpeed's own shards (zero3_save_16bit_model: false gathers no model)."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    args = ("--max_steps", "6", "--train.per_device_train_batch_size", "4")
-    check(launch("cpu.yaml", *iteration_args(tiny_model, pairs, whole, prev_adapter, *args)))
-    killed = launch("cpu.yaml", *iteration_args(tiny_model, pairs, resumed, prev_adapter, *args, "--kill_after_checkpoint", "4"))
+    args = ("--max_steps", "6", "--train.per_device_train_batch_size", str(4 // processes))
+    check(launch(config, *iteration_args(tiny_model, pairs, whole, prev_adapter, *args), processes=processes))
+    killed = launch(
+        config,
+        *iteration_args(tiny_model, pairs, resumed, prev_adapter, *args, "--kill_after_checkpoint", "4"),
+        processes=processes,
+    )
     assert killed.returncode != 0 and not (resumed / "adapter").exists()
     assert (resumed / "checkpoints" / "checkpoint-4" / "refine_state.json").is_file()
-    check(launch("cpu.yaml", *iteration_args(tiny_model, pairs, resumed, prev_adapter, *args)))
+    check(launch(config, *iteration_args(tiny_model, pairs, resumed, prev_adapter, *args), processes=processes))
     metrics = json.loads((resumed / "metrics.json").read_text())
-    assert metrics["resumed_from"].endswith("checkpoint-4") and metrics["steps"] == 6
+    assert metrics["resumed_from"].endswith("checkpoint-4") and metrics["steps"] == 6 and metrics["processes"] == processes
     assert metrics["refine/smoothed_fraction"] == json.loads((whole / "metrics.json").read_text())["refine/smoothed_fraction"]
     assert_same_adapter(whole, resumed, atol=0)
 

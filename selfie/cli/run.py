@@ -16,12 +16,15 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 def run_recipe_command(args: argparse.Namespace, overrides: list[str]) -> None:
     # The run layer is imported when the verb runs, not with the parser: it loads the trainer, the generators and
     # matplotlib, which `selfie --help` and `selfie status` do not need.
+    from selfie.dist import launched_rank
     from selfie.run.loop import run_loop
     from selfie.run.preflight import dry_run
 
     config = load_recipe(args.recipe, overrides)
     if args.dry_run:
-        print(dry_run(config, args.force))
+        plan = dry_run(config, args.force)  # every rank checks what it will read
+        if launched_rank() == 0:
+            print(plan)
         return
     table = run_loop(config, force=args.force)
     if table:

@@ -24,9 +24,12 @@ HARMLESS_KEYS = frozenset(
         "train.save_steps",
         "generate.batch_size",
         "generate.backend",
+        "generate.max_num_seqs",  # the vLLM engine's size: the same seeds, the same draws
+        "generate.gpu_memory_utilization",
         "judge.token_budget",
         "judge.signal_folds",  # a check reported in the seed stage's metrics: adapters and pairs are the same
         "train.keep_checkpoints",
+        "train.ddp_timeout",  # how long ranks wait for each other
     }
 )
 # Where the run lives, not what it computes: a moved run directory resumes. Hashes written before it was left out

@@ -221,6 +221,8 @@ class GenerateConfig(Section):
         "max_new_tokens": _at_least(1),
         "batch_size": _at_least(1),
         "backend": Range(lambda v: v in ("auto", "static", "continuous", "vllm"), "'auto', 'static', 'continuous' or 'vllm'"),
+        "max_num_seqs": _at_least(1),
+        "gpu_memory_utilization": Range(lambda v: 0 < v <= 1, "a share of the GPU's memory in (0, 1]"),
     }
 
     num_responses: int = 2
@@ -232,6 +234,11 @@ class GenerateConfig(Section):
     # prompts and the faster samples the rest (selfie/generation/generate.py). The same seeds either way. vllm: vLLM's engine
     # in its own environment (selfie/generation/vllm_backend.py): selfie's seeds, vLLM's sampler, so other tokens.
     backend: str = "auto"
+    # vLLM's engine, whatever batch_size says: sequences it decodes at once (None: vLLM's own default on a GPU; on CPU,
+    # where selfie sizes the KV cache, batch_size) and the share of the GPU's memory it takes (None: 0.9 of what is free
+    # when it starts)
+    max_num_seqs: int | None = added(None)
+    gpu_memory_utilization: float | None = added(None)
 
 
 TRUNCATION_POLICIES = ("drop", "penalize", "keep")  # what pairing does with a response cut at the length limit
@@ -292,6 +299,7 @@ class TrainConfig(Section):
         "seed_epochs": POSITIVE,
         "per_device_train_batch_size": _at_least(1),
         "gradient_accumulation_steps": _at_least(1),
+        "global_batch_size": _at_least(1),
         "max_length": _at_least(1),
         "save_steps": _at_least(1),
         "logging_steps": _at_least(1),
@@ -306,6 +314,9 @@ class TrainConfig(Section):
     seed_epochs: float | None = None  # None = 3 below 2,000 seed pairs, else 1 (SPA)
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 4
+    # pairs per optimizer step over all processes; set, it decides gradient_accumulation_steps from the launch's process
+    # count and the per-device batch (selfie/training/arguments.py::accumulation_steps), so a recipe trains alike on 1 or 8 GPUs
+    global_batch_size: int | None = added(None)
     max_length: int | None = 1024
     gradient_checkpointing: bool = False
     save_steps: int = 50

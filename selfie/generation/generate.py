@@ -41,12 +41,19 @@ SELFIE_SAMPLER = "selfie's own sampler (static | continuous)"
 
 
 def load_generator(
-    name: str, adapter: str | Path | None, settings: str | ModelConfig, backend: str, device: str | torch.device
+    name: str,
+    adapter: str | Path | None,
+    settings: str | ModelConfig,
+    backend: str,
+    device: str | torch.device,
+    engine: GenerateConfig | None = None,
 ) -> tuple[PreTrainedModel | VllmPolicy, PreTrainedTokenizerBase]:
     """What `generate_responses` samples from: pi_init + adapter on `device` (loaded as `settings`, a dtype or the
-    recipe's model: section, says), or, for vLLM, what its worker loads (no weights in this process)."""
+    recipe's model: section, says), or, for vLLM, what its worker loads (no weights in this process), its engine
+    sized as `engine` (the recipe's generate: section) says."""
     if backend == "vllm":
-        return vllm_policy(name, adapter, settings, torch.device(device)), load_tokenizer(name, model_settings(settings))
+        policy = vllm_policy(name, adapter, settings, torch.device(device), engine)
+        return policy, load_tokenizer(name, model_settings(settings))
     return load_policy(name, adapter, settings, device=device)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PretrainedConfig
 
-from selfie.config.schema import ModelConfig
+from selfie.config.schema import GenerateConfig, ModelConfig
 from selfie.errors import SelfieError
 from selfie.generation.sampler import Item, Response, Samples, SamplingSettings
 from selfie.io import TMP_SUFFIX, read_json
@@ -67,15 +67,20 @@ class VllmPolicy:
     config: PretrainedConfig
     generation_config: GenerationConfig | None
     device: torch.device
+    max_num_seqs: int | None = None  # generate.max_num_seqs
+    gpu_memory_utilization: float | None = None  # generate.gpu_memory_utilization
 
     @property
     def max_position_embeddings(self) -> int | None:
         return getattr(self.config, "max_position_embeddings", None)
 
 
-def vllm_policy(name: str, adapter: str | Path | None, settings: str | ModelConfig, device: torch.device) -> VllmPolicy:
+def vllm_policy(
+    name: str, adapter: str | Path | None, settings: str | ModelConfig, device: torch.device, engine: GenerateConfig | None = None
+) -> VllmPolicy:
     """The worker's policy: `name` resolved to what vLLM reads (a built-in model's safetensors cache), loaded as
-    `settings` (a dtype or the recipe's model: section) says, no weights loaded here."""
+    `settings` (a dtype or the recipe's model: section) says, no weights loaded here; the engine sized as `engine`
+    (the recipe's generate: section) says."""
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise SelfieError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
     settings = model_settings(settings)
@@ -92,6 +97,8 @@ def vllm_policy(name: str, adapter: str | Path | None, settings: str | ModelConf
         config=load_model_config(name, settings),
         generation_config=load_generation_config(name),
         device=torch.device(device),
+        max_num_seqs=engine.max_num_seqs if engine else None,
+        gpu_memory_utilization=engine.gpu_memory_utilization if engine else None,
     )
 
 
@@ -146,19 +153,24 @@ def kv_cache_bytes(config: PretrainedConfig, dtype: str, sequences: int, max_mod
     return math.ceil(1.2 * per_token * sequences * max_model_len) + (64 << 20)
 
 
-def engine_settings(policy: VllmPolicy, sequences: int, max_model_len: int) -> dict:
-    """The engine's sizes: KV cache bytes on CPU, a share of the free memory on a GPU."""
+def engine_settings(policy: VllmPolicy, batch_size: int, max_model_len: int) -> dict:
+    """The engine's sizes: on a GPU generate.max_num_seqs (None: vLLM's default) and generate.gpu_memory_utilization
+    (None: a share of the memory free now); on CPU the KV cache bytes for max_num_seqs (None: `batch_size`) sequences.
+    `gpu_free_mib` records what the engine found free at its start."""
+    on_gpu = policy.device.type == "cuda"
+    sequences = policy.max_num_seqs or (None if on_gpu else batch_size)
     settings = {
         "dtype": policy.dtype,
         "max_model_len": max_model_len,
         "max_num_seqs": sequences,
         "max_lora_rank": lora_rank(policy.adapter) if policy.adapter else None,
         # CPU: no torch.compile warm-up (minutes on 2 cores, for a few per cent); GPUs keep vLLM's CUDA graphs
-        "enforce_eager": policy.device.type == "cpu",
+        "enforce_eager": not on_gpu,
     }
-    if policy.device.type == "cuda":
+    if on_gpu:
         free, total = torch.cuda.mem_get_info(policy.device)
-        settings["gpu_memory_utilization"] = round(GPU_HEADROOM * free / total, 4)
+        share = policy.gpu_memory_utilization or GPU_HEADROOM * free / total
+        settings.update(gpu_memory_utilization=round(share, 4), gpu_free_mib=free >> 20, gpu_total_mib=total >> 20)
     elif "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # the user's own size wins
         settings["kv_cache_bytes"] = kv_cache_bytes(policy.config, policy.dtype, sequences, max_model_len)
     return settings
@@ -296,6 +308,8 @@ def sample_vllm(
                 adapter=str(attempt.adapter) if attempt.adapter else None,
             )
             request["engine"] = engine_settings(attempt, s.batch_size, max_model_len)
+            # what a GPU engine saw free at its start: the memory earlier stages left behind
+            info.update({k: v for k, v in request["engine"].items() if k.startswith("gpu_")})
             try:
                 yield from _groups(run_worker(attempt, request, output, shard), rows, s.stop_ids, info)
                 return

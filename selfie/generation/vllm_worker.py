@@ -37,7 +37,7 @@ def build_engine(request: dict):
         dtype=engine["dtype"],
         skip_tokenizer_init=True,  # token ids in, token ids out: selfie's chat encoding and stop ids
         max_model_len=engine["max_model_len"],
-        max_num_seqs=engine["max_num_seqs"],
+        **({"max_num_seqs": engine["max_num_seqs"]} if engine["max_num_seqs"] else {}),  # None: vLLM's default
         enforce_eager=engine["enforce_eager"],
         seed=0,  # every request carries its own seed; this one seeds nothing selfie samples with
         **request["model_options"],  # revision, trust_remote_code
@@ -73,7 +73,8 @@ def run(request: dict, out) -> None:
     s, engine = request["sampling"], llm.llm_engine
     prompts = request["prompts"]
     pending = [(p, k) for p in range(len(prompts)) for k in range(len(prompts[p]["seeds"]))]
-    window = 4 * request["engine"]["max_num_seqs"]  # requests queued at once: the scheduler stays full, memory bounded
+    # requests queued at once: the scheduler stays full, memory bounded
+    window = 4 * engine.vllm_config.scheduler_config.max_num_seqs
     results: dict[int, dict[int, list]] = {}
     added = 0
     while added < len(pending) or engine.has_unfinished_requests():

@@ -30,6 +30,7 @@ from selfie.labelling.signal import fold_indices, heldout_rows, signal_accuracy,
 from selfie.models import load_policy
 from selfie.run.context import StageContext, judge_shards, policy_shards, spec_scores, stop_ids_of
 from selfie.run.rundir import ADAPTER, CHECKPOINTS
+from selfie.training.arguments import seed_epochs
 from selfie.training.stage import TrainOutputs, train_seed
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _implicit_fold(ctx: StageContext, fold: int, train_pairs: list[dict], rows: 
     the held-out rows by the implicit reward, as iteration 1's labeller would."""
     work = ctx.signal_work(fold)
     outputs = TrainOutputs(adapter=work / ADAPTER, checkpoints=work / CHECKPOINTS)
-    train_seed(ctx.pi_init, train_pairs, outputs, _untracked(ctx.config))
+    train_seed(ctx.pi_init, train_pairs, outputs, _labeller_training(ctx))
     _implicit_judgments(ctx, outputs.adapter, rows, ctx.signal_judgments(fold))
 
 
@@ -128,7 +129,7 @@ def _train_members(ctx: StageContext, pairs: list[dict], directory: Path) -> Non
         if (member / ADAPTER).exists():  # saved atomically: there means complete
             continue
         outputs = TrainOutputs(adapter=member / ADAPTER, checkpoints=member / CHECKPOINTS)
-        train_seed(ctx.pi_init, bootstrap_resample(pairs, m, c.seed), outputs, _untracked(c))
+        train_seed(ctx.pi_init, bootstrap_resample(pairs, m, c.seed), outputs, _labeller_training(ctx))
         ctx.ranks.on_main(lambda done=outputs.checkpoints: shutil.rmtree(done, ignore_errors=True))
 
 
@@ -161,9 +162,13 @@ def _ensemble_fold(ctx: StageContext, fold: int, train_pairs: list[dict], rows: 
     _ensemble_judgments(ctx, work, rows, work, ctx.signal_judgments(fold))
 
 
-def _untracked(config: RecipeConfig) -> RecipeConfig:
-    """The recipe for a labeller's own seed trainings: not reported to the trackers (the run's seed stage is)."""
-    return dataclasses.replace(config, report_to=[])
+def _labeller_training(ctx: StageContext) -> RecipeConfig:
+    """The recipe for a labeller's own seed trainings: the seed stage's epoch count (SPA's rule would give a fold's
+    share of a 2,000-pair seed 3 epochs where the seed stage trains 1), not reported to the trackers (the run's
+    seed stage is)."""
+    c = ctx.config
+    epochs = seed_epochs(c.train, len(read_jsonl(ctx.pairs(0))))
+    return dataclasses.replace(c, report_to=[], train=dataclasses.replace(c.train, seed_epochs=epochs))
 
 
 LABELLERS = {

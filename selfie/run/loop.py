@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+from selfie import memory
 from selfie.config.schema import RecipeConfig, to_dict
 from selfie.data import Splits
 from selfie.dist import Ranks, check_topology, process_state
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 def run_loop(config: RecipeConfig, force: bool = False) -> str:
     """Run (or resume) the whole recipe; returns the summary table (markdown) on rank 0."""
     check_topology()
-    ranks = Ranks(process_state())
+    ranks = launched_ranks(config)
     ctx = StageContext(config, Path(config.output_dir), ranks)
     lock = RunLock(ctx.run_dir)
     ctx.splits = ranks.on_main(lambda: take_over(ctx, lock, force))
@@ -48,7 +49,9 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
             logger.info("iteration %d: %s", t, stage)
             where = f"iteration {t}'s {stage} stage"
             start = time.perf_counter()
+            memory.reset_peaks()
             metrics = STAGE_FUNCTIONS[stage](ctx, t)
+            memory.release()  # before the next stage loads its own models
             record(ctx, manifest, tracker, t, stage, metrics, time.perf_counter() - start)
         tracker.finish()
         return write_summary(ctx) if ranks.is_main else ""
@@ -63,6 +66,12 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
         raise
     finally:
         lock.release()
+
+
+def launched_ranks(config: RecipeConfig) -> Ranks:
+    """The ranks `accelerate launch` started; their collectives wait train.ddp_timeout seconds (TrainingArguments'
+    key, default 1800) for a slow rank, e.g. while rank 0 alone writes or evaluates."""
+    return Ranks(process_state(config.train.trainer_args.get("ddp_timeout", 1800)))
 
 
 def take_over(ctx: StageContext, lock: RunLock, force: bool) -> Splits | None:
@@ -84,8 +93,9 @@ def record(ctx: StageContext, manifest: Manifest, tracker: Tracker, t: int, stag
         merged = ctx.read_metrics(t)
         merged[stage] = metrics
         merged.setdefault("times", {})[stage] = round(seconds, 2)
+        peaks = merged.setdefault("memory", {})[stage] = memory.peaks()  # rank 0's
         atomic_write_json(ctx.metrics(t), merged)
-        tracker.log({stage: metrics, "time": {stage: seconds}})
+        tracker.log({stage: metrics, "time": {stage: seconds}, "memory": {stage: peaks}})
         manifest.record(t, stage, [ctx.relative(path) for path in ctx.artifacts(t, stage)])
         if stage in TRAINED:
             ctx.drop_checkpoints(manifest)

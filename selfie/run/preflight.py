@@ -23,6 +23,7 @@ from transformers.quantizers import AutoHfQuantizer
 
 from selfie.config.schema import AlignEZConfig, ModelConfig, RecipeConfig, TrainConfig
 from selfie.data import Splits, describe_sources, load_prompts, pool_prompts, seed_preferences, split_prompts
+from selfie.dist import trainer_scope, world_size
 from selfie.errors import SelfieError
 from selfie.evaluation.compare import eval_prompts
 from selfie.evaluation.judges import check_judge
@@ -39,7 +40,7 @@ from selfie.models import (
 from selfie.run.labellers import LABELLERS
 from selfie.run.rundir import CHECKPOINTS, RunContext, check_recipe
 from selfie.tokens import chat_ids
-from selfie.training.arguments import build_dpo_config, dnd_lambda, seed_epochs
+from selfie.training.arguments import accumulation_steps, build_dpo_config, dnd_lambda, seed_epochs
 
 
 @dataclass
@@ -70,6 +71,7 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
         inputs.append(check_model(config))
         tokenizer = check_tokenizer(config, inputs)
         check_trainer(config)
+        inputs.append(f"training   {batch_geometry(config.train, world_size())}")
     samples = {"generate", "eval"} | ({"seed"} if config.data.seed_judge else set())  # the stages that generate
     if config.generate.backend == "vllm" and stages & samples:
         inputs.append(check_vllm())
@@ -209,17 +211,18 @@ def check_trainer(config: RecipeConfig) -> None:
             f"recipe key 'train.lr_scheduler_type': unknown scheduler '{config.train.lr_scheduler_type}' (known: {known})"
         ) from None
     try:
-        for t in (0, 1):
-            build_dpo_config(
-                config.train,
-                config.refine,
-                RunContext.for_recipe(config).checkpoints(t),
-                lambda_=dnd_lambda(config.refine, t),
-                refine_on=t > 0,
-                report_to=config.report_to,
-                run_name=None,
-                seed=config.seed,
-            )
+        with trainer_scope():  # under a DeepSpeed launch the arguments set transformers' DeepSpeed config
+            for t in (0, 1):
+                build_dpo_config(
+                    config.train,
+                    config.refine,
+                    RunContext.for_recipe(config).checkpoints(t),
+                    lambda_=dnd_lambda(config.refine, t),
+                    refine_on=t > 0,
+                    report_to=config.report_to,
+                    run_name=None,
+                    seed=config.seed,
+                )
     except ValueError as e:
         raise SelfieError(f"the trainer refuses the recipe's train: / refine: settings: {str(e).splitlines()[0]}") from None
 
@@ -290,16 +293,30 @@ def check_eval(config: RecipeConfig, inputs: list[str]) -> int:
 # ---- the plan -------------------------------------------------------------------------------------
 
 
-def optimizer_steps(pairs: int, train: TrainConfig, epochs: float) -> int:
-    """Optimizer steps of one process over `pairs` pairs (more processes: fewer)."""
-    per_epoch = math.ceil(math.ceil(pairs / train.per_device_train_batch_size) / train.gradient_accumulation_steps)
-    return math.ceil(per_epoch * epochs)
+def optimizer_steps(pairs: int, train: TrainConfig, epochs: float, processes: int) -> int:
+    """Optimizer steps over `pairs` pairs shared by `processes` processes."""
+    batches = math.ceil(math.ceil(pairs / processes) / train.per_device_train_batch_size)
+    return math.ceil(math.ceil(batches / accumulation_steps(train, processes)) * epochs)
+
+
+def batch_geometry(train: TrainConfig, processes: int) -> str:
+    """How many pairs one optimizer step takes, and from where."""
+    accumulation = accumulation_steps(train, processes)
+    source = "train.global_batch_size" if train.global_batch_size else "train.gradient_accumulation_steps"
+    return (
+        f"global batch {processes * train.per_device_train_batch_size * accumulation} pairs per optimizer step = "
+        f"{processes} process{'es' if processes > 1 else ''} x {train.per_device_train_batch_size} per device "
+        f"(train.per_device_train_batch_size) x {accumulation} accumulated ({source})"
+    )
 
 
 def _training(config: RecipeConfig, pairs: int | None, epochs: float | None) -> str:
     if pairs is None:
         return "DPO of a new LoRA adapter"
-    return f"{epochs:g} epoch{'' if epochs == 1 else 's'}, <= {optimizer_steps(pairs, config.train, epochs)} optimizer steps"
+    processes = world_size()
+    steps = optimizer_steps(pairs, config.train, epochs, processes)
+    batch = processes * config.train.per_device_train_batch_size * accumulation_steps(config.train, processes)
+    return f"{epochs:g} epoch{'' if epochs == 1 else 's'}, <= {steps} optimizer steps of {batch} pairs"
 
 
 def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:

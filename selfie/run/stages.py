@@ -99,7 +99,7 @@ STAGE_FUNCTIONS = {"init": init, "seed": seed, "generate": generate, "judge": ju
 def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | None, num_responses: int) -> dict:
     """RUN/iter_t's responses from pi_init + adapter, sharded over the ranks (with vLLM: one engine per rank)."""
     c, g = ctx.config, ctx.config.generate
-    model, tokenizer = load_generator(ctx.pi_init, adapter, c.model, g.backend, ctx.ranks.device)
+    model, tokenizer = load_generator(ctx.pi_init, adapter, c.model, g.backend, ctx.ranks.device, g)
     return ctx.ranks.sharded(
         ctx.responses(t),
         lambda out, shard: generate_responses(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from peft import LoraConfig as PeftLoraConfig
 from trl import DPOConfig
 
 from selfie.config.schema import LoraConfig, RefineConfig, TrainConfig
-from selfie.dist import on_cpu, uses_deepspeed
+from selfie.dist import on_cpu, uses_deepspeed, world_size
+from selfie.errors import SelfieError
 
 _REFINE = RefineConfig()  # the recipe's defaults, so a Python caller gets what a recipe gets
 # Each refinement field and the RefineConfig key whose range it must lie in (dnd_lambda: one of refine.lambdas).
@@ -79,6 +79,21 @@ def seed_epochs(train: TrainConfig, num_pairs: int) -> float:
     return 3.0 if num_pairs < 2000 else 1.0
 
 
+def accumulation_steps(train: TrainConfig, processes: int) -> int:
+    """Gradient accumulation: train.global_batch_size / (processes x per-device batch) when the recipe sets a global
+    batch, else train.gradient_accumulation_steps."""
+    if train.global_batch_size is None:
+        return train.gradient_accumulation_steps
+    per_pass = processes * train.per_device_train_batch_size
+    if train.global_batch_size % per_pass:
+        raise SelfieError(
+            f"recipe key 'train.global_batch_size': {train.global_batch_size} is not a multiple of {processes} "
+            f"process{'es' if processes > 1 else ''} x train.per_device_train_batch_size {train.per_device_train_batch_size}"
+            f" = {per_pass}; change one of them or launch another number of processes"
+        )
+    return train.global_batch_size // per_pass
+
+
 _LOSS = "selfie's noise-aware loss builds on TRL's plain sigmoid DPO loss (docs/METHOD.md section 1.7)"
 _DEVICE = "from the device: bf16 on a GPU that has it, float32 on CPU (see build_dpo_config)"
 # Trainer arguments a recipe may not set under train:, each with why (build_dpo_config sets them, or selfie's loop
@@ -136,7 +151,7 @@ def build_dpo_config(
     """The recipe's train/refine sections as TRL arguments (train's other trainer fields as set); `overrides` go
     straight to NoiseAwareDPOConfig."""
     cuda = not on_cpu()
-    distributed_cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed_cpu = not cuda and world_size() > 1
     values = dict(
         output_dir=str(output_dir),
         run_name=run_name,
@@ -148,7 +163,7 @@ def build_dpo_config(
         warmup_steps=train.warmup_ratio,  # transformers 5: a float below 1 is a ratio
         num_train_epochs=train.num_train_epochs if epochs is None else epochs,
         per_device_train_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation_steps(train, world_size()),
         max_length=train.max_length,
         gradient_checkpointing=train.gradient_checkpointing,
         logging_steps=train.logging_steps,

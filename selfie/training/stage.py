@@ -21,7 +21,7 @@ from peft import LoraConfig as PeftLoraConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from selfie.config.schema import LoraConfig, ModelConfig, RecipeConfig
-from selfie.dist import check_topology
+from selfie.dist import check_topology, trainer_scope
 from selfie.errors import SelfieError
 from selfie.models import (
     base_fingerprint,
@@ -33,7 +33,7 @@ from selfie.models import (
     unwrap_peft,
 )
 from selfie.tokens import response_token_ids, stop_token_ids
-from selfie.training.adapter_export import export_adapter
+from selfie.training.adapter_export import gather_adapter, write_adapter
 from selfie.training.arguments import build_dpo_config, dnd_lambda, peft_lora_config, seed_epochs
 from selfie.training.trainer import NoiseAwareDPOTrainer, last_checkpoint
 
@@ -203,15 +203,22 @@ def train_adapter(
     model, peft_config, stack_on = _policy(model, iteration, mode, prev_adapter, config.lora)
     # taken before training shards the weights: the adapter applies to pi_init (merge mode stacks onto it again)
     fingerprint = base_fingerprint(unwrap_peft(model))
-    trainer = _build_trainer(model, tokenizer, dataset, peft_config, config, outputs, iteration, callbacks, overrides)
-    checkpoint = last_checkpoint(trainer.args.output_dir)
-    if checkpoint:
-        logger.info("resuming training from %s", checkpoint)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - start
-    export_adapter(trainer, outputs.adapter, fingerprint, base_name, stack_on, config.model)
-    return _summary(trainer, len(dataset), seconds, outputs.adapter, checkpoint)
+    with trainer_scope():
+        trainer = _build_trainer(model, tokenizer, dataset, peft_config, config, outputs, iteration, callbacks, overrides)
+        checkpoint = last_checkpoint(trainer.args.output_dir)
+        if checkpoint:
+            logger.info("resuming training from %s", checkpoint)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=checkpoint)
+        seconds = time.perf_counter() - start
+        trained, state = gather_adapter(trainer)
+        summary = _summary(trainer, len(dataset), seconds, outputs.adapter, checkpoint)
+        accelerator = trainer.accelerator
+        accelerator.free_memory()  # its engine, optimizer and wrapped model: the next stage loads its own
+    if accelerator.is_main_process:  # stacking loads the base again: outside the trainer's DeepSpeed config
+        write_adapter(trained, state, outputs.adapter, fingerprint, base_name, stack_on, config.model)
+    accelerator.wait_for_everyone()
+    return summary
 
 
 def train_seed(
