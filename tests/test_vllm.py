@@ -19,7 +19,7 @@ import torch
 from test_generate import make_prompts
 
 import selfie.generation.generate as gen
-from selfie.config.schema import LoraConfig
+from selfie.config.schema import GenerateConfig, LoraConfig
 from selfie.errors import SelfieError
 from selfie.generation import vllm_backend
 from selfie.generation.sampler import SamplingSettings
@@ -204,7 +204,19 @@ def test_the_loop_runs_on_vllm_and_two_ranks_cover_every_prompt_once(loop_recipe
     assert (one / "iter_001" / "adapter" / "adapter_model.safetensors").is_file()
 
     two = tmp_path / "two"
-    run_two_ranks(loop_recipe, two, *LOOP)
+    run_two_ranks(loop_recipe, two, *LOOP, "--generate.max_num_seqs", "3")
     merged = read_jsonl(two / "iter_001" / "responses.jsonl")
     assert sorted(r["prompt_id"] for r in merged) == sorted(r["prompt_id"] for r in responses)  # each prompt once
-    assert merged == responses  # per-request seeds: a prompt's responses do not depend on its rank's other prompts
+    # per-request seeds: a prompt's responses depend neither on its rank's other prompts nor on the engine's size
+    assert merged == responses
+    generated = json.loads((two / "iter_001" / "metrics.json").read_text())["generate"]
+    assert generated["vllm_max_num_seqs"] == 3 * 2  # each rank's engine holds 3 sequences; counts add up over ranks
+
+
+def test_the_engine_is_sized_by_its_own_keys_not_the_batch_size(model_dir):
+    """On CPU the KV cache selfie reserves holds generate.max_num_seqs sequences, else generate.batch_size."""
+    plain = vllm_backend.vllm_policy(model_dir, None, "float32", torch.device("cpu"))
+    sized = vllm_backend.vllm_policy(model_dir, None, "float32", torch.device("cpu"), GenerateConfig(max_num_seqs=32))
+    by_batch, by_key = vllm_backend.engine_settings(plain, 8, 100), vllm_backend.engine_settings(sized, 8, 100)
+    assert (by_batch["max_num_seqs"], by_key["max_num_seqs"]) == (8, 32)
+    assert by_key["kv_cache_bytes"] - (64 << 20) == pytest.approx(4 * (by_batch["kv_cache_bytes"] - (64 << 20)), rel=1e-6)

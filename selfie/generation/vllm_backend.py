@@ -356,6 +356,7 @@ def _groups(lines: Iterator[dict], rows: dict[str, dict], stop_ids: set[int], in
                 vllm_version=line["vllm"],
                 engine_startup_seconds=line["startup_seconds"],
                 worker_start_seconds=line["worker_start_seconds"],
+                vllm_max_num_seqs=line["max_num_seqs"],
             )
             continue
         outs: list[Response] = []

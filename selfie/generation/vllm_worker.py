@@ -68,13 +68,13 @@ def run(request: dict, out) -> None:
             return
     import vllm
 
-    emit(out, event="ready", vllm=vllm.__version__, startup_seconds=round(time.perf_counter() - start, 3))
-
     s, engine = request["sampling"], llm.llm_engine
+    sequences = engine.vllm_config.scheduler_config.max_num_seqs  # the recipe's, or vLLM's default
+    emit(out, event="ready", vllm=vllm.__version__, startup_seconds=round(time.perf_counter() - start, 3), max_num_seqs=sequences)
+
     prompts = request["prompts"]
     pending = [(p, k) for p in range(len(prompts)) for k in range(len(prompts[p]["seeds"]))]
-    # requests queued at once: the scheduler stays full, memory bounded
-    window = 4 * engine.vllm_config.scheduler_config.max_num_seqs
+    window = 4 * sequences  # requests queued at once: the scheduler stays full, memory bounded
     results: dict[int, dict[int, list]] = {}
     added = 0
     while added < len(pending) or engine.has_unfinished_requests():
