@@ -72,12 +72,30 @@ def is_complete(run_dir: Path) -> bool:
     return ctx.manifest().next_stage(ctx.plan) is None
 
 
-def stage_times(run_dir: Path) -> dict[int, dict[str, float]]:
-    """{iteration: {stage: seconds}} from each iteration's metrics.json."""
+def recorded(run_dir: Path, key: str) -> dict[int, dict]:
+    """{iteration: {stage: value}} of what the loop records under `key` in each iteration's metrics.json."""
     from selfie.run.rundir import RunContext
 
     ctx = RunContext.load(run_dir)
-    return {t: ctx.read_metrics(t)["times"] for t in range(ctx.config.num_iterations + 1) if ctx.metrics(t).exists()}
+    return {t: ctx.read_metrics(t).get(key, {}) for t in range(ctx.config.num_iterations + 1) if ctx.metrics(t).exists()}
+
+
+def stage_times(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{iteration: {stage: seconds}}."""
+    return recorded(run_dir, "times")
+
+
+def table(values: dict[int, dict[str, float]], total: bool) -> str:
+    """A markdown table, a row per iteration and a column per stage (plus their sum)."""
+    stages = list(dict.fromkeys(stage for t in values.values() for stage in t))
+    head = f"| iteration | {' | '.join(stages)} |{' total |' if total else ''}\n|---|{'---|' * (len(stages) + total)}"
+    rows = [
+        f"| {t} | "
+        + " | ".join(f"{values[t][s]:.1f}" if s in values[t] else "" for s in stages)
+        + (f" | {sum(values[t].values()):.1f} |" if total else " |")
+        for t in sorted(values)
+    ]
+    return "\n".join([head, *rows])
 
 
 def loop_span(run_dir: Path, stage_sum: float) -> float | None:
@@ -116,9 +134,12 @@ def end_to_end(run_dir: Path, quick: bool) -> None:
             measured = "config.yaml to summary.md, by their file times: start-up and imports not included"
         else:
             source = "a fresh run of the recipe into a temporary directory" + (" (--quick sizes)" if quick else "")
-            wall = run_demo(Path(tmp) / "run", quick)
-            times = stage_times(Path(tmp) / "run")
+            run_dir = Path(tmp) / "run"
+            wall = run_demo(run_dir, quick)
+            times = stage_times(run_dir)
             measured = "the whole `selfie run` command, process start-up and imports included"
+        memory = recorded(run_dir, "memory")
+    peaks = {t: {stage: m["peak_rss_mib"] for stage, m in stages.items() if "peak_rss_mib" in m} for t, stages in memory.items()}
     stage_sum = sum(sum(t.values()) for t in times.values())
     save_raw(
         "e2e",
@@ -129,15 +150,8 @@ def end_to_end(run_dir: Path, quick: bool) -> None:
             "stage_times": times,
             "stage_sum_seconds": stage_sum,
             "end_to_end_seconds": wall,
+            "stage_peak_rss_mib": peaks,
         },
-    )
-
-    stages = list(dict.fromkeys(stage for t in times.values() for stage in t))
-    rows = "\n".join(
-        f"| {t} | "
-        + " | ".join(f"{times[t][s]:.1f}" if s in times[t] else "" for s in stages)
-        + f" | {sum(times[t].values()):.1f} |"
-        for t in sorted(times)
     )
     if wall is None:
         verdict = (
@@ -158,11 +172,16 @@ def end_to_end(run_dir: Path, quick: bool) -> None:
 iterations of generate, judge, train), from {source}. Seconds per stage as the loop records them (RUN/iter_t/metrics.json
 "times"; iteration 0 is the seed stage).
 
-| iteration | {" | ".join(stages)} | total |
-|---|{"---|" * len(stages)}---|
-{rows}
+{table(times, total=True)}
 
 {verdict}{per_iteration}
+
+Peak resident set of each stage, MiB (RUN/iter_t/metrics.json "memory": the process's high-water mark, reset as
+the stage starts). The driver frees what a stage loaded before the next one starts (no model outlives its stage:
+tests/stage_leaks.py), but the C allocator keeps some freed heap pages mapped, so a stage after a training stage
+starts from a higher resident set than the first of its kind:
+
+{table(peaks, total=False) if any(peaks.values()) else "(not recorded: a run directory written before selfie recorded it)"}
 """,
     )
     print(verdict)
