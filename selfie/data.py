@@ -382,14 +382,16 @@ def _load(sources: Any, split: str, preferences: bool, shuffle_seed: int, system
     return [_with_system(row, system_prompt) for row in rows] if system_prompt else rows
 
 
-def load_prompts(source: Any, split: str = "train", *, shuffle_seed: int = 42, system_prompt: str | None = None) -> list[dict]:
+def load_prompts(
+    source: Any, split: str = DataConfig.split, *, shuffle_seed: int = DataConfig.shuffle_seed, system_prompt: str | None = None
+) -> list[dict]:
     """Rows {"prompt_id": str, "prompt": [messages ending with a user turn]}, one per distinct prompt, of a source
     or a list of them (`as_sources`); `system_prompt` opens each prompt that has no system message."""
     return _load(source, split, False, shuffle_seed, system_prompt)
 
 
 def load_preferences(
-    source: Any, split: str = "train", *, shuffle_seed: int = 42, system_prompt: str | None = None
+    source: Any, split: str = DataConfig.split, *, shuffle_seed: int = DataConfig.shuffle_seed, system_prompt: str | None = None
 ) -> list[dict]:
     """Rows {"prompt_id", "prompt", "chosen": [assistant message], "rejected": [assistant message]}."""
     return _load(source, split, True, shuffle_seed, system_prompt)
@@ -441,7 +443,9 @@ def _count(size: float, pool: int, key: str) -> int:
     return int(size)
 
 
-def split_prompts(rows: list[dict], seed_size: float, iteration_sizes: list[float], shuffle_seed: int = 42) -> Splits:
+def split_prompts(
+    rows: list[dict], seed_size: float, iteration_sizes: list[float], shuffle_seed: int = DataConfig.shuffle_seed
+) -> Splits:
     """Shuffle with `shuffle_seed`, then cut consecutive slices: seed, one per iteration, the rest held out.
 
     Asking for more prompts than the pool holds is an error, except that the final iteration's slice

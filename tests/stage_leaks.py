@@ -15,11 +15,12 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-import selfie.run.loop as loop
+import selfie.run.stages  # noqa: F401 - attaches each stage's function to its entry in the plan
 from selfie import memory
 from selfie.cli.main import main
 from selfie.config.loader import load_recipe
 from selfie.dist import process_state
+from selfie.run.plan import STAGES
 
 
 def live_models() -> dict[int, str]:
@@ -40,8 +41,8 @@ def counted(name, stage, log: list):
 
 if __name__ == "__main__":
     log: list[dict] = []
-    for name, stage in list(loop.STAGE_FUNCTIONS.items()):
-        loop.STAGE_FUNCTIONS[name] = counted(name, stage, log)
+    for stage in STAGES:
+        stage.run = counted(stage.name, stage.run, log)
     code = main(["run", *sys.argv[1:]])
     if code == 0 and process_state().is_main_process:
         output_dir = Path(load_recipe(sys.argv[1], sys.argv[2:]).output_dir)

@@ -22,10 +22,10 @@ from selfie.edit.alignez import ALPHA_GRID, layer_directions, orthogonalize
 from selfie.edit.alignez_data import characteristics_prompt, response_prompt
 from selfie.edit.apply import Edit, EditHooks, fold_edits
 from selfie.edit.directions import FINDERS, get_finder, held_out_split, pair_accuracy, rank_layers, register, score_layers
-from selfie.edit.hidden import collect_states, encode
 from selfie.edit.preference import pair_margins, per_token_logp
 from selfie.edit.rahf import default_target_layers, rahf_model, rahf_targets
 from selfie.errors import SelfieError
+from selfie.hidden import collect_states, encode
 from selfie.io import atomic_write_jsonl, read_jsonl
 from selfie.models import load_model, load_tokenizer
 

@@ -44,9 +44,9 @@ def test_agreement_is_the_share_of_members_ranking_the_pair_alike_and_min_agreem
         [[{"prompt_id": r["prompt_id"], "rewards": m[k], "num_tokens": [1, 1]} for r, m in zip(rows, members)] for k in range(3)]
     )
     rules = JudgeConfig(labeller="ensemble", length_penalty=0.0)
-    pairs, _ = select_pairs(rows, judgments, rules)
+    pairs, _ = select_pairs(rows, judgments, rules.rules)
     assert [p["agreement"] for p in pairs] == [1.0, pytest.approx(2 / 3)]
-    kept, metrics = select_pairs(rows, judgments, JudgeConfig(labeller="ensemble", length_penalty=0.0, min_agreement=0.9))
+    kept, metrics = select_pairs(rows, judgments, JudgeConfig(labeller="ensemble", length_penalty=0.0, min_agreement=0.9).rules)
     assert [p["prompt_id"] for p in kept] == ["unanimous"] and metrics["dropped"]["disagreement"] == 1
 
 

@@ -17,14 +17,15 @@ from selfie.cli.main import main
 from selfie.config.loader import dump_recipe, load_recipe
 from selfie.config.schema import EvalOptions, JudgeConfig, LoraConfig
 from selfie.errors import SelfieError
-from selfie.evaluation.compare import INIT, compare_models, run_scores
+from selfie.evaluation.compare import compare_models
 from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import judge_accuracy, pair_agreement, score_responses
 from selfie.evaluation.report import write_report
-from selfie.evaluation.stats import length_adjusted, win_rate
 from selfie.labelling.pairs import select_pairs
 from selfie.models import attach_lora, load_model, load_tokenizer, save_adapter
+from selfie.run.evaluation import INIT, run_scores
 from selfie.run.rundir import RunContext
+from selfie.stats import length_adjusted, win_rate
 
 from tiny import build_tokenizer
 
@@ -210,7 +211,7 @@ def test_implicit_judge_without_adapter_is_beta_logp(tiny_model):
 
 
 def test_ties_count_half():
-    report = win_rate([2.0, 1.0, 0.0, 5.0], [1.0, 1.0, 3.0, 5.0])
+    report = win_rate([2.0, 1.0, 0.0, 5.0], [1.0, 1.0, 3.0, 5.0], n_boot=2000)
     assert report | {"ci95": None} == {"win_rate": 0.5, "wins": 1, "ties": 2, "losses": 1, "n": 4, "ci95": None}
     lo, hi = report["ci95"]
     assert 0 <= lo <= 0.5 <= hi <= 1
@@ -218,9 +219,9 @@ def test_ties_count_half():
 
 def test_win_rate_errors():
     with pytest.raises(SelfieError, match="3 scores for A but 2"):
-        win_rate([1, 2, 3], [1, 2])
+        win_rate([1, 2, 3], [1, 2], n_boot=10)
     with pytest.raises(SelfieError, match="no scored prompts"):
-        win_rate([], [])
+        win_rate([], [], n_boot=10)
 
 
 def test_bootstrap_interval_covers_the_true_rate():
@@ -276,7 +277,7 @@ def test_scores_from_a_judge_make_pairs_by_the_loops_rules(length_judge, tiny_mo
     # token counts as the judge and trainer see them: the end-of-turn token only after a finished response
     assert judgments[3]["num_tokens"][1] == len(tokenizer("ok", add_special_tokens=False)["input_ids"]) + 1
     assert judgments[3]["num_tokens"][0] == len(tokenizer("cut off at the limit", add_special_tokens=False)["input_ids"])
-    pairs, metrics = select_pairs(rows, judgments, JudgeConfig(truncated="drop", length_penalty=0.0))
+    pairs, metrics = select_pairs(rows, judgments, JudgeConfig(truncated="drop", length_penalty=0.0).rules)
     assert metrics["dropped"] == {"identical": 1, "single_response": 1, "all_truncated": 1, "low_margin": 0, "disagreement": 0}
     assert [p["prompt_id"] for p in pairs] == ["a", "d"]
     a, d = pairs
@@ -300,10 +301,9 @@ def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
     assert all(s["score_a"] == len(s["response_a"]) and s["score_b"] == len(s["response_b"]) for s in scored)
     a_scores, b_scores = [s["score_a"] for s in scored], [s["score_b"] for s in scored]
     lengths = [[len(s[f"response_{x}"]) for s in scored] for x in "ab"]
-    assert report == win_rate(a_scores, b_scores, seed=3) | length_adjusted(a_scores, b_scores, *lengths, seed=3) | {
-        "a": report["a"],
-        "b": report["b"],
-    }
+    assert report == win_rate(a_scores, b_scores, EvalOptions.n_boot, seed=3) | length_adjusted(
+        a_scores, b_scores, *lengths, EvalOptions.n_boot, seed=3
+    ) | {"a": report["a"], "b": report["b"]}
     assert report["a"]["chars_mean"] == np.mean(lengths[0])
     assert report["a"]["adapter"] == str(adapter) and report["b"]["adapter"] is None
     assert report["a"]["score_mean"] == pytest.approx(np.mean([s["score_a"] for s in scored]))
@@ -355,7 +355,7 @@ def test_length_adjusted_win_rate_equals_a_hand_computation():
     lengths_b = [100] * 10 + [150] * 10
     report = length_adjusted(scores_a, scores_b, lengths_a, lengths_b, n_boot=200)
     assert report["length_adjusted_win_rate"] == pytest.approx(expected, abs=1e-9)
-    assert win_rate(scores_a, scores_b)["win_rate"] == 0.4 and expected == pytest.approx(0.3798, abs=1e-4)
+    assert win_rate(scores_a, scores_b, n_boot=10)["win_rate"] == 0.4 and expected == pytest.approx(0.3798, abs=1e-4)
     assert report["length_adjusted_ci95"][0] <= report["length_adjusted_win_rate"] <= report["length_adjusted_ci95"][1]
     # no length difference: the plain win rate
     assert length_adjusted(scores_a, scores_b, [10] * 20, [10] * 20, n_boot=10)["length_adjusted_win_rate"] == 0.4

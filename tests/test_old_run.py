@@ -112,7 +112,10 @@ def test_the_upgrade_from_version_0_takes_the_old_manifests_hash_to_this_version
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_status_reads_the_old_run_directory_as_it_is(layout):
     out = status_text(FIXTURES / layout / "run")
-    assert "6/10 stages done" in out and "next  iter  2  generate  (in progress: iter_002/responses.jsonl.partial)" in out
+    assert (
+        "6/10 stages done" in out
+        and "next  iter  2  generate  (resumes inside)  (in progress: iter_002/responses.jsonl.partial)" in out
+    )
 
 
 def test_an_old_run_judged_with_another_beta_is_refused_naming_judge_beta(tmp_path):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from selfie.config.loader import load_recipe
-from selfie.config.schema import JudgeConfig
+from selfie.config.schema import JudgeConfig, PairRules
 from selfie.errors import SelfieError
 from selfie.labelling.pairs import auto_length_penalty, select_pairs, with_replay
 
 
-def rules(truncated: str = "drop", **values) -> JudgeConfig:
+def rules(truncated: str = "drop", **values) -> PairRules:
     """Pairing rules; unless a test names them, the plain ones: truncated responses dropped, no length penalty."""
-    return JudgeConfig(truncated=truncated, **{"length_penalty": 0.0, **values})
+    return JudgeConfig(truncated=truncated, **{"length_penalty": 0.0, **values}).rules
 
 
 def row(pid, texts, finished):
@@ -149,7 +149,7 @@ def test_a_python_caller_gets_the_recipes_rules():
     recipe = load_recipe(None).judge
     assert (recipe.truncated, recipe.length_penalty) == ("penalize", "auto")
     default = select_pairs(rows, judgments)
-    assert default == select_pairs(rows, judgments, recipe)
+    assert default == select_pairs(rows, judgments, recipe.rules)
     assert texts(default[0][0]) == ("cut but best", "worst")
     assert default != select_pairs(rows, judgments, rules("drop"))
 

@@ -53,7 +53,7 @@ def test_accuracy_equals_a_hand_count_under_the_pair_rules():
         rewards = [0.0, 0.0]
         rewards[row["gold"]] = gap
         judgments.append({"prompt_id": row["prompt_id"], "rewards": rewards, "num_tokens": [3, 3]})
-    keep = JudgeConfig(truncated="keep", length_penalty=0.0)
+    keep = JudgeConfig(truncated="keep", length_penalty=0.0).rules
     tie_is_right = rows[4]["gold"] == 0  # the pick takes the first of equals
     result = signal_accuracy([(rows, judgments)], keep, seed=0)
     assert result["n"] == 6 and result["unpaired"] == 0
@@ -61,10 +61,10 @@ def test_accuracy_equals_a_hand_count_under_the_pair_rules():
     assert result["raw_accuracy"] == 4 / 6  # a tie is no win for the reward alone
     assert result["ci95_low"] <= result["accuracy"] <= result["ci95_high"]
     # penalize (1.0): the truncated gold chosen of pair 5 now loses (0.5 - 1.0 < 0)
-    penalize = JudgeConfig(truncated="penalize", truncation_penalty=1.0, length_penalty=0.0)
+    penalize = JudgeConfig(truncated="penalize", truncation_penalty=1.0, length_penalty=0.0).rules
     assert signal_accuracy([(rows, judgments)], penalize)["accuracy"] == (3 + tie_is_right) / 6
     # drop: pair 5's chosen cannot be truncated, so its finished rejected response is picked
-    drop = JudgeConfig(truncated="drop", length_penalty=0.0)
+    drop = JudgeConfig(truncated="drop", length_penalty=0.0).rules
     assert signal_accuracy([(rows, judgments)], drop)["accuracy"] == (3 + tie_is_right) / 6
 
 

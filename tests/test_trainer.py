@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import DPOTrainer
@@ -22,7 +23,7 @@ from selfie.io import read_jsonl
 from selfie.models import load_adapter, load_model, load_tokenizer, merge_adapter
 from selfie.training.arguments import NoiseAwareDPOConfig, build_dpo_config, dnd_lambda, seed_epochs
 from selfie.training.stage import TrainOutputs, _pairs_dataset, train_iteration, train_seed
-from selfie.training.trainer import REFINE_STATE, NoiseAwareDPOTrainer, last_checkpoint
+from selfie.training.trainer import REFINE_STATE, TRL_INTERNALS, NoiseAwareDPOTrainer, last_checkpoint
 
 from tiny import perturb_adapter, toy_pairs
 
@@ -338,3 +339,35 @@ def test_bad_pairs_are_refused(tiny_model, tmp_path):
     with pytest.raises(SelfieError, match="empty"):
         train_seed(tiny_model, [], outputs(tmp_path), recipe())
     assert not (tmp_path / "adapter").exists()
+
+
+def test_the_trl_internals_it_relies_on_are_there(tiny_model, tmp_path):
+    """Each private method has the parameters NoiseAwareDPOTrainer calls or overrides it with; the attributes hold
+    what it reads. A TRL upgrade that changes one fails here, naming it."""
+    import inspect
+
+    import trl.trainer.utils
+
+    trainer = NoiseAwareDPOTrainer(
+        model=load_model(tiny_model, "float32"),
+        args=build_dpo_config(
+            TrainConfig(), RefineConfig(), tmp_path, lambda_=0.0, refine_on=False, report_to=[], run_name=None, seed=0
+        ),
+        train_dataset=_pairs_dataset(toy_pairs(2), load_tokenizer(tiny_model), set()),
+        processing_class=load_tokenizer(tiny_model),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+    )
+    for name, expected in TRL_INTERNALS.items():
+        owner, attribute = name.rsplit(".", 1)
+        if owner == "DPOTrainer" and isinstance(expected, tuple):
+            method = getattr(DPOTrainer, attribute, None)
+            assert method is not None, f"TRL's {name} is gone"
+            assert tuple(inspect.signature(method).parameters)[1 : len(expected) + 1] == expected, f"TRL's {name} changed"
+        elif owner == "DPOTrainer":
+            assert set(trainer._metrics) == {"train", "eval"}, f"TRL's {name} changed"
+        elif owner == "CausalLMOutput":
+            batch = trainer.data_collator([trainer.train_dataset[0]])
+            outputs = trainer.model(input_ids=batch["input_ids"], fused_lm_head=True, labels=batch["input_ids"])
+            assert getattr(outputs, attribute, None) is not None, f"TRL's fused LM head no longer returns {attribute}"
+        else:
+            assert hasattr(trl.trainer.utils, attribute), f"TRL's {name} is gone"

@@ -15,15 +15,17 @@ import torch
 from safetensors.torch import load_file
 from test_preflight import make_inputs, run
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig
 
 import selfie.run.preflight
 from selfie.config.compat import config_hash
 from selfie.config.loader import dump_recipe, load_recipe
 from selfie.config.schema import ModelConfig, TrainConfig, section_fields
+from selfie.config.trainer_fields import SELFIE_SETS, trainer_fields
 from selfie.errors import SelfieError
 from selfie.export.policy import write_merged
 from selfie.models import load_policy, quantization_config
-from selfie.training.arguments import SELFIE_SETS, NoiseAwareDPOConfig, trainer_fields
+from selfie.training.arguments import NoiseAwareDPOConfig
 from selfie.training.stage import TrainOutputs, train_iteration, train_seed
 
 from tiny import toy_pairs
@@ -95,6 +97,8 @@ def test_a_trainer_field_selfie_sets_is_refused_with_the_reason(name):
 
 def test_the_fields_selfie_sets_are_fields_of_the_trainer_arguments():
     assert set(SELFIE_SETS) <= set(trainer_fields())  # a TRL upgrade renaming one shows here
+    own = {f.name for f in dataclasses.fields(NoiseAwareDPOConfig)} - {f.name for f in dataclasses.fields(DPOConfig)}
+    assert own == {name for name in SELFIE_SETS if name.startswith(("refine_", "dnd_"))}  # the noise-aware loss's own
 
 
 @pytest.mark.parametrize(

@@ -43,10 +43,10 @@ from selfie.edit.apply import EDIT_FILE
 from selfie.evaluation.compare import generate_one, score_unique
 from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import pair_agreement
-from selfie.evaluation.stats import bootstrap_ci
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from selfie.run.loop import run_loop
 from selfie.run.rundir import RunContext
+from selfie.stats import bootstrap_ci
 
 from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_marked, write_section
 

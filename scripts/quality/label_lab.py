@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from selfie.config.schema import JudgeConfig
+from selfie.config.schema import EvalOptions, JudgeConfig
 from selfie.data import load_prompts, split_prompts
 from selfie.dist import Ranks, process_state
 from selfie.evaluation.compare import score_unique
 from selfie.evaluation.judges import load_judge
-from selfie.evaluation.stats import bootstrap_ci
 from selfie.generation.generate import generate_responses, load_generator
 from selfie.io import atomic_write_json, read_json, read_jsonl
 from selfie.labelling.bradley_terry import fit_on_pairs, response_features
@@ -46,6 +45,7 @@ from selfie.labelling.pairs import select_pairs
 from selfie.models import load_policy
 from selfie.run.context import StageContext
 from selfie.run.labellers import label_signal, labeller_for
+from selfie.stats import bootstrap_ci
 from selfie.tokens import pad_token_id
 
 from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_section
@@ -155,7 +155,7 @@ def first(
 def agreement(rows: list[dict], judgments: list[dict], gold: dict[str, dict[str, float]], rules: JudgeConfig = RULES) -> dict:
     """Per prompt (in `rows`' order): 1 when gold prefers the pair's chosen response, 0 when the rejected, 0.5 on a tie,
     None when the prompt gave no pair; and each pair's margin."""
-    pairs, _ = select_pairs(rows, judgments, rules)
+    pairs, _ = select_pairs(rows, judgments, rules.rules)
     by_id = {p["prompt_id"]: p for p in pairs}
     outcome, margins = [], []
     for row in rows:
@@ -172,10 +172,10 @@ def agreement(rows: list[dict], judgments: list[dict], gold: dict[str, dict[str,
 
 def summary(outcome: list[float | None], baseline: list[float | None] | None = None) -> dict:
     values = np.array([o for o in outcome if o is not None], dtype=float)
-    result = {"agreement": float(values.mean()), "ci95": bootstrap_ci(values), "n": len(values)}
+    result = {"agreement": float(values.mean()), "ci95": bootstrap_ci(values, EvalOptions.n_boot), "n": len(values)}
     if baseline is not None:
         diff = np.array([a - b for a, b in zip(outcome, baseline) if a is not None and b is not None], dtype=float)
-        result["vs_baseline"] = {"diff": float(diff.mean()), "ci95": bootstrap_ci(diff), "n": len(diff)}
+        result["vs_baseline"] = {"diff": float(diff.mean()), "ci95": bootstrap_ci(diff, EvalOptions.n_boot), "n": len(diff)}
     return result
 
 

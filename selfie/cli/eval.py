@@ -8,11 +8,12 @@ from pathlib import Path
 from selfie.cli.flags import add_options, from_args
 from selfie.config.schema import EvalOptions
 from selfie.data import load_preferences
-from selfie.evaluation.compare import INIT, compare_models, eval_prompts, iteration_label, run_scores
+from selfie.evaluation.compare import compare_models, eval_prompts
 from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import judge_accuracy
 from selfie.evaluation.report import write_report
 from selfie.io import check_writable
+from selfie.run.evaluation import INIT, iteration_label, run_scores
 from selfie.run.lock import output_lock
 from selfie.run.rundir import RunContext
 

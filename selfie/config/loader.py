@@ -25,9 +25,9 @@ from selfie.config.schema import (
     to_dict,
     union_members,
 )
+from selfie.config.trainer_fields import SELFIE_SETS, trainer_fields
 from selfie.errors import SelfieError
 from selfie.io import read_yaml_mapping
-from selfie.training.arguments import SELFIE_SETS, trainer_fields
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

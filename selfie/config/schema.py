@@ -244,10 +244,32 @@ class GenerateConfig(Section):
 TRUNCATION_POLICIES = ("drop", "penalize", "keep")  # what pairing does with a response cut at the length limit
 
 
+@dataclass(frozen=True)
+class PairRules:
+    """How scored responses become pairs (selfie/labelling/pairs.py): the judge: section's pairing keys, read through
+    JudgeConfig.rules (their defaults and ranges are JudgeConfig's)."""
+
+    truncated: str
+    truncation_penalty: float
+    length_penalty: float | str
+    min_margin_quantile: float
+    min_agreement: float
+
+
+@dataclass(frozen=True)
+class ImplicitScoring:
+    """How the implicit reward scores responses (selfie/labelling/implicit_reward.py), read through JudgeConfig.scoring."""
+
+    length_normalize: bool
+    token_budget: int
+
+
 @dataclass
 class JudgeConfig(Section):
-    """How responses are scored and made into pairs (selfie/labelling/pairs.py reads truncated, truncation_penalty
-    and length_penalty: the pairing rules)."""
+    """The recipe's judge: section, the labelling of an iteration's responses. Its keys sit flat in the recipe and
+    fall into four concerns, each read by the code that needs it: who scores (`labeller` and its settings), how
+    the implicit reward scores (`scoring`), how scores become pairs (`rules`), and the seed stage's label-signal
+    check (`signal_folds`)."""
 
     SECTION = "judge."
     RANGES = {
@@ -262,30 +284,39 @@ class JudgeConfig(Section):
         "min_agreement": Range(lambda v: 0 <= v <= 1, "a value in [0, 1]"),
     }
 
-    # The implicit reward is beta * (logp_policy - logp_reference) with train.beta: the DPO loss's own beta.
-    # implicit (the implicit reward), bradley-terry (a reward head on pi_init's hidden states, fitted on the seed
-    # pairs), ensemble (the mean implicit reward of seed adapters on bootstrap resamples), or any judge spec `selfie eval` takes (reward-model:..., callable:...): selfie/run/labellers.py
+    # -- who scores: implicit (beta * (logp_policy - logp_reference), train.beta), bradley-terry (a reward head on
+    # pi_init's hidden states, fitted on the seed pairs), ensemble (the mean implicit reward of seed adapters on
+    # bootstrap resamples), or any judge spec `selfie eval` takes (reward-model:..., callable:...): selfie/run/labellers.py
     labeller: str = "implicit"
-    # Defaults chosen by scripts/quality/benchmark.py (docs/BENCHMARKS.md "Quality"): of the rules measured,
-    # penalize + auto gave SPA's best held-out score over seed-only DPO; drop + 0 (the old rule) its worst.
+    bradley_terry_l2: float = added(1.0)  # the bradley-terry head's L2 penalty (selfie/labelling/bradley_terry.py)
+    ensemble_size: int = added(4)  # the ensemble labeller's members: seed adapters on bootstrap resamples of the seed
+    # -- how scores become pairs (PairRules). Defaults chosen by scripts/quality/benchmark.py (docs/BENCHMARKS.md
+    # "Quality"): of the rules measured, penalize + auto gave SPA's best held-out score over seed-only DPO; drop + 0
+    # (the old rule) its worst.
     truncated: str = "penalize"  # a response cut at the length limit: drop (never chosen) | penalize | keep
     truncation_penalty: float = 1.0  # subtracted from a truncated response's reward under `penalize`
     length_penalty: float | str = "auto"  # alpha: reward - alpha * tokens; "auto" equalises chosen / rejected lengths
-    length_normalize: bool = False
     # Drop the pairs whose shaped margin is below this quantile of the iteration's (0 = keep all; selfie/labelling/pairs.py)
     min_margin_quantile: float = added(0.0)
-    token_budget: int = 8192  # tokens per judging batch (prompt + response, padded)
-    bradley_terry_l2: float = added(1.0)  # the bradley-terry head's L2 penalty (selfie/labelling/bradley_terry.py)
-    ensemble_size: int = added(4)  # the ensemble labeller's members: seed adapters on bootstrap resamples of the seed
     min_agreement: float = added(0.0)  # ensemble only: drop the pairs fewer than this share of members agree on
+    # -- how the implicit reward scores (ImplicitScoring)
+    length_normalize: bool = False  # per-token log-probs instead of sums
+    token_budget: int = 8192  # tokens per scoring batch (prompt + responses, padded)
+    # -- the seed stage's label-signal check (selfie/labelling/signal.py): k-fold over the seed pairs, k - 1 extra
+    # seed trainings on (k-1)/k of them; 0 = off. 2 costs about one more seed training.
+    signal_folds: int = 2
 
     def check_across(self) -> None:
         if self.min_agreement and self.labeller != "ensemble":
             raise self.refuse("set, but only the ensemble labeller has members to agree", "min_agreement", "labeller")
 
-    # The seed stage's label-signal check (selfie/labelling/signal.py): k-fold over the seed pairs, k - 1 extra
-    # seed trainings on (k-1)/k of them; 0 = off. 2 costs about one more seed training.
-    signal_folds: int = 2
+    @property
+    def rules(self) -> PairRules:
+        return PairRules(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PairRules)})
+
+    @property
+    def scoring(self) -> ImplicitScoring:
+        return ImplicitScoring(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ImplicitScoring)})
 
 
 @dataclass
@@ -486,17 +517,17 @@ class EvalOptions(Section):
         "n_boot": _at_least(1),
     }
 
-    split: str = "train"  # for hub / saved datasets
+    split: str = DataConfig.split  # for hub / saved datasets
     num_prompts: int = 32  # first N prompts (0 = all)
     num_pairs: int = 0  # accuracy: first N pairs (0 = all)
     max_new_tokens: int = 256
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 1.0
-    batch_size: int = 8  # sequences decoded together
+    temperature: float = GenerateConfig.temperature  # 0 = greedy
+    top_p: float = GenerateConfig.top_p
+    batch_size: int = GenerateConfig.batch_size  # sequences decoded together
     backend: str = GenerateConfig.backend  # generation backend (selfie/generation/generate.py)
     seed: int = 0  # sampling and bootstrap seed
-    dtype: str = "auto"
-    n_boot: int = 2000  # bootstrap resamples for the 95% interval
+    dtype: str = ModelConfig.dtype
+    n_boot: int = EvalConfig.n_boot  # bootstrap resamples for the 95% interval
 
     def sampling(self) -> dict[str, Any]:
         """How each model answers: the arguments of selfie.generation.generate.generate_responses."""

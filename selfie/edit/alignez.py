@@ -38,9 +38,9 @@ from selfie.config.schema import AlignEZConfig
 from selfie.edit.alignez_data import AlignEZData
 from selfie.edit.apply import Edit, EditHooks
 from selfie.edit.directions import Finder, get_finder, held_out_split, rank_layers, score_layers
-from selfie.edit.hidden import collect_states, encode
 from selfie.edit.preference import pair_margins, per_token_logp
 from selfie.errors import SelfieError
+from selfie.hidden import collect_states, encode
 from selfie.tokens import pad_token_id
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.edit.hidden import edit_point
 from selfie.errors import SelfieError
+from selfie.hidden import edit_point
 from selfie.io import atomic_directory, atomic_write_json
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from selfie.config.schema import AlignEZConfig, EditConfig, ModelConfig, RAHFConfig
+from selfie.config.schema import AlignEZConfig, EditConfig, ModelConfig, RAHFConfig, RecipeConfig
 from selfie.data import load_prompts
 from selfie.edit.alignez import alignez_edits
 from selfie.edit.alignez_data import AlignEZData, generate_alignez_data
@@ -110,7 +110,11 @@ def _alignez_data(
 
 
 def alignez_seed_pairs(
-    model_name: str, config: AlignEZConfig | None, work_dir: str | Path, seed: int = 42, model_settings: ModelConfig | None = None
+    model_name: str,
+    config: AlignEZConfig | None,
+    work_dir: str | Path,
+    seed: int = RecipeConfig.seed,
+    model_settings: ModelConfig | None = None,
 ) -> list[dict]:
     """AlignEZ's self-generated (y+, y-) pairs as seed-DPO data with no human label, in pairs.jsonl format.
 
@@ -169,7 +173,11 @@ def _build_rahf(
 
 
 def build_edited_model(
-    config: EditConfig, model_name: str, output_dir: str | Path, seed: int = 42, model_settings: ModelConfig | None = None
+    config: EditConfig,
+    model_name: str,
+    output_dir: str | Path,
+    seed: int = RecipeConfig.seed,
+    model_settings: ModelConfig | None = None,
 ) -> Path:
     """Build the edited model that `config` (a recipe's `init:`) describes into `output_dir` and return it, from
     `model_name` loaded as `model_settings` (the recipe's model: section, if any) says.

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.edit.hidden import encode
+from selfie.hidden import encode
 from selfie.scoring import PromptResponses, sequence_logps
 from selfie.tokens import pad_token_id
 

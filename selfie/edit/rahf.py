@@ -21,8 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfie.config.schema import LoraConfig, RAHFConfig
 from selfie.edit.alignez_data import with_user_text
 from selfie.edit.directions import held_out_split
-from selfie.edit.hidden import Encoded, collect_states, decoder_layers, encode, pad_batch, run_to_layers
 from selfie.errors import SelfieError
+from selfie.hidden import Encoded, collect_states, decoder_layers, encode, pad_batch, run_to_layers
 from selfie.models import attach_lora, merge_adapter
 from selfie.tokens import pad_token_id
 

@@ -1,5 +1,5 @@
-"""Generate on held-out prompts and score with a judge: model-vs-model win rates, per-iteration scores of a run,
-and the loop's per-iteration eval stage."""
+"""Generate on held-out prompts and score with a judge: model-vs-model win rates and mean scores (a run's
+iterations are evaluated with these by selfie/run/evaluation.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import gc
 import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,12 @@ import torch
 from selfie.config.schema import EvalOptions, ModelConfig, RecipeConfig, Sources
 from selfie.data import describe_sources, load_prompts, pool_prompts, split_prompts
 from selfie.errors import SelfieError
-from selfie.evaluation.judges import Judge, load_judge
-from selfie.evaluation.stats import bootstrap_ci, length_adjusted, win_rate
+from selfie.evaluation.judges import Judge
 from selfie.generation.generate import generate_responses, load_generator
 from selfie.io import atomic_write_jsonl, read_jsonl
-from selfie.run.rundir import RunContext
+from selfie.stats import bootstrap_ci, length_adjusted, win_rate
 
 logger = logging.getLogger(__name__)
-
-INIT = -1  # run_scores key of pi_init (the run's base model, no adapter)
 
 
 def eval_prompts(source: Sources, split: str, num_prompts: int | None, config: RecipeConfig | None = None) -> list[dict]:
@@ -74,7 +70,7 @@ def score_unique(judge: Judge, prompts: list[list[dict]], responses: list[str]) 
     return [lookup[k] for k in keys]
 
 
-def _summary(scores: list[float], texts: list[str], n_boot: int, seed: int) -> dict:
+def score_summary(scores: list[float], texts: list[str], n_boot: int, seed: int) -> dict:
     values = np.asarray(scores, dtype=float)
     return {
         "score_mean": float(values.mean()),
@@ -121,108 +117,6 @@ def compare_models(
             )
     report = win_rate(scores_a, scores_b, n_boot=n_boot, seed=seed)
     report.update(length_adjusted(scores_a, scores_b, [len(t) for t in texts_a], [len(t) for t in texts_b], n_boot, seed))
-    report["a"] = {"model": model_a, "adapter": adapter_a and str(adapter_a), **_summary(scores_a, texts_a, n_boot, seed)}
-    report["b"] = {"model": model_b, "adapter": adapter_b and str(adapter_b), **_summary(scores_b, texts_b, n_boot, seed)}
+    report["a"] = {"model": model_a, "adapter": adapter_a and str(adapter_a), **score_summary(scores_a, texts_a, n_boot, seed)}
+    report["b"] = {"model": model_b, "adapter": adapter_b and str(adapter_b), **score_summary(scores_b, texts_b, n_boot, seed)}
     return report
-
-
-def run_scores(
-    ctx: RunContext,
-    judge: Judge,
-    prompts: list[dict],
-    options: EvalOptions = EvalOptions(),
-    *,
-    output_dir: str | Path | None = None,
-    include_init: bool = True,
-) -> dict[int, dict]:
-    """Mean judge score of each iteration's policy of a run on `prompts`: {iteration: {score_mean, ci95, n}}.
-
-    Key INIT (-1) is pi_init itself (no adapter) when `include_init`. Responses go to
-    `output_dir/responses_<label>.jsonl` when given.
-    """
-    adapters = ctx.adapters_on_disk()
-    if not adapters:
-        raise SelfieError(f"{ctx.run_dir}: no finished adapters yet")
-    models: dict[int, Path | None] = ({INIT: None} if include_init else {}) | adapters
-    messages = [row["prompt"] for row in prompts]
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="selfie-eval-") as tmp:
-        out = Path(output_dir) if output_dir is not None else Path(tmp)
-        for iteration, adapter in models.items():
-            label = iteration_label(ctx, iteration)
-            texts = generate_one(
-                ctx.pi_init, adapter, prompts, out / f"responses_{label}.jsonl", dtype=options.dtype, **options.sampling()
-            )
-            results[iteration] = _summary(score_unique(judge, messages, texts), texts, options.n_boot, options.seed)
-            logger.info("%s: mean score %.4f", label, results[iteration]["score_mean"])
-    return results
-
-
-def iteration_label(ctx: RunContext, iteration: int) -> str:
-    """How reports name an iteration: `init` for pi_init, else its directory's name."""
-    return "init" if iteration == INIT else ctx.iteration_dir(iteration).name
-
-
-def baseline_iteration(baseline: str, iteration: int) -> int | None:
-    """The iteration whose policy `eval.baseline` compares iteration `iteration` against (None: pi_init)."""
-    if baseline == "seed":
-        return 0
-    if baseline == "previous" and iteration > 0:
-        return iteration - 1
-    return None
-
-
-def evaluate_iteration(ctx: RunContext, t: int) -> dict:
-    """The loop's eval stage: iteration t's policy against a baseline on held-out prompts, scored by eval.judge.
-
-    Responses and per-prompt scores are kept in the iteration's eval directory for inspection.
-    """
-    start = time.perf_counter()
-    config, eval_cfg, pi_init, adapter = ctx.config, ctx.config.eval, ctx.pi_init, ctx.adapter(t)
-    prompts = eval_prompts(eval_cfg.prompts, eval_cfg.split or config.data.split, eval_cfg.num_prompts, config)
-    judge = load_judge(eval_cfg.judge, dtype=config.model.dtype)
-    temperature = config.generate.temperature if eval_cfg.temperature is None else eval_cfg.temperature
-    options = EvalOptions(
-        max_new_tokens=eval_cfg.max_new_tokens,
-        temperature=temperature,
-        top_p=config.generate.top_p,
-        seed=config.seed,
-        batch_size=config.generate.batch_size,
-        backend=config.generate.backend,
-        dtype=config.model.dtype,
-        n_boot=eval_cfg.n_boot,
-    )
-    out = ctx.eval_dir(t)
-    if eval_cfg.baseline == "none":
-        texts = generate_one(pi_init, adapter, prompts, out / "responses_a.jsonl", dtype=config.model, **options.sampling())
-        summary = _summary(score_unique(judge, [row["prompt"] for row in prompts], texts), texts, options.n_boot, options.seed)
-        metrics = {
-            "score_mean": summary["score_mean"],
-            "score_ci95": summary["ci95"],
-            "n": summary["n"],
-            "chars_mean": summary["chars_mean"],
-        }
-    else:
-        baseline = baseline_iteration(eval_cfg.baseline, t)
-        report = compare_models(
-            judge,
-            pi_init,
-            str(adapter),
-            pi_init,
-            None if baseline is None else ctx.adapter(baseline),
-            prompts,
-            options,
-            output_dir=out,
-            model_settings=config.model,
-        )
-        metrics = {
-            "score_mean": report["a"]["score_mean"],
-            "baseline_score_mean": report["b"]["score_mean"],
-            "chars_mean": report["a"]["chars_mean"],
-            "baseline_chars_mean": report["b"]["chars_mean"],
-            **{
-                k: report[k]
-                for k in ("win_rate", "ci95", "length_adjusted_win_rate", "length_adjusted_ci95", "wins", "ties", "losses", "n")
-            },
-        }
-    return {"judge": eval_cfg.judge, "baseline": eval_cfg.baseline, **metrics, "seconds": round(time.perf_counter() - start, 2)}

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from selfie.config.schema import EvalConfig
 from selfie.data import check_response_rows, select_shard
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import Judge
-from selfie.evaluation.stats import bootstrap_ci
 from selfie.io import ResumableJsonl
+from selfie.stats import bootstrap_ci
 from selfie.tokens import response_token_ids
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def _chosen_rejected_scores(judge: Judge, pairs: list[dict]) -> tuple[np.ndarray
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
-def judge_accuracy(judge: Judge, preferences: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+def judge_accuracy(judge: Judge, preferences: list[dict], n_boot: int = EvalConfig.n_boot, seed: int = 0) -> dict:
     """Fraction of pairs whose chosen response the judge scores strictly above the rejected one.
 
     Ties count as misses and are reported; `ci95` is a bootstrap interval over pairs.

@@ -24,6 +24,7 @@ from selfie.export.model_card import build_card
 from selfie.hub import push, require_hub_login
 from selfie.io import atomic_directory, read_json
 from selfie.models import BUILTIN_MODELS, is_local, load_adapter, load_model, merge_adapter, resolve_model_path
+from selfie.run.plan import adapter_stage
 from selfie.run.rundir import RunContext
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,8 @@ def pick_iteration(ctx: RunContext, iteration: int | None) -> int:
             raise SelfieError(f"{ctx.run_dir}: no completed iteration to export (the seed stage is not in manifest.json yet)")
         return done[-1]
     if iteration not in done:
-        stage = "train" if iteration else "seed"
         raise SelfieError(
-            f"{ctx.run_dir}: iteration {iteration} is not complete (no '{stage}' stage done in manifest.json); "
+            f"{ctx.run_dir}: iteration {iteration} is not complete (no '{adapter_stage(iteration).name}' stage done in manifest.json); "
             f"completed: {', '.join(map(str, done)) or 'none'}"
         )
     return iteration

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfie.edit.hidden import Encoded, collect_states, decoder_layers, encode
+from selfie.hidden import Encoded, collect_states, decoder_layers, encode
 from selfie.io import atomic_directory
 from selfie.tokens import pad_token_id
 

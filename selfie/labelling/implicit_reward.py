@@ -102,8 +102,8 @@ def judge_responses(
         items,
         pad_token_id(tokenizer),
         beta=beta,
-        length_normalize=judge.length_normalize,
-        token_budget=judge.token_budget,
+        length_normalize=judge.scoring.length_normalize,
+        token_budget=judge.scoring.token_budget,
         progress="judge",
     )
     seconds = time.perf_counter() - start
@@ -119,7 +119,7 @@ def judge_responses(
         "tokens_per_second": scores.tokens / seconds if seconds else None,
     }
     if pairs_output is not None:
-        pairs, label_metrics = select_pairs(rows, judgments, judge)
+        pairs, label_metrics = select_pairs(rows, judgments, judge.rules)
         atomic_write_jsonl(pairs_output, pairs)
         metrics.update(label_metrics, pairs_per_second=len(pairs) / seconds if seconds else None)
     logger.info("judged %d prompts in %.1f s -> %s", len(rows), seconds, output)

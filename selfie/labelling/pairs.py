@@ -15,8 +15,8 @@ the labeller's confidence in its pick) is below the q-quantile of the iteration'
 judgments carry each member's rewards: its pairs keep `agreement`, the share of members whose shaped scores rank
 chosen above rejected, and those below `min_agreement` are dropped.
 
-The rules (truncated, truncation_penalty, length_penalty, min_margin_quantile) are the recipe's judge section,
-JudgeConfig, whose defaults and ranges are the ones a recipe gets. Pairs keep `margin` = raw score(chosen) -
+The rules (truncated, truncation_penalty, length_penalty, min_margin_quantile, min_agreement) are PairRules, the
+pairing keys of the recipe's judge: section (JudgeConfig.rules), whose defaults and ranges are the ones a recipe gets. Pairs keep `margin` = raw score(chosen) -
 raw score(rejected) and whether each side finished, so the trainer can render a truncated response exactly as
 it was judged (no end-of-turn token).
 """
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from selfie.config.schema import DataConfig, JudgeConfig
+from selfie.config.schema import DataConfig, JudgeConfig, PairRules
 from selfie.errors import SelfieError
 
 DROP_REASONS = ("all_truncated", "identical", "single_response", "low_margin", "disagreement")
@@ -41,7 +41,7 @@ AUTO_ITERATIONS = 60  # bisection steps for `auto`: alpha to ~1e-18 of its brack
 Pick = tuple[int, int, float] | str  # (chosen, rejected, shaped margin), or why the prompt gives no pair
 
 
-def _shaped(scores: Sequence[float], lengths: Sequence[int], finished: Sequence[bool], rules: JudgeConfig, alpha: float):
+def _shaped(scores: Sequence[float], lengths: Sequence[int], finished: Sequence[bool], rules: PairRules, alpha: float):
     """score - alpha * |y| - the truncation penalty (under `penalize`) of each response."""
     penalty = rules.truncation_penalty if rules.truncated == "penalize" else 0.0
     return [s - alpha * n - (0.0 if done else penalty) for s, n, done in zip(scores, lengths, finished)]
@@ -52,7 +52,7 @@ def _pick(
     lengths: Sequence[int],
     finished: Sequence[bool],
     texts: Sequence[str],
-    rules: JudgeConfig,
+    rules: PairRules,
     alpha: float,
 ) -> Pick:
     """(chosen, rejected, shaped margin) of one prompt's responses, or the reason it gives no pair."""
@@ -70,7 +70,7 @@ def _pick(
     return chosen, rejected, shaped[chosen] - shaped[rejected]
 
 
-def _picks(responses: Sequence[dict], judgments: Sequence[dict], rules: JudgeConfig, alpha: float) -> list[Pick]:
+def _picks(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules, alpha: float) -> list[Pick]:
     return [
         _pick(j["rewards"], j["num_tokens"], r["finished"], r["responses"], rules, alpha) for r, j in zip(responses, judgments)
     ]
@@ -82,7 +82,7 @@ def _length_gap(picks: list[Pick], lengths: list[Sequence[int]]) -> float:
     return sum(gaps) / len(gaps) if gaps else 0.0
 
 
-def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], rules: JudgeConfig) -> float:
+def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules) -> float:
     """The alpha at which chosen and rejected are, on average, equally long (as near as the data allows).
 
     The length gap can only fall as alpha grows (a larger alpha never picks a longer chosen or a shorter
@@ -113,9 +113,7 @@ def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], ru
     return far if floor else min((near, far), key=lambda a: (abs(gap(a)), abs(a)))
 
 
-def select_pairs(
-    responses: Sequence[dict], judgments: Sequence[dict], rules: JudgeConfig | None = None
-) -> tuple[list[dict], dict]:
+def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules | None = None) -> tuple[list[dict], dict]:
     """Pairs of one iteration and their label diagnostics, made by `rules` (None: the recipe's defaults).
 
     `responses` are responses.jsonl rows, `judgments` rows with `rewards` and `num_tokens` in the same order.
@@ -123,7 +121,7 @@ def select_pairs(
     """
     if len(responses) != len(judgments):
         raise SelfieError(f"pairs: {len(responses)} response rows but {len(judgments)} judgments")
-    rules = JudgeConfig() if rules is None else rules
+    rules = JudgeConfig().rules if rules is None else rules
     keep = dataclasses.replace(rules, truncated="keep")  # what would have been picked had truncation not counted
     alpha = auto_length_penalty(responses, judgments, rules) if rules.length_penalty == "auto" else float(rules.length_penalty)
     picks = _picks(responses, judgments, rules, alpha)
@@ -169,7 +167,7 @@ def _pair_row(row: dict, judged: dict, chosen: int, rejected: int) -> dict:
     }
 
 
-def _agreement(judged: dict, finished: Sequence[bool], pick: tuple[int, int, float], rules: JudgeConfig, alpha: float) -> float:
+def _agreement(judged: dict, finished: Sequence[bool], pick: tuple[int, int, float], rules: PairRules, alpha: float) -> float:
     """Share of the ensemble's members whose own shaped scores put the chosen response above the rejected one."""
     chosen, rejected, _ = pick
     shaped = [_shaped(rewards, judged["num_tokens"], finished, rules, alpha) for rewards in judged["member_rewards"]]

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from selfie.config.schema import JudgeConfig
-from selfie.evaluation.stats import bootstrap_ci
+from selfie.config.schema import EvalConfig, PairRules
 from selfie.labelling.pairs import select_pairs
+from selfie.stats import bootstrap_ci
 
 
 def fold_indices(n: int, folds: int, seed: int) -> list[list[int]]:
@@ -52,7 +52,7 @@ def heldout_rows(pairs: Sequence[dict], indices: Sequence[int], seed: int) -> li
     return rows
 
 
-def signal_accuracy(folds: Sequence[tuple[Sequence[dict], Sequence[dict]]], rules: JudgeConfig, seed: int = 0) -> dict:
+def signal_accuracy(folds: Sequence[tuple[Sequence[dict], Sequence[dict]]], rules: PairRules, seed: int = 0) -> dict:
     """Accuracy of the labeller's picks against the gold responses over every fold's (rows, judgments), with a
     95% bootstrap interval over the pairs. Each fold is paired on its own, as an iteration is (its own `auto`
     alpha); `raw_accuracy` ranks by the reward alone, without the pair rules."""
@@ -64,7 +64,7 @@ def signal_accuracy(folds: Sequence[tuple[Sequence[dict], Sequence[dict]]], rule
         raw += [j["rewards"][row["gold"]] > j["rewards"][1 - row["gold"]] for row, j in zip(rows, judgments)]
         alphas.append(metrics["length_penalty"])
     hits = np.array(correct, dtype=float)
-    low, high = bootstrap_ci(hits, seed=seed) if len(hits) else (None, None)
+    low, high = bootstrap_ci(hits, EvalConfig.n_boot, seed) if len(hits) else (None, None)  # evaluation's resamples
     return {
         "accuracy": float(hits.mean()) if len(hits) else None,
         "ci95_low": low,

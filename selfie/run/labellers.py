@@ -206,7 +206,7 @@ def label_signal(ctx: StageContext) -> dict:
         work = ctx.signal_work(fold)
         ctx.ranks.on_main(lambda work=work: shutil.rmtree(work, ignore_errors=True))
         judged.append((rows, read_jsonl(ctx.signal_judgments(fold))))
-    signal = {"folds": folds, "labeller": c.judge.labeller, **signal_accuracy(judged, c.judge, c.seed)}
+    signal = {"folds": folds, "labeller": c.judge.labeller, **signal_accuracy(judged, c.judge.rules, c.seed)}
     signal["seconds"] = round(time.perf_counter() - started, 2)
     (logger.warning if weak(signal) else logger.info)("%s", signal_line(signal))
     return signal

@@ -1,6 +1,6 @@
 """The SPA loop (docs/METHOD.md section 1): seed DPO, then generate -> judge -> train (-> eval) per iteration.
 
-The driver runs the run's plan (selfie/run/rundir.py::RunContext.plan) stage by stage (selfie/run/stages.py); the
+The driver runs the run's plan (selfie/run/plan.py) stage by stage (selfie/run/stages.py); the
 manifest records a stage once its artifacts are complete, so re-running the same command resumes after the
 last completed stage (and inside generation / training from their own resume points). Under
 `accelerate launch` every rank runs this driver; rank 0 alone writes metrics and the manifest.
@@ -20,9 +20,10 @@ from selfie.errors import SelfieError, out_of_space
 from selfie.io import atomic_write_json
 from selfie.run.context import StageContext
 from selfie.run.lock import RunLock
+from selfie.run.plan import BY_NAME
 from selfie.run.preflight import preflight
-from selfie.run.rundir import TRAINED, Manifest, open_run
-from selfie.run.stages import STAGE_FUNCTIONS
+from selfie.run.rundir import Manifest, open_run
+from selfie.run.stages import run_stage
 from selfie.run.tracking import Tracker, write_summary
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
             where = f"iteration {t}'s {stage} stage"
             start = time.perf_counter()
             memory.reset_peaks()
-            metrics = STAGE_FUNCTIONS[stage](ctx, t)
+            metrics = run_stage(ctx, t, stage)
             memory.release()  # before the next stage loads its own models
             record(ctx, manifest, tracker, t, stage, metrics, time.perf_counter() - start)
         tracker.finish()
@@ -97,7 +98,7 @@ def record(ctx: StageContext, manifest: Manifest, tracker: Tracker, t: int, stag
         atomic_write_json(ctx.metrics(t), merged)
         tracker.log({stage: metrics, "time": {stage: seconds}, "memory": {stage: peaks}})
         manifest.record(t, stage, [ctx.relative(path) for path in ctx.artifacts(t, stage)])
-        if stage in TRAINED:
+        if BY_NAME[stage].trains:
             ctx.drop_checkpoints(manifest)
     else:  # what the other ranks know of the manifest
         manifest.stages.append({"iteration": t, "stage": stage, "status": "done"})

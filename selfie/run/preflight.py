@@ -38,6 +38,7 @@ from selfie.models import (
     resolve_dtype,
 )
 from selfie.run.labellers import LABELLERS
+from selfie.run.plan import EVAL, GENERATE, INIT, JUDGE, SEED, TRAIN
 from selfie.run.rundir import CHECKPOINTS, RunContext, check_recipe
 from selfie.tokens import chat_ids
 from selfie.training.arguments import accumulation_steps, build_dpo_config, dnd_lambda, seed_epochs
@@ -72,23 +73,23 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
         tokenizer = check_tokenizer(config, inputs)
         check_trainer(config)
         inputs.append(f"training   {batch_geometry(config.train, world_size())}")
-    samples = {"generate", "eval"} | ({"seed"} if config.data.seed_judge else set())  # the stages that generate
+    samples = {GENERATE.name, EVAL.name} | ({SEED.name} if config.data.seed_judge else set())  # the stages that generate
     if config.generate.backend == "vllm" and stages & samples:
         inputs.append(check_vllm())
-    if (0, "init") in todo:
+    if (0, INIT.name) in todo:
         inputs.append(check_init(config))
-    if stages & {"seed", "generate", "eval"}:
+    if stages & {SEED.name, GENERATE.name, EVAL.name}:
         splits = prompt_pool(config, inputs)
-    if (0, "seed") in todo:
+    if (0, SEED.name) in todo:
         seed_prompts = check_seed(config, splits, inputs)
-        sizes["seed"] = None if seed_prompts is None else len(seed_prompts)
+        sizes[SEED.name] = None if seed_prompts is None else len(seed_prompts)
         check_max_length(config, tokenizer, seed_prompts or [], "the seed pairs")
-    for t in sorted({t for t, stage in todo if stage == "train"} if splits is not None else ()):
+    for t in sorted({t for t, stage in todo if stage == TRAIN.name} if splits is not None else ()):
         check_max_length(config, tokenizer, [row["prompt"] for row in splits.iterations[t - 1]], f"iteration {t}'s slice")
-    if stages & {"seed", "judge"} and config.judge.labeller not in LABELLERS:  # the signal check judges in the seed stage
+    if stages & {SEED.name, JUDGE.name} and config.judge.labeller not in LABELLERS:  # the signal check judges in the seed stage
         check_judge_spec(config.judge.labeller, "judge.labeller", inputs)
-    if "eval" in stages:
-        sizes["eval"] = check_eval(config, inputs)
+    if EVAL.name in stages:
+        sizes[EVAL.name] = check_eval(config, inputs)
     if splits is not None:
         sizes.update({t: len(rows) for t, rows in enumerate(splits.iterations, 1)})
     return Plan(config, [Step(t, stage, work(config, t, stage, sizes), (t, stage) in done) for t, stage in steps], inputs, splits)
@@ -323,10 +324,10 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
     """One line: what (iteration t, stage) will do, as far as the checked inputs tell."""
     g, d = config.generate, config.data
     prompts = sizes.get(t)
-    if stage == "init":
+    if stage == INIT.name:
         return f"{config.init.method} edit of {config.model.name} -> pi_init"
-    if stage == "seed":
-        n = sizes.get("seed")
+    if stage == SEED.name:
+        n = sizes.get(SEED.name)
         epochs = seed_epochs(config.train, n) if n is not None else None
         if d.seed_judge and n is not None:
             return (
@@ -336,16 +337,16 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
         return f"DPO of a new LoRA adapter on {n if n is not None else 'the'} seed pairs, {_training(config, n, epochs)}"
     if prompts is None:
         return "-"
-    if stage == "generate":
+    if stage == GENERATE.name:
         return f"{prompts} prompts x {g.num_responses} responses, <= {prompts * g.num_responses * g.max_new_tokens} new tokens"
-    if stage == "judge":
+    if stage == JUDGE.name:
         scorer = "implicit reward" if config.judge.labeller == "implicit" else config.judge.labeller
         return f"{scorer} of {prompts * g.num_responses} responses -> <= {prompts} pairs"
-    if stage == "train":
+    if stage == TRAIN.name:
         total = prompts + round(d.replay / (1 - d.replay) * prompts)
         replay = f" (+ {total - prompts} replayed seed pairs)" if total > prompts else ""
         return f"noise-aware DPO on <= {prompts} pairs{replay}, {_training(config, total, config.train.num_train_epochs)}"
-    cfg, n = config.eval, sizes.get("eval")
+    cfg, n = config.eval, sizes.get(EVAL.name)
     models = 1 if cfg.baseline == "none" else 2
     return f"{n} prompts x {models} models (<= {n * models * cfg.max_new_tokens} new tokens), scored by {cfg.judge}"
 

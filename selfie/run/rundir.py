@@ -26,12 +26,11 @@ from selfie.config.loader import build_recipe, dump_recipe
 from selfie.config.schema import RecipeConfig
 from selfie.errors import SelfieError
 from selfie.io import TMP_SUFFIX, atomic_write_text, count_lines, file_sha256, read_json
+from selfie.run.plan import BY_NAME, adapter_stage, plan
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("init", "seed", "generate", "judge", "train", "eval")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what a directory artifact's checksum covers
-TRAINED = ("seed", "train")  # stages that leave trainer checkpoints beside their adapter
 ADAPTER, CHECKPOINTS = "adapter", "checkpoints"  # what a training stage writes in its directory (stages.py passes them)
 
 
@@ -136,22 +135,12 @@ class RunContext:
 
     @property
     def plan(self) -> list[tuple[int, str]]:
-        """Every (iteration, stage) of the run, in order."""
-        steps = [(0, "init")] if self.config.init else []
-        steps.append((0, "seed"))
-        per_iteration = ["generate", "judge", "train"] + (["eval"] if self.config.eval else [])
-        return steps + [(t, stage) for t in range(1, self.config.num_iterations + 1) for stage in per_iteration]
+        """Every (iteration, stage) of the run, in order (selfie/run/plan.py)."""
+        return plan(self.config)
 
     def artifacts(self, t: int, stage: str) -> list[Path]:
         """What a completed stage leaves; the manifest records them (relative to RUN) with their checksums."""
-        return {
-            "init": [self.init_model],
-            "seed": [self.pairs(t), self.adapter(t)] + self.fitted_labeller,
-            "generate": [self.responses(t)],
-            "judge": [self.judgments(t), self.pairs(t)],
-            "train": [self.adapter(t)],
-            "eval": [self.eval_report(t)],
-        }[stage]
+        return BY_NAME[stage].writes(self, t)
 
     @property
     def fitted_labeller(self) -> list[Path]:
@@ -168,7 +157,7 @@ class RunContext:
     def iterations_in_manifest(self) -> list[int]:
         """Iterations whose final adapter the manifest records: the seed stage done for 0, the train stage for t >= 1."""
         manifest = self.manifest()
-        return [t for t in range(self.config.num_iterations + 1) if manifest.is_done(t, "train" if t else "seed")]
+        return [t for t in range(self.config.num_iterations + 1) if manifest.is_done(t, adapter_stage(t).name)]
 
     def adapters_on_disk(self) -> dict[int, Path]:
         """{iteration: adapter directory} of every adapter on disk, whether or not the manifest records its stage yet."""
@@ -191,7 +180,7 @@ class RunContext:
         if self.config.train.keep_checkpoints:
             return
         for t, stage in manifest.done_steps():
-            if stage in TRAINED and self.checkpoints(t).exists():
+            if BY_NAME[stage].trains and self.checkpoints(t).exists():
                 shutil.rmtree(self.checkpoints(t))
 
 
@@ -246,7 +235,7 @@ class Manifest:
         if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or "config_hash" not in data:
             raise SelfieError(f"{path}: corrupt manifest (needs 'config_hash' and a 'stages' list)")
         for i, stage in enumerate(data["stages"]):
-            if not isinstance(stage, dict) or {"iteration", "stage", "status"} - set(stage) or stage["stage"] not in STAGES:
+            if not isinstance(stage, dict) or {"iteration", "stage", "status"} - set(stage) or stage["stage"] not in BY_NAME:
                 raise SelfieError(f"{path}: corrupt manifest entry stages[{i}]: {stage!r}")
         version = data.get("schema_version", 0)
         if not isinstance(version, int) or not 0 <= version <= SCHEMA_VERSION:

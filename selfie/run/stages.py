@@ -1,5 +1,5 @@
-"""The stages of a run (docs/METHOD.md section 1): each is a function (ctx, t) -> metrics that writes the artifacts
-the run's plan names for it (selfie/run/rundir.py::RunContext.artifacts) and nothing the manifest relies on before.
+"""The stages of a run (docs/METHOD.md section 1): each is a function (ctx, t) -> metrics attached to its entry in
+selfie/run/plan.py (`@STAGE.runs`), writing the artifacts that entry names and nothing the manifest relies on before.
 
 Every rank calls every stage: generation and judging (implicit reward or a judge spec) are sharded over the ranks
 and merged on rank 0; what only rank 0 does (writing pairs, the edit, evaluation) goes through
@@ -15,17 +15,19 @@ from selfie.config.schema import AlignEZConfig
 from selfie.data import seed_preferences
 from selfie.edit import alignez_seed_pairs, build_edited_model, work_dir_for
 from selfie.errors import SelfieError
-from selfie.evaluation.compare import evaluate_iteration
 from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import pair_agreement
 from selfie.generation.generate import generate_responses, load_generator
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from selfie.labelling.pairs import select_pairs, with_replay
 from selfie.run.context import StageContext, spec_scores
+from selfie.run.evaluation import evaluate_iteration
 from selfie.run.labellers import label_signal, labeller_for
+from selfie.run.plan import BY_NAME, EVAL, GENERATE, INIT, JUDGE, SEED, TRAIN
 from selfie.training.stage import TrainOutputs, train_iteration, train_seed
 
 
+@INIT.runs
 def init(ctx: StageContext, t: int) -> dict:
     """The representation-edited pi_init (AlignEZ or RAHF), built on rank 0."""
     c = ctx.config
@@ -33,6 +35,7 @@ def init(ctx: StageContext, t: int) -> dict:
     return {"method": c.init.method}
 
 
+@SEED.runs
 def seed(ctx: StageContext, t: int) -> dict:
     """Seed DPO on the labelled seed pairs: `data.seed_pairs`, the pool's labelled seed slice, or that slice's
     samples labelled by `data.seed_judge`."""
@@ -47,11 +50,13 @@ def seed(ctx: StageContext, t: int) -> dict:
     return {**metrics, "labels": labels} if labels else metrics
 
 
+@GENERATE.runs
 def generate(ctx: StageContext, t: int) -> dict:
     """`generate.num_responses` samples of pi_{t-1} per prompt of iteration t's slice."""
     return _generate(ctx, t, ctx.splits.iterations[t - 1], ctx.adapter(t - 1), ctx.config.generate.num_responses)
 
 
+@JUDGE.runs
 def judge(ctx: StageContext, t: int) -> dict:
     """Score the responses by `judge.labeller` (selfie/run/labellers.py; the implicit reward of pi_{t-1} against
     pi_init by default), then pairs by the judge rules on rank 0."""
@@ -62,6 +67,7 @@ def judge(ctx: StageContext, t: int) -> dict:
     return {**metrics, **labels, "labeller": labeller}
 
 
+@TRAIN.runs
 def train(ctx: StageContext, t: int) -> dict:
     """Noise-aware DPO of pi_{t-1} on iteration t's pairs (plus replayed seed pairs)."""
     pairs = read_jsonl(ctx.pairs(t))
@@ -79,6 +85,7 @@ def _train_outputs(ctx: StageContext, t: int) -> TrainOutputs:
     return TrainOutputs(adapter=ctx.adapter(t), checkpoints=ctx.checkpoints(t), run_name=run_name)
 
 
+@EVAL.runs
 def evaluate(ctx: StageContext, t: int) -> dict:
     """pi_t against `eval.baseline` on held-out prompts, scored by `eval.judge`, on rank 0."""
 
@@ -90,7 +97,9 @@ def evaluate(ctx: StageContext, t: int) -> dict:
     return ctx.ranks.on_main(run)
 
 
-STAGE_FUNCTIONS = {"init": init, "seed": seed, "generate": generate, "judge": judge, "train": train, "eval": evaluate}
+def run_stage(ctx: StageContext, t: int, name: str) -> dict:
+    """Run iteration t's stage `name`; returns its metrics."""
+    return BY_NAME[name].run(ctx, t)
 
 
 # ---- what the stages share --------------------------------------------------------------------------
@@ -148,7 +157,7 @@ def judge_seed_slice(ctx: StageContext) -> dict:
 
     def label() -> dict:
         judged, judgments = _judged_rows(rows, read_jsonl(ctx.judgments(0)))
-        pairs, metrics = select_pairs(judged, judgments, dataclasses.replace(c.judge, length_penalty=0.0))
+        pairs, metrics = select_pairs(judged, judgments, dataclasses.replace(c.judge.rules, length_penalty=0.0))
         if not pairs:
             raise SelfieError(f"data.seed_judge '{spec}': no seed pair survived labelling (dropped: {metrics['dropped']})")
         atomic_write_jsonl(ctx.pairs(0), pairs)
@@ -160,7 +169,7 @@ def judge_seed_slice(ctx: StageContext) -> dict:
 def _write_pairs(ctx: StageContext, t: int, responses: list[dict]) -> dict:
     """Iteration t's pairs from its judged responses (rows matched by prompt_id); returns the label metrics."""
     c = ctx.config
-    pairs, metrics = select_pairs(*_judged_rows(responses, read_jsonl(ctx.judgments(t))), c.judge)
+    pairs, metrics = select_pairs(*_judged_rows(responses, read_jsonl(ctx.judgments(t))), c.judge.rules)
     if c.eval:  # how often the self-labels agree with the judge the run is evaluated by
         metrics["eval_judge_agreement"] = pair_agreement(load_judge(c.eval.judge, c.model.dtype), pairs)
     atomic_write_jsonl(ctx.pairs(t), pairs)

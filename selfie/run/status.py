@@ -7,6 +7,7 @@ from pathlib import Path
 from selfie.errors import SelfieError
 from selfie.io import count_lines
 from selfie.labelling.signal import signal_line
+from selfie.run.plan import BY_NAME, SEED
 from selfie.run.rundir import RunContext, artifact_problem
 
 
@@ -28,7 +29,7 @@ def status_text(run_dir: str | Path) -> str:
             problem = artifact_problem(path, entry.get("checksums", {}).get(rel))  # the resume would stop on it
             artifacts.append(rel + rows + (f" ({problem.split(' (')[0]})" if problem else ""))
         lines.append(f"  done  iter {entry['iteration']:>2}  {entry['stage']:<8}  {', '.join(artifacts)}")
-        signal = ctx.read_metrics(0).get("seed", {}).get("label_signal") if entry["stage"] == "seed" else None
+        signal = ctx.read_metrics(0).get(SEED.name, {}).get("label_signal") if entry["stage"] == SEED.name else None
         if signal:
             lines.append(f"        {signal_line(signal)}")
     following = manifest.next_stage(steps)
@@ -36,7 +37,9 @@ def status_text(run_dir: str | Path) -> str:
         lines.append("  complete")
     else:
         partial = ctx.partial_outputs()
+        resumes = "resumes inside" if BY_NAME[following[1]].resumes_inside else "starts over if it was interrupted"
         lines.append(
-            f"  next  iter {following[0]:>2}  {following[1]}" + (f"  (in progress: {', '.join(partial)})" if partial else "")
+            f"  next  iter {following[0]:>2}  {following[1]}  ({resumes})"
+            + (f"  (in progress: {', '.join(partial)})" if partial else "")
         )
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 from selfie.io import TMP_SUFFIX, atomic_write_text
 from selfie.labelling.signal import signal_line
+from selfie.run.plan import EVAL, GENERATE, JUDGE, SEED, TRAIN
 from selfie.run.rundir import RunContext
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ def summary_rows(per_iteration: dict[int, dict]) -> list[dict]:
     """Pick the table's fields out of each iteration's metrics.json."""
     rows = []
     for iteration, m in sorted(per_iteration.items()):
-        judge, train, gen = m.get("judge", {}), m.get("train") or m.get("seed", {}), m.get("generate", {})
+        judge, gen = m.get(JUDGE.name, {}), m.get(GENERATE.name, {})
+        train = m.get(TRAIN.name) or m.get(SEED.name, {})
         rows.append(
             {
                 "iteration": iteration,
@@ -132,7 +134,7 @@ def summary_rows(per_iteration: dict[int, dict]) -> list[dict]:
                 "loss": train.get("train_loss"),
                 "times": m.get("times", {}),
                 "tokens_per_second": gen.get("tokens_per_second"),
-                "eval": m.get("eval"),
+                "eval": m.get(EVAL.name),
             }
         )
     return rows
@@ -203,7 +205,7 @@ def write_summary(ctx: RunContext) -> str:
     """The run's summary table (its markdown, returned) and plot, from every iteration's metrics."""
     rows = summary_rows({t: ctx.read_metrics(t) for t in range(ctx.config.num_iterations + 1)})
     table = summary_markdown(rows)
-    signal = ctx.read_metrics(0).get("seed", {}).get("label_signal")
+    signal = ctx.read_metrics(0).get(SEED.name, {}).get("label_signal")
     if signal:
         table += f"\n{signal_line(signal)}\n"
     atomic_write_text(ctx.summary_file, f"# Run summary: {ctx.run_dir.name}\n\n{table}")

@@ -35,6 +35,19 @@ from selfie.training.loss import RefinementWindow, label_smoothing, noise_aware_
 
 REFINE_STATE = "refine_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 
+# What NoiseAwareDPOTrainer relies on in TRL beyond its public API, gathered here: each method with the parameters it
+# is called or overridden with, each attribute with what it holds. tests/test_trainer.py checks them against the
+# installed TRL and names the one that changed.
+TRL_INTERNALS = {
+    "DPOTrainer._compute_loss": ("model", "inputs", "return_outputs"),  # overridden: the policy and reference passes
+    "DPOTrainer._prepare_dataset": ("dataset", "processing_class", "args", "dataset_name"),  # overridden: selfie's ids
+    "DPOTrainer._save_checkpoint": ("model", "trial"),  # overridden: refine_state.json written last
+    "DPOTrainer._get_output_dir": ("trial",),  # where _save_checkpoint wrote
+    "DPOTrainer._metrics": "{'train' | 'eval': {name: [values]}}, logged and cleared by TRL",
+    "CausalLMOutput.log_probs": "the per-token log-probs TRL's fused LM head returns from each forward pass",
+    "trl.trainer.utils.maybe_gather_lm_head_ctx": ("params",),  # the LM head gathered under ZeRO-3 for DND
+}
+
 
 def extrapolated_logps(
     policy_hidden: torch.Tensor,

@@ -19,7 +19,7 @@ def outcomes(scores_a: Sequence[float], scores_b: Sequence[float]) -> np.ndarray
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
+def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int = 0, level: float = 0.95) -> list[float]:
     """Percentile bootstrap interval of the mean, resampling items with replacement."""
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
@@ -27,7 +27,7 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: f
     return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
 
 
-def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], n_boot: int, seed: int = 0) -> dict:
     """How often A beats B item by item, ties counting half, with a 95% bootstrap interval over items."""
     o = outcomes(scores_a, scores_b)
     return {
@@ -72,7 +72,7 @@ def length_adjusted(
     scores_b: Sequence[float],
     lengths_a: Sequence[int],
     lengths_b: Sequence[int],
-    n_boot: int = 2000,
+    n_boot: int,
     seed: int = 0,
 ) -> dict:
     """Length-adjusted win rate of A over B with a 95% bootstrap interval over items."""
