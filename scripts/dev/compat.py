@@ -24,7 +24,7 @@ from scripts.benchlib import ROOT, machine
 
 # the ends of the ranges in pyproject.toml; torch stays the CPU build every set is installed with
 SETS = {
-    "oldest": {"transformers": "5.20.0", "trl": "1.15.0", "peft": "0.20.0", "accelerate": "1.13.0", "datasets": "5.0.0"},
+    "oldest": {"transformers": "5.20.0", "trl": "1.16.0", "peft": "0.20.0", "accelerate": "1.13.0", "datasets": "5.0.0"},
     "newest": {"transformers": "5.25.0", "trl": "1.16.0", "peft": "0.21.2", "accelerate": "1.16.0", "datasets": "5.2.0"},
 }
 TESTS = [
@@ -111,7 +111,12 @@ each range claims, and the newest on the registry), each installed in a virtual 
 - TRL's private methods that `NoiseAwareDPOTrainer` overrides or calls, and the fused LM head's `log_probs` it
   records, are listed in `selfie/training/trainer.py::TRL_INTERNALS`; tests/test_trainer.py checks each against the
   installed TRL and names the one that changed. TRL 1.14 and older have no fused LM head returning `log_probs`
-  (the trainer's margins read them), so the range starts at 1.15.
+  (the trainer's margins read them). TRL 1.15.0 has it, but fails here: the oldest set with trl 1.15.0 gave 11
+  failed tests and 12 errors (2026-12-07); the trainer tests stop at `'NoneType' object has no attribute 'apply'`
+  in `trl/trainer/utils.py`, because its fused LM head runs a Triton kernel (`trl.kernels.ChunkedLogProbFunction`)
+  that a CPU build of torch does not have, where 1.16 falls back to plain torch; with trl 1.16.0 the same set passes.
+  On a GPU with Triton 1.15 may pass; it has not been tried, so the range starts at 1.16 and holds one minor version
+  of TRL (transformers' range holds six: 5.20 to 5.25).
 - The process-wide DeepSpeed config transformers' TrainingArguments sets, and what ZeRO-3 keeps of a finished
   engine (selfie/dist.py::trainer_scope), are read by name: a DeepSpeed or transformers upgrade that renames them
   shows in tests/test_launches.py.
