@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -235,12 +236,39 @@ def _implicit_prompt(row: dict) -> dict:
         pair = {key: _messages(value, key) for key, value in pair.items()}
     else:
         pair = {key: _text(value, key) for key, value in pair.items()}
+    transcript = None if conversational[0] else _hh_transcript(pair["chosen"], pair["rejected"])
+    if transcript is not None:
+        return {**row, **transcript}
     extracted = maybe_extract_prompt(pair)
     if not extracted["prompt"]:
         raise _RowError("no prompt: no 'prompt' column, and 'chosen' and 'rejected' do not start alike")
     if not conversational[0]:
         extracted = _at_word_start(extracted)
     return {**row, **extracted}
+
+
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")  # hh-rlhf's turn markers
+
+
+def _hh_transcript(chosen: str, rejected: str) -> dict | None:
+    """hh-rlhf's "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts as TRL's hh-rlhf script makes them conversations: the
+    turns both share, up to the last "Assistant:" before they part, become user and assistant messages (the prompt);
+    what each side says after it is its response. None for text that is not such a transcript."""
+    shared = chosen[: len(os.path.commonprefix([chosen, rejected]))]
+    answers = [m for m in HH_TURN.finditer(shared) if m.group(1) == "Assistant"]
+    if not answers:
+        return None
+    head, start = shared[: answers[-1].start()], answers[-1].end()
+    turns = HH_TURN.split(head)  # ["", role, text, role, text, ...]
+    if turns[0].strip() or len(turns) < 3:
+        return None
+    prompt = [
+        {"role": "user" if role == "Human" else "assistant", "content": text.strip()}
+        for role, text in zip(turns[1::2], turns[2::2])
+    ]
+    if prompt[-1]["role"] != "user":
+        return None
+    return {"prompt": prompt, "chosen": chosen[start:].strip(), "rejected": rejected[start:].strip()}
 
 
 def _at_word_start(pair: dict) -> dict:
@@ -403,10 +431,11 @@ def pool_prompts(d: DataConfig) -> list[dict]:
 
 
 def seed_preferences(d: DataConfig, seed_rows: list[dict]) -> list[dict]:
-    """The labelled seed pairs: data.seed_pairs, else the labels of the pool's seed slice (SPA's split)."""
+    """The labelled seed pairs: data.seed_pairs, else the labels of the pool's seed slice (SPA's split); pairs whose
+    chosen and rejected responses are the same are left out (`informative`)."""
     options = {"shuffle_seed": d.shuffle_seed, "system_prompt": d.system_prompt}
     if d.seed_pairs:
-        return load_preferences(d.seed_pairs, d.split, **options)
+        return informative(load_preferences(d.seed_pairs, d.split, **options), describe_sources(d.seed_pairs))
     try:
         pairs = load_preferences(d.prompts, d.split, **options)
     except SelfieError as e:
@@ -419,7 +448,23 @@ def seed_preferences(d: DataConfig, seed_rows: list[dict]) -> list[dict]:
         raise SelfieError(
             f"data.prompts '{describe_sources(d.prompts)}': no labelled pairs for the seed slice; set data.seed_pairs"
         )
-    return pairs
+    return informative(pairs, describe_sources(d.prompts))
+
+
+def informative(pairs: list[dict], where: str) -> list[dict]:
+    """The pairs whose chosen and rejected responses differ. A pair of the same response teaches DPO nothing (its
+    loss is log 2 whatever the policy, its gradient zero) and hh-rlhf holds a few: they are dropped and counted in
+    one log line, as TRL would train on them without a word; a set of nothing else is an error."""
+    kept = [row for row in pairs if row["chosen"] != row["rejected"]]
+    if not kept:
+        raise SelfieError(f"{where}: every one of its {len(pairs)} pairs has the same chosen and rejected response")
+    if len(kept) < len(pairs):
+        first = next(row["prompt_id"] for row in pairs if row["chosen"] == row["rejected"])
+        logger.warning(
+            "%s: %d of %d pairs have the same chosen and rejected response (the first: prompt_id %s); they are left out",
+            where, len(pairs) - len(kept), len(pairs), first,
+        )  # fmt: skip
+    return kept
 
 
 # ---------------------------------------------------------------- splits

@@ -28,7 +28,9 @@ TMP_SUFFIX = ".tmp"  # temporaries are `.<name>.<random>.tmp`
 
 def check_writable(path: str | os.PathLike, directory: bool) -> None:
     """Refuse, before any work, an output that cannot be written: a directory (or a file's directory) that is or
-    would be made under a file, or whose nearest existing directory is read-only. Creates nothing."""
+    would be made under a file, or whose nearest existing directory is read-only or refuses new entries (a
+    directory is made there and removed: permissions alone do not tell, /proc grants root every one). Leaves
+    nothing behind."""
     path = Path(path).absolute()
     if path.is_dir() != directory and path.exists():
         raise SelfieError(f"{path}: exists and is not a {'directory' if directory else 'file'}")
@@ -39,6 +41,10 @@ def check_writable(path: str | os.PathLike, directory: bool) -> None:
         raise SelfieError(f"{path}: cannot be created: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise SelfieError(f"{path}: cannot be written: {probe} is read-only")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".selfie-probe-", dir=probe))
+    except OSError as e:
+        raise SelfieError(f"{path}: cannot be created in {probe} ({e.strerror})") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -99,10 +105,11 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file; one in another encoding is an error naming the file and the line (not a traceback)."""
+    """A UTF-8 text file, without the byte-order mark some editors write first; one in another encoding is an error
+    naming the file and the line (not a traceback)."""
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise SelfieError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8") from None

@@ -184,3 +184,38 @@ def test_out_of_range_numbers_are_one_line_usage_errors(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err and "(usage: selfie " in err, err
+
+
+# ---- a quiet command line that says how to use it ------------------------------------------------
+
+NOISE = ("Failed to load CPU gemm_4bit_forward", "FutureWarning", "DeprecationWarning", "[INFO] Running in WANDB")
+
+
+def selfie_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": "offline"}
+    return subprocess.run(["selfie", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_help_and_a_dry_run_print_no_third_party_noise_unless_verbose(commands, tmp_path):
+    dry_run = commands["run"](tmp_path / "run") + ["--dry-run"]
+    for args in (["--help"], ["run", "--help"], dry_run):
+        done = selfie_process(*args)
+        assert done.returncode == 0, done.stderr
+        assert not [noise for noise in NOISE if noise in done.stdout + done.stderr], (args, done.stderr[-2000:])
+    verbose = selfie_process("-v", *dry_run)
+    assert verbose.returncode == 0 and "Failed to load CPU gemm_4bit_forward" in verbose.stderr  # -v shows it all
+
+
+def test_run_help_explains_overrides_and_where_the_keys_are():
+    out = selfie_process("run", "--help").stdout
+    assert "--section.key value" in out and "--train.beta 0.2" in out and "docs/RECIPES.md" in out
+
+
+def test_status_without_a_run_lists_the_runs_under_runs_or_says_what_to_pass(commands, tmp_path):
+    none = selfie_process("status", cwd=tmp_path)
+    assert none.returncode == 2 and none.stderr.strip().splitlines()[-1].endswith(
+        "pass one: selfie status RUN_DIR (a recipe's output_dir)"
+    )
+    assert main([*commands["run"](tmp_path / "runs" / "tiny"), "--num_iterations", "0", "--judge.signal_folds", "0"]) == 0
+    listed = selfie_process("status", cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout.strip() == "runs/tiny  (1/1 stages done, 0 iterations planned)"

@@ -16,7 +16,7 @@ import yaml
 from selfie.config.compat import config_hash
 from selfie.config.loader import dump_recipe, load_recipe
 from selfie.config.schema import ModelConfig, SourceConfig
-from selfie.data import load_options, load_preferences, load_prompts
+from selfie.data import load_options, load_preferences, load_prompts, seed_preferences
 from selfie.errors import SelfieError
 from selfie.models import load_tokenizer
 from selfie.tokens import chat_ids
@@ -59,18 +59,33 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------ implicit prompts (hh-rlhf)
 
 
-def test_hh_rlhf_rows_become_prompt_chosen_and_rejected(tmp_path):
+# a multi-turn row in the dataset's own form (Anthropic/hh-rlhf, helpful-base): the answers part in the last turn
+HH_DIALOGUE = {
+    "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I bake bread?\n\nAssistant: Mix "
+    "flour, water, salt and yeast, let it rise, then bake it at 230 C.",
+    "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I bake bread?\n\nAssistant: Buy it.",
+}
+
+
+def test_hh_rlhf_rows_become_user_messages_without_the_markers(tmp_path):
     (row,) = load_preferences(write_jsonl(tmp_path / "hh.jsonl", [HH_ROW]))
-    assert row["prompt"] == [USER("Human: What is 2+2?\n\nAssistant:")]
+    assert row["prompt"] == [USER("What is 2+2?")]
     assert row["chosen"] == [ASSISTANT("4, of course.")] and row["rejected"] == [ASSISTANT("Five.")]
     assert load_prompts(str(tmp_path / "hh.jsonl")) == [{"prompt_id": row["prompt_id"], "prompt": row["prompt"]}]
 
 
+def test_a_multi_turn_hh_rlhf_transcript_is_split_into_turns_as_trls_hh_script_does(tmp_path):
+    (row,) = load_preferences(write_jsonl(tmp_path / "hh.jsonl", [HH_DIALOGUE]))
+    assert row["prompt"] == [USER("Hi there"), ASSISTANT("Hello! How can I help?"), USER("How do I bake bread?")]
+    assert row["chosen"] == [ASSISTANT("Mix flour, water, salt and yeast, let it rise, then bake it at 230 C.")]
+    assert row["rejected"] == [ASSISTANT("Buy it.")]
+
+
 def test_a_text_pair_is_never_cut_inside_a_word(tmp_path):
     """TRL's common prefix of "... Sure thing" and "... Sorry" ends in "S": the cut moves to the word's start."""
-    rows = [{"chosen": "Human: Help?\n\nAssistant: Sure thing.", "rejected": "Human: Help?\n\nAssistant: Sorry."}]
+    rows = [{"chosen": "Q: Help?\nA: Sure thing.", "rejected": "Q: Help?\nA: Sorry."}]
     (row,) = load_preferences(write_jsonl(tmp_path / "hh.jsonl", rows))
-    assert row["prompt"] == [USER("Human: Help?\n\nAssistant:")]
+    assert row["prompt"] == [USER("Q: Help?\nA:")]
     assert (row["chosen"], row["rejected"]) == ([ASSISTANT("Sure thing.")], [ASSISTANT("Sorry.")])
 
 
@@ -378,6 +393,29 @@ def test_a_max_length_no_prompt_of_an_iteration_slice_fits_is_refused(tiny_model
     from selfie.run.preflight import preflight
 
     config = load_recipe(tiny_recipe(tmp_path, tiny_model), ["--train.max_length", "40"])
-    with pytest.raises(SelfieError, match=r"^recipe key 'train.max_length': 40 tokens .* any prompt of iteration 1's slice"):
+    with pytest.raises(
+        SelfieError, match=r"^4 of 4 prompts of iteration 1's slice left out: train.max_length 40 leaves no room .*; none is left"
+    ):
         preflight(config)
     preflight(load_recipe(tiny_recipe(tmp_path, tiny_model), ["--train.max_length", "1024"]))
+
+
+def test_a_utf8_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"prompt": "Name a colour."}) + "\n").encode())
+    assert [row["prompt"] for row in load_prompts(str(path))] == [[USER("Name a colour.")]]
+
+
+def test_an_empty_recipe_is_one_line(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(SelfieError, match=r"empty.yaml: the recipe is empty; start from one in recipes/"):
+        load_recipe(tmp_path / "empty.yaml")
+
+
+def test_seed_pairs_whose_chosen_is_their_rejected_are_left_out_and_counted(tmp_path, caplog):
+    rows = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "yes" if i == 1 else "no"} for i in range(3)]
+    config = load_recipe(None, ["--data.seed_pairs", write_jsonl(tmp_path / "seed.jsonl", rows)])
+    with caplog.at_level("WARNING", logger="selfie.data"):
+        pairs = seed_preferences(config.data, [])
+    assert [row["prompt"] for row in pairs] == [[USER("q0")], [USER("q2")]]
+    assert "1 of 3 pairs have the same chosen and rejected response" in caplog.text

@@ -28,7 +28,12 @@ def make_inputs(directory: Path, model: str) -> dict[str, Path]:
     bad.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]) + "{not json\n")
     (directory / "preflight_judges.py").write_text(JUDGES)
     (directory / "a-file").write_text("not a directory")
-    return {"recipe": write_recipe(directory, model, prompts, seed), "prompts": prompts, "bad": bad, "dir": directory}
+    same = directory / "same.jsonl"  # every pair's chosen is its rejected
+    same.write_text(
+        "".join(json.dumps({**row, "rejected": row["chosen"]}) + "\n" for row in map(json.loads, seed.read_text().splitlines()))
+    )
+    recipe = write_recipe(directory, model, prompts, seed)
+    return {"recipe": recipe, "prompts": prompts, "bad": bad, "dir": directory, "same": same}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +92,35 @@ CASES = {  # name: (overrides, where <x> is an input path, what the one line say
     "bad generation value": (["--generate.top_p", "0"], r"'generate.top_p': expected a value in \(0, 1\]"),
     "output under a file": (["--output_dir", "<dir>/a-file/run"], r"a-file/run: cannot be created: .*a-file is a file"),
     "override not YAML": (["--eval", "{judge:"], r"override --eval: not a YAML value"),
+    "trainer kwargs not a mapping": (
+        ["--train.gradient_checkpointing", "true", "--train.gradient_checkpointing_kwargs", "notadict"],
+        r"override --train.gradient_checkpointing_kwargs: recipe key 'train.gradient_checkpointing_kwargs': expected a mapping",
+    ),
+    "negative gradient clipping": (
+        ["--train.max_grad_norm", "-1"],
+        r"'train.max_grad_norm': expected >= 0 \(0: no clipping\), got -1",
+    ),
+    "every seed pair the same response twice": (
+        ["--data.seed_pairs", "<same>"],
+        r"same.jsonl: every one of its 8 pairs has the same chosen and rejected response",
+    ),
+    "no prompt source": (
+        ["--data.prompts", "[]"],
+        r"override --data.prompts: .*expected a source or a non-empty list of sources, got \[\]",
+    ),
+    "more folds than seed pairs": (
+        ["--judge.signal_folds", "100"],
+        r"'judge.signal_folds': 100 folds need at least 200 seed pairs, the seed has 8; set fewer folds, or 0",
+    ),
+    "empty override": (["--model.chat_template", ""], r"override --model.chat_template: empty value \(write null to unset a key"),
+    "empty system prompt": (
+        ["--data.system_prompt", '""'],
+        r"'data.system_prompt': expected a non-empty message \(null: none\), got ''",
+    ),
+    "output where no directory can be made": (
+        ["--output_dir", "/proc/selfie-run"],
+        r"/proc/selfie-run: cannot be created in /proc",
+    ),
     "global batch not divisible": (
         ["--train.global_batch_size", "3"],
         r"'train.global_batch_size': 3 is not a multiple of 1 process x train.per_device_train_batch_size 2 = 2",
@@ -187,3 +221,24 @@ def test_the_paper_recipes_dry_run_at_the_papers_global_batch_on_the_launch_in_t
     assert f"x {32 // processes} accumulated (train.global_batch_size)" in out
     train = load_recipe(recipe).train
     assert [n * accumulation_steps(train, n) for n in (1, 2, 4, 8)] == [32] * 4
+
+
+def test_a_prompt_that_cannot_fit_is_left_out_and_named_in_the_plan(inputs, tmp_path, capsys):
+    """A 5 MB one-line prompt among the iteration prompts: counted and named before anything is generated."""
+    rows = [json.loads(line) for line in inputs["prompts"].read_text().splitlines()]
+    rows[3]["prompt"] = "x " * 2_500_000
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, out, err = run(inputs, tmp_path / "run", ["--data.prompts", str(pool), "--train.max_length", "64"], capsys, True)
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if "left out" in line]
+    assert "1 of 6 prompts of iteration" in line and "train.max_length 64 leaves no room for a response" in line
+    assert "5000012 tokens" in line
+    assert sum(" 5 prompts x 2 responses" in row for row in out.splitlines()) == 1  # that slice plans 5 prompts
+
+
+def test_the_plan_counts_the_seed_stages_other_trainings(inputs, tmp_path, capsys):
+    code, out, _ = run(inputs, tmp_path / "run", ["--judge.labeller", "ensemble", "--judge.ensemble_size", "3"], capsys, True)
+    (seed,) = [line for line in out.splitlines() if line.split()[:2] == ["0", "seed"]]
+    assert code == 0 and "DPO of a new LoRA adapter on 8 seed pairs, 1 epoch, <= 4 optimizer steps of 2 pairs" in seed
+    assert "+ 3 ensemble members on 8 resampled pairs each; + label-signal check: 6 trainings on 4 pairs, <= 2 steps each" in seed

@@ -6,9 +6,19 @@ import argparse
 
 from selfie.config.loader import load_recipe
 
+OVERRIDES = """\
+Any recipe key can follow the recipe as --section.key value, its value read as YAML:
+  selfie run RECIPE --train.beta 0.2 --data.iteration_sizes '[100, 100]' --output_dir runs/mine
+  selfie run RECIPE --eval '{judge: reward-model:PATH, num_prompts: 64}'
+A bad key or value is one line naming it. Every key with its default: docs/RECIPES.md. Run the same command again
+to resume; --dry-run first to see the plan and what it will cost."""
+
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe")
+    parser.description = "Run or resume a recipe: the seed stage, then generate, judge and train per iteration."
+    parser.epilog = OVERRIDES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("recipe", help="a recipe YAML file (recipes/ holds the shipped ones)")
     parser.add_argument("--force", action="store_true", help="continue a run whose config.yaml differs")
     parser.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
 

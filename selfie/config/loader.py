@@ -7,6 +7,7 @@ A recipe is nested (`train.learning_rate`); an override names the dotted path (`
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,7 +26,7 @@ from selfie.config.schema import (
     to_dict,
     union_members,
 )
-from selfie.config.trainer_fields import SELFIE_SETS, trainer_fields
+from selfie.config.trainer_fields import SELFIE_SETS, TRAINER_RANGES, trainer_fields
 from selfie.errors import SelfieError
 from selfie.io import read_yaml_mapping
 
@@ -99,7 +100,11 @@ def _trainer_arguments(section: type, values: dict[str, Any], prefix: str) -> di
                 f"unknown recipe key '{prefix}{key}' (known: {', '.join(sorted(section_fields(section)))}, "
                 "and the fields of TRL's DPOConfig and transformers' TrainingArguments)"
             )
-    return {key: _coerce(value, fields[key], f"{prefix}{key}") for key, value in sorted(values.items())}
+    coerced = {key: _coerce(value, fields[key], f"{prefix}{key}") for key, value in sorted(values.items())}
+    for key, value in coerced.items():
+        if key in TRAINER_RANGES and value is not None and not TRAINER_RANGES[key].test(value):
+            raise SelfieError(f"recipe key '{prefix}{key}': expected {TRAINER_RANGES[key].expected}, got {value!r}")
+    return coerced
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
@@ -149,6 +154,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise SelfieError(f"override --{key} has no value")
             value = args[i + 1]
             i += 1
+        if not value.strip():  # YAML would read it as null: say so rather than unset the key unasked
+            raise SelfieError(f"override --{key}: empty value (write null to unset a key, '\"\"' for an empty string)")
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as e:
@@ -181,13 +188,30 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
     values: dict[str, Any] = {}
     if path is not None:
         values = read_yaml_mapping(path, "recipe")
+        if not values:  # every default: 2,000 seed prompts and 58,000 iteration prompts of the built-in pool
+            raise SelfieError(f"{path}: the recipe is empty; start from one in recipes/ (every key: docs/RECIPES.md)")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     values = _merge(values, overrides or {})
     try:
         return build_recipe(values)
     except SelfieError as e:
-        raise SelfieError(f"{path}: {e}" if path is not None else str(e)) from None
+        raise SelfieError(f"{_source(str(e), path, overrides or {})}{e}") from None
+
+
+def _source(error: str, path: str | Path | None, overrides: dict) -> str:
+    """Where the key an error names was set: `override --KEY: ` when the command line set it (or a section holding
+    it), else the recipe file (nothing for the defaults)."""
+    named = re.search(r"recipe keys? '([^']+)'", error)
+    if named:
+        node, parts = overrides, re.split(r"\.|\[", named.group(1))
+        for depth, part in enumerate(parts, 1):
+            if not isinstance(node, dict) or part not in node:
+                break
+            if depth == len(parts) or not isinstance(node[part], dict):
+                return f"override --{'.'.join(parts[:depth])}: "
+            node = node[part]
+    return f"{path}: " if path is not None else ""
 
 
 def load_init(values: dict[str, Any]) -> EditConfig:

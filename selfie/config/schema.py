@@ -110,6 +110,7 @@ class ModelConfig(Section):
         "bnb_4bit_compute_dtype": Range(
             lambda v: v in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"
         ),
+        "chat_template": Range(lambda v: bool(v.strip()), "a Jinja template or a file holding one (null: the tokenizer's own)"),
     }
 
     name: str = "smollm2-135m"  # hub id, local directory, .gguf file or built-in alias
@@ -190,7 +191,22 @@ Sources = str | list[SourceConfig]  # a single hub id / file / directory / built
 @dataclass
 class DataConfig(Section):
     SECTION = "data."
-    RANGES = {"seed_size": _at_least(0), "iteration_sizes": POSITIVE, "replay": FRACTION}
+    RANGES = {
+        "prompts": Range(
+            lambda v: bool(v) and (not isinstance(v, str) or bool(v.strip())),
+            "a source or a non-empty list of sources",
+            whole=True,
+        ),
+        "seed_pairs": Range(
+            lambda v: bool(v) and (not isinstance(v, str) or bool(v.strip())),
+            "a source or a non-empty list of sources (null: the pool's labels)",
+            whole=True,
+        ),
+        "seed_size": _at_least(0),
+        "iteration_sizes": POSITIVE,
+        "replay": FRACTION,
+        "system_prompt": Range(lambda v: bool(v.strip()), "a non-empty message (null: none)"),
+    }
 
     prompts: Sources = "demo"  # prompt pool: hub id, .json/.jsonl/.parquet file, dataset dir, "demo", or a list of sources
     seed_pairs: Sources | None = (

@@ -9,6 +9,8 @@ import functools
 import typing
 from typing import Any
 
+from selfie.config.schema import Range
+
 _LOSS = "selfie's noise-aware loss builds on TRL's plain sigmoid DPO loss (docs/METHOD.md section 1.7)"
 _DEVICE = "from the device: bf16 on a GPU that has it, float32 on CPU (see build_dpo_config)"
 # Trainer arguments a recipe may not set under train:, each with why (build_dpo_config sets them, or selfie's loop
@@ -40,6 +42,22 @@ SELFIE_SETS = {
     },
     **{f"refine_{name}": f"set refine.{name}" for name in ("alpha", "quantile", "window_steps", "warmup_fraction")},
     "dnd_lambda": "set refine.lambdas",  # the refine_* and dnd_lambda: NoiseAwareDPOConfig's own fields
+}
+
+
+_MAPPING = Range(lambda v: isinstance(v, dict), "a mapping, e.g. {use_reentrant: false}", whole=True)
+# The trainer fields whose values have an obvious range, checked as the recipe loads; the rest TRL and transformers
+# check themselves when the preflight builds the arguments.
+TRAINER_RANGES = {
+    "max_grad_norm": Range(lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "weight_decay": Range(lambda v: v >= 0, ">= 0"),
+    "adam_beta1": Range(lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    "adam_beta2": Range(lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    "adam_epsilon": Range(lambda v: v > 0, "> 0"),
+    "dataloader_num_workers": Range(lambda v: v >= 0, ">= 0"),
+    "ddp_timeout": Range(lambda v: v > 0, "> 0 seconds"),
+    "gradient_checkpointing_kwargs": _MAPPING,
+    "lr_scheduler_kwargs": _MAPPING,
 }
 
 

@@ -83,9 +83,10 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
     if (0, SEED.name) in todo:
         seed_prompts = check_seed(config, splits, inputs)
         sizes[SEED.name] = None if seed_prompts is None else len(seed_prompts)
+        check_signal_folds(config, sizes[SEED.name])
         check_max_length(config, tokenizer, seed_prompts or [], "the seed pairs")
-    for t in sorted({t for t, stage in todo if stage == TRAIN.name} if splits is not None else ()):
-        check_max_length(config, tokenizer, [row["prompt"] for row in splits.iterations[t - 1]], f"iteration {t}'s slice")
+    for t in sorted({t for t, stage in todo if stage == GENERATE.name} if splits is not None else ()):
+        splits.iterations[t - 1] = fitting(config, tokenizer, splits.iterations[t - 1], f"iteration {t}'s slice", inputs)
     if stages & {SEED.name, JUDGE.name} and config.judge.labeller not in LABELLERS:  # the signal check judges in the seed stage
         check_judge_spec(config.judge.labeller, "judge.labeller", inputs)
     if EVAL.name in stages:
@@ -199,6 +200,50 @@ def check_max_length(config: RecipeConfig, tokenizer: PreTrainedTokenizerBase, p
         f"recipe key 'train.max_length': {limit} tokens leave no room for a response after any prompt of {what} "
         f"(the shortest is {shortest} tokens), so TRL would drop every pair"
     )
+
+
+def fitting(
+    config: RecipeConfig, tokenizer: PreTrainedTokenizerBase, rows: list[dict], what: str, inputs: list[str]
+) -> list[dict]:
+    """The rows of a prompt slice whose prompt leaves room for a response: fewer tokens than train.max_length (under
+    keep_start truncation TRL drops a pair whose prompt fills it, after its generation and judging were paid for)
+    and, with generate.max_new_tokens after it, within the model's positions. The others are left out, counted and
+    the first named in the plan; a slice with none left is refused. Only prompts long enough in bytes to come near a
+    limit are tokenised (a token holds at least one byte)."""
+    limits = []
+    if config.train.max_length is not None and config.train.trainer_args.get("truncation_mode", "keep_start") == "keep_start":
+        limits.append((config.train.max_length, f"train.max_length {config.train.max_length} leaves no room for a response"))
+    positions = getattr(load_model_config(config.model.name, config.model).get_text_config(), "max_position_embeddings", None)
+    if positions:
+        room = positions - config.generate.max_new_tokens
+        limits.append((room, f"with generate.max_new_tokens it exceeds the model's {positions} positions"))
+    if not limits or not rows:
+        return rows
+    overhead = len(chat_ids(tokenizer, [{"role": "user", "content": ""}], add_generation_prompt=True)) + 64
+    kept, left_out = [], []
+    for row in rows:
+        near = sum(len(m["content"].encode()) + overhead for m in row["prompt"]) >= min(limit for limit, _ in limits)
+        length = len(chat_ids(tokenizer, row["prompt"], add_generation_prompt=True)) if near else 0
+        why = next((reason for limit, reason in limits if length >= limit), None)
+        (left_out if why else kept).append((row, length, why))
+    if not left_out:
+        return rows
+    first, length, why = left_out[0]
+    line = f"{len(left_out)} of {len(rows)} prompts of {what} left out: {why} (the first: prompt_id {first['prompt_id']}, {length} tokens)"
+    if not kept:
+        raise SelfieError(f"{line}; none is left")
+    inputs.append(f"prompts    {line}")
+    return [row for row, _, _ in kept]
+
+
+def check_signal_folds(config: RecipeConfig, seed_pairs: int | None) -> None:
+    """The label-signal check needs two seed pairs per fold (one to fit on, one to hold out, in each fold)."""
+    folds = config.judge.signal_folds
+    if folds and seed_pairs is not None and seed_pairs < 2 * folds:
+        raise SelfieError(
+            f"recipe key 'judge.signal_folds': {folds} folds need at least {2 * folds} seed pairs, the seed has {seed_pairs}; "
+            "set fewer folds, or 0 to skip the label-signal check"
+        )
 
 
 def check_trainer(config: RecipeConfig) -> None:
@@ -320,6 +365,21 @@ def _training(config: RecipeConfig, pairs: int | None, epochs: float | None) -> 
     return f"{epochs:g} epoch{'' if epochs == 1 else 's'}, <= {steps} optimizer steps of {batch} pairs"
 
 
+def _labeller_trainings(config: RecipeConfig, pairs: int | None, epochs: float | None) -> str:
+    """What the seed stage trains besides the seed adapter: the ensemble's members and the label-signal check's fold
+    labellers (selfie/run/labellers.py), each a seed training of its own."""
+    j, parts = config.judge, []
+    if j.labeller == "ensemble":
+        parts.append(f"{j.ensemble_size} ensemble members on {pairs or 'the'} resampled pairs each")
+    if j.signal_folds and j.labeller in ("implicit", "ensemble"):
+        per_fold = j.ensemble_size if j.labeller == "ensemble" else 1
+        fold_pairs = pairs - pairs // j.signal_folds if pairs else None
+        what = f"{fold_pairs} pairs" if fold_pairs else "(k-1)/k of the pairs"
+        steps = f", <= {optimizer_steps(fold_pairs, config.train, epochs, world_size())} steps each" if fold_pairs else ""
+        parts.append(f"label-signal check: {j.signal_folds * per_fold} trainings on {what}{steps}")
+    return "".join(f"; + {part}" for part in parts)
+
+
 def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
     """One line: what (iteration t, stage) will do, as far as the checked inputs tell."""
     g, d = config.generate, config.data
@@ -334,7 +394,10 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
                 f"{n} seed prompts x 2 samples (<= {n * 2 * g.max_new_tokens} new tokens) labelled by {d.seed_judge} "
                 f"-> <= {n} pairs; DPO of a new LoRA adapter, {_training(config, n, epochs)}"
             )
-        return f"DPO of a new LoRA adapter on {n if n is not None else 'the'} seed pairs, {_training(config, n, epochs)}"
+        return (
+            f"DPO of a new LoRA adapter on {n if n is not None else 'the'} seed pairs, {_training(config, n, epochs)}"
+            + _labeller_trainings(config, n, epochs)
+        )
     if prompts is None:
         return "-"
     if stage == GENERATE.name:

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selfie.config.schema import RecipeConfig
 from selfie.errors import SelfieError
 from selfie.io import count_lines
 from selfie.labelling.signal import signal_line
 from selfie.run.plan import BY_NAME, SEED
 from selfie.run.rundir import RunContext, artifact_problem
+
+DEFAULT_ROOT = Path(RecipeConfig.output_dir).parent  # where recipes put their runs unless told otherwise
+
+
+def runs_overview(root: Path) -> str:
+    """One line per run directory under `root` (its stages done and what comes next), or what to pass instead."""
+    runs = sorted(path.parent for path in root.glob("*/manifest.json"))
+    if not runs:
+        raise SelfieError(
+            f"no run directory given, and none under {root}/; pass one: selfie status RUN_DIR (a recipe's output_dir)"
+        )
+    return "\n".join(status_text(run).splitlines()[0].removeprefix("run ") for run in runs)
 
 
 def status_text(run_dir: str | Path) -> str:
