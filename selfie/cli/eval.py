@@ -16,6 +16,7 @@ from selfie.io import check_writable
 from selfie.run.evaluation import INIT, iteration_label, run_scores
 from selfie.run.lock import output_lock
 from selfie.run.rundir import RunContext
+from selfie.run.validation import recorded_best
 
 HELP = {
     "dtype": "auto, float32, bfloat16 or float16",
@@ -104,8 +105,20 @@ def _run_report(args: argparse.Namespace, options: EvalOptions, output: Path) ->
     prompts = eval_prompts(source, split, options.num_prompts, config)
     judge = load_judge(args.judge, dtype=options.dtype)
     scores = run_scores(ctx, judge, prompts, options, output_dir=output)
-    rows = [{"iteration": it, "label": iteration_label(ctx, it), **s} for it, s in scores.items()]
-    return {"kind": "run", "judge": args.judge, "run_dir": str(args.run_dir), "prompts": source, "init_key": INIT, "rows": rows}
+    best = recorded_best(ctx)  # marked in the report: the iteration `selfie export` takes
+    rows = [
+        {"iteration": it, "label": iteration_label(ctx, it) + (" (best on validation)" if it == best else ""), **s}
+        for it, s in scores.items()
+    ]
+    return {
+        "kind": "run",
+        "judge": args.judge,
+        "run_dir": str(args.run_dir),
+        "prompts": source,
+        "init_key": INIT,
+        "best_iteration": best,
+        "rows": rows,
+    }
 
 
 REPORTS = {"accuracy": _accuracy_report, "winrate": _winrate_report, "run": _run_report}

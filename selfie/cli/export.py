@@ -10,7 +10,12 @@ from selfie.export.policy import DTYPES, export_run
 
 def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
-    parser.add_argument("--iteration", type=int, default=None, help="which iteration (default: the last completed one)")
+    parser.add_argument(
+        "--iteration",
+        type=int,
+        default=None,
+        help="which iteration (default: the best on validation when the run validates, else the last completed one)",
+    )
     parser.add_argument("--output", required=True, help="directory to write the export to (must be empty or absent)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(

@@ -30,6 +30,10 @@ HARMLESS_KEYS = frozenset(
         "judge.signal_folds",  # a check reported in the seed stage's metrics: adapters and pairs are the same
         "train.keep_checkpoints",
         "train.ddp_timeout",  # how long ranks wait for each other
+        "validation.n_boot",  # the stop rule's intervals and bounds: they decide whether more iterations run,
+        "validation.stop",  # not what the done ones made
+        "validation.max_length_change",
+        "validation.max_kl",
     }
 )
 # Where the run lives, not what it computes: a moved run directory resumes. Hashes written before it was left out

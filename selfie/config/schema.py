@@ -518,6 +518,28 @@ class EvalConfig(Section):
             raise self.refuse("required when 'eval' is set (e.g. reward-model:PATH)", "judge")
 
 
+@dataclass
+class ValidationConfig(Section):
+    """The `validation:` section: seed pairs held out of every training, on which each iteration's policy is
+    validated (the validate stage, docs/METHOD.md section 1.8), and the stop rule read from it."""
+
+    SECTION = "validation."
+    RANGES = {
+        "pairs": POSITIVE,
+        "prompts": _at_least(0),
+        "n_boot": _at_least(1),
+        "max_length_change": POSITIVE,
+        "max_kl": POSITIVE,
+    }
+
+    pairs: float = 0.1  # seed pairs held out of the seed training: a count, or a fraction of the seed pairs when < 1
+    prompts: int = 0  # prompts the pool holds out (beyond the iterations' slices) sampled for drift; 0: the pairs' prompts
+    n_boot: int = EvalConfig.n_boot
+    stop: bool = True  # stop the loop when an iteration fails a check below (False: report the checks only)
+    max_length_change: float | None = 0.3  # mean response length against pi_init's: stop beyond +-30%
+    max_kl: float | None = None  # stop when the KL(pi_t || pi_init) estimate (nats per response) exceeds this
+
+
 @dataclass(frozen=True)
 class EvalOptions(Section):
     """The options of `selfie eval` (not a recipe section): which prompts, how each model answers, the bootstrap."""
@@ -573,6 +595,7 @@ class RecipeConfig(Section):
     refine: RefineConfig = field(default_factory=RefineConfig)
     init: EditConfig | None = None  # representation edit of pi_init: {method: alignez | rahf, ...}
     eval: EvalConfig | None = None  # per-iteration evaluation: {judge: ..., prompts: ...}
+    validation: ValidationConfig | None = added(None)  # held-out seed pairs, drift checks, the stop rule: {pairs: 0.1}
 
     def check_across(self) -> None:
         if self.generate.num_responses < 2:  # `selfie generate` may sample one; the loop makes pairs

@@ -26,6 +26,7 @@ from selfie.io import atomic_directory, read_json
 from selfie.models import BUILTIN_MODELS, is_local, load_adapter, load_model, merge_adapter, resolve_model_path
 from selfie.run.plan import adapter_stage
 from selfie.run.rundir import RunContext
+from selfie.run.validation import recorded_best
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_iteration(ctx: RunContext, iteration: int | None) -> int:
-    """`iteration` if it is complete, else an error; None means the last completed one."""
+    """`iteration` if it is complete, else an error; None means the one that validated best (a recipe with
+    `validation:`), else the last completed one."""
     done = ctx.iterations_in_manifest()
     if iteration is None:
         if not done:
             raise SelfieError(f"{ctx.run_dir}: no completed iteration to export (the seed stage is not in manifest.json yet)")
+        best = recorded_best(ctx)
+        if best is not None:
+            logger.info("iteration %d: the best on validation (--iteration picks another)", best)
+            return best
         return done[-1]
     if iteration not in done:
         raise SelfieError(

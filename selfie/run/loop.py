@@ -19,8 +19,9 @@ from selfie.dist import Ranks, check_topology, process_state
 from selfie.errors import SelfieError, out_of_space
 from selfie.io import atomic_write_json
 from selfie.run.context import StageContext
+from selfie.run.guard import stopped_line
 from selfie.run.lock import RunLock
-from selfie.run.plan import BY_NAME
+from selfie.run.plan import BY_NAME, VALIDATE
 from selfie.run.preflight import preflight
 from selfie.run.rundir import Manifest, open_run
 from selfie.run.stages import run_stage
@@ -41,6 +42,9 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
     where, current = "the summary", None
     try:
         for t, stage in ctx.plan:
+            if manifest.stopped:
+                logger.warning("%s", stopped_line(manifest.stopped))
+                break
             if manifest.is_done(t, stage):
                 continue
             if t != current:  # one wandb run per iteration
@@ -54,6 +58,8 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
             metrics = run_stage(ctx, t, stage)
             memory.release()  # before the next stage loads its own models
             record(ctx, manifest, tracker, t, stage, metrics, time.perf_counter() - start)
+            if stage == VALIDATE.name and metrics.get("stop"):  # the stop rule's verdict, the same on every rank
+                stop(ctx, manifest, t, "; ".join(metrics["failed"]))
         tracker.finish()
         return write_summary(ctx) if ranks.is_main else ""
     except BaseException as e:
@@ -86,6 +92,14 @@ def take_over(ctx: StageContext, lock: RunLock, force: bool) -> Splits | None:
         lock.release()
         raise
     return splits
+
+
+def stop(ctx: StageContext, manifest: Manifest, t: int, reason: str) -> None:
+    """The stop rule ends the loop after iteration t: recorded in the manifest (rank 0), known to every rank."""
+    if ctx.ranks.is_main:
+        manifest.stop(t, reason)
+    else:
+        manifest.stopped = {"iteration": t, "reason": reason}
 
 
 def record(ctx: StageContext, manifest: Manifest, tracker: Tracker, t: int, stage: str, metrics: dict, seconds: float) -> None:

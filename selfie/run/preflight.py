@@ -37,9 +37,11 @@ from selfie.models import (
     quantization_config,
     resolve_dtype,
 )
+from selfie.run.guard import stopped_line
 from selfie.run.labellers import LABELLERS
-from selfie.run.plan import EVAL, GENERATE, INIT, JUDGE, SEED, TRAIN
+from selfie.run.plan import EVAL, GENERATE, INIT, JUDGE, SEED, TRAIN, VALIDATE
 from selfie.run.rundir import CHECKPOINTS, RunContext, check_recipe
+from selfie.run.validation import held_out_count
 from selfie.tokens import chat_ids
 from selfie.training.arguments import accumulation_steps, build_dpo_config, dnd_lambda, seed_epochs
 
@@ -73,18 +75,24 @@ def preflight(config: RecipeConfig, done: set[tuple[int, str]] | frozenset = fro
         tokenizer = check_tokenizer(config, inputs)
         check_trainer(config)
         inputs.append(f"training   {batch_geometry(config.train, world_size())}")
-    samples = {GENERATE.name, EVAL.name} | ({SEED.name} if config.data.seed_judge else set())  # the stages that generate
+    samples = {GENERATE.name, EVAL.name, VALIDATE.name} | ({SEED.name} if config.data.seed_judge else set())  # they generate
     if config.generate.backend == "vllm" and stages & samples:
         inputs.append(check_vllm())
     if (0, INIT.name) in todo:
         inputs.append(check_init(config))
-    if stages & {SEED.name, GENERATE.name, EVAL.name}:
+    drift_from_pool = VALIDATE.name in stages and config.validation.prompts
+    if stages & {SEED.name, GENERATE.name, EVAL.name} or drift_from_pool:
         splits = prompt_pool(config, inputs)
     if (0, SEED.name) in todo:
         seed_prompts = check_seed(config, splits, inputs)
         sizes[SEED.name] = None if seed_prompts is None else len(seed_prompts)
+        if config.validation and sizes[SEED.name] is not None:
+            sizes[VALIDATE.name] = held_out_count(config.validation, sizes[SEED.name])
+            sizes[SEED.name] -= sizes[VALIDATE.name]
         check_signal_folds(config, sizes[SEED.name])
         check_max_length(config, tokenizer, seed_prompts or [], "the seed pairs")
+    if VALIDATE.name in stages:
+        check_validation(config, sizes.get(VALIDATE.name), splits, inputs)
     for t in sorted({t for t, stage in todo if stage == GENERATE.name} if splits is not None else ()):
         splits.iterations[t - 1] = fitting(config, tokenizer, splits.iterations[t - 1], f"iteration {t}'s slice", inputs)
     if stages & {SEED.name, JUDGE.name} and config.judge.labeller not in LABELLERS:  # the signal check judges in the seed stage
@@ -104,7 +112,8 @@ def dry_run(config: RecipeConfig, force: bool) -> str:
     if run_dir.is_dir():
         check_recipe(run_dir, config, manifest, force)
         manifest.verify(record_new=False)
-    return plan_text(preflight(config, manifest.done_steps()), run_dir.is_dir())
+    text = plan_text(preflight(config, manifest.done_steps()), run_dir.is_dir())
+    return text + (f"\n{stopped_line(manifest.stopped)}" if manifest.stopped and not force else "")
 
 
 # ---- checks ---------------------------------------------------------------------------------------
@@ -234,6 +243,20 @@ def fitting(
         raise SelfieError(f"{line}; none is left")
     inputs.append(f"prompts    {line}")
     return [row for row, _, _ in kept]
+
+
+def check_validation(config: RecipeConfig, pairs: int | None, splits: Splits | None, inputs: list[str]) -> None:
+    """The held-out prompts `validation.prompts` asks for exist beyond the seed and iteration slices."""
+    v = config.validation
+    if v.prompts and v.prompts > len(splits.held_out):
+        raise SelfieError(
+            f"recipe key 'validation.prompts': {v.prompts} wanted, but the pool holds out only {len(splits.held_out)} "
+            "beyond the seed and iteration slices; ask for fewer, or 0 to sample the held-out pairs' prompts"
+        )
+    held = f"{pairs} seed pairs held out of training" if pairs is not None else "the seed pairs held out of training"
+    drift = f"{v.prompts} held-out prompts of the pool" if v.prompts else "their prompts"
+    rule = "stops the loop on a failed check" if v.stop else "reports its checks only"
+    inputs.append(f"validation {held}; drift sampled on {drift}; {rule}")
 
 
 def check_signal_folds(config: RecipeConfig, seed_pairs: int | None) -> None:
@@ -398,6 +421,8 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
             f"DPO of a new LoRA adapter on {n if n is not None else 'the'} seed pairs, {_training(config, n, epochs)}"
             + _labeller_trainings(config, n, epochs)
         )
+    if stage == VALIDATE.name:
+        return _validation_work(config, t, sizes.get(VALIDATE.name))
     if prompts is None:
         return "-"
     if stage == GENERATE.name:
@@ -412,6 +437,15 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
     cfg, n = config.eval, sizes.get(EVAL.name)
     models = 1 if cfg.baseline == "none" else 2
     return f"{n} prompts x {models} models (<= {n * models * cfg.max_new_tokens} new tokens), scored by {cfg.judge}"
+
+
+def _validation_work(config: RecipeConfig, t: int, pairs: int | None) -> str:
+    v, tokens = config.validation, config.generate.max_new_tokens
+    policy = "pi_0 (the seed adapter)" if t == 0 else f"pi_{t}"
+    samples = f"{v.prompts} samples" if v.prompts else "a sample per pair's prompt"
+    init = " (and pi_init's, once)" if t == 0 else ""
+    held = f"{pairs} held-out pairs" if pairs is not None else "the held-out pairs"
+    return f"{policy} on {held} (accuracy, loss) and {samples}{init} of <= {tokens} tokens (length, KL)"
 
 
 def plan_text(plan: Plan, exists: bool) -> str:

@@ -47,6 +47,8 @@ class RunContext:
         RUN/iter_000/reward_head/          the bradley-terry labeller's head (judge.labeller: bradley-terry)
         RUN/iter_000/ensemble/member_M/    the ensemble labeller's seed adapters; iter_TTT/ensemble/member_M.jsonl
                                            each member's judgments of iteration t
+        RUN/iter_000/validation_pairs.jsonl, iter_TTT/validation/   the held-out seed pairs; the validate stage's
+                                           samples and judgments (`validation:`)
 
     `run_dir` is where the run is now: a moved run directory keeps its config's old output_dir.
     """
@@ -131,6 +133,20 @@ class RunContext:
         """The eval stage's responses and per-prompt scores, kept for inspection."""
         return self.iteration_dir(t) / "eval"
 
+    @property
+    def validation_pairs(self) -> Path:
+        """The seed pairs held out of every training (`validation:`), cut from the seed pairs by the seed stage."""
+        return self.iteration_dir(0) / "validation_pairs.jsonl"
+
+    def validation_dir(self, t: int) -> Path:
+        """The validate stage's samples (and, in iteration 0, pi_init's) and judgments (selfie/run/validation.py)."""
+        return self.iteration_dir(t) / "validation"
+
+    def validation_files(self, t: int) -> list[Path]:
+        """What iteration t's validate stage writes."""
+        names = ["samples.jsonl", "judgments.jsonl"] + (["init_samples.jsonl"] if t == 0 else [])
+        return [self.validation_dir(t) / name for name in names]
+
     # ---- the plan, and what the run has done of it
 
     @property
@@ -146,6 +162,11 @@ class RunContext:
     def fitted_labeller(self) -> list[Path]:
         """What the seed stage fits for `judge.labeller` beside the seed adapter (none for the implicit reward)."""
         return {"bradley-terry": [self.reward_head], "ensemble": [self.ensemble]}.get(self.config.judge.labeller, [])
+
+    @property
+    def held_out(self) -> list[Path]:
+        """The validation pairs the seed stage cuts, when the recipe validates."""
+        return [self.validation_pairs] if self.config.validation else []
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.run_dir).as_posix()
@@ -226,6 +247,7 @@ class Manifest:
     stages: list[dict] = field(default_factory=list)
     config_history: list[dict] = field(default_factory=list)  # one entry per --force change of recipe
     schema_version: int = SCHEMA_VERSION  # of the layout that wrote it (0: written before manifests kept it)
+    stopped: dict | None = None  # {iteration, reason}: the stop rule ended the loop there (`--force` continues)
 
     @classmethod
     def load(cls, path: Path, config_hash: str) -> Manifest:
@@ -243,7 +265,7 @@ class Manifest:
                 f"{path}: schema_version {version!r}: not a layout this selfie reads (0..{SCHEMA_VERSION}); "
                 "a later selfie wrote it?"
             )
-        return cls(path, data["config_hash"], data["stages"], data.get("config_history", []), version)
+        return cls(path, data["config_hash"], data["stages"], data.get("config_history", []), version, data.get("stopped"))
 
     def is_done(self, iteration: int, stage: str) -> bool:
         return any(s["iteration"] == iteration and s["stage"] == stage and s["status"] == "done" for s in self.stages)
@@ -268,7 +290,8 @@ class Manifest:
                     "config_hash": self.config_hash,
                     "config_history": self.config_history,
                     "stages": self.stages,
-                },
+                }
+                | ({"stopped": self.stopped} if self.stopped else {}),
                 indent=2,
             )
             + "\n",
@@ -296,7 +319,12 @@ class Manifest:
         return first_seen
 
     def next_stage(self, plan: list[tuple[int, str]]) -> tuple[int, str] | None:
-        return next((step for step in plan if not self.is_done(*step)), None)
+        """The first step of `plan` not done; None when all are, or the stop rule ended the run."""
+        return None if self.stopped else next((step for step in plan if not self.is_done(*step)), None)
+
+    def stop(self, iteration: int, reason: str) -> None:
+        self.stopped = {"iteration": iteration, "reason": reason}
+        self.save()
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -375,6 +403,11 @@ def open_run(ctx: RunContext, force: bool) -> Manifest:
             ", ".join(change["changed"]) or "config_hash",
             len(manifest.stages),
         )
+    if manifest.stopped and force:
+        logger.warning(
+            "%s: --force: continuing the loop the stop rule ended at iteration %d", run_dir, manifest.stopped["iteration"]
+        )
+        manifest.stopped = None
     manifest.config_hash, manifest.schema_version = config_hash(config), SCHEMA_VERSION
     first_seen = manifest.verify()
     if first_seen:

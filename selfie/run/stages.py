@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from selfie.config.schema import AlignEZConfig
+from selfie.config.schema import AlignEZConfig, GenerateConfig
 from selfie.data import seed_preferences
 from selfie.edit import alignez_seed_pairs, build_edited_model, work_dir_for
 from selfie.errors import SelfieError
@@ -19,11 +19,14 @@ from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import pair_agreement
 from selfie.generation.generate import generate_responses, load_generator
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from selfie.labelling.implicit_reward import judge_responses
 from selfie.labelling.pairs import select_pairs, with_replay
-from selfie.run.context import StageContext, spec_scores
+from selfie.run import validation
+from selfie.run.context import StageContext, policy_shards, spec_scores
 from selfie.run.evaluation import evaluate_iteration
+from selfie.run.guard import best_iteration, failed_checks
 from selfie.run.labellers import label_signal, labeller_for
-from selfie.run.plan import BY_NAME, EVAL, GENERATE, INIT, JUDGE, SEED, TRAIN
+from selfie.run.plan import BY_NAME, EVAL, GENERATE, INIT, JUDGE, SEED, TRAIN, VALIDATE
 from selfie.training.stage import TrainOutputs, train_iteration, train_seed
 
 
@@ -42,6 +45,8 @@ def seed(ctx: StageContext, t: int) -> dict:
     pairs_path = ctx.pairs(0)
     labels = judge_seed_slice(ctx) if ctx.config.data.seed_judge and not pairs_path.exists() else None
     ctx.ranks.on_main(lambda: write_seed_pairs(ctx))
+    if ctx.config.validation:
+        ctx.ranks.on_main(lambda: validation.hold_out(ctx))
     metrics = train_seed(ctx.pi_init, read_jsonl(pairs_path), _train_outputs(ctx, 0), ctx.config)
     fit = labeller_for(ctx.config.judge.labeller).fit
     if fit:
@@ -53,7 +58,10 @@ def seed(ctx: StageContext, t: int) -> dict:
 @GENERATE.runs
 def generate(ctx: StageContext, t: int) -> dict:
     """`generate.num_responses` samples of pi_{t-1} per prompt of iteration t's slice."""
-    return _generate(ctx, t, ctx.splits.iterations[t - 1], ctx.adapter(t - 1), ctx.config.generate.num_responses)
+    g = ctx.config.generate
+    return _generate(
+        ctx, ctx.config.seed + t, ctx.splits.iterations[t - 1], ctx.adapter(t - 1), g.num_responses, ctx.responses(t)
+    )
 
 
 @JUDGE.runs
@@ -97,6 +105,55 @@ def evaluate(ctx: StageContext, t: int) -> dict:
     return ctx.ranks.on_main(run)
 
 
+@VALIDATE.runs
+def validate(ctx: StageContext, t: int) -> dict:
+    """pi_t on the held-out seed pairs and on one sample per held-out prompt (with pi_init's samples of the same
+    prompts in iteration 0), scored in one pass against pi_init; then the checks of the stop rule and the best
+    iteration so far (selfie/run/validation.py, selfie/run/guard.py)."""
+    c, out = ctx.config, ctx.validation_dir(t)
+    rows = validation.pair_rows(ctx)
+    prompts = validation.drift_prompts(ctx, ctx.splits.held_out if ctx.splits else [], rows)
+    if not prompts:
+        ctx.ranks.on_main(lambda: [atomic_write_jsonl(path, []) for path in ctx.validation_files(t)])
+        return {"skipped": "the seed stage held no pairs out (it ran without validation:) and validation.prompts is 0"}
+    samples = {validation.SAMPLE: (ctx.adapter(t), out / "samples.jsonl")}
+    if t == 0:
+        samples[validation.INIT_SAMPLE] = (None, ctx.validation_dir(0) / "init_samples.jsonl")
+    scored = list(rows)
+    for prefix, (adapter, path) in samples.items():
+        if not path.exists():
+            _generate(ctx, c.seed, prompts, adapter, 1, path, validation.policy_sampling(c.generate))
+        scored += validation.as_scored(read_jsonl(path), prefix)
+    if not (out / "judgments.jsonl").exists():
+        sums = dataclasses.replace(c.judge, length_normalize=False)  # DPO's sequence log-probs
+        policy_shards(
+            ctx,
+            ctx.adapter(t),
+            out / "judgments.jsonl",
+            lambda policy, tokenizer, path, shard: judge_responses(
+                policy, tokenizer, scored, path, None, beta=c.train.beta, judge=sums, shard=shard
+            ),
+        )
+    return ctx.ranks.on_main(lambda: _validation_metrics(ctx, t, rows))
+
+
+def _validation_metrics(ctx: StageContext, t: int, rows: list[dict]) -> dict:
+    c, v = ctx.config, ctx.config.validation
+    judgments = read_jsonl(ctx.validation_dir(t) / "judgments.jsonl")
+    init_judgments = judgments if t == 0 else read_jsonl(ctx.validation_dir(0) / "judgments.jsonl")
+    init = validation.drift(init_judgments, read_jsonl(ctx.validation_dir(0) / "init_samples.jsonl"), validation.INIT_SAMPLE)
+    before = ctx.validation_dir(t - 1) / "judgments.jsonl"
+    previous = (rows, read_jsonl(before)) if t > 0 and before.exists() and rows else None
+    samples = read_jsonl(ctx.validation_dir(t) / "samples.jsonl")
+    metrics = validation.measures(v, rows, judgments, samples, init, previous, c.seed)
+    evals = {i: ctx.read_metrics(i).get(EVAL.name) for i in (t - 1, t)}
+    metrics["failed"] = failed_checks(v, metrics, evals[t], evals[t - 1])
+    validated = {i: ctx.read_metrics(i).get(VALIDATE.name, {}) for i in range(t)} | {t: metrics}
+    metrics["best_iteration"] = best_iteration(validated)
+    metrics["stop"] = bool(v.stop and metrics["failed"])
+    return metrics
+
+
 def run_stage(ctx: StageContext, t: int, name: str) -> dict:
     """Run iteration t's stage `name`; returns its metrics."""
     return BY_NAME[name].run(ctx, t)
@@ -105,12 +162,21 @@ def run_stage(ctx: StageContext, t: int, name: str) -> dict:
 # ---- what the stages share --------------------------------------------------------------------------
 
 
-def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | None, num_responses: int) -> dict:
-    """RUN/iter_t's responses from pi_init + adapter, sharded over the ranks (with vLLM: one engine per rank)."""
-    c, g = ctx.config, ctx.config.generate
+def _generate(
+    ctx: StageContext,
+    seed: int,
+    prompts: list[dict],
+    adapter: Path | None,
+    num_responses: int,
+    output: Path,
+    settings: GenerateConfig | None = None,
+) -> dict:
+    """`output`'s responses from pi_init + adapter (sampled as `settings` say, default `generate:`), sharded over the
+    ranks (with vLLM: one engine per rank)."""
+    c, g = ctx.config, settings or ctx.config.generate
     model, tokenizer = load_generator(ctx.pi_init, adapter, c.model, g.backend, ctx.ranks.device, g)
     return ctx.ranks.sharded(
-        ctx.responses(t),
+        output,
         lambda out, shard: generate_responses(
             model,
             tokenizer,
@@ -120,7 +186,7 @@ def _generate(ctx: StageContext, t: int, prompts: list[dict], adapter: Path | No
             max_new_tokens=g.max_new_tokens,
             temperature=g.temperature,
             top_p=g.top_p,
-            seed=c.seed + t,
+            seed=seed,
             batch_size=g.batch_size,
             shard=shard,
             backend=g.backend,
@@ -151,7 +217,7 @@ def judge_seed_slice(ctx: StageContext) -> dict:
     c, spec = ctx.config, ctx.config.data.seed_judge
     if not ctx.splits.seed:
         raise SelfieError("data.seed_judge is set but the seed slice is empty; set data.seed_size")
-    generate_metrics = _generate(ctx, 0, ctx.splits.seed, adapter=None, num_responses=2)
+    generate_metrics = _generate(ctx, c.seed, ctx.splits.seed, None, 2, ctx.responses(0))
     rows = read_jsonl(ctx.responses(0))
     score_metrics = spec_scores(ctx, spec, rows, ctx.judgments(0))
 

@@ -8,8 +8,10 @@ from selfie.config.schema import RecipeConfig
 from selfie.errors import SelfieError
 from selfie.io import count_lines
 from selfie.labelling.signal import signal_line
-from selfie.run.plan import BY_NAME, SEED
+from selfie.run.guard import stopped_line
+from selfie.run.plan import BY_NAME, SEED, VALIDATE
 from selfie.run.rundir import RunContext, artifact_problem
+from selfie.run.validation import recorded_best, validation_line
 
 DEFAULT_ROOT = Path(RecipeConfig.output_dir).parent  # where recipes put their runs unless told otherwise
 
@@ -42,11 +44,18 @@ def status_text(run_dir: str | Path) -> str:
             problem = artifact_problem(path, entry.get("checksums", {}).get(rel))  # the resume would stop on it
             artifacts.append(rel + rows + (f" ({problem.split(' (')[0]})" if problem else ""))
         lines.append(f"  done  iter {entry['iteration']:>2}  {entry['stage']:<8}  {', '.join(artifacts)}")
-        signal = ctx.read_metrics(0).get(SEED.name, {}).get("label_signal") if entry["stage"] == SEED.name else None
-        if signal:
-            lines.append(f"        {signal_line(signal)}")
+        stage_metrics = ctx.read_metrics(entry["iteration"]).get(entry["stage"], {})
+        if entry["stage"] == SEED.name and stage_metrics.get("label_signal"):
+            lines.append(f"        {signal_line(stage_metrics['label_signal'])}")
+        if entry["stage"] == VALIDATE.name and stage_metrics:
+            lines.append(f"        {validation_line(stage_metrics)}")
+    best = recorded_best(ctx)
+    if best is not None:
+        lines.append(f"  best  iter {best:>2}  (validation; selfie export takes it)")
     following = manifest.next_stage(steps)
-    if following is None:
+    if manifest.stopped:
+        lines.append(f"  {stopped_line(manifest.stopped)}")
+    elif following is None:
         lines.append("  complete")
     else:
         partial = ctx.partial_outputs()

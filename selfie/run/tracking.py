@@ -14,8 +14,10 @@ from matplotlib.ticker import MaxNLocator
 
 from selfie.io import TMP_SUFFIX, atomic_write_text
 from selfie.labelling.signal import signal_line
-from selfie.run.plan import EVAL, GENERATE, JUDGE, SEED, TRAIN
+from selfie.run.guard import stopped_line
+from selfie.run.plan import EVAL, GENERATE, JUDGE, SEED, TRAIN, VALIDATE
 from selfie.run.rundir import RunContext
+from selfie.run.validation import recorded_best
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +137,7 @@ def summary_rows(per_iteration: dict[int, dict]) -> list[dict]:
                 "times": m.get("times", {}),
                 "tokens_per_second": gen.get("tokens_per_second"),
                 "eval": m.get(EVAL.name),
+                "validation": m.get(VALIDATE.name),
             }
         )
     return rows
@@ -160,20 +163,42 @@ def eval_headline(result: dict | None) -> str:
     return f"score {_cell(result.get('score_mean'))} ({result['judge']})"
 
 
+def validation_cell(result: dict | None) -> str:
+    """The validate stage's figures in a table cell: held-out accuracy, length against pi_init, KL, failed checks."""
+    if not result or result.get("skipped"):
+        return "-"
+    parts = []
+    if result.get("accuracy") is not None:
+        low, high = result["accuracy_ci95"]
+        parts.append(f"acc {result['accuracy']:.0%} [{low:.0%}, {high:.0%}]")
+    if result.get("length_change") is not None:
+        parts.append(f"length {result['length_change']:+.0%}")
+    parts.append(f"KL {result['kl']:.3g}")
+    return ", ".join(parts) + (" (failed a check)" if result.get("failed") else "")
+
+
+RENDERED = {"eval": eval_headline, "validation": validation_cell}  # the optional columns, shown when a row has one
+
+
 def summary_markdown(rows: list[dict]) -> str:
-    columns = SUMMARY_COLUMNS + ([("eval", "eval")] if any(row.get("eval") for row in rows) else [])
+    columns = SUMMARY_COLUMNS + [(key, key) for key in RENDERED if any(row.get(key) for row in rows)]
     header = "| " + " | ".join(title for _, title in columns) + " |"
     lines = [header, "|" + "---|" * len(columns)]
-    lines += [
-        "| " + " | ".join(eval_headline(row.get(key)) if key == "eval" else _cell(row.get(key)) for key, _ in columns) + " |"
-        for row in rows
-    ]
+    lines += ["| " + " | ".join(RENDERED.get(key, _cell)(row.get(key)) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def plot_summary(rows: list[dict], path: Path) -> None:
     """The summary's panels as a PNG; drawn on a Figure of its own (no pyplot), so no GUI backend is chosen."""
-    eval_score = [{**r, "eval_score": (r.get("eval") or {}).get("score_mean")} for r in rows]
+    eval_score = [
+        {
+            **r,
+            "eval_score": (r.get("eval") or {}).get("score_mean"),
+            "validation_accuracy": (r.get("validation") or {}).get("accuracy"),
+            "length_change": (r.get("validation") or {}).get("length_change"),
+        }
+        for r in rows
+    ]
     panels = [  # (title, [(key, label)]): one line per key
         ("pairs kept", [("pairs", None)]),
         ("mean judge margin", [("margin_mean", None)]),
@@ -182,6 +207,7 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         ("train loss", [("loss", None)]),
         ("smoothed fraction", [("smoothed_fraction", None)]),
         ("eval score", [("eval_score", None)]),
+        ("validation", [("validation_accuracy", "held-out accuracy"), ("length_change", "length vs pi_init")]),
     ]
     fig = Figure(figsize=(3.6 * len(panels), 3.2))
     axes = fig.subplots(1, len(panels))
@@ -208,6 +234,13 @@ def write_summary(ctx: RunContext) -> str:
     signal = ctx.read_metrics(0).get(SEED.name, {}).get("label_signal")
     if signal:
         table += f"\n{signal_line(signal)}\n"
+    table += "".join(f"\n{line}\n" for line in verdict_lines(ctx))
     atomic_write_text(ctx.summary_file, f"# Run summary: {ctx.run_dir.name}\n\n{table}")
     plot_summary(rows, ctx.summary_plot)
     return table
+
+
+def verdict_lines(ctx: RunContext) -> list[str]:
+    """What the validation says of the run: the best iteration so far, and the stop rule's verdict."""
+    best, stopped = recorded_best(ctx), ctx.manifest().stopped
+    return ([f"best iteration (validation): {best}"] if best is not None else []) + ([stopped_line(stopped)] if stopped else [])
