@@ -50,7 +50,7 @@ def test_validation_accuracy_loss_length_and_kl_are_the_formulas_by_hand():
     assert m["truncated"] == 0.5 and m["kl"] == pytest.approx(0.2)
     low, high = m["accuracy_ci95"]
     assert 0 <= low <= m["accuracy"] <= high <= 1
-    previous = _judged([1.0, 1.0, 1.0, 1.0])
+    _, previous = _judged([1.0, 1.0, 1.0, 1.0])
     change = measures(ValidationConfig(n_boot=200), rows, judged + sample_judged, samples, init, previous, seed=0)
     assert change["accuracy_change"] == pytest.approx(m["accuracy"] - 1.0)
 

@@ -43,7 +43,6 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
     try:
         for t, stage in ctx.plan:
             if manifest.stopped:
-                logger.warning("%s", stopped_line(manifest.stopped))
                 break
             if manifest.is_done(t, stage):
                 continue
@@ -60,6 +59,8 @@ def run_loop(config: RecipeConfig, force: bool = False) -> str:
             record(ctx, manifest, tracker, t, stage, metrics, time.perf_counter() - start)
             if stage == VALIDATE.name and metrics.get("stop"):  # the stop rule's verdict, the same on every rank
                 stop(ctx, manifest, t, "; ".join(metrics["failed"]))
+        if manifest.stopped:  # now, or by an earlier run: either way the run ends here
+            logger.warning("%s", stopped_line(manifest.stopped))
         tracker.finish()
         return write_summary(ctx) if ranks.is_main else ""
     except BaseException as e:

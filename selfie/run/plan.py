@@ -40,7 +40,7 @@ INIT = Stage("init", False, lambda ctx, t: [ctx.init_model], wanted=lambda confi
 SEED = Stage(
     "seed",
     False,
-    lambda ctx, t: [ctx.pairs(t), *ctx.held_out, ctx.adapter(t), *ctx.fitted_labeller],
+    lambda ctx, t: [ctx.pairs(t), *ctx.held_out_pairs, ctx.adapter(t), *ctx.fitted_labeller],
     trains=True,
     resumes_inside=True,
 )

@@ -164,7 +164,7 @@ class RunContext:
         return {"bradley-terry": [self.reward_head], "ensemble": [self.ensemble]}.get(self.config.judge.labeller, [])
 
     @property
-    def held_out(self) -> list[Path]:
+    def held_out_pairs(self) -> list[Path]:
         """The validation pairs the seed stage cuts, when the recipe validates."""
         return [self.validation_pairs] if self.config.validation else []
 

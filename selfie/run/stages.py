@@ -143,11 +143,11 @@ def _validation_metrics(ctx: StageContext, t: int, rows: list[dict]) -> dict:
     init_judgments = judgments if t == 0 else read_jsonl(ctx.validation_dir(0) / "judgments.jsonl")
     init = validation.drift(init_judgments, read_jsonl(ctx.validation_dir(0) / "init_samples.jsonl"), validation.INIT_SAMPLE)
     before = ctx.validation_dir(t - 1) / "judgments.jsonl"
-    previous = (rows, read_jsonl(before)) if t > 0 and before.exists() and rows else None
+    previous = read_jsonl(before) if t > 0 and before.exists() and rows else None
     samples = read_jsonl(ctx.validation_dir(t) / "samples.jsonl")
     metrics = validation.measures(v, rows, judgments, samples, init, previous, c.seed)
-    evals = {i: ctx.read_metrics(i).get(EVAL.name) for i in (t - 1, t)}
-    metrics["failed"] = failed_checks(v, metrics, evals[t], evals[t - 1])
+    eval_before = ctx.read_metrics(t - 1).get(EVAL.name) if t > 0 else None
+    metrics["failed"] = failed_checks(v, metrics, ctx.read_metrics(t).get(EVAL.name), eval_before)
     validated = {i: ctx.read_metrics(i).get(VALIDATE.name, {}) for i in range(t)} | {t: metrics}
     metrics["best_iteration"] = best_iteration(validated)
     metrics["stop"] = bool(v.stop and metrics["failed"])

@@ -77,9 +77,8 @@ def pair_rows(ctx: RunContext) -> list[dict]:
 def drift_prompts(ctx: RunContext, held_out_prompts: Sequence[dict], pairs: Sequence[dict]) -> list[dict]:
     """The prompts sampled for drift: `validation.prompts` of the pool's held-out prompts, else the held-out pairs'."""
     wanted = ctx.config.validation.prompts
-    if wanted:
-        return [{"prompt_id": row["prompt_id"], "prompt": row["prompt"]} for row in held_out_prompts[:wanted]]
-    return [{"prompt_id": row["prompt_id"], "prompt": row["prompt"]} for row in pairs]
+    rows = held_out_prompts[:wanted] if wanted else pairs
+    return [{"prompt_id": row["prompt_id"], "prompt": row["prompt"]} for row in rows]
 
 
 def policy_sampling(settings: GenerateConfig) -> GenerateConfig:
@@ -131,12 +130,12 @@ def measures(
     judgments: Sequence[dict],
     samples: Sequence[dict],
     init: dict,
-    previous: tuple[Sequence[dict], Sequence[dict]] | None,
+    previous: Sequence[dict] | None,
     seed: int,
 ) -> dict:
     """Iteration t's validation metrics: preference on the held-out pairs (`rows` as judged by pi_t), drift of
     pi_t's `samples` against pi_init's (`init`: drift() of pi_init's samples), and the accuracy's paired change
-    against the previous iteration's (its rows and judgments)."""
+    against the previous iteration's (`previous`: its judgments of the same rows)."""
     n_boot = validation.n_boot
     hits, losses = preference(rows, judgments) if rows else (np.empty(0), np.empty(0))
     accuracy, accuracy_ci = _mean_ci(hits, n_boot, seed)
@@ -160,7 +159,7 @@ def measures(
         "kl_ci95": kl_ci,
     }
     if previous is not None and rows:
-        before, _ = preference(*previous)
+        before, _ = preference(rows, previous)
         change, change_ci = _mean_ci(hits - before, n_boot, seed)
         metrics.update(accuracy_change=change, accuracy_change_ci95=change_ci)
     return metrics
@@ -175,7 +174,7 @@ def recorded_best(ctx: RunContext) -> int | None:
 
 
 def validation_line(v: dict) -> str:
-    """One line for `selfie status` and the log."""
+    """One line for `selfie status`."""
     if v.get("skipped"):
         return f"validation: {v['skipped']}"
     parts = []
