@@ -177,16 +177,17 @@ import sys, time
 from selfie.config.loader import load_recipe
 from selfie.run.loop import launched_ranks
 ranks = launched_ranks(load_recipe(None, ["--train.ddp_timeout", sys.argv[1]]))
-ranks.on_main(lambda: time.sleep(4))  # rank 1 waits for rank 0's result meanwhile
+ranks.on_main(lambda: time.sleep(15))  # rank 1 waits for rank 0's result meanwhile
 print("rank", ranks.state.process_index, "done")
 """
 
 
 def test_train_ddp_timeout_is_how_long_ranks_wait_for_rank_0(tmp_path):
-    """Rank 0 alone works 4 s; with train.ddp_timeout 1 rank 1 stops waiting after its 1000 ms (the default: 30 min)."""
+    """Rank 0 alone works 15 s; with train.ddp_timeout 5 rank 1 stops waiting after its 5000 ms (the default: 30 min).
+    The timeout also bounds the process group's connection at start, so it leaves the two processes time to meet."""
     script = tmp_path / "slow_rank_0.py"
     script.write_text(SLOW_RANK_0)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_gpu.yaml")]
-    result = subprocess.run([*cmd, str(script), "1"], capture_output=True, text=True, cwd=ROOT, env=environment(tmp_path))
+    result = subprocess.run([*cmd, str(script), "5"], capture_output=True, text=True, cwd=ROOT, env=environment(tmp_path))
     assert result.returncode != 0 and "rank 1 done" not in result.stdout
-    assert "Timed out waiting 1000ms" in result.stderr, result.stderr[-3000:]
+    assert "Timed out waiting 5000ms" in result.stderr, result.stderr[-3000:]
