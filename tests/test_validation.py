@@ -95,7 +95,6 @@ def validated_recipe(tiny_model, tmp_path_factory) -> Path:
     recipe = write_recipe(directory, tiny_model, *write_inputs(directory))
     values = yaml.safe_load(recipe.read_text())
     values["validation"] = {"pairs": 2, "n_boot": 200, "max_length_change": None}
-    values["report_to"] = []
     recipe.write_text(yaml.safe_dump(values))
     return recipe
 
@@ -130,6 +129,9 @@ def test_every_iteration_is_validated_on_seed_pairs_no_training_saw(unstopped):
     assert "| validation |" in summary and "acc " in summary and "best iteration (validation):" in summary
     status = run_selfie("status", str(unstopped)).stdout
     assert status.count("validation: accuracy") == 3 and "best  iter" in status
+    last = sorted((unstopped / "wandb").glob("offline-run-*/run-*.wandb"))[-1].read_bytes()  # iteration 2's wandb run
+    for key in (b"validate/accuracy", b"validate/loss", b"validate/length_change", b"validate/kl", b"validate/truncated"):
+        assert key in last, key
 
 
 def test_the_loop_stops_at_a_crossed_bound_stays_stopped_and_continues_under_force(validated_recipe, unstopped, tmp_path):
