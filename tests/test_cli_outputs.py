@@ -33,6 +33,8 @@ def commands(tiny_model, prev_adapter, tmp_path_factory):
     responses = directory / "responses.jsonl"
     responses.write_text("".join(json.dumps(row) + "\n" for row in RESPONSES))
     (directory / "verb_judges.py").write_text("def length(prompt, response):\n    return float(len(response))\n")
+    questions = directory / "questions.jsonl"
+    questions.write_text(json.dumps({"uid": "q1", "category": "hard_prompt", "prompt": "hello world"}) + "\n")
     return {
         "run": lambda out: ["run", str(recipe), "--output_dir", str(out)],
         "generate": lambda out: [
@@ -69,6 +71,19 @@ def commands(tiny_model, prev_adapter, tmp_path_factory):
             "--output",
             str(out),
         ],
+        "answers": lambda out: [
+            "answers",
+            "--model",
+            tiny_model,
+            "--questions",
+            str(questions),
+            "--format",
+            "arena-hard",
+            "--output",
+            str(out / "answers.jsonl"),
+            "--max-new-tokens",
+            "2",
+        ],
         "dir": directory,
     }
 
@@ -99,7 +114,7 @@ def read_only_dir(tmp_path):
         subprocess.run(["umount", str(path)], check=True)
 
 
-VERBS = ["run", "generate", "judge", "eval"]
+VERBS = ["run", "generate", "judge", "eval", "answers"]
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -118,7 +133,7 @@ def test_a_read_only_output_is_one_line(verb, commands, read_only_dir, capsys, m
     assert f"cannot be written: {read_only_dir} is read-only" in err
 
 
-@pytest.mark.parametrize("verb", ["generate", "judge", "eval"])
+@pytest.mark.parametrize("verb", ["generate", "judge", "eval", "answers"])
 def test_a_second_command_on_the_same_output_is_refused(verb, commands, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(commands["dir"]))
     argv = commands[verb](tmp_path / "out")

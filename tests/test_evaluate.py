@@ -278,7 +278,14 @@ def test_scores_from_a_judge_make_pairs_by_the_loops_rules(length_judge, tiny_mo
     assert judgments[3]["num_tokens"][1] == len(tokenizer("ok", add_special_tokens=False)["input_ids"]) + 1
     assert judgments[3]["num_tokens"][0] == len(tokenizer("cut off at the limit", add_special_tokens=False)["input_ids"])
     pairs, metrics = select_pairs(rows, judgments, JudgeConfig(truncated="drop", length_penalty=0.0).rules)
-    assert metrics["dropped"] == {"identical": 1, "single_response": 1, "all_truncated": 1, "low_margin": 0, "disagreement": 0}
+    assert metrics["dropped"] == {
+        "identical": 1,
+        "single_response": 1,
+        "all_truncated": 1,
+        "unjudged": 0,
+        "low_margin": 0,
+        "disagreement": 0,
+    }
     assert [p["prompt_id"] for p in pairs] == ["a", "d"]
     a, d = pairs
     assert a["chosen"] == [{"role": "assistant", "content": "the longest text"}]
@@ -303,7 +310,7 @@ def test_compare_models_and_report(tiny_model, adapter, length_judge, tmp_path):
     lengths = [[len(s[f"response_{x}"]) for s in scored] for x in "ab"]
     assert report == win_rate(a_scores, b_scores, EvalOptions.n_boot, seed=3) | length_adjusted(
         a_scores, b_scores, *lengths, EvalOptions.n_boot, seed=3
-    ) | {"a": report["a"], "b": report["b"]}
+    ) | {"a": report["a"], "b": report["b"], "unjudged": 0}
     assert report["a"]["chars_mean"] == np.mean(lengths[0])
     assert report["a"]["adapter"] == str(adapter) and report["b"]["adapter"] is None
     assert report["a"]["score_mean"] == pytest.approx(np.mean([s["score_a"] for s in scored]))

@@ -170,7 +170,14 @@ def test_length_normalisation_divides_by_tokens(policy, tmp_path):
 def test_metrics_and_shards(policy, tmp_path):
     full, pairs, metrics = judge(policy, tmp_path / "full")
     assert metrics["pairs"] == len(pairs) == 3
-    assert metrics["dropped"] == {"all_truncated": 0, "identical": 0, "single_response": 0, "low_margin": 0, "disagreement": 0}
+    assert metrics["dropped"] == {
+        "all_truncated": 0,
+        "identical": 0,
+        "single_response": 0,
+        "unjudged": 0,
+        "low_margin": 0,
+        "disagreement": 0,
+    }
     assert metrics["margin_mean"] == pytest.approx(sum(p["margin"] for p in pairs) / 3)
     # "a": its only finished response is chosen, even when the truncated one has the higher reward
     (a,) = [p for p in pairs if p["prompt_id"] == "a"]

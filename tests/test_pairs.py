@@ -43,7 +43,14 @@ def test_drop_rule_and_drop_counts():
         judged([0.0], [1]),
     ]
     pairs, metrics = select_pairs(rows, judgments, rules())
-    assert metrics["dropped"] == {"all_truncated": 1, "identical": 1, "single_response": 1, "low_margin": 0, "disagreement": 0}
+    assert metrics["dropped"] == {
+        "all_truncated": 1,
+        "identical": 1,
+        "single_response": 1,
+        "unjudged": 0,
+        "low_margin": 0,
+        "disagreement": 0,
+    }
     first, dup = pairs
     assert texts(first) == ("y", "z") and first["margin"] == 3.0
     assert texts(dup) == ("a", "b")
@@ -168,3 +175,19 @@ def test_replay_draws_the_stated_fraction_reproducibly():
     assert sum(bool(p.get("replay")) for p in many) == 30
     with pytest.raises(SelfieError, match="data.replay"):
         with_replay(new, seed, 1.0, seed=0)
+
+
+def test_a_pairwise_judges_two_orders_give_the_agreement_and_an_unreadable_verdict_no_pair():
+    rows = [row("agree", ["a", "b"], [True, True]), row("split", ["c", "d"], [True, True]), row("nan", ["e", "f"], [True, True])]
+    judgments = [  # each order's P(response beats the other), as selfie/evaluation/remote_judges.py::LLMPairJudge gives
+        {**judged([0.8, 0.2], [1, 1]), "member_rewards": [[0.9, 0.1], [0.7, 0.3]]},
+        {**judged([0.6, 0.4], [1, 1]), "member_rewards": [[1.0, 0.0], [0.2, 0.8]]},  # position bias: each order its first
+        {**judged([float("nan")] * 2, [1, 1]), "member_rewards": [[float("nan")] * 2] * 2},
+    ]
+    labeller = "llm-pair:http://127.0.0.1:8000/v1?model=judge"
+    pairs, metrics = select_pairs(rows, judgments, JudgeConfig(labeller=labeller, length_penalty=0.0).rules)
+    assert [(p["prompt_id"], p["agreement"]) for p in pairs] == [("agree", 1.0), ("split", 0.5)]
+    assert metrics["dropped"]["unjudged"] == 1
+    strict = JudgeConfig(labeller=labeller, length_penalty=0.0, min_agreement=1.0).rules
+    kept, metrics = select_pairs(rows, judgments, strict)
+    assert [p["prompt_id"] for p in kept] == ["agree"] and metrics["dropped"]["disagreement"] == 1

@@ -33,7 +33,10 @@ HELP = {
 
 def _common(p: argparse.ArgumentParser, prompts: bool = True) -> None:
     p.add_argument(
-        "--judge", required=True, help="reward-model:PATH | callable:module:function | implicit:MODEL@ADAPTER[?beta=B]"
+        "--judge",
+        required=True,
+        help="reward-model:PATH | callable:module:function | implicit:MODEL@ADAPTER[?beta=B] | remote-rm:URL | "
+        "classify:URL?model=NAME | llm-score:URL?model=NAME | llm-pair:URL?model=NAME (docs/JUDGES.md)",
     )
     p.add_argument("--output", required=True, help="directory for report.json, report.md, report.png")
     add_options(p, EvalOptions, ["dtype", "n_boot", "seed"], HELP)
@@ -77,7 +80,7 @@ def run_eval_command(args: argparse.Namespace) -> None:
 def _accuracy_report(args: argparse.Namespace, options: EvalOptions, output: Path) -> dict:
     pairs = load_preferences(args.preferences, options.split)
     pairs = pairs[: options.num_pairs] if options.num_pairs else pairs
-    judge = load_judge(args.judge, dtype=options.dtype)
+    judge = load_judge(args.judge, options.dtype, output / ANSWERS)
     return {
         "kind": "accuracy",
         "judge": args.judge,
@@ -88,7 +91,7 @@ def _accuracy_report(args: argparse.Namespace, options: EvalOptions, output: Pat
 
 def _winrate_report(args: argparse.Namespace, options: EvalOptions, output: Path) -> dict:
     prompts = eval_prompts(args.prompts, options.split, options.num_prompts)
-    judge = load_judge(args.judge, dtype=options.dtype)
+    judge = load_judge(args.judge, options.dtype, output / ANSWERS)
     return {
         "kind": "winrate",
         "judge": args.judge,
@@ -103,7 +106,7 @@ def _run_report(args: argparse.Namespace, options: EvalOptions, output: Path) ->
     source = args.prompts or config.data.prompts
     split = config.data.split if args.prompts is None else options.split
     prompts = eval_prompts(source, split, options.num_prompts, config)
-    judge = load_judge(args.judge, dtype=options.dtype)
+    judge = load_judge(args.judge, options.dtype, output / ANSWERS)
     scores = run_scores(ctx, judge, prompts, options, output_dir=output)
     best = recorded_best(ctx)  # marked in the report: the iteration `selfie export` takes
     rows = [
@@ -121,4 +124,5 @@ def _run_report(args: argparse.Namespace, options: EvalOptions, output: Path) ->
     }
 
 
+ANSWERS = "judge_answers.jsonl"  # a served judge's answers: a rerun into the same --output asks only for the rest
 REPORTS = {"accuracy": _accuracy_report, "winrate": _winrate_report, "run": _run_report}

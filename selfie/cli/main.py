@@ -1,4 +1,4 @@
-"""`selfie run | generate | judge | edit | eval | export | status`."""
+"""`selfie run | generate | judge | edit | eval | export | answers | status`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 
-from selfie.cli import edit, export, generate, judge
+from selfie.cli import answers, edit, export, generate, judge
 from selfie.cli import eval as evaluation
 from selfie.cli.run import add_run_args, run_recipe_command
 from selfie.cli.status import add_status_args, run_status_command
@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
             "an iteration's policy as a standalone model or a PEFT adapter, with a model card",
             export.add_export_args,
             export.run_export_command,
+            False,
+        ),
+        (
+            "answers",
+            "a policy's answers to a benchmark's questions, in the benchmark's file format",
+            answers.add_answers_args,
+            answers.run_answers_command,
             False,
         ),
     ]

@@ -314,7 +314,8 @@ class JudgeConfig(Section):
     length_penalty: float | str = "auto"  # alpha: reward - alpha * tokens; "auto" equalises chosen / rejected lengths
     # Drop the pairs whose shaped margin is below this quantile of the iteration's (0 = keep all; selfie/labelling/pairs.py)
     min_margin_quantile: float = added(0.0)
-    min_agreement: float = added(0.0)  # ensemble only: drop the pairs fewer than this share of members agree on
+    # ensemble or llm-pair: drop the pairs fewer than this share of members (a pairwise judge: of orders) agree on
+    min_agreement: float = added(0.0)
     # -- how the implicit reward scores (ImplicitScoring)
     length_normalize: bool = False  # per-token log-probs instead of sums
     token_budget: int = 8192  # tokens per scoring batch (prompt + responses, padded)
@@ -323,8 +324,12 @@ class JudgeConfig(Section):
     signal_folds: int = 2
 
     def check_across(self) -> None:
-        if self.min_agreement and self.labeller != "ensemble":
-            raise self.refuse("set, but only the ensemble labeller has members to agree", "min_agreement", "labeller")
+        if self.min_agreement and not (self.labeller == "ensemble" or self.labeller.startswith("llm-pair:")):
+            raise self.refuse(
+                "set, but only the ensemble labeller (its members) and a pairwise judge (its two orders) can agree",
+                "min_agreement",
+                "labeller",
+            )
 
     @property
     def rules(self) -> PairRules:
@@ -516,6 +521,8 @@ class EvalConfig(Section):
     def check_across(self) -> None:
         if not self.judge:  # the one required key: None elsewhere means "the default"
             raise self.refuse("required when 'eval' is set (e.g. reward-model:PATH)", "judge")
+        if self.judge.startswith("llm-pair:") and self.baseline == "none":
+            raise self.refuse("a pairwise judge needs a baseline to compare with, not 'none'", "baseline", "judge")
 
 
 @dataclass

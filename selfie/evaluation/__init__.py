@@ -8,5 +8,7 @@
 - labels.py   judge accuracy on labelled pairs, agreement with self-labels, labelling sampled responses.
 - compare.py  model-vs-model win rate, per-iteration scores of a run, the loop's eval stage.
 - report.py   report.json, report.md, report.png.
-The `selfie eval winrate | accuracy | run` verb is selfie/cli/eval.py.
+- answers.py  benchmark question files read and answer files written (AlpacaEval 2, Arena-Hard-Auto v2.0, MT-Bench),
+              multi-turn questions answered turn by turn.
+The `selfie eval winrate | accuracy | run` verb is selfie/cli/eval.py; `selfie answers` is selfie/cli/answers.py.
 """

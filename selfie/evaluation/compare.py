@@ -71,11 +71,16 @@ def score_unique(judge: Judge, prompts: list[list[dict]], responses: list[str]) 
 
 
 def score_summary(scores: list[float], texts: list[str], n_boot: int, seed: int) -> dict:
+    """Mean score with its interval over the answers the judge gave a verdict on (`unjudged`: those it did not)."""
     values = np.asarray(scores, dtype=float)
+    judged = values[~np.isnan(values)]
+    if not len(judged):
+        raise SelfieError(f"the judge gave no readable verdict on any of {len(values)} answers")
     return {
-        "score_mean": float(values.mean()),
-        "ci95": bootstrap_ci(values, n_boot, seed),
-        "n": len(values),
+        "score_mean": float(judged.mean()),
+        "ci95": bootstrap_ci(judged, n_boot, seed),
+        "n": len(judged),
+        "unjudged": len(values) - len(judged),
         "chars_mean": float(np.mean([len(t) for t in texts])),
     }
 
@@ -115,8 +120,14 @@ def compare_models(
                     for row, ta, tb, sa, sb in zip(prompts, texts_a, texts_b, scores_a, scores_b)
                 ),
             )
-    report = win_rate(scores_a, scores_b, n_boot=n_boot, seed=seed)
-    report.update(length_adjusted(scores_a, scores_b, [len(t) for t in texts_a], [len(t) for t in texts_b], n_boot, seed))
+    judged = [i for i, (a, b) in enumerate(zip(scores_a, scores_b)) if not (np.isnan(a) or np.isnan(b))]
+    if not judged:
+        raise SelfieError(f"compare: the judge gave no readable verdict on any of {len(prompts)} prompts")
+    pick = lambda values: [values[i] for i in judged]  # noqa: E731
+    report = win_rate(pick(scores_a), pick(scores_b), n_boot=n_boot, seed=seed)
+    lengths_a, lengths_b = pick([len(t) for t in texts_a]), pick([len(t) for t in texts_b])
+    report.update(length_adjusted(pick(scores_a), pick(scores_b), lengths_a, lengths_b, n_boot, seed))
+    report["unjudged"] = len(prompts) - len(judged)
     report["a"] = {"model": model_a, "adapter": adapter_a and str(adapter_a), **score_summary(scores_a, texts_a, n_boot, seed)}
     report["b"] = {"model": model_b, "adapter": adapter_b and str(adapter_b), **score_summary(scores_b, texts_b, n_boot, seed)}
     return report

@@ -8,6 +8,8 @@ Specs (`load_judge`):
                                    the adapter, reference = MODEL without it (one copy of the weights). Append
                                    `?beta=0.2` to change beta (default 0.1). Without `@ADAPTER_DIR` there is no
                                    reference and the score is beta * logp_MODEL (the paper's "no reference" judge).
+- `remote-rm:URL`, `classify:URL?model=NAME`, `llm-score:URL?model=NAME`, `llm-pair:URL?model=NAME`
+                                   judges served over HTTP (selfie/evaluation/remote_judges.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from selfie.config.schema import JudgeConfig, TrainConfig
 from selfie.errors import SelfieError
+from selfie.evaluation.http import AnswerLog
+from selfie.evaluation.remote_judges import HTTP_KINDS, check_http_judge, load_http_judge
 from selfie.labelling.implicit_reward import implicit_rewards, tokenised
 from selfie.models import load_model_config, load_policy, resolve_dtype, resolve_model_path
 from selfie.tokens import pad_token_id
@@ -212,29 +216,36 @@ def _check_implicit(target: str, spec: str) -> None:
         raise SelfieError(f"judge '{spec}': {adapter} is not an adapter directory (no adapter_config.json)")
 
 
-def load_judge(spec: str, dtype: str = "auto") -> Judge:
-    """Build a judge from its spec string (see the module docstring); a bad spec is an error naming it."""
+def load_judge(spec: str, dtype: str = "auto", answers: str | Path | None = None) -> Judge:
+    """Build a judge from its spec string (see the module docstring); a bad spec is an error naming it. A judge
+    served over HTTP keeps the answers it receives in `answers` (JSON Lines), and a rerun asks only for the rest."""
     return _by_kind(
         spec,
         {
             "reward-model": lambda target: RewardModelJudge(target, dtype=dtype),
             "callable": lambda target: _load_callable(target, spec),
             "implicit": lambda target: _load_implicit(target, spec, dtype),
-        },
+        }
+        | {kind: lambda target, kind=kind: load_http_judge(kind, target, AnswerLog(answers)) for kind in HTTP_KINDS},
     )
 
 
 def check_judge(spec: str) -> None:
     """What load_judge checks, without loading or running a model: the spec's form, a callable's module and
-    function, a reward model's config (one output), an implicit judge's model config and adapter directory."""
+    function, a reward model's config (one output), an implicit judge's model config and adapter directory, a
+    served judge's options and its server, asked once."""
     _by_kind(
         spec,
         {
             "reward-model": check_reward_model,
             "callable": lambda target: _load_callable(target, spec),
             "implicit": lambda target: _check_implicit(target, spec),
-        },
+        }
+        | {kind: lambda target, kind=kind: check_http_judge(kind, target) for kind in HTTP_KINDS},
     )
+
+
+KINDS = ("reward-model", "callable", "implicit", *HTTP_KINDS)
 
 
 def _by_kind(spec: str, makers: dict[str, Callable[..., object]]):
@@ -243,7 +254,7 @@ def _by_kind(spec: str, makers: dict[str, Callable[..., object]]):
         raise SelfieError(f"judge {spec!r}: a judge spec is a string such as 'reward-model:PATH'")
     kind, sep, target = spec.partition(":")
     if not sep or not target:
-        raise SelfieError(f"judge '{spec}': expected reward-model:PATH, callable:module:function or implicit:MODEL@ADAPTER")
+        raise SelfieError(f"judge '{spec}': expected KIND:TARGET, KIND one of {', '.join(KINDS)}")
     try:
         if kind in makers:
             return makers[kind](target)
@@ -253,4 +264,4 @@ def _by_kind(spec: str, makers: dict[str, Callable[..., object]]):
         raise SelfieError(f"judge '{spec}': {e}") from None
     except OSError as e:  # e.g. a hub id that is neither cached nor reachable
         raise SelfieError(f"judge '{spec}': cannot load ({str(e).splitlines()[0][:200]})") from None
-    raise SelfieError(f"judge '{spec}': unknown kind '{kind}' (reward-model, callable, implicit)")
+    raise SelfieError(f"judge '{spec}': unknown kind '{kind}' ({', '.join(KINDS)})")

@@ -41,15 +41,21 @@ def _chosen_rejected_scores(judge: Judge, pairs: list[dict]) -> tuple[np.ndarray
 def judge_accuracy(judge: Judge, preferences: list[dict], n_boot: int = EvalConfig.n_boot, seed: int = 0) -> dict:
     """Fraction of pairs whose chosen response the judge scores strictly above the rejected one.
 
-    Ties count as misses and are reported; `ci95` is a bootstrap interval over pairs.
+    Ties count as misses and are reported; pairs without a readable verdict are left out and counted (`unjudged`);
+    `ci95` is a bootstrap interval over pairs.
     """
     if not preferences:
         raise SelfieError("judge accuracy: the preference set is empty")
     c, r = _chosen_rejected_scores(judge, preferences)
+    judged = ~(np.isnan(c) | np.isnan(r))  # a served judge's unreadable verdict leaves its pair out, counted
+    if not judged.any():
+        raise SelfieError(f"judge accuracy: the judge gave no readable verdict on any of {len(c)} pairs")
+    c, r = c[judged], r[judged]
     correct = (c > r).astype(float)
     return {
         "accuracy": float(correct.mean()),
         "n": len(correct),
+        "unjudged": int((~judged).sum()),
         "ties": int((c == r).sum()),
         "margin_mean": float((c - r).mean()),
         "ci95": bootstrap_ci(correct, n_boot, seed),
@@ -63,14 +69,21 @@ def score_responses(
     as the loop scores and trains them (so a length penalty means the same whatever the labeller)."""
     check_response_rows(responses_rows, "responses")
     flat_prompts = [row["prompt"] for row in responses_rows for _ in row["responses"]]
-    flat_scores = judge.score(flat_prompts, [r for row in responses_rows for r in row["responses"]])
+    flat_responses = [r for row in responses_rows for r in row["responses"]]
+    # a pairwise judge scores under both orders: the pair rules take a pair's `agreement` from them
+    members = judge.score_members(flat_prompts, flat_responses) if hasattr(judge, "score_members") else None
+    flat_scores = [sum(s) / len(s) for s in zip(*members)] if members else judge.score(flat_prompts, flat_responses)
+    served = getattr(judge, "served_model", None)
     judgments, offset = [], 0
     for row in responses_rows:
         k = len(row["responses"])
         _, ids = response_token_ids(tokenizer, row["prompt"], row["responses"], row["finished"], stop_ids)
-        judgments.append(
-            {"prompt_id": row["prompt_id"], "rewards": flat_scores[offset : offset + k], "num_tokens": [len(i) for i in ids]}
-        )
+        judged = {"prompt_id": row["prompt_id"], "rewards": flat_scores[offset : offset + k], "num_tokens": [len(i) for i in ids]}
+        if members:
+            judged["member_rewards"] = [m[offset : offset + k] for m in members]
+        if served:
+            judged["judge_model"] = served
+        judgments.append(judged)
         offset += k
     return judgments
 

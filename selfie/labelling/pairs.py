@@ -12,8 +12,9 @@ makes chosen and rejected equally long on average over the whole iteration (DICE
 reward). With `min_margin_quantile` q > 0, the pairs whose shaped margin (shaped chosen - shaped rejected:
 the labeller's confidence in its pick) is below the q-quantile of the iteration's shaped margins are dropped
 (a confidence filter, the alternative to refine.alpha's label smoothing of low-margin pairs). An ensemble's
-judgments carry each member's rewards: its pairs keep `agreement`, the share of members whose shaped scores rank
-chosen above rejected, and those below `min_agreement` are dropped.
+judgments carry each member's rewards (a pairwise judge's: each order's): its pairs keep `agreement`, the share of
+members whose shaped scores rank chosen above rejected, and those below `min_agreement` are dropped. A prompt
+whose scores hold a NaN (a served judge's verdict that could not be read) gives no pair (`unjudged`).
 
 The rules (truncated, truncation_penalty, length_penalty, min_margin_quantile, min_agreement) are PairRules, the
 pairing keys of the recipe's judge: section (JudgeConfig.rules), whose defaults and ranges are the ones a recipe gets. Pairs keep `margin` = raw score(chosen) -
@@ -34,7 +35,7 @@ import numpy as np
 from selfie.config.schema import DataConfig, JudgeConfig, PairRules
 from selfie.errors import SelfieError
 
-DROP_REASONS = ("all_truncated", "identical", "single_response", "low_margin", "disagreement")
+DROP_REASONS = ("all_truncated", "identical", "single_response", "unjudged", "low_margin", "disagreement")
 AUTO_ITERATIONS = 60  # bisection steps for `auto`: alpha to ~1e-18 of its bracket
 
 
@@ -58,6 +59,8 @@ def _pick(
     """(chosen, rejected, shaped margin) of one prompt's responses, or the reason it gives no pair."""
     if len(texts) < 2:
         return "single_response"
+    if any(math.isnan(s) for s in scores):  # a served judge's verdict that could not be read
+        return "unjudged"
     shaped = _shaped(scores, lengths, finished, rules, alpha)
     candidates = [i for i, done in enumerate(finished) if done or rules.truncated != "drop"]
     if not candidates:
@@ -99,7 +102,11 @@ def auto_length_penalty(responses: Sequence[dict], judgments: Sequence[dict], ru
     if gap(0.0) == 0:
         return 0.0
     sign = 1.0 if gap(0.0) > 0 else -1.0  # chosen longer: penalise length; shorter: reward it
-    spread = 2 * max((abs(s) for j in judgments for s in j["rewards"]), default=0.0) + rules.truncation_penalty + 1e-6
+    spread = (
+        2 * max((abs(s) for j in judgments for s in j["rewards"] if not math.isnan(s)), default=0.0)
+        + rules.truncation_penalty
+        + 1e-6
+    )
     floor = max(0.0, sign * gap(sign * spread * 1e9))  # the gap left when length alone decides
     near, far = 0.0, sign * spread
     while sign * gap(far) > floor:
@@ -135,7 +142,7 @@ def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: Pa
             dropped["low_margin"] += 1
             continue
         pair = _pair_row(row, judged, *pick[:2])
-        if "member_rewards" in judged:  # an ensemble's judgment: how many members rank the pair the same way
+        if "member_rewards" in judged:  # an ensemble's or pairwise judge's: how many members rank the pair alike
             pair["agreement"] = _agreement(judged, row["finished"], pick, rules, alpha)
             if pair["agreement"] < rules.min_agreement:
                 dropped["disagreement"] += 1

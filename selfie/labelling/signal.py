@@ -10,6 +10,7 @@ apart (ties included: the pick takes the first of equals) scores 50% in expectat
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -56,12 +57,17 @@ def signal_accuracy(folds: Sequence[tuple[Sequence[dict], Sequence[dict]]], rule
     """Accuracy of the labeller's picks against the gold responses over every fold's (rows, judgments), with a
     95% bootstrap interval over the pairs. Each fold is paired on its own, as an iteration is (its own `auto`
     alpha); `raw_accuracy` ranks by the reward alone, without the pair rules."""
-    correct, raw, alphas = [], [], []
+    correct, raw, alphas, total = [], [], [], 0
     for rows, judgments in folds:
+        total += len(rows)
         picked, metrics = select_pairs(rows, judgments, rules)
         gold_text = {row["prompt_id"]: row["responses"][row["gold"]] for row in rows}
         correct += [p["chosen"][-1]["content"] == gold_text[p["prompt_id"]] for p in picked]
-        raw += [j["rewards"][row["gold"]] > j["rewards"][1 - row["gold"]] for row, j in zip(rows, judgments)]
+        raw += [  # a served judge's unreadable verdict (NaN) ranks nothing
+            j["rewards"][row["gold"]] > j["rewards"][1 - row["gold"]]
+            for row, j in zip(rows, judgments)
+            if not any(math.isnan(r) for r in j["rewards"])
+        ]
         alphas.append(metrics["length_penalty"])
     hits = np.array(correct, dtype=float)
     low, high = bootstrap_ci(hits, EvalConfig.n_boot, seed) if len(hits) else (None, None)  # evaluation's resamples
@@ -70,7 +76,7 @@ def signal_accuracy(folds: Sequence[tuple[Sequence[dict], Sequence[dict]]], rule
         "ci95_low": low,
         "ci95_high": high,
         "n": len(hits),
-        "unpaired": len(raw) - len(hits),
+        "unpaired": total - len(hits),
         "raw_accuracy": sum(raw) / len(raw) if raw else None,
         "length_penalties": alphas,
     }

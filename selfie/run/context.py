@@ -32,8 +32,10 @@ def policy_shards(ctx: StageContext, adapter: Path | None, final: Path, work: Ca
 
 
 def spec_scores(ctx: StageContext, spec: str, responses: list[dict], final: Path) -> dict:
-    """`final`'s judgments of the responses by the judge `spec`, loaded on every rank (on its device)."""
-    return judge_shards(ctx, load_judge(spec, ctx.config.model.dtype), responses, final)
+    """`final`'s judgments of the responses by the judge `spec`, loaded on every rank (on its device). A judge
+    served over HTTP logs each rank's answers beside `final`, so a killed stage asks again only for the rest."""
+    answers = final.with_name(f"{final.stem}.answers.rank{ctx.ranks.state.process_index}.jsonl")
+    return judge_shards(ctx, load_judge(spec, ctx.config.model.dtype, answers), responses, final)
 
 
 def judge_shards(ctx: StageContext, judge: Judge, responses: list[dict], final: Path) -> dict:

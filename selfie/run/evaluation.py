@@ -1,5 +1,6 @@
 """A run's iterations evaluated: the loop's eval stage (each iteration against `eval.baseline`) and `selfie eval run`
-(every iteration's mean score); the comparisons themselves are selfie/evaluation/compare.py's."""
+(every iteration's mean score), and the settings a run's policy answers with; the comparisons themselves are
+selfie/evaluation/compare.py's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfie.config.schema import EvalOptions
+from selfie.config.schema import EvalOptions, RecipeConfig
 from selfie.errors import SelfieError
 from selfie.evaluation.compare import compare_models, eval_prompts, generate_one, score_summary, score_unique
 from selfie.evaluation.judges import Judge, load_judge
@@ -30,15 +31,17 @@ def run_scores(
 ) -> dict[int, dict]:
     """Mean judge score of each iteration's policy of a run on `prompts`: {iteration: {score_mean, ci95, n}}.
 
-    Key INIT (-1) is pi_init itself (no adapter) when `include_init`. Responses go to
+    Key INIT (-1) is pi_init itself (no adapter) when `include_init`. A pairwise judge scores each iteration's
+    answers against pi_init's (the probability of beating them; pi_init itself scores 0.5). Responses go to
     `output_dir/responses_<label>.jsonl` when given.
     """
     adapters = ctx.adapters_on_disk()
     if not adapters:
         raise SelfieError(f"{ctx.run_dir}: no finished adapters yet")
-    models: dict[int, Path | None] = ({INIT: None} if include_init else {}) | adapters
+    pairwise = getattr(judge, "pairwise", False)
+    models: dict[int, Path | None] = ({INIT: None} if include_init or pairwise else {}) | adapters
     messages = [row["prompt"] for row in prompts]
-    results = {}
+    results, reference = {}, None
     with tempfile.TemporaryDirectory(prefix="selfie-eval-") as tmp:
         out = Path(output_dir) if output_dir is not None else Path(tmp)
         for iteration, adapter in models.items():
@@ -46,7 +49,14 @@ def run_scores(
             texts = generate_one(
                 ctx.pi_init, adapter, prompts, out / f"responses_{label}.jsonl", dtype=options.dtype, **options.sampling()
             )
-            results[iteration] = score_summary(score_unique(judge, messages, texts), texts, options.n_boot, options.seed)
+            if pairwise and reference is None:
+                reference = texts  # pi_init's, generated first
+            scores = (
+                score_unique(judge, messages + messages, texts + reference)[: len(texts)]
+                if pairwise
+                else score_unique(judge, messages, texts)
+            )
+            results[iteration] = score_summary(scores, texts, options.n_boot, options.seed)
             logger.info("%s: mean score %.4f", label, results[iteration]["score_mean"])
     return results
 
@@ -65,6 +75,27 @@ def baseline_iteration(baseline: str, iteration: int) -> int | None:
     return None
 
 
+def run_eval_options(config: RecipeConfig) -> EvalOptions:
+    """How a run's policy answers when it is evaluated (the eval stage, `selfie answers RUN`): the generate: section's
+    sampling, the run's seed and model.dtype, with the eval: section's max_new_tokens and temperature (when set) where
+    the recipe has one."""
+    g, e = config.generate, config.eval
+    max_new_tokens, temperature, n_boot = g.max_new_tokens, g.temperature, EvalOptions.n_boot
+    if e is not None:
+        max_new_tokens, n_boot = e.max_new_tokens, e.n_boot
+        temperature = g.temperature if e.temperature is None else e.temperature
+    return EvalOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=g.top_p,
+        seed=config.seed,
+        batch_size=g.batch_size,
+        backend=g.backend,
+        dtype=config.model.dtype,
+        n_boot=n_boot,
+    )
+
+
 def evaluate_iteration(ctx: RunContext, t: int) -> dict:
     """The loop's eval stage: iteration t's policy against a baseline on held-out prompts, scored by eval.judge.
 
@@ -73,19 +104,9 @@ def evaluate_iteration(ctx: RunContext, t: int) -> dict:
     start = time.perf_counter()
     config, eval_cfg, pi_init, adapter = ctx.config, ctx.config.eval, ctx.pi_init, ctx.adapter(t)
     prompts = eval_prompts(eval_cfg.prompts, eval_cfg.split or config.data.split, eval_cfg.num_prompts, config)
-    judge = load_judge(eval_cfg.judge, dtype=config.model.dtype)
-    temperature = config.generate.temperature if eval_cfg.temperature is None else eval_cfg.temperature
-    options = EvalOptions(
-        max_new_tokens=eval_cfg.max_new_tokens,
-        temperature=temperature,
-        top_p=config.generate.top_p,
-        seed=config.seed,
-        batch_size=config.generate.batch_size,
-        backend=config.generate.backend,
-        dtype=config.model.dtype,
-        n_boot=eval_cfg.n_boot,
-    )
     out = ctx.eval_dir(t)
+    judge = load_judge(eval_cfg.judge, dtype=config.model.dtype, answers=out / "judge_answers.jsonl")
+    options = run_eval_options(config)
     if eval_cfg.baseline == "none":
         texts = generate_one(pi_init, adapter, prompts, out / "responses_a.jsonl", dtype=config.model, **options.sampling())
         summary = score_summary(
