@@ -50,7 +50,7 @@ lint: install
 	$(PYTHON) -m ruff format --check .
 
 test: lint vllm-env eval-env
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
 
 test-fast: install vllm-env eval-env
 	$(PYTHON) -m pytest -q -m "not slow"
