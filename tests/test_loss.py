@@ -97,3 +97,17 @@ def test_refinement_window_rolls_over_optimizer_steps():
     single.add(0, [1.0])
     single.add(1, [9.0])
     assert single.quantile(0.0) == 9.0  # W = 1: only the step in progress
+
+
+def test_agreement_floors_eps_at_one_minus_agreement_cream_s_soft_label():
+    chosen, rejected = three_pairs()
+    margins = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    agreement = torch.tensor([1.0, 0.5, 0.75], dtype=torch.float64)
+    losses, parts = noise_aware_dpo_loss(chosen, rejected, margins, tau=0.5, alpha=0.2, beta=0.5, agreement=agreement)
+    assert parts["eps"].tolist() == [0.0, 0.5, 0.25]  # max(alpha [m < tau], 1 - C)
+    # pair 2 at C = 0.5: C l(y_w, y_l) + (1 - C) l(y_l, y_w) = 0.5 log(1 + e) + 0.5 log(1 + e^-1)
+    expected = [SOFTPLUS_MINUS_1, 0.5 * SOFTPLUS_1 + 0.5 * SOFTPLUS_MINUS_1, LOG2]
+    assert losses.tolist() == pytest.approx(expected, abs=1e-12)
+    unsmoothed, _ = noise_aware_dpo_loss(chosen, rejected, margins, tau=0.5, alpha=0.0, beta=0.5, agreement=agreement, warm=False)
+    cream = [c * -F.logsigmoid(0.5 * z) - (1 - c) * F.logsigmoid(-0.5 * z) for c, z in zip(agreement, chosen - rejected)]
+    assert unsmoothed.tolist() == pytest.approx([v.item() for v in cream], abs=1e-12)  # from the first step on

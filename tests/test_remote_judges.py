@@ -217,6 +217,7 @@ def pairwise_recipe(directory: Path, model: str, server_url: str, **judge: str) 
     config["num_iterations"] = 1
     config["data"]["iteration_sizes"] = [8]  # 4 prompts left for evaluation
     config["judge"]["labeller"] = f"llm-pair:{server_url}/v1?{options}"
+    config["refine"] = {"soft_agreement": True}  # the pairs' agreement reaches the loss through TRL's trainer
     config["report_to"] = []
     recipe.write_text(yaml.safe_dump(config))
     return recipe

@@ -128,6 +128,37 @@ def test_loss_matches_the_method_formula_by_hand(tiny_model, prev_adapter, tmp_p
     assert trainer.window.current == pytest.approx(margins.tolist(), abs=1e-5) and len(trainer.window.completed) == 2
 
 
+def test_training_rows_keep_the_pairs_agreement_and_a_pair_without_one_counts_as_agreed(tiny_model):
+    pairs = toy_pairs(2)
+    pairs[0]["agreement"] = 0.5
+    tokenizer = load_tokenizer(tiny_model)
+    assert _pairs_dataset(pairs, tokenizer, {tokenizer.eos_token_id})["agreement"] == [0.5, 1.0]
+    assert "agreement" not in _pairs_dataset(toy_pairs(2), tokenizer, {tokenizer.eos_token_id}).column_names
+
+
+def test_soft_agreement_trains_each_pair_on_the_label_its_agreement_gives(tiny_model, prev_adapter, tmp_path):
+    trainer, batch = make_trainer(tiny_model, prev_adapter, tmp_path, lam=0.0, alpha=0.0)
+    trainer.args.refine_soft_agreement = True
+    trainer._set_signature_columns_if_needed()
+    assert "agreement" in trainer._signature_columns  # the Trainer keeps the column for the loss
+    agreement = torch.tensor([1.0, 0.5, 0.75, 1.0])
+    examples = [{**trainer.train_dataset[i], "agreement": c} for i, c in enumerate(agreement.tolist())]
+    batch = trainer.data_collator(examples)
+    torch.testing.assert_close(batch["agreement"], agreement)
+    model, beta = trainer.model, trainer.beta
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        policy = sequence_logps(model(**inputs).logits, batch)
+        with use_adapter(model, "ref"):
+            ref = sequence_logps(model(**inputs).logits, batch)
+    (pc, pr), (rc, rr) = policy.chunk(2), ref.chunk(2)
+    z = (pc - rc) - (pr - rr)
+    expected = (-agreement * F.logsigmoid(beta * z) - (1 - agreement) * F.logsigmoid(-beta * z)).mean()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.5])
 def test_alpha_zero_is_stock_trl_dpo(tiny_model, prev_adapter, tmp_path, lam):
     ours, batch = make_trainer(tiny_model, prev_adapter, tmp_path / "ours", lam=lam, alpha=0.0)

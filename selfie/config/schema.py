@@ -398,6 +398,8 @@ class RefineConfig(Section):
     window_steps: int = 50  # margins of the last W optimizer steps form the window
     warmup_fraction: float = 0.2  # no smoothing during this fraction of the steps
     lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # DND, per iteration; then halving
+    # A pair with an `agreement` C (judge.labeller ensemble or llm-pair:) is trained on the soft label C: eps >= 1 - C
+    soft_agreement: bool = added(False)
 
 
 # init.layers / init.target_layers: which decoder layers an edit touches

@@ -37,6 +37,9 @@ class NoiseAwareDPOConfig(DPOConfig):
         default=_REFINE.warmup_fraction, metadata={"help": "No smoothing during this fraction of the steps."}
     )
     dnd_lambda: float = field(default=0.0, metadata={"help": "DND extrapolation; 0 = plain implicit-reward margin."})
+    refine_soft_agreement: bool = field(
+        default=_REFINE.soft_agreement, metadata={"help": "Train a pair that carries an agreement C on the soft label C."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -134,6 +137,7 @@ def build_dpo_config(
         refine_quantile=refine.quantile,
         refine_window_steps=refine.window_steps,
         refine_warmup_fraction=refine.warmup_fraction,
+        refine_soft_agreement=refine.soft_agreement,
         dnd_lambda=lambda_,
     )
     values.update(train.trainer_args)  # TrainConfig.extra_keys refuses those set above

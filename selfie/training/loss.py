@@ -5,7 +5,10 @@ margin m_i:
 
     tau    = K-quantile of the per-sample margins of the last W optimizer steps   (RefinementWindow)
     eps_i  = alpha * [m_i < tau], 0 during the warm-up                             (label_smoothing)
+    eps_i  = max(eps_i, 1 - C_i) where the pair's labellers agreed on it with share C_i (refine.soft_agreement)
     loss_i = -(1 - eps_i) logsigmoid(beta z_i) - eps_i logsigmoid(-beta z_i)       (noise_aware_dpo_loss)
+
+With eps_i = 1 - C_i the loss is CREAM's consistency soft label, C l(y_w, y_l) + (1 - C) l(y_l, y_w).
 """
 
 from __future__ import annotations
@@ -71,14 +74,18 @@ def noise_aware_dpo_loss(
     alpha: float,
     beta: float,
     warm: bool = True,
+    agreement: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair losses and their parts, from the policy-minus-reference log-ratios of the chosen and rejected responses.
 
     Uses -(1-eps) logsigmoid(x) - eps logsigmoid(-x) = -logsigmoid(x) + eps x, so the parts are "sigmoid" (plain
     DPO's loss, TRL's sigmoid loss) and "smoothing" (eps beta z, what noise-awareness adds), plus "eps".
+    `agreement` (C_i per pair) floors eps at 1 - C_i, from the first step (it is the label, not a refinement).
     """
     z = chosen_logratios - rejected_logratios  # as TRL's delta_score
     eps = label_smoothing(margins, tau, alpha, warm=warm)
+    if agreement is not None:
+        eps = torch.maximum(eps, (1 - agreement).to(eps))
     sigmoid = -F.logsigmoid(beta * z)
     smoothing = eps * beta * z
     return sigmoid + smoothing, {"sigmoid": sigmoid, "smoothing": smoothing, "eps": eps}

@@ -56,12 +56,13 @@ def _pairs_dataset(pairs: list[dict] | Dataset, tokenizer: PreTrainedTokenizerBa
 
     TRL would render every completion as a finished assistant turn (end-of-turn token and what the template
     writes after it); a response cut at the length limit (`chosen_finished` / `rejected_finished` false) is
-    trained as it was judged and generated, without an end-of-turn token.
+    trained as it was judged and generated, without an end-of-turn token. Pairs that carry an `agreement` keep it
+    (for refine.soft_agreement).
     """
     rows = list(pairs)
     if not rows:
         raise SelfieError("training pairs: the set is empty")
-    tokenised = []
+    tokenised, agreed = [], any("agreement" in row for row in rows)
     for n, row in enumerate(rows, 1):
         missing = [c for c in PAIR_COLUMNS if c not in row]
         if missing:
@@ -70,6 +71,8 @@ def _pairs_dataset(pairs: list[dict] | Dataset, tokenizer: PreTrainedTokenizerBa
         finished = [row.get("chosen_finished", True), row.get("rejected_finished", True)]
         prompt_ids, (chosen_ids, rejected_ids) = response_token_ids(tokenizer, row["prompt"], texts, finished, stop_ids)
         tokenised.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+        if agreed:  # an ensemble's or a pairwise judge's pairs (a replayed seed pair: 1)
+            tokenised[-1]["agreement"] = float(row.get("agreement", 1.0))
     return Dataset.from_list(tokenised)
 
 

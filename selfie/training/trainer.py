@@ -33,6 +33,7 @@ from selfie.projection import logit_softcap, output_layer, token_logps
 from selfie.training.arguments import NoiseAwareDPOConfig
 from selfie.training.loss import RefinementWindow, label_smoothing, noise_aware_dpo_loss, warmed_up
 
+AGREEMENT = "agreement"  # a pair's labeller agreement, in the training rows when the pairs carry one
 REFINE_STATE = "refine_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 
 # What NoiseAwareDPOTrainer relies on in TRL beyond its public API, gathered here: each method with the parameters it
@@ -43,6 +44,7 @@ TRL_INTERNALS = {
     "DPOTrainer._prepare_dataset": ("dataset", "processing_class", "args", "dataset_name"),  # overridden: selfie's ids
     "DPOTrainer._save_checkpoint": ("model", "trial"),  # overridden: refine_state.json written last
     "DPOTrainer._get_output_dir": ("trial",),  # where _save_checkpoint wrote
+    "DPOTrainer._set_signature_columns_if_needed": (),  # extended: the `agreement` column is kept for the loss
     "DPOTrainer._metrics": "{'train' | 'eval': {name: [values]}}, logged and cleared by TRL",
     "CausalLMOutput.log_probs": "the per-token log-probs TRL's fused LM head returns from each forward pass",
     "trl.trainer.utils.maybe_gather_lm_head_ctx": ("params",),  # the LM head gathered under ZeRO-3 for DND
@@ -91,6 +93,7 @@ class NoiseAwareDPOTrainer(DPOTrainer):
         if not isinstance(self.args, NoiseAwareDPOConfig):
             raise TypeError("NoiseAwareDPOTrainer needs a NoiseAwareDPOConfig")
         self.window = RefinementWindow(self.args.refine_window_steps)
+        self.data_collator = _WithAgreement(self.data_collator)
         self.refine_totals = {"samples": 0, "smoothed": 0}  # after warm-up, for the run's summary
         self._capturing = False
         self._logps: list[torch.Tensor] = []
@@ -112,6 +115,8 @@ class NoiseAwareDPOTrainer(DPOTrainer):
             self._hidden.append(output.last_hidden_state.detach())
 
     def _compute_loss(self, model, inputs, return_outputs):
+        agreement = inputs.pop(AGREEMENT, None)  # the loss's, not the model's (TRL passes other keys to the model)
+        agreement = agreement if self.args.refine_soft_agreement else None
         self._logps, self._hidden, self._capturing = [], [], True
         try:
             result = super()._compute_loss(model, inputs, return_outputs)
@@ -132,7 +137,14 @@ class NoiseAwareDPOTrainer(DPOTrainer):
             tau, warm = threshold
             alpha = self.args.refine_alpha
             _, parts = noise_aware_dpo_loss(
-                chosen_logratios, rejected_logratios, margins, tau=tau, alpha=alpha, beta=self.beta, warm=warm
+                chosen_logratios,
+                rejected_logratios,
+                margins,
+                tau=tau,
+                alpha=alpha,
+                beta=self.beta,
+                warm=warm,
+                agreement=agreement,
             )
             # TRL's loss already is the mean sigmoid part (plus any MoE aux loss): adding only the smoothing part keeps
             # it exactly TRL's loss when nothing is smoothed
@@ -183,6 +195,11 @@ class NoiseAwareDPOTrainer(DPOTrainer):
 
     # ---- data -----------------------------------------------------------------------------------
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if AGREEMENT not in self._signature_columns:  # else the Trainer drops it as no input of the model's
+            self._signature_columns = [*self._signature_columns, AGREEMENT]
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Pairs selfie tokenised itself (stage.py::_pairs_dataset) skip TRL's chat rendering; others go through it."""
         if "prompt_ids" not in dataset.column_names:
@@ -231,3 +248,16 @@ def last_checkpoint(directory: str | Path) -> str | None:
         if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / REFINE_STATE).is_file()
     ]
     return str(directory / f"checkpoint-{max(steps)}") if steps else None
+
+
+class _WithAgreement:
+    """TRL's collator, plus the pairs' `agreement` as a tensor when the rows carry one."""
+
+    def __init__(self, collate: Any):
+        self.collate = collate
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        if AGREEMENT in examples[0]:
+            batch[AGREEMENT] = torch.tensor([example[AGREEMENT] for example in examples], dtype=torch.float32)
+        return batch
