@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from selfie.cli.main import main
 from selfie.config.loader import dump_recipe, load_recipe
@@ -27,7 +27,7 @@ from selfie.run.evaluation import INIT, run_scores
 from selfie.run.rundir import RunContext
 from selfie.stats import length_adjusted, win_rate
 
-from tiny import build_tokenizer
+from tiny import build_tiny_reward_model, build_tokenizer
 
 PROMPTS = [[{"role": "user", "content": "write a short poem about the sea"}], [{"role": "user", "content": "list three fruits"}]]
 
@@ -125,29 +125,9 @@ def test_bad_specs_name_the_spec(spec):
     assert spec in str(err.value)
 
 
-def tiny_reward_model(path: Path, chat_template: bool = True, num_labels: int = 1) -> Path:
-    tokenizer = build_tokenizer()
-    if not chat_template:
-        tokenizer.chat_template = None
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_reward_model_judge_matches_unbatched_forward(tmp_path, chat_template):
-    path = tiny_reward_model(tmp_path / "rm", chat_template)
+    path = build_tiny_reward_model(tmp_path / "rm", chat_template)
     judge = load_judge(f"reward-model:{path}", dtype="float32")
     prompts = PROMPTS + [PROMPTS[0]]
     responses = ["the sea is blue and the sky", "apple", "hello world, thank you please"]
@@ -169,7 +149,7 @@ def test_reward_model_judge_matches_unbatched_forward(tmp_path, chat_template):
 
 
 def test_reward_model_needs_one_label(tmp_path):
-    path = tiny_reward_model(tmp_path / "rm", num_labels=2)
+    path = build_tiny_reward_model(tmp_path / "rm", num_labels=2)
     with pytest.raises(SelfieError, match="num_labels=1"):
         load_judge(f"reward-model:{path}")
 

@@ -18,7 +18,6 @@ import torch
 import yaml
 from servers import free_port, vllm_server
 from test_vllm import vllm_python  # noqa: F401  (the fixture)
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from selfie.errors import SelfieError
 from selfie.evaluation.judges import RewardModelJudge, check_judge, load_judge
@@ -28,7 +27,7 @@ from selfie.labelling.pairs import select_pairs
 from selfie.models import resolve_model_path
 
 from test_loop import recipe_args, run_selfie, selfie_cmd, write_inputs, write_recipe
-from tiny import build_tiny_model, build_tokenizer
+from tiny import build_tiny_model, build_tiny_reward_model, build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("vllm_python")
 
@@ -39,27 +38,6 @@ QUESTIONS = [
 ]
 GOOD = ["The capital of France is Paris.", "A banana is yellow.", "A spider has eight legs."]
 BAD = ["I like trains.", "The sky is blue today.", "Please ask me something else."]
-
-
-def build_tiny_reward_model(path: Path) -> Path:
-    """A random 2-layer Llama with one output (a reward model) and the tests' chat tokenizer; head size 64, as
-    vLLM's CPU attention needs."""
-    tokenizer = build_tokenizer()
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +55,7 @@ def llm_server(vllm_python, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory) -> Path:
-    return build_tiny_reward_model(tmp_path_factory.mktemp("rm") / "model")
+    return build_tiny_reward_model(tmp_path_factory.mktemp("rm") / "model", hidden_size=256, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -70,6 +70,31 @@ def build_tiny_model(path: str | Path, hidden_size: int = 32, num_layers: int = 
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_tiny_reward_model(
+    path: str | Path, chat_template: bool = True, num_labels: int = 1, hidden_size: int = 32, seed: int = 0
+) -> Path:
+    """A random 2-layer Llama sequence classifier (num_labels 1: a reward model) with the tests' tokenizer. vLLM's
+    CPU attention needs a head size of 64 (hidden_size 256)."""
+    tokenizer = build_tokenizer()
+    if not chat_template:
+        tokenizer.chat_template = None
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
 
 
 TOPICS = ["the sea", "a fox", "the sun", "apples", "the sky", "a dog", "hello", "numbers", "fruit", "a poem", "morning", "why"]

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfie.cli.flags import add_options
+from selfie.cli.flags import add_iteration_arg, add_options
 from selfie.config.schema import EvalOptions, ModelConfig
 from selfie.errors import SelfieError
 from selfie.evaluation.answers import FORMATS, AnswerSource, answer_rows, answer_turns, read_questions, write_answers
@@ -48,12 +48,7 @@ class Policy:
 
 def add_answers_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", default=None, help="the run directory whose iteration answers (or --model)")
-    parser.add_argument(
-        "--iteration",
-        type=int,
-        default=None,
-        help="which iteration (default: the best on validation when the run validates, else the last completed one)",
-    )
+    add_iteration_arg(parser)
     parser.add_argument("--model", default=None, help="instead of a run: hub id, local directory, .gguf file or built-in alias")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory on --model (default: the bare model)")
     parser.add_argument("--questions", required=True, help="the benchmark's question file (.json list or .jsonl)")

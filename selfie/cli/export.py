@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from selfie.cli.flags import add_iteration_arg
 from selfie.errors import SelfieError
 from selfie.export.policy import DTYPES, export_run
 
 
 def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
-    parser.add_argument(
-        "--iteration",
-        type=int,
-        default=None,
-        help="which iteration (default: the best on validation when the run validates, else the last completed one)",
-    )
+    add_iteration_arg(parser)
     parser.add_argument("--output", required=True, help="directory to write the export to (must be empty or absent)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(

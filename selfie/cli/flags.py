@@ -43,6 +43,16 @@ def add_options(parser: argparse.ArgumentParser, section: type, names: Sequence[
         parser.add_argument(flag, type=parse, default=default, help=text)
 
 
+def add_iteration_arg(parser: argparse.ArgumentParser) -> None:
+    """A run's `--iteration`, defaulting to the one `selfie export` takes (selfie/export/policy.py::pick_iteration)."""
+    parser.add_argument(
+        "--iteration",
+        type=int,
+        default=None,
+        help="which iteration (default: the best on validation when the run validates, else the last completed one)",
+    )
+
+
 def from_args(section: type, args: argparse.Namespace) -> Any:
     """The config dataclass of the flags `add_options` made for it (fields without a flag at their defaults)."""
     return section(**{f.name: getattr(args, f.name) for f in dataclasses.fields(section) if hasattr(args, f.name)})
