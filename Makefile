@@ -49,11 +49,14 @@ lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
+# Two workers, each test file on one of them (its fixtures built once), one OpenMP thread each: about half of a
+# single run's time is spent waiting (process starts, servers, ranks meeting), and two threads per worker on two
+# cores would stall each other's OpenMP loops.
 test: lint vllm-env eval-env
-	$(PYTHON) -m pytest -q --durations=25
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-fast: install vllm-env eval-env
-	$(PYTHON) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # the trainer, judge, recipe and loop tests at both ends of the dependency ranges, each in a venv of its own (docs/COMPAT.md)
 test-compat: install

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from launcher import accelerate_launch
 
 from selfie.errors import SelfieError
 from selfie.io import atomic_write_jsonl, read_jsonl
@@ -188,7 +189,7 @@ def scored(*args, timeout: float = 600, **kwargs) -> dict:
 
 
 def accelerate(config: Path, *args: str) -> tuple[str, ...]:
-    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args)
+    return tuple(accelerate_launch(config, *args))
 
 
 def logged_calls(log: Path) -> Counter:

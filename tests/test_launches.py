@@ -9,10 +9,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launcher import accelerate_launch
 
 from selfie.io import read_jsonl
 
@@ -45,8 +45,9 @@ def environment(directory: Path) -> dict[str, str]:
 
 def launch(config: str, processes: int, recipe: Path, run_dir: Path, directory: Path, *extra: str, entry: Path | None = None):
     """`accelerate launch --config_file accelerate_configs/<config> --num_processes N scripts/launch/run_spa.py ...`"""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
-    cmd += ["--num_processes", str(processes), str(entry or ROOT / "scripts" / "launch" / "run_spa.py")]
+    cmd = accelerate_launch(
+        CONFIGS / config, "--num_processes", str(processes), str(entry or ROOT / "scripts" / "launch" / "run_spa.py")
+    )
     cmd += recipe_args(recipe, run_dir, *GLOBAL_BATCH, *extra)
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(directory))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -187,7 +188,7 @@ def test_train_ddp_timeout_is_how_long_ranks_wait_for_rank_0(tmp_path):
     The timeout also bounds the process group's connection at start, so it leaves the two processes time to meet."""
     script = tmp_path / "slow_rank_0.py"
     script.write_text(SLOW_RANK_0)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_gpu.yaml")]
-    result = subprocess.run([*cmd, str(script), "5"], capture_output=True, text=True, cwd=ROOT, env=environment(tmp_path))
+    cmd = accelerate_launch(CONFIGS / "multi_gpu.yaml", str(script), "5")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=environment(tmp_path))
     assert result.returncode != 0 and "rank 1 done" not in result.stdout
     assert "Timed out waiting 5000ms" in result.stderr, result.stderr[-3000:]

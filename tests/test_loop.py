@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from launcher import accelerate_launch
 from safetensors.torch import load_file
 
 from selfie.cli.main import main
@@ -88,17 +89,11 @@ def run_selfie(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def run_two_ranks(recipe: Path, run_dir: Path, *extra: str) -> None:
     """`selfie run` as 2 processes under accelerate (multi_gpu.yaml, gloo on CPU), 1 pair per rank and step: the
     single-process tests' global batch of 2."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / "multi_gpu.yaml"),
-    ]
-    cmd += [
+    cmd = accelerate_launch(
+        ROOT / "accelerate_configs" / "multi_gpu.yaml",
         str(ROOT / "scripts" / "launch" / "run_spa.py"),
         *recipe_args(recipe, run_dir, *extra, "--train.per_device_train_batch_size", "1"),
-    ]
+    )
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-4000:]
 

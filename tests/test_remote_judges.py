@@ -230,6 +230,9 @@ def test_a_pairwise_llm_judge_labels_a_loop_and_evaluates_its_iterations(pairwis
 
 def test_a_judge_stage_killed_mid_way_resumes_without_asking_again(pairwise_run, llm_server, tiny_policy, tmp_path):
     recipe = pairwise_recipe(tmp_path, tiny_policy, llm_server.url, concurrency="1")
+    config = yaml.safe_load(recipe.read_text())
+    config["judge"]["signal_folds"] = 0  # the seed stage's check asks the server too: the judge stage is what is killed
+    recipe.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     answers = run_dir / "iter_001" / "judgments.answers.rank0.jsonl"
     proc = subprocess.Popen(

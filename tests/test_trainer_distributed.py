@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launcher import accelerate_launch
 from safetensors.torch import load_file
 
 from selfie.io import atomic_write_jsonl, read_jsonl
@@ -45,18 +45,9 @@ STAGE = [
 
 
 def launch(config: str, *args: str, processes: int = 1, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CONFIGS / config),
-        "--num_processes",
-        str(processes),
-        *extra,
-        str(ROOT / "tests" / "train_stage.py"),
-        *args,
-    ]
+    cmd = accelerate_launch(
+        CONFIGS / config, "--num_processes", str(processes), *extra, str(ROOT / "tests" / "train_stage.py"), *args
+    )
     env = os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
 
