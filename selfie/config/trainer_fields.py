@@ -40,7 +40,10 @@ SELFIE_SETS = {
     **{
         name: _LOSS for name in ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "use_weighting", "label_smoothing")
     },
-    **{f"refine_{name}": f"set refine.{name}" for name in ("alpha", "quantile", "window_steps", "warmup_fraction")},
+    **{
+        f"refine_{name}": f"set refine.{name}"
+        for name in ("alpha", "quantile", "window_steps", "warmup_fraction", "soft_agreement")
+    },
     "dnd_lambda": "set refine.lambdas",  # the refine_* and dnd_lambda: NoiseAwareDPOConfig's own fields
 }
 
