@@ -181,6 +181,11 @@ def test_a_dry_run_asks_the_served_labeller_once_and_a_down_one_stops_it_in_one_
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert error.startswith("selfie: error: recipe key 'judge.labeller'") and "no answer after 1 tries" in error
     assert not (tmp_path / "run").exists()
+    spec = f"llm-pair:http://127.0.0.1:{free_port()}/v1?model=smol&retries=0"
+    argv = ["eval", "winrate", "--model-a", tiny_policy, "--model-b", tiny_policy, "--judge", spec, "--output"]
+    result = run_selfie(*argv, str(tmp_path / "eval"), "--num-prompts", "2", check=False)
+    assert result.returncode == 2 and "no answer after 1 tries" in result.stderr.strip().splitlines()[-1]
+    assert not list((tmp_path / "eval").glob("responses_*"))  # nothing generated for a judge that cannot answer
 
 
 # ---- the loop with a served pairwise judge as its labeller

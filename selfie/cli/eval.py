@@ -9,7 +9,7 @@ from selfie.cli.flags import add_options, from_args
 from selfie.config.schema import EvalOptions
 from selfie.data import load_preferences
 from selfie.evaluation.compare import compare_models, eval_prompts
-from selfie.evaluation.judges import load_judge
+from selfie.evaluation.judges import check_judge, load_judge
 from selfie.evaluation.labels import judge_accuracy
 from selfie.evaluation.report import write_report
 from selfie.io import check_writable
@@ -70,6 +70,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 def run_eval_command(args: argparse.Namespace) -> None:
     output = Path(args.output)
     check_writable(output, directory=True)
+    check_judge(args.judge)  # a served judge's server is asked once, before any answer is generated
     with output_lock(output):
         write_report(output, REPORTS[args.eval_command](args, from_args(EvalOptions, args), output))
 
