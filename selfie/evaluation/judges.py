@@ -15,7 +15,6 @@ Specs (`load_judge`):
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from selfie.config.schema import JudgeConfig, TrainConfig
 from selfie.errors import SelfieError
 from selfie.evaluation.http import AnswerLog
+from selfie.evaluation.judge_inputs import check_lengths, prompt_groups, reward_model_text
 from selfie.evaluation.remote_judges import HTTP_KINDS, check_http_judge, load_http_judge
 from selfie.labelling.implicit_reward import implicit_rewards, tokenised
 from selfie.models import load_model_config, load_policy, resolve_dtype, resolve_model_path
@@ -44,11 +44,6 @@ class Judge(Protocol):
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _check_lengths(prompts: list, responses: list) -> None:
-    if len(prompts) != len(responses):
-        raise SelfieError(f"judge: {len(prompts)} prompts but {len(responses)} responses")
 
 
 class RewardModelJudge:
@@ -70,15 +65,10 @@ class RewardModelJudge:
         self.model.to(_device()).eval()
         self.batch_size, self.max_length = batch_size, max_length
 
-    def _text(self, prompt: list[dict], response: str) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-        return "\n\n".join(m["content"] for m in prompt) + "\n\n" + response
-
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        _check_lengths(prompts, responses)
-        texts = [self._text(p, r) for p, r in zip(prompts, responses)]
+        check_lengths(prompts, responses)
+        texts = [reward_model_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
         scores = [0.0] * len(texts)
         special = not self.tokenizer.chat_template  # a chat template writes its own special tokens
@@ -111,7 +101,7 @@ class CallableJudge:
         self.fn, self.spec = fn, spec
 
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        _check_lengths(prompts, responses)
+        check_lengths(prompts, responses)
         scores = []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             try:
@@ -151,20 +141,17 @@ class ImplicitJudge:
         self.has_adapter, self.beta, self.token_budget = adapter is not None, beta, token_budget
 
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        _check_lengths(prompts, responses)
-        groups: dict[str, list[int]] = {}  # one row per distinct prompt: its responses share the prompt's forward pass
-        for i, prompt in enumerate(prompts):
-            groups.setdefault(json.dumps(prompt, sort_keys=True), []).append(i)
+        check_lengths(prompts, responses)
+        groups = prompt_groups(prompts)  # one row per distinct prompt: its responses share the prompt's forward pass
         rows = [
-            {"prompt": prompts[idx[0]], "responses": [responses[i] for i in idx], "finished": [True] * len(idx)}
-            for idx in groups.values()
+            {"prompt": prompts[idx[0]], "responses": [responses[i] for i in idx], "finished": [True] * len(idx)} for idx in groups
         ]
         items = tokenised(self.model, self.tokenizer, rows)
         judged, _ = implicit_rewards(
             self.model, items, pad_token_id(self.tokenizer), beta=self.beta, token_budget=self.token_budget
         )
         scores = [0.0] * len(prompts)
-        for idx, j in zip(groups.values(), judged):
+        for idx, j in zip(groups, judged):
             values = j["rewards"] if self.has_adapter else [self.beta * v for v in j["policy_logps"]]
             for i, value in zip(idx, values):
                 scores[i] = value

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 
 from selfie.errors import SelfieError
 from selfie.evaluation.http import AnswerLog, Endpoint, ask_all, request_json
+from selfie.evaluation.judge_inputs import check_lengths, prompt_groups, question_text, reward_model_text
 from selfie.evaluation.judge_templates import PAIR, SCORE, VERDICTS, Template, load_template
 
 HTTP_KINDS = ("remote-rm", "classify", "llm-score", "llm-pair")
@@ -35,6 +36,7 @@ ENDPOINT_OPTIONS = {"api_key_env": str, "timeout": float, "retries": int, "concu
 LLM_OPTIONS = {"model": str, "template": str, "verdict": str, "max_tokens": int, "seed": int, "top_logprobs": int}
 OPTIONS = {"remote-rm": {"tokenizer": str}, "classify": {"model": str}, "llm-score": LLM_OPTIONS, "llm-pair": LLM_OPTIONS}
 ZERO_ALLOWED = {"retries", "seed"}
+NEEDS_MODEL = {"classify", "llm-score", "llm-pair"}  # the served model's name goes into every request
 DEFAULT_TEMPLATE = {"llm-score": "points-5", "llm-pair": "alpaca-eval"}
 
 
@@ -54,20 +56,10 @@ def parse_options(kind: str, target: str) -> tuple[Endpoint, dict]:
             raise SelfieError(f"option '{name}' must be {known[name].__name__}, got '{raw}'") from None
         if known[name] is not str and values[name] < (0 if name in ZERO_ALLOWED else 1e-9):
             raise SelfieError(f"option '{name}' must be {'>= 0' if name in ZERO_ALLOWED else 'positive'}, got '{raw}'")
+    if kind in NEEDS_MODEL and "model" not in values:
+        raise SelfieError("option 'model' is required (the served model's name, as /v1/models lists it)")
     endpoint = Endpoint(url, **{k: values.pop(k) for k in list(values) if k in ENDPOINT_OPTIONS})
     return endpoint, values
-
-
-def question_text(prompt: list[dict]) -> str:
-    """The question a judge reads: the user's message, or the whole conversation as `role: content` lines."""
-    if len(prompt) == 1:
-        return prompt[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-
-
-def _check_lengths(prompts: list, responses: list) -> None:
-    if len(prompts) != len(responses):
-        raise SelfieError(f"judge: {len(prompts)} prompts but {len(responses)} responses")
 
 
 def _require(answer: dict, test: Callable[[dict], object], what: str) -> None:
@@ -90,15 +82,11 @@ class RemoteRewardJudge:
         self.endpoint, self.log = endpoint, log
         self.tokenizer = AutoTokenizer.from_pretrained(options["tokenizer"]) if "tokenizer" in options else None
 
-    def query(self, prompt: list[dict], response: str) -> str:
-        if self.tokenizer is not None and self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-        return "\n\n".join(m["content"] for m in prompt) + "\n\n" + response
-
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        _check_lengths(prompts, responses)
+        check_lengths(prompts, responses)
         bodies = [
-            {"query": [self.query(p, r)], "prompts": [question_text(p)], "labels": [""]} for p, r in zip(prompts, responses)
+            {"query": [reward_model_text(self.tokenizer, p, r)], "prompts": [question_text(p)], "labels": [""]}
+            for p, r in zip(prompts, responses)
         ]
         return [float(a["rewards"][0]) for a in ask_all(self.endpoint, "", bodies, self.log, self._check)]
 
@@ -111,13 +99,11 @@ class ClassifyJudge:
     """vLLM's /classify: a sequence-classification reward model's raw logit for prompt + response."""
 
     def __init__(self, endpoint: Endpoint, options: dict, log: AnswerLog):
-        if "model" not in options:
-            raise SelfieError("option 'model' is required (the served model's name)")
         self.endpoint, self.model, self.log = endpoint, options["model"], log
         self.served_model = self.model
 
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        _check_lengths(prompts, responses)
+        check_lengths(prompts, responses)
         bodies = [
             {"model": self.model, "messages": p + [{"role": "assistant", "content": r}], "use_activation": False}
             for p, r in zip(prompts, responses)
@@ -176,8 +162,6 @@ class LLMAsker:
 
 
 def _asker(kind: str, endpoint: Endpoint, options: dict, log: AnswerLog) -> LLMAsker:
-    if "model" not in options:
-        raise SelfieError("option 'model' is required (the served model's name, as /v1/models lists it)")
     template = load_template(options.get("template", DEFAULT_TEMPLATE[kind]), SCORE if kind == "llm-score" else PAIR)
     verdict = options.get("verdict", template.verdict)
     if verdict not in VERDICTS:
@@ -197,7 +181,7 @@ class LLMScoreJudge:
         self.asker, self.served_model = asker, None
 
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        _check_lengths(prompts, responses)
+        check_lengths(prompts, responses)
         texts = [self.asker.template.fill(question_text(p), r) for p, r in zip(prompts, responses)]
         scores, self.served_model = self.asker.verdicts(texts)
         return scores
@@ -220,11 +204,9 @@ class LLMPairJudge:
         return [(a + b) / 2 for a, b in zip(first, second)]
 
     def score_members(self, prompts: list[list[dict]], responses: list[str]) -> list[list[float]]:
-        _check_lengths(prompts, responses)
-        groups: dict[str, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            groups.setdefault(repr(prompt), []).append(i)
-        asked = [(i, j) for idx in groups.values() for i, j in combinations(idx, 2)]  # i presented first, then j
+        check_lengths(prompts, responses)
+        groups = prompt_groups(prompts)
+        asked = [(i, j) for idx in groups for i, j in combinations(idx, 2)]  # i presented first, then j
         fill = self.asker.template.fill
         texts = [fill(question_text(prompts[i]), responses[i], responses[j]) for i, j in asked]
         texts += [fill(question_text(prompts[i]), responses[j], responses[i]) for i, j in asked]
@@ -237,12 +219,9 @@ class LLMPairJudge:
             wins[1][i].append(1 - q)
             wins[1][j].append(q)
         members = [[sum(w[i]) / len(w[i]) if w[i] else 0.5 for i in range(len(prompts))] for w in wins]
-        for idx in groups.values():  # one unreadable verdict leaves the prompt unjudged
-            if any(math.isnan(m[i]) for m in members for i in idx):
-                for m in members:
-                    for i in idx:
-                        m[i] = math.nan
-        return members
+        # one unreadable verdict leaves its whole prompt unjudged
+        unjudged = {i for idx in groups if any(math.isnan(m[k]) for m in members for k in idx) for i in idx}
+        return [[math.nan if i in unjudged else v for i, v in enumerate(m)] for m in members]
 
 
 def load_http_judge(kind: str, target: str, log: AnswerLog):
@@ -265,9 +244,7 @@ def check_http_judge(kind: str, target: str) -> None:
         RemoteRewardJudge._check(answer)
         return
     if kind != "classify":
-        _asker(kind, endpoint, options, AnswerLog())
-    elif "model" not in options:
-        raise SelfieError("option 'model' is required (the served model's name)")
+        _asker(kind, endpoint, options, AnswerLog())  # the template and verdict checked
     models_url = "models" if kind != "classify" else "v1/models"
     listed = request_json(endpoint, models_url)
     names = [m.get("id") for m in listed.get("data", [])] if isinstance(listed, dict) else []
