@@ -131,8 +131,9 @@ def test_command_flags_take_their_defaults_from_the_config_dataclasses():
     assert {k: generate[k] for k in asdict(GenerateConfig())} == asdict(GenerateConfig())
     assert (generate["seed"], generate["dtype"]) == (RecipeConfig.seed, ModelConfig.dtype)
     judge = _defaults("judge", "--model", "m", "--adapter", "a", "--responses", "r", "--output", "o")
-    # the verb labels by the implicit reward: the other labellers' keys and the seed stage's check are not its flags
-    not_flags = ("labeller", "bradley_terry_l2", "ensemble_size", "min_agreement", "signal_folds")
+    # the verb labels by the implicit reward: the other labellers' keys and the seed stage's check are not its flags;
+    # nor is `anchored` (the run's generate stage samples the anchor; rows that carry one are paired by it)
+    not_flags = ("labeller", "bradley_terry_l2", "ensemble_size", "min_agreement", "signal_folds", "anchored")
     expected = {k: v for k, v in asdict(JudgeConfig()).items() if k not in not_flags}
     assert {k: judge[k] for k in expected} == expected and judge["beta"] == TrainConfig.beta
     for verb in (["winrate", "--model-a", "a", "--model-b", "b"], ["run", "RUN"]):

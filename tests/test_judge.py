@@ -175,6 +175,7 @@ def test_metrics_and_shards(policy, tmp_path):
         "identical": 0,
         "single_response": 0,
         "unjudged": 0,
+        "anchor_preferred": 0,
         "low_margin": 0,
         "disagreement": 0,
     }

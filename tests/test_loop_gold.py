@@ -11,7 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from selfie.evaluation.compare import generate_one
 from selfie.io import read_jsonl
+from selfie.run.rundir import RunContext
+from selfie.run.stages import anchor_seed
 
 from tiny import TOPICS as TINY_TOPICS
 
@@ -124,3 +127,52 @@ def test_iterations_labelled_by_a_judge_with_length_control_and_replay(tiny_mode
         assert shaped[row["responses"].index(pair["chosen"][0]["content"])] == max(shaped)
     assert metrics["train"]["replayed"] == len(pairs) == metrics["train"]["pairs"] / 2  # half the training set replayed
     assert "decided by truncation" in (run_dir / "summary.md").read_text()
+
+
+def test_a_judged_seed_pairs_best_against_worst_and_anchored_pairs_reject_pi_inits_answer(tiny_model, tmp_path):
+    run_dir = run_with_gold_judge(
+        tiny_model,
+        tmp_path,
+        iteration_size=6,
+        data={"seed_samples": 4},
+        generate={"backend": "static"},  # as the test samples pi_init apart from the run
+        judge={"labeller": "callable:gold:vowels", "truncated": "keep", "length_penalty": 0.0, "anchored": True},
+    )
+    vowels = lambda text: sum(ch in "aeiou" for ch in text)  # noqa: E731
+
+    seed = {row["prompt_id"]: row for row in read_jsonl(run_dir / "iter_000" / "responses.jsonl")}
+    assert all(len(row["responses"]) == 4 for row in seed.values())
+    for pair in read_jsonl(run_dir / "iter_000" / "pairs.jsonl"):  # the judge's best against its worst of 4
+        scores = [vowels(text) for text in seed[pair["prompt_id"]]["responses"]]
+        assert (vowels(pair["chosen"][0]["content"]), vowels(pair["rejected"][0]["content"])) == (max(scores), min(scores))
+
+    it = run_dir / "iter_001"
+    anchors = read_jsonl(it / "anchor_responses.jsonl")
+    config = RunContext.load(run_dir).config
+    g = config.generate
+    pi_init = generate_one(  # pi_init's own answers, sampled apart from the run with the anchor's seed
+        tiny_model,
+        None,
+        [{"prompt_id": row["prompt_id"], "prompt": row["prompt"]} for row in anchors],
+        tmp_path / "pi_init.jsonl",
+        dtype=config.model,
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        seed=anchor_seed(config.seed, 1),
+        batch_size=g.batch_size,
+        backend="static",
+    )
+    anchor_of = {row["prompt_id"]: text for row, text in zip(anchors, pi_init)}
+    assert [row["responses"][0] for row in anchors] == pi_init
+    responses = {row["prompt_id"]: row for row in read_jsonl(it / "responses.jsonl")}
+    assert all(row["anchor"] == 2 and row["responses"][2] == anchor_of[pid] for pid, row in responses.items())
+    pairs, dropped = read_jsonl(it / "pairs.jsonl"), json.loads((it / "metrics.json").read_text())["judge"]["dropped"]
+    assert len(pairs) + sum(dropped.values()) == 6 and pairs
+    for pair in pairs:  # the rejected is pi_init's answer, the chosen the labeller's best of pi_0's two
+        row = responses[pair["prompt_id"]]
+        assert pair["rejected"][0]["content"] == anchor_of[pair["prompt_id"]]
+        assert vowels(pair["chosen"][0]["content"]) == max(vowels(text) for text in row["responses"][:2])
+    assert dropped["anchor_preferred"] == sum(
+        vowels(row["responses"][2]) > max(vowels(text) for text in row["responses"][:2]) for row in responses.values()
+    )

@@ -48,6 +48,7 @@ def test_drop_rule_and_drop_counts():
         "identical": 1,
         "single_response": 1,
         "unjudged": 0,
+        "anchor_preferred": 0,
         "low_margin": 0,
         "disagreement": 0,
     }

@@ -203,6 +203,7 @@ class DataConfig(Section):
             whole=True,
         ),
         "seed_size": _at_least(0),
+        "seed_samples": _at_least(2),
         "iteration_sizes": POSITIVE,
         "replay": FRACTION,
         "system_prompt": Range(lambda v: bool(v.strip()), "a non-empty message (null: none)"),
@@ -212,7 +213,8 @@ class DataConfig(Section):
     seed_pairs: Sources | None = (
         None  # labelled preference set for the seed stage, or "alignez" (self-generated, no label); None = labels of the pool's seed slice
     )
-    seed_judge: str | None = None  # label the seed slice with this judge instead (2 samples per prompt; evaluation/judges.py)
+    seed_judge: str | None = None  # label the seed slice with this judge instead (evaluation/judges.py)
+    seed_samples: int = added(2)  # seed_judge: samples of pi_init per seed prompt; the pair is the judge's best vs worst
     seed_size: float = 2000  # a count, or a fraction of the pool when < 1
     iteration_sizes: list[float] = field(default_factory=lambda: [8000, 20000, 30000])
     shuffle_seed: int = 42
@@ -225,6 +227,8 @@ class DataConfig(Section):
             raise self.refuse(
                 "both set; the seed labels come from a labelled set or from a judge, not both", "seed_pairs", "seed_judge"
             )
+        if self.seed_samples != 2 and not self.seed_judge:
+            raise self.refuse("set, but only data.seed_judge samples the seed slice", "seed_samples", "seed_judge")
 
 
 @dataclass
@@ -257,7 +261,8 @@ class GenerateConfig(Section):
     gpu_memory_utilization: float | None = added(None)
 
 
-TRUNCATION_POLICIES = ("drop", "penalize", "keep")  # what pairing does with a response cut at the length limit
+TRUNCATION_POLICIES = ("drop", "penalize", "keep")
+MEMBER_LABELLERS = ("ensemble", "consistency")  # labellers whose judgments carry each member's rewards
 
 
 @dataclass(frozen=True)
@@ -302,7 +307,9 @@ class JudgeConfig(Section):
 
     # -- who scores: implicit (beta * (logp_policy - logp_reference), train.beta), bradley-terry (a reward head on
     # pi_init's hidden states, fitted on the seed pairs), ensemble (the mean implicit reward of seed adapters on
-    # bootstrap resamples), or any judge spec `selfie eval` takes (reward-model:..., callable:...): selfie/run/labellers.py
+    # bootstrap resamples), consistency (the mean implicit reward of the labellers already paid for: pi_{t-1},
+    # pi_{t-2} and the label-signal check's fold adapters), or any judge spec `selfie eval` takes (reward-model:...,
+    # callable:...): selfie/run/labellers.py
     labeller: str = "implicit"
     bradley_terry_l2: float = added(1.0)  # the bradley-terry head's L2 penalty (selfie/labelling/bradley_terry.py)
     ensemble_size: int = added(4)  # the ensemble labeller's members: seed adapters on bootstrap resamples of the seed
@@ -314,8 +321,12 @@ class JudgeConfig(Section):
     length_penalty: float | str = "auto"  # alpha: reward - alpha * tokens; "auto" equalises chosen / rejected lengths
     # Drop the pairs whose shaped margin is below this quantile of the iteration's (0 = keep all; selfie/labelling/pairs.py)
     min_margin_quantile: float = added(0.0)
-    # ensemble or llm-pair: drop the pairs fewer than this share of members (a pairwise judge: of orders) agree on
+    # ensemble, consistency or llm-pair: drop the pairs fewer than this share of members (a pairwise judge: of
+    # orders) agree on
     min_agreement: float = added(0.0)
+    # Temporal Self-Rewarding's anchored rejection: one more sample per prompt from pi_init (adapter off) is every
+    # pair's rejected response, the chosen the labeller's best of pi_{t-1}'s
+    anchored: bool = added(False)
     # -- how the implicit reward scores (ImplicitScoring)
     length_normalize: bool = False  # per-token log-probs instead of sums
     token_budget: int = 8192  # tokens per scoring batch (prompt + responses, padded)
@@ -324,12 +335,15 @@ class JudgeConfig(Section):
     signal_folds: int = 2
 
     def check_across(self) -> None:
-        if self.min_agreement and not (self.labeller == "ensemble" or self.labeller.startswith("llm-pair:")):
+        if self.min_agreement and not (self.labeller in MEMBER_LABELLERS or self.labeller.startswith("llm-pair:")):
             raise self.refuse(
-                "set, but only the ensemble labeller (its members) and a pairwise judge (its two orders) can agree",
+                "set, but only the ensemble and consistency labellers (their members) and a pairwise judge (its two "
+                "orders) can agree",
                 "min_agreement",
                 "labeller",
             )
+        if self.labeller == "consistency" and self.signal_folds < 2:
+            raise self.refuse("0, but the consistency labeller's members include the check's fold adapters", "signal_folds")
 
     @property
     def rules(self) -> PairRules:
@@ -338,6 +352,21 @@ class JudgeConfig(Section):
     @property
     def scoring(self) -> ImplicitScoring:
         return ImplicitScoring(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ImplicitScoring)})
+
+
+SEED_CANDIDATE_KEYS = {
+    "learning_rate": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+    "seed_epochs": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+    "target_modules": lambda v: isinstance(v, list) and bool(v) and all(isinstance(m, str) and m for m in v),
+}
+
+
+def _seed_candidate(candidate: Any) -> bool:
+    return (
+        isinstance(candidate, dict)
+        and bool(candidate)
+        and all(key in SEED_CANDIDATE_KEYS and SEED_CANDIDATE_KEYS[key](value) for key, value in candidate.items())
+    )
 
 
 @dataclass
@@ -356,6 +385,12 @@ class TrainConfig(Section):
         "save_steps": _at_least(1),
         "logging_steps": _at_least(1),
         "adapter_mode": Range(lambda v: v in ("continue", "merge"), "'continue' or 'merge'"),
+        "seed_candidates": Range(
+            lambda v: bool(v) and all(_seed_candidate(c) for c in v),
+            "a non-empty list of settings of the seed training, each one or more of learning_rate (> 0), seed_epochs "
+            "(> 0) and target_modules (a non-empty list of module names)",
+            whole=True,
+        ),
     }
 
     beta: float = 0.1
@@ -375,6 +410,10 @@ class TrainConfig(Section):
     logging_steps: int = 1
     adapter_mode: str = "continue"  # continue one adapter across iterations, or "merge" and start fresh
     keep_checkpoints: bool = False  # keep iter_t/checkpoints once the stage's adapter is recorded (else deleted)
+    # Other settings of the seed training to try besides the recipe's own ({learning_rate, seed_epochs,
+    # target_modules}); the label-signal check runs with each and the seed adapter is trained with the one whose
+    # held-out accuracy is highest (selfie/run/seed_choice.py). Each costs a check's k fold trainings.
+    seed_candidates: list[dict[str, Any]] | None = added(None)
     # Every other field of the trainer's arguments (TRL's DPOConfig, transformers' TrainingArguments) a recipe sets,
     # by its own name beside the keys above (train.optim, train.weight_decay, ...): checked against the dataclass
     # when the recipe loads (trainer_arguments). Only the fields set are held, so they alone enter the hash.
@@ -398,7 +437,8 @@ class RefineConfig(Section):
     window_steps: int = 50  # margins of the last W optimizer steps form the window
     warmup_fraction: float = 0.2  # no smoothing during this fraction of the steps
     lambdas: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # DND, per iteration; then halving
-    # A pair with an `agreement` C (judge.labeller ensemble or llm-pair:) is trained on the soft label C: eps >= 1 - C
+    # A pair with an `agreement` C (judge.labeller ensemble, consistency or llm-pair:) is trained on the soft label C:
+    # eps >= 1 - C
     soft_agreement: bool = added(False)
 
 
@@ -610,6 +650,10 @@ class RecipeConfig(Section):
         if self.generate.num_responses < 2:  # `selfie generate` may sample one; the loop makes pairs
             raise self.refuse(
                 f"expected >= 2 (a pair needs two responses), got {self.generate.num_responses}", "generate.num_responses"
+            )
+        if self.train.seed_candidates and self.judge.signal_folds < 2:
+            raise self.refuse(
+                "set, but the candidates are chosen by the label-signal check", "train.seed_candidates", "judge.signal_folds"
             )
         slices = len(self.data.iteration_sizes)
         if not 0 <= self.num_iterations <= slices:

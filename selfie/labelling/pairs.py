@@ -16,6 +16,11 @@ judgments carry each member's rewards (a pairwise judge's: each order's): its pa
 members whose shaped scores rank chosen above rejected, and those below `min_agreement` are dropped. A prompt
 whose scores hold a NaN (a served judge's verdict that could not be read) gives no pair (`unjudged`).
 
+Anchored rows (`judge.anchored`: the row's `anchor` is the index of pi_init's response among them, Temporal
+Self-Rewarding's anchored rejection) pair the best of the policy's responses against pi_init's: the anchor is never
+chosen and always the rejected one; a prompt whose anchor scores above every policy response gives no pair
+(`anchor_preferred`: the labeller does not see pi_{t-1} beating pi_init there).
+
 The rules (truncated, truncation_penalty, length_penalty, min_margin_quantile, min_agreement) are PairRules, the
 pairing keys of the recipe's judge: section (JudgeConfig.rules), whose defaults and ranges are the ones a recipe gets. Pairs keep `margin` = raw score(chosen) -
 raw score(rejected) and whether each side finished, so the trainer can render a truncated response exactly as
@@ -35,7 +40,7 @@ import numpy as np
 from selfie.config.schema import DataConfig, JudgeConfig, PairRules
 from selfie.errors import SelfieError
 
-DROP_REASONS = ("all_truncated", "identical", "single_response", "unjudged", "low_margin", "disagreement")
+DROP_REASONS = ("all_truncated", "identical", "single_response", "unjudged", "anchor_preferred", "low_margin", "disagreement")
 AUTO_ITERATIONS = 60  # bisection steps for `auto`: alpha to ~1e-18 of its bracket
 
 
@@ -55,27 +60,32 @@ def _pick(
     texts: Sequence[str],
     rules: PairRules,
     alpha: float,
+    anchor: int | None = None,
 ) -> Pick:
-    """(chosen, rejected, shaped margin) of one prompt's responses, or the reason it gives no pair."""
+    """(chosen, rejected, shaped margin) of one prompt's responses, or the reason it gives no pair; `anchor`: the
+    index of the response that must be the rejected one."""
     if len(texts) < 2:
         return "single_response"
     if any(math.isnan(s) for s in scores):  # a served judge's verdict that could not be read
         return "unjudged"
     shaped = _shaped(scores, lengths, finished, rules, alpha)
-    candidates = [i for i, done in enumerate(finished) if done or rules.truncated != "drop"]
+    candidates = [i for i, done in enumerate(finished) if (done or rules.truncated != "drop") and i != anchor]
     if not candidates:
         return "all_truncated"
     chosen = max(candidates, key=lambda i: shaped[i])
-    others = [i for i in range(len(texts)) if texts[i] != texts[chosen]]
+    others = [i for i in range(len(texts)) if texts[i] != texts[chosen] and (anchor is None or i == anchor)]
     if not others:
         return "identical"
     rejected = min(others, key=lambda i: shaped[i])
+    if anchor is not None and shaped[anchor] > shaped[chosen]:
+        return "anchor_preferred"
     return chosen, rejected, shaped[chosen] - shaped[rejected]
 
 
 def _picks(responses: Sequence[dict], judgments: Sequence[dict], rules: PairRules, alpha: float) -> list[Pick]:
     return [
-        _pick(j["rewards"], j["num_tokens"], r["finished"], r["responses"], rules, alpha) for r, j in zip(responses, judgments)
+        _pick(j["rewards"], j["num_tokens"], r["finished"], r["responses"], rules, alpha, r.get("anchor"))
+        for r, j in zip(responses, judgments)
     ]
 
 
@@ -148,7 +158,7 @@ def select_pairs(responses: Sequence[dict], judgments: Sequence[dict], rules: Pa
                 dropped["disagreement"] += 1
                 continue
         scores, lengths, texts, finished = judged["rewards"], judged["num_tokens"], row["responses"], row["finished"]
-        by_truncation += pick[:2] != _pick(scores, lengths, finished, texts, keep, alpha)[:2]
+        by_truncation += pick[:2] != _pick(scores, lengths, finished, texts, keep, alpha, row.get("anchor"))[:2]
         pairs.append(pair)
     return pairs, {
         "pairs": len(pairs),

@@ -96,6 +96,22 @@ def signal_line(signal: dict) -> str:
     return f"{line}. {WEAK_SIGNAL}" if weak(signal) else line
 
 
+def seed_choice_lines(choice: dict) -> list[str]:
+    """The summary's account of `train.seed_candidates`' choice (selfie/run/seed_choice.py): each candidate's
+    settings and held-out accuracy, the chosen one marked."""
+    lines = []
+    for i, candidate in enumerate(choice["candidates"]):
+        settings = ", ".join(f"{k} {v}" for k, v in candidate["settings"].items()) or "the recipe's own"
+        s = candidate["label_signal"]
+        accuracy = (
+            f"{s['accuracy']:.0%} [{s['ci95_low']:.0%}, {s['ci95_high']:.0%}] of {s['n']}"
+            if s.get("accuracy") is not None
+            else s.get("skipped", "no held-out pair")
+        )
+        lines.append(f"seed candidate {i} ({settings}): {accuracy}{' <- chosen' if i == choice['chosen'] else ''}")
+    return lines
+
+
 WEAK_SIGNAL = (
     "That is not better than chance (50%): the iterations' self-labels may carry no preference. Try a larger seed, "
     "another judge.labeller (bradley-terry, ensemble, a reward model) or more responses per prompt "

@@ -7,6 +7,9 @@ pairs, judge the held-out fold (`fold`, the label-signal check: selfie/labelling
     implicit        beta * (log pi_{t-1} - log pi_init) (selfie/labelling/implicit_reward.py)
     bradley-terry   a reward head on pi_init's frozen hidden states, fitted in the seed stage (bradley_terry.py)
     ensemble        the mean implicit reward of seed adapters on bootstrap resamples, trained in the seed stage
+    consistency     the mean implicit reward of the labellers already paid for: pi_{t-1}, pi_{t-2} (t >= 2) and the
+                    label-signal check's fold adapters (kept); a pair's `agreement` is how many of them rank it alike
+                    (CREAM's and SCIR's consistency between labellers)
     any judge spec  a reward model or a Python callable (selfie/evaluation/judges.py), fitted on nothing
 """
 
@@ -133,15 +136,15 @@ def _train_members(ctx: StageContext, pairs: list[dict], directory: Path) -> Non
         ctx.ranks.on_main(lambda done=outputs.checkpoints: shutil.rmtree(done, ignore_errors=True))
 
 
-def _ensemble_judgments(ctx: StageContext, members: Path, responses: list[dict], work: Path, final: Path) -> dict:
-    """Each member's implicit-reward judgments of the responses (work/member_m.jsonl, kept), then their mean in
-    `final` (selfie/labelling/ensemble.py)."""
-    paths = [work / f"member_{m}.jsonl" for m in range(ctx.config.judge.ensemble_size)]
-    metrics = [
-        _implicit_judgments(ctx, members / f"member_{m}" / ADAPTER, responses, path)
-        for m, path in enumerate(paths)
-        if not path.exists()
-    ]
+def _members(directory: Path, count: int) -> list[Path]:
+    return [directory / f"member_{m}" / ADAPTER for m in range(count)]
+
+
+def _mean_judgments(ctx: StageContext, adapters: list[Path], responses: list[dict], work: Path, final: Path) -> dict:
+    """Each member adapter's implicit-reward judgments of the responses (work/member_m.jsonl, kept), then their mean
+    in `final` (selfie/labelling/ensemble.py)."""
+    paths = [work / f"member_{m}.jsonl" for m in range(len(adapters))]
+    metrics = [_implicit_judgments(ctx, adapter, responses, path) for adapter, path in zip(adapters, paths) if not path.exists()]
     ctx.ranks.on_main(lambda: atomic_write_jsonl(final, mean_judgments([read_jsonl(path) for path in paths])))
     return {"members": len(paths), "member_metrics": metrics}
 
@@ -152,14 +155,38 @@ def _fit_ensemble(ctx: StageContext) -> dict:
 
 
 def _ensemble_judge(ctx: StageContext, t: int, responses: list[dict]) -> dict:
-    return _ensemble_judgments(ctx, ctx.ensemble, responses, ctx.member_judgments(t), ctx.judgments(t))
+    members = _members(ctx.ensemble, ctx.config.judge.ensemble_size)
+    return _mean_judgments(ctx, members, responses, ctx.member_judgments(t), ctx.judgments(t))
 
 
 def _ensemble_fold(ctx: StageContext, fold: int, train_pairs: list[dict], rows: list[dict]) -> None:
     """Members trained on resamples of the other folds judge the held-out rows."""
     work = ctx.signal_work(fold)
     _train_members(ctx, train_pairs, work)
-    _ensemble_judgments(ctx, work, rows, work, ctx.signal_judgments(fold))
+    _mean_judgments(ctx, _members(work, ctx.config.judge.ensemble_size), rows, work, ctx.signal_judgments(fold))
+
+
+# ---- consistency: the labellers already paid for
+
+
+def consistency_members(ctx: StageContext, t: int) -> list[Path]:
+    """Iteration t's labellers: pi_{t-1} (the implicit reward's own), pi_{t-2} when there is one, and the fold
+    adapters the label-signal check kept."""
+    folds = sorted(ctx.fold_adapters.glob(f"fold_*/{ADAPTER}")) if ctx.fold_adapters.exists() else []
+    return [ctx.adapter(t - 1), *([ctx.adapter(t - 2)] if t >= 2 else []), *folds]
+
+
+def _consistency_judge(ctx: StageContext, t: int, responses: list[dict]) -> dict:
+    return _mean_judgments(ctx, consistency_members(ctx, t), responses, ctx.member_judgments(t), ctx.judgments(t))
+
+
+def _consistency_fold(ctx: StageContext, fold: int, train_pairs: list[dict], rows: list[dict]) -> None:
+    """The implicit reward's check, its fold adapter kept (RUN/iter_000/fold_adapters/fold_K) as a labeller."""
+    adapter = ctx.fold_adapters / f"fold_{fold}" / ADAPTER
+    if not adapter.exists():  # saved atomically: there means complete
+        outputs = TrainOutputs(adapter=adapter, checkpoints=ctx.signal_work(fold) / CHECKPOINTS)
+        train_seed(ctx.pi_init, train_pairs, outputs, _labeller_training(ctx))
+    _implicit_judgments(ctx, adapter, rows, ctx.signal_judgments(fold))
 
 
 def _labeller_training(ctx: StageContext) -> RecipeConfig:
@@ -175,6 +202,7 @@ LABELLERS = {
     "implicit": Labeller(_implicit_judge, _implicit_fold),
     "bradley-terry": Labeller(_head_judge, _head_fold, _fit_head),
     "ensemble": Labeller(_ensemble_judge, _ensemble_fold, _fit_ensemble),
+    "consistency": Labeller(_consistency_judge, _consistency_fold),
 }
 SPEC_LABELLER = Labeller(_spec_judge, _spec_fold)
 

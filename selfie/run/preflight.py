@@ -394,7 +394,7 @@ def _labeller_trainings(config: RecipeConfig, pairs: int | None, epochs: float |
     j, parts = config.judge, []
     if j.labeller == "ensemble":
         parts.append(f"{j.ensemble_size} ensemble members on {pairs or 'the'} resampled pairs each")
-    if j.signal_folds and j.labeller in ("implicit", "ensemble"):
+    if j.signal_folds and j.labeller in ("implicit", "ensemble", "consistency"):
         per_fold = j.ensemble_size if j.labeller == "ensemble" else 1
         fold_pairs = pairs - pairs // j.signal_folds if pairs else None
         what = f"{fold_pairs} pairs" if fold_pairs else "(k-1)/k of the pairs"
@@ -413,8 +413,9 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
         n = sizes.get(SEED.name)
         epochs = seed_epochs(config.train, n) if n is not None else None
         if d.seed_judge and n is not None:
+            k = d.seed_samples
             return (
-                f"{n} seed prompts x 2 samples (<= {n * 2 * g.max_new_tokens} new tokens) labelled by {d.seed_judge} "
+                f"{n} seed prompts x {k} samples (<= {n * k * g.max_new_tokens} new tokens) labelled by {d.seed_judge} "
                 f"-> <= {n} pairs; DPO of a new LoRA adapter, {_training(config, n, epochs)}"
             )
         return (
@@ -425,11 +426,13 @@ def work(config: RecipeConfig, t: int, stage: str, sizes: dict) -> str:
         return _validation_work(config, t, sizes.get(VALIDATE.name))
     if prompts is None:
         return "-"
+    responses = g.num_responses + config.judge.anchored  # an anchored run samples pi_init once more per prompt
     if stage == GENERATE.name:
-        return f"{prompts} prompts x {g.num_responses} responses, <= {prompts * g.num_responses * g.max_new_tokens} new tokens"
+        anchor = " (+ 1 of pi_init: the anchor)" if config.judge.anchored else ""
+        return f"{prompts} prompts x {g.num_responses} responses{anchor}, <= {prompts * responses * g.max_new_tokens} new tokens"
     if stage == JUDGE.name:
         scorer = "implicit reward" if config.judge.labeller == "implicit" else config.judge.labeller
-        return f"{scorer} of {prompts * g.num_responses} responses -> <= {prompts} pairs"
+        return f"{scorer} of {prompts * responses} responses -> <= {prompts} pairs"
     if stage == TRAIN.name:
         total = prompts + round(d.replay / (1 - d.replay) * prompts)
         replay = f" (+ {total - prompts} replayed seed pairs)" if total > prompts else ""

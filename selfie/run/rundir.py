@@ -46,7 +46,10 @@ class RunContext:
         RUN/iter_000/signal/fold_F.jsonl   the label-signal check's judgments of fold F's held-out seed pairs
         RUN/iter_000/reward_head/          the bradley-terry labeller's head (judge.labeller: bradley-terry)
         RUN/iter_000/ensemble/member_M/    the ensemble labeller's seed adapters; iter_TTT/ensemble/member_M.jsonl
-                                           each member's judgments of iteration t
+                                           each member's judgments of iteration t (ensemble, consistency)
+        RUN/iter_000/fold_adapters/        the check's fold adapters, kept for judge.labeller: consistency
+        RUN/iter_000/seed_candidates/      each train.seed_candidates candidate's check
+        RUN/iter_TTT/anchor_responses.jsonl, policy_responses.jsonl   judge.anchored's samples of pi_init, pi_{t-1}
         RUN/iter_000/validation_pairs.jsonl, iter_TTT/validation/   the held-out seed pairs; the validate stage's
                                            samples and judgments (`validation:`)
 
@@ -118,8 +121,22 @@ class RunContext:
         return self.iteration_dir(0) / "ensemble"
 
     def member_judgments(self, t: int) -> Path:
-        """Where each ensemble member's judgments of iteration t go (member_M.jsonl) before they are averaged."""
+        """Where each member's judgments of iteration t go (member_M.jsonl: ensemble, consistency) before they are
+        averaged."""
         return self.iteration_dir(t) / "ensemble"
+
+    @property
+    def fold_adapters(self) -> Path:
+        """The label-signal check's fold adapters (fold_K/adapter), kept for the consistency labeller."""
+        return self.iteration_dir(0) / "fold_adapters"
+
+    def anchor_responses(self, t: int) -> Path:
+        """pi_init's sample per prompt of an anchored run (judge.anchored), before it joins responses.jsonl."""
+        return self.iteration_dir(t) / "anchor_responses.jsonl"
+
+    def policy_responses(self, t: int) -> Path:
+        """pi_{t-1}'s samples of an anchored run, before pi_init's join them in responses.jsonl."""
+        return self.iteration_dir(t) / "policy_responses.jsonl"
 
     def signal_judgments(self, fold: int) -> Path:
         """The label-signal check's judgments of one fold's held-out seed pairs (selfie/labelling/signal.py)."""
@@ -161,7 +178,8 @@ class RunContext:
     @property
     def fitted_labeller(self) -> list[Path]:
         """What the seed stage fits for `judge.labeller` beside the seed adapter (none for the implicit reward)."""
-        return {"bradley-terry": [self.reward_head], "ensemble": [self.ensemble]}.get(self.config.judge.labeller, [])
+        fitted = {"bradley-terry": [self.reward_head], "ensemble": [self.ensemble], "consistency": [self.fold_adapters]}
+        return fitted.get(self.config.judge.labeller, [])
 
     @property
     def held_out_pairs(self) -> list[Path]:

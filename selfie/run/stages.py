@@ -27,7 +27,10 @@ from selfie.run.evaluation import evaluate_iteration
 from selfie.run.guard import best_iteration, failed_checks
 from selfie.run.labellers import label_signal, labeller_for
 from selfie.run.plan import BY_NAME, EVAL, GENERATE, INIT, JUDGE, SEED, TRAIN, VALIDATE
+from selfie.run.seed_choice import choose_seed_training
 from selfie.training.stage import TrainOutputs, train_iteration, train_seed
+
+ANCHOR_SEED_OFFSET = 1_000_003
 
 
 @INIT.runs
@@ -47,21 +50,31 @@ def seed(ctx: StageContext, t: int) -> dict:
     ctx.ranks.on_main(lambda: write_seed_pairs(ctx))
     if ctx.config.validation:
         ctx.ranks.on_main(lambda: validation.hold_out(ctx))
-    metrics = train_seed(ctx.pi_init, read_jsonl(pairs_path), _train_outputs(ctx, 0), ctx.config)
+    config, choice = choose_seed_training(ctx) if ctx.config.train.seed_candidates else (ctx.config, None)
+    metrics = train_seed(ctx.pi_init, read_jsonl(pairs_path), _train_outputs(ctx, 0), config)
     fit = labeller_for(ctx.config.judge.labeller).fit
-    if fit:
-        metrics["labeller"] = fit(ctx)
-    metrics["label_signal"] = label_signal(ctx)
+    if fit:  # with the chosen settings of the seed training
+        metrics["labeller"] = fit(dataclasses.replace(ctx, config=config))
+    if choice:
+        metrics["seed_choice"] = choice
+        metrics["label_signal"] = choice["candidates"][choice["chosen"]]["label_signal"]
+    else:
+        metrics["label_signal"] = label_signal(ctx)
     return {**metrics, "labels": labels} if labels else metrics
 
 
 @GENERATE.runs
 def generate(ctx: StageContext, t: int) -> dict:
-    """`generate.num_responses` samples of pi_{t-1} per prompt of iteration t's slice."""
-    g = ctx.config.generate
-    return _generate(
-        ctx, ctx.config.seed + t, ctx.splits.iterations[t - 1], ctx.adapter(t - 1), g.num_responses, ctx.responses(t)
-    )
+    """`generate.num_responses` samples of pi_{t-1} per prompt of iteration t's slice; with `judge.anchored`, one more
+    of pi_init (adapter off) joins each row as its `anchor`."""
+    c, prompts = ctx.config, ctx.splits.iterations[t - 1]
+    if not c.judge.anchored:
+        return _generate(ctx, c.seed + t, prompts, ctx.adapter(t - 1), c.generate.num_responses, ctx.responses(t))
+    metrics = _generate(ctx, c.seed + t, prompts, ctx.adapter(t - 1), c.generate.num_responses, ctx.policy_responses(t))
+    anchor = _generate(ctx, anchor_seed(c.seed, t), prompts, None, 1, ctx.anchor_responses(t))
+    rows = (read_jsonl(ctx.policy_responses(t)), read_jsonl(ctx.anchor_responses(t)))
+    ctx.ranks.on_main(lambda: atomic_write_jsonl(ctx.responses(t), with_anchors(*rows)))
+    return {**metrics, "anchor": anchor}
 
 
 @JUDGE.runs
@@ -210,14 +223,33 @@ def seed_pairs(ctx: StageContext) -> list[dict]:
     return seed_preferences(d, ctx.splits.seed)
 
 
+def anchor_seed(seed: int, t: int) -> int:
+    """pi_init's anchor samples draw other random numbers than pi_{t-1}'s (the same seed would share them)."""
+    return seed + t + ANCHOR_SEED_OFFSET
+
+
+def with_anchors(policy: list[dict], anchors: list[dict]) -> list[dict]:
+    """Each policy row with pi_init's response for its prompt appended, its index as the row's `anchor`."""
+    by_id = {row["prompt_id"]: row for row in anchors}
+    return [
+        {
+            **row,
+            "responses": row["responses"] + by_id[row["prompt_id"]]["responses"],
+            "finished": row["finished"] + by_id[row["prompt_id"]]["finished"],
+            "anchor": len(row["responses"]),
+        }
+        for row in policy
+    ]
+
+
 def judge_seed_slice(ctx: StageContext) -> dict:
-    """Label the seed slice with `data.seed_judge` instead of human labels: 2 samples of pi_init per prompt,
-    chosen / rejected by the judge's scores under the truncation policy (no length penalty: these are the gold
-    labels). Writes the seed pairs; returns the labelling metrics."""
+    """Label the seed slice with `data.seed_judge` instead of human labels: `data.seed_samples` samples of pi_init per
+    prompt, chosen / rejected (the judge's best and worst) by its scores under the truncation policy (no length
+    penalty: these are the gold labels). Writes the seed pairs; returns the labelling metrics."""
     c, spec = ctx.config, ctx.config.data.seed_judge
     if not ctx.splits.seed:
         raise SelfieError("data.seed_judge is set but the seed slice is empty; set data.seed_size")
-    generate_metrics = _generate(ctx, c.seed, ctx.splits.seed, None, 2, ctx.responses(0))
+    generate_metrics = _generate(ctx, c.seed, ctx.splits.seed, None, c.data.seed_samples, ctx.responses(0))
     rows = read_jsonl(ctx.responses(0))
     score_metrics = spec_scores(ctx, spec, rows, ctx.judgments(0))
 

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from selfie.io import TMP_SUFFIX, atomic_write_text
-from selfie.labelling.signal import signal_line
+from selfie.labelling.signal import seed_choice_lines, signal_line
 from selfie.run.guard import stopped_line
 from selfie.run.plan import EVAL, GENERATE, JUDGE, SEED, TRAIN, VALIDATE
 from selfie.run.rundir import RunContext
@@ -231,9 +231,11 @@ def write_summary(ctx: RunContext) -> str:
     """The run's summary table (its markdown, returned) and plot, from every iteration's metrics."""
     rows = summary_rows({t: ctx.read_metrics(t) for t in range(ctx.config.num_iterations + 1)})
     table = summary_markdown(rows)
-    signal = ctx.read_metrics(0).get(SEED.name, {}).get("label_signal")
-    if signal:
-        table += f"\n{signal_line(signal)}\n"
+    seed = ctx.read_metrics(0).get(SEED.name, {})
+    if seed.get("seed_choice"):  # the check chose the seed training: every candidate's accuracy
+        table += "".join(f"\n{line}\n" for line in seed_choice_lines(seed["seed_choice"]))
+    if seed.get("label_signal"):
+        table += f"\n{signal_line(seed['label_signal'])}\n"
     table += "".join(f"\n{line}\n" for line in verdict_lines(ctx))
     atomic_write_text(ctx.summary_file, f"# Run summary: {ctx.run_dir.name}\n\n{table}")
     plot_summary(rows, ctx.summary_plot)
