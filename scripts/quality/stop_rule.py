@@ -28,7 +28,7 @@ from selfie.config.schema import JudgeConfig
 from selfie.run.guard import best_iteration
 
 from scripts.benchlib import docs_dir, measure_or_load, write_section
-from scripts.quality.benchmark import GOLD, _ci, evaluate, paired, recipe, run, scored
+from scripts.quality.benchmark import _ci, evaluate, paired, recipe, run, scored
 from scripts.quality.self_labels import setup
 
 SIZES = {"seed": 40, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96, "samples": 2, "pairs": 8, "drift_prompts": 32}
@@ -86,7 +86,7 @@ def measure(args: argparse.Namespace, work: Path, held_out: list[dict], judge) -
     seeds = {str(s): one_seed(args, work, s, held_out, judge) for s in args.training_seeds}
     return {
         "sizes": {k: getattr(args, k) for k in SIZES},
-        "scorer": GOLD,
+        "scorer": args.scorer,
         "seeds": seeds,
         "agreement": {
             "rule": sum(r["rule_pick"] == r["scorer_best"] for r in seeds.values()),
