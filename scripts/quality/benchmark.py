@@ -378,6 +378,10 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+def _lr(value: float) -> str:
+    return np.format_float_scientific(value, trim="-", exp_digits=1)  # 2e-4, as the recipes write it
+
+
 LABEL_CELLS = [  # one column of the self-label table each, rendered per iteration
     lambda x: str(x["pairs"]),
     lambda x: str(x["dropped"]["all_truncated"]),

@@ -43,7 +43,7 @@ from selfie.run.seed_choice import choose_seed_training
 from selfie.run.stages import anchor_seed, with_anchors
 
 from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_section
-from scripts.quality.benchmark import recipe, run
+from scripts.quality.benchmark import _lr, recipe, run
 from scripts.quality.label_lab import (
     RULES,
     _pct,
@@ -220,7 +220,7 @@ def report(r: dict) -> str:
     lines = [
         f"`python -m scripts.quality.lever_lab --scorer {r['scorer']}` on {r['machine']}: SmolLM2-135M-Instruct (float32) + "
         f"LoRA r 16, a seed of {s['seed']} demo prompts labelled by the scorer ({DESCRIBED[r['scorer']]}; 2 samples of "
-        f"pi_init per prompt), seed DPO 2 epochs at lr {s['learning_rate']:g}. pi_0 answered each of the "
+        f"pi_init per prompt), seed DPO 2 epochs at lr {_lr(s['learning_rate'])}. pi_0 answered each of the "
         f"{r['lab_prompts']} lab prompts (the pool outside the seed slice) {s['responses']} times and pi_init once (the "
         f"anchor), T 0.7, {s['max_new_tokens']} new tokens; every labeller scored those same responses, pairs by the "
         "recipe's rules (penalize + auto). Agreement = share of pairs whose chosen response the scorer prefers (a tie "

@@ -37,7 +37,7 @@ from selfie.run.labellers import label_signal, labeller_for
 from selfie.run.rundir import RunContext
 
 from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_section
-from scripts.quality.benchmark import _ci, _pct, evaluate, label_report, paired, recipe, run, score_cells, scored
+from scripts.quality.benchmark import _ci, _lr, _pct, evaluate, label_report, paired, recipe, run, score_cells, scored
 from scripts.quality.label_lab import labeller_context, measured
 from scripts.quality.lever_lab import ALL_LINEAR
 from scripts.quality.scorer import DESCRIBED, add_scorer_arg, gold_of
@@ -213,13 +213,15 @@ def _verdict(v: dict) -> str:
 
 
 def report(results: dict) -> str:
-    sizes = results["sizes"]
+    sizes, scorer = results["sizes"], results["scorer"].rsplit(":", 1)[-1]
+    command = "python -m scripts.quality.self_labels" + ("" if scorer == "relevance" else f" --scorer {scorer}")
+    command += "" if results["levers"] else " --gap-only"
     lines = [
-        f"`python -m scripts.quality.self_labels` on {results['machine']}: SmolLM2-135M-Instruct (float32) + LoRA r 16, the "
+        f"`{command}` on {results['machine']}: SmolLM2-135M-Instruct (float32) + LoRA r 16, the "
         f"demo prompts cut by the loop's split (a seed of {sizes['seed']} prompts labelled by the scorer under "
         f"`judge.truncated: keep`, iterations {sizes['iterations']} prompts, {results['held_out_prompts']} held-out "
-        f"prompts), {sizes['max_new_tokens']} new tokens, lr {sizes.get('learning_rate', 2e-4):g}, seed 2 epochs, iterations 1 epoch, SPA under the "
-        f"recipe's label rules (penalize + auto). Scorer: {DESCRIBED[results['scorer'].rsplit(':', 1)[-1]]}. Each "
+        f"prompts), {sizes['max_new_tokens']} new tokens, lr {_lr(sizes.get('learning_rate', 2e-4))}, seed 2 epochs, iterations 1 epoch, SPA under the "
+        f"recipe's label rules (penalize + auto). Scorer: {DESCRIBED[scorer]}. Each "
         f"arm answers every held-out prompt {sizes['samples']} times (the same sampling seeds for every arm); a prompt "
         "scores its answers' mean; differences to the same training seed's seed-only DPO are paired by prompt; 95% "
         "bootstrap intervals over the prompts. Levers: "
