@@ -263,6 +263,7 @@ def test_scores_from_a_judge_make_pairs_by_the_loops_rules(length_judge, tiny_mo
         "single_response": 1,
         "all_truncated": 1,
         "unjudged": 0,
+        "anchor_preferred": 0,
         "low_margin": 0,
         "disagreement": 0,
     }
