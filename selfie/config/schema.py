@@ -261,7 +261,7 @@ class GenerateConfig(Section):
     gpu_memory_utilization: float | None = added(None)
 
 
-TRUNCATION_POLICIES = ("drop", "penalize", "keep")
+TRUNCATION_POLICIES = ("drop", "penalize", "keep")  # what pairing does with a response cut at the length limit
 MEMBER_LABELLERS = ("ensemble", "consistency")  # labellers whose judgments carry each member's rewards
 
 

@@ -69,10 +69,16 @@ def _implicit_judgments(ctx: StageContext, adapter: Path, responses: list[dict],
 def _implicit_fold(ctx: StageContext, fold: int, train_pairs: list[dict], rows: list[dict]) -> None:
     """A seed adapter trained on the other folds (the recipe's seed training, not reported to the trackers) judges
     the held-out rows by the implicit reward, as iteration 1's labeller would."""
-    work = ctx.signal_work(fold)
-    outputs = TrainOutputs(adapter=work / ADAPTER, checkpoints=work / CHECKPOINTS)
-    train_seed(ctx.pi_init, train_pairs, outputs, _labeller_training(ctx))
-    _implicit_judgments(ctx, outputs.adapter, rows, ctx.signal_judgments(fold))
+    _fold_adapter_judgments(ctx, fold, train_pairs, rows, ctx.signal_work(fold) / ADAPTER)
+
+
+def _fold_adapter_judgments(ctx: StageContext, fold: int, train_pairs: list[dict], rows: list[dict], adapter: Path) -> None:
+    """Train the fold's seed adapter into `adapter` (unless a killed check saved it: saved atomically, there means
+    complete), then judge the held-out rows with it."""
+    if not adapter.exists():
+        outputs = TrainOutputs(adapter=adapter, checkpoints=ctx.signal_work(fold) / CHECKPOINTS)
+        train_seed(ctx.pi_init, train_pairs, outputs, _labeller_training(ctx))
+    _implicit_judgments(ctx, adapter, rows, ctx.signal_judgments(fold))
 
 
 # ---- a judge spec (reward model, callable)
@@ -182,11 +188,7 @@ def _consistency_judge(ctx: StageContext, t: int, responses: list[dict]) -> dict
 
 def _consistency_fold(ctx: StageContext, fold: int, train_pairs: list[dict], rows: list[dict]) -> None:
     """The implicit reward's check, its fold adapter kept (RUN/iter_000/fold_adapters/fold_K) as a labeller."""
-    adapter = ctx.fold_adapters / f"fold_{fold}" / ADAPTER
-    if not adapter.exists():  # saved atomically: there means complete
-        outputs = TrainOutputs(adapter=adapter, checkpoints=ctx.signal_work(fold) / CHECKPOINTS)
-        train_seed(ctx.pi_init, train_pairs, outputs, _labeller_training(ctx))
-    _implicit_judgments(ctx, adapter, rows, ctx.signal_judgments(fold))
+    _fold_adapter_judgments(ctx, fold, train_pairs, rows, ctx.fold_adapters / f"fold_{fold}" / ADAPTER)
 
 
 def _labeller_training(ctx: StageContext) -> RecipeConfig:
