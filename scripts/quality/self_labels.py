@@ -13,7 +13,7 @@ with each lever (the recipe's label rules plus the lever's judge keys; iteration
 shipped and gold-iterative 1 / 2 (the same loop labelled by the scorer). Differences are paired by prompt, intervals are
 95% bootstrap over the held-out prompts.
 
-    python -m scripts.quality.self_labels [--training-seeds 42 43] [--levers default ensemble-unanimous] [--quick]
+    python -m scripts.quality.self_labels [--training-seeds 42 43] [--levers default ensemble-unanimous] [--final-only] [--quick]
 
 Results: docs/BENCHMARKS.md "Self-labels end to end" and docs/bench/self_labels.json. Run alone. --gap-only on one
 training seed took 30 minutes on 2 cores (the all-gold run 19 of them); every SPA arm adds two iterations and their
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def one_seed(args, work: Path, training_seed: int, levers: list[str], first: boo
     )
     arms["all-gold DPO"] = evaluated("all-gold", all_gold.adapter(0))
     minutes = {"seed run": seed_seconds / 60, "all-gold run": gold_seconds / 60}
-    if first:
+    if first and not args.final_only:
         gold_iter, seconds = run(
             recipe(
                 args,
@@ -127,7 +128,8 @@ def one_seed(args, work: Path, training_seed: int, levers: list[str], first: boo
         times: dict[str, float] = {}
         signal = measured(times, "check", work / lever / "signal.json", lambda ctx=check_ctx: label_signal(ctx))
         spa, seconds = spa_run(args, work, lever_seed, f"spa-{lever}", training_seed, LEVERS[lever], check_ctx)
-        arms |= {f"SPA {t} ({lever})": evaluated(f"spa-{lever}-{t}", spa.adapter(t)) for t in (1, 2)}
+        evaluated_iterations = (2,) if args.final_only else (1, 2)
+        arms |= {f"SPA {t} ({lever})": evaluated(f"spa-{lever}-{t}", spa.adapter(t)) for t in evaluated_iterations}
         lever_rows[lever] = {
             "label_signal": signal,
             "labels": label_report(spa, judge),
@@ -143,6 +145,8 @@ def one_seed(args, work: Path, training_seed: int, levers: list[str], first: boo
     for lever, row in lever_rows.items():  # the share of the gap closed is defined only when the gap is shown
         closed = summary[f"SPA 2 ({lever})"]["vs_seed_only"]["diff"]
         row["gap_closed"] = closed / gap["diff"] if gap["ci95"][0] > 0 else None
+        if lever != "default" and "default" in lever_rows:  # what turning the lever on changes, prompt by prompt
+            row["vs_default"] = paired(arms[f"SPA 2 ({lever})"], arms["SPA 2 (default)"], args.n_boot)
     minutes["evaluations"] = sum(arm["seconds"] for arm in arms.values()) / 60
     return {"arms": summary, "levers": lever_rows, "minutes": minutes}
 
@@ -172,6 +176,12 @@ def main() -> None:
     parser.add_argument(
         "--gap-only", action="store_true", help="only the check: shipped, seed-only and all-gold DPO on each training seed"
     )
+    parser.add_argument(
+        "--final-only",
+        action="store_true",
+        help="evaluate SPA's second iteration only and leave out the gold-iterative arms (at positivity's sizes an "
+        "evaluation takes about 7 minutes)",
+    )
     args, work, held_out, judge = setup(parser, SIZES, QUICK, "/tmp/selfie-bench-self-labels")
     shipped = evaluate(work, "shipped", None, held_out, args, judge, samples=args.samples)
     seeds = {}
@@ -182,6 +192,7 @@ def main() -> None:
             args, work, training_seed, levers, first, held_out, judge, shipped if i == 0 else None
         )
     results = {
+        "command": " ".join(["python -m scripts.quality.self_labels", *sys.argv[1:]]),
         "machine": machine(),
         "sizes": {k: getattr(args, k) for k in SIZES},
         "held_out_prompts": len(held_out),
@@ -212,12 +223,14 @@ def _verdict(v: dict) -> str:
     return "above" if v["ci95"][0] > 0 else "below" if v["ci95"][1] < 0 else "within noise of"
 
 
+def _versus(v: dict | None) -> str:
+    return "-" if v is None else f"{v['diff']:+.4f} {_ci(v['ci95'])}"
+
+
 def report(results: dict) -> str:
     sizes, scorer = results["sizes"], results["scorer"].rsplit(":", 1)[-1]
-    command = "python -m scripts.quality.self_labels" + ("" if scorer == "relevance" else f" --scorer {scorer}")
-    command += "" if results["levers"] else " --gap-only"
     lines = [
-        f"`{command}` on {results['machine']}: SmolLM2-135M-Instruct (float32) + LoRA r 16, the "
+        f"`{results['command']}` on {results['machine']}: SmolLM2-135M-Instruct (float32) + LoRA r 16, the "
         f"demo prompts cut by the loop's split (a seed of {sizes['seed']} prompts labelled by the scorer under "
         f"`judge.truncated: keep`, iterations {sizes['iterations']} prompts, {results['held_out_prompts']} held-out "
         f"prompts), {sizes['max_new_tokens']} new tokens, lr {_lr(sizes.get('learning_rate', 2e-4))}, seed 2 epochs, iterations 1 epoch, SPA under the "
@@ -245,8 +258,8 @@ def report(results: dict) -> str:
             else [
                 "",
                 "| lever | label-signal check beforehand | pairs (it. 1 / 2) | agree with scorer (it. 1 / 2) "
-                "| SPA 2 vs seed-only DPO | SPA 2 closes of the gap | minutes (check, iterations) |",
-                "|---|---|---|---|---|---|---|",
+                "| SPA 2 vs seed-only DPO | SPA 2 closes of the gap | SPA 2 vs SPA 2 (default) | minutes (check, iterations) |",
+                "|---|---|---|---|---|---|---|---|",
             ]
         )
         for lever, row in r["levers"].items():
@@ -255,7 +268,7 @@ def report(results: dict) -> str:
             lines.append(
                 f"| {lever} | {s['accuracy']:.1%} [{s['ci95_low']:.1%}, {s['ci95_high']:.1%}] of {s['n']} "
                 f"| {' / '.join(str(x['pairs']) for x in labels)} | {' / '.join(_pct(x['gold_agreement']) for x in labels)} "
-                f"| {_verdict(v)} ({v['diff']:+.4f}) | {_pct(row['gap_closed'])} "
+                f"| {_verdict(v)} ({v['diff']:+.4f}) | {_pct(row['gap_closed'])} | {_versus(row.get('vs_default'))} "
                 f"| {row['minutes']['label-signal check']:.1f}, {row['minutes']['2 iterations']:.1f} |"
             )
         gap = r["arms"]["all-gold DPO"]["vs_seed_only"]
