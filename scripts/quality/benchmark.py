@@ -141,7 +141,7 @@ def evaluate(
             model,
             adapter,
             prompts,
-            work / "eval" / (f"{name}.jsonl" if samples == 1 else f"{name}-{i}.jsonl"),
+            answers_file(work, name, samples, i),
             dtype="float32",
             max_new_tokens=args.max_new_tokens,
             temperature=0.7,
@@ -159,6 +159,26 @@ def evaluate(
         "seconds": time.perf_counter() - start,
     }
     atomic_write_json(cache, result)
+    return result
+
+
+def answers_file(work: Path, name: str, samples: int, i: int) -> Path:
+    return work / "eval" / (f"{name}.jsonl" if samples == 1 else f"{name}-{i}.jsonl")
+
+
+def rescore(work: Path, name: str, prompts: list[dict], samples: int, judge, judge_name: str) -> list[float]:
+    """The answers `evaluate` wrote for NAME scored by a second judge: a prompt's score is their mean. Cached in
+    work/eval/NAME.JUDGE_NAME.json."""
+    cache = work / "eval" / f"{name}.{judge_name}.json"
+    if cache.exists():
+        return read_json(cache)["scores"]
+    scores = []
+    for i in range(samples):
+        by_id = {row["prompt_id"]: row["responses"][0] for row in read_jsonl(answers_file(work, name, samples, i))}
+        texts = [by_id[row["prompt_id"]] for row in prompts]
+        scores.append(score_unique(judge, [row["prompt"] for row in prompts], texts))
+    result = np.mean(scores, axis=0).tolist()
+    atomic_write_json(cache, {"scores": result})
     return result
 
 

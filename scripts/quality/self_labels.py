@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from selfie.config.loader import load_recipe
 from selfie.config.schema import JudgeConfig
 from selfie.data import load_prompts, split_prompts
@@ -38,10 +40,10 @@ from selfie.run.labellers import label_signal, labeller_for
 from selfie.run.rundir import RunContext
 
 from scripts.benchlib import docs_dir, machine, parse_args, save_raw, write_section
-from scripts.quality.benchmark import _ci, _lr, _pct, evaluate, label_report, paired, recipe, run, score_cells, scored
+from scripts.quality.benchmark import _ci, _lr, _pct, evaluate, label_report, paired, recipe, rescore, run, score_cells, scored
 from scripts.quality.label_lab import labeller_context, measured
 from scripts.quality.lever_lab import ALL_LINEAR
-from scripts.quality.scorer import DESCRIBED, add_scorer_arg, gold_of
+from scripts.quality.scorer import DESCRIBED, SCORERS, add_scorer_arg, gold_of
 
 SIZES = {"seed": 40, "iterations": [64, 64], "held_out": 100, "max_new_tokens": 96, "samples": 2, "learning_rate": 2e-4}
 QUICK = {"seed": 6, "iterations": [6, 6], "held_out": 6, "max_new_tokens": 16, "samples": 2, "learning_rate": 2e-4}
@@ -49,6 +51,7 @@ QUICK = {"seed": 6, "iterations": [6, 6], "held_out": 6, "max_new_tokens": 16, "
 # lr 2e-4 all-gold DPO moved the score by 0.03, about 0.6 half-widths (docs/BENCHMARKS.md)
 SCORER_SIZES = {"relevance": {}, "positivity": {"held_out": 132, "max_new_tokens": 64, "samples": 4, "learning_rate": 1e-3}}
 GOLD_RULES = {"truncated": "keep", "length_penalty": 0.0, "signal_folds": 0}  # the check runs under each lever's rules
+CROSS_CHECK = {"positivity": "relevance"}  # the scorer that scores the same answers beside the gold one
 SPA_RULES = {"truncated": JudgeConfig.truncated, "length_penalty": JudgeConfig.length_penalty, "signal_folds": 0}
 LEVERS = {  # recipe sections over the recipe's rules (docs/BENCHMARKS.md "Label lab", "Lever lab")
     "default": {},
@@ -84,12 +87,22 @@ def spa_run(
     return spa, seconds + fit_seconds
 
 
+def evaluate_arm(work: Path, name: str, adapter: Path | None, held_out, args, judge) -> dict:
+    """An arm's answers scored by the gold scorer and, under positivity, the same answers by relevance as
+    `cross_scores`: a gain in tone bought with answers that no longer address the prompt shows there."""
+    arm = evaluate(work, name, adapter, held_out, args, judge, samples=args.samples)
+    if args.scorer not in CROSS_CHECK:
+        return arm
+    cross = CROSS_CHECK[args.scorer]
+    return {**arm, "cross_scores": rescore(work, name, held_out, args.samples, load_judge(SCORERS[cross]), cross)}
+
+
 def one_seed(args, work: Path, training_seed: int, levers: list[str], first: bool, held_out, judge, shipped) -> dict:
     """Every arm of one training seed, each paired against that seed's seed-only DPO."""
     work = work / f"seed-{training_seed}"
 
     def evaluated(name: str, adapter: Path) -> dict:
-        return evaluate(work, name, adapter, held_out, args, judge, samples=args.samples)
+        return evaluate_arm(work, name, adapter, held_out, args, judge)
 
     seed_run, seed_seconds = run(recipe(args, work, "seed", seed=training_seed, judge=GOLD_RULES))
     arms = {"seed-only DPO": evaluated("seed-only", seed_run.adapter(0))}
@@ -141,6 +154,13 @@ def one_seed(args, work: Path, training_seed: int, levers: list[str], first: boo
     summary = {
         name: {**scored(arm, args.n_boot), "vs_seed_only": paired(arm, baseline, args.n_boot)} for name, arm in arms.items()
     }
+    for name, arm in arms.items():
+        if "cross_scores" in arm:
+            cross, cross_baseline = {"scores": arm["cross_scores"]}, {"scores": baseline["cross_scores"]}
+            summary[name]["cross"] = {
+                "mean": float(np.mean(arm["cross_scores"])),
+                "vs_seed_only": paired(cross, cross_baseline, args.n_boot),
+            }
     gap = summary["all-gold DPO"]["vs_seed_only"]
     for lever, row in lever_rows.items():  # the share of the gap closed is defined only when the gap is shown
         closed = summary[f"SPA 2 ({lever})"]["vs_seed_only"]["diff"]
@@ -183,7 +203,7 @@ def main() -> None:
         "evaluation takes about 7 minutes)",
     )
     args, work, held_out, judge = setup(parser, SIZES, QUICK, "/tmp/selfie-bench-self-labels")
-    shipped = evaluate(work, "shipped", None, held_out, args, judge, samples=args.samples)
+    shipped = evaluate_arm(work, "shipped", None, held_out, args, judge)
     seeds = {}
     for i, training_seed in enumerate(args.training_seeds):
         levers = [] if args.gap_only else args.levers if i == 0 else args.repeat
@@ -227,6 +247,13 @@ def _versus(v: dict | None) -> str:
     return "-" if v is None else f"{v['diff']:+.4f} {_ci(v['ci95'])}"
 
 
+def _cross_cells(arm: dict) -> str:
+    if "cross" not in arm:
+        return ""
+    v = arm["cross"]["vs_seed_only"]
+    return f" {arm['cross']['mean']:.4f} | {v['diff']:+.4f} | {_ci(v['ci95'])} |"
+
+
 def report(results: dict) -> str:
     sizes, scorer = results["sizes"], results["scorer"].rsplit(":", 1)[-1]
     lines = [
@@ -241,17 +268,19 @@ def report(results: dict) -> str:
         + "; ".join(f"`{name}` {rules or 'the recipe as it is'}" for name, rules in results["levers"].items())
         + "."
     ]
+    cross = CROSS_CHECK.get(scorer)
+    cross_header = f" {cross} of the same answers | vs seed-only DPO | 95% CI |" if cross else ""
     for seed, r in results["seeds"].items():
         lines += [
             "",
             f"Training seed {seed} (minutes: {', '.join(f'{k} {v:.1f}' for k, v in r['minutes'].items())}):",
             "",
-            "| arm | mean score | 95% CI | mean length (chars) | vs seed-only DPO | 95% CI |",
-            "|---|---|---|---|---|---|",
+            "| arm | mean score | 95% CI | mean length (chars) | vs seed-only DPO | 95% CI |" + cross_header,
+            "|---|---|---|---|---|---|" + "---|" * cross_header.count("|"),
         ]
         for name, a in r["arms"].items():
             v = a["vs_seed_only"]
-            lines.append(f"| {name} | {score_cells(a)} | {v['diff']:+.4f} | {_ci(v['ci95'])} |")
+            lines.append(f"| {name} | {score_cells(a)} | {v['diff']:+.4f} | {_ci(v['ci95'])} |" + _cross_cells(a))
         lines += (
             []
             if not r["levers"]
