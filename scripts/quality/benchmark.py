@@ -40,7 +40,7 @@ from selfie.config.loader import load_init, load_recipe
 from selfie.data import load_prompts, split_prompts
 from selfie.edit import build_edited_model, work_dir_for
 from selfie.edit.apply import EDIT_FILE
-from selfie.evaluation.compare import generate_one, score_unique
+from selfie.evaluation.compare import generate_one, read_answers, score_unique
 from selfie.evaluation.judges import load_judge
 from selfie.evaluation.labels import pair_agreement
 from selfie.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
@@ -174,8 +174,7 @@ def rescore(work: Path, name: str, prompts: list[dict], samples: int, judge, jud
         return read_json(cache)["scores"]
     scores = []
     for i in range(samples):
-        by_id = {row["prompt_id"]: row["responses"][0] for row in read_jsonl(answers_file(work, name, samples, i))}
-        texts = [by_id[row["prompt_id"]] for row in prompts]
+        texts = read_answers(answers_file(work, name, samples, i), prompts)
         scores.append(score_unique(judge, [row["prompt"] for row in prompts], texts))
     result = np.mean(scores, axis=0).tolist()
     atomic_write_json(cache, {"scores": result})

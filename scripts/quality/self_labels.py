@@ -10,7 +10,8 @@ by the loop's split, the relevance scorer as gold), sized like the label lab (a 
 
 Arms per training seed: seed-only DPO (the gold seed), all-gold DPO (gold labels for every training prompt), SPA 1 / 2
 with each lever (the recipe's label rules plus the lever's judge keys; iterations self-labelled); on the first seed also
-shipped and gold-iterative 1 / 2 (the same loop labelled by the scorer). Differences are paired by prompt, intervals are
+shipped and gold-iterative 1 / 2 (the same loop labelled by the scorer; --final-only: SPA 2 alone, no gold-iterative
+arms). Under positivity the same answers are also scored by relevance. Differences are paired by prompt, intervals are
 95% bootstrap over the held-out prompts.
 
     python -m scripts.quality.self_labels [--training-seeds 42 43] [--levers default ensemble-unanimous] [--final-only] [--quick]

@@ -57,7 +57,12 @@ def generate_one(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    by_id = {row["prompt_id"]: row["responses"][0] for row in read_jsonl(output)}
+    return read_answers(output, prompts)
+
+
+def read_answers(path: Path, prompts: list[dict]) -> list[str]:
+    """The first response per prompt of a responses file, in `prompts`' order."""
+    by_id = {row["prompt_id"]: row["responses"][0] for row in read_jsonl(path)}
     return [by_id[row["prompt_id"]] for row in prompts]
 
 
